@@ -1,0 +1,238 @@
+"""The typed config tree: the only place defaults live.
+
+A run is configured by one YAML file plus dotted `key=value` overrides (`learner.zero_stage=3`).
+Validation happens before any actor starts and raises `ConfigError` with one line per problem,
+naming the key and what is allowed. Nothing here silently changes a value the user gave.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """Bad configuration or input; the message is meant for the user as it is."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo must never fall back silently to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    # A local Hugging Face checkpoint folder, or "tiny:<preset>" for a model rayd builds itself
+    # (see rayd/zoo.py); hub names work only where the machine can reach the hub.
+    path: str
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class ModelsConfig(_Strict):
+    student: ModelSpec
+    teacher: ModelSpec
+
+
+class RolloutConfig(_Strict):
+    backend: Literal["vllm", "hf"] = "vllm"
+    num_workers: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, description="completions sampled per prompt")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1)
+    max_model_len: int = Field(512, ge=8)
+    kv_cache_gib: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    threads: int = Field(1, ge=1)
+
+
+class TeacherConfig(_Strict):
+    backend: Literal["vllm", "hf"] = "vllm"
+    num_workers: int = Field(1, ge=1)
+    top_k: int = Field(8, ge=1, le=1024)
+    max_model_len: int = Field(512, ge=8)
+    kv_cache_gib: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    threads: int = Field(1, ge=1)
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    warmup_steps: int = Field(0, ge=0)
+
+
+class LearnerConfig(_Strict):
+    num_learners: int = Field(2, ge=1)
+    zero_stage: int = Field(2, ge=0, le=3)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    cpus_per_learner: float = Field(0.5, gt=0)
+    gpus_per_learner: float = Field(0.0, ge=0)
+    threads: int = Field(1, ge=1)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+
+
+class AlgorithmConfig(_Strict):
+    # on_policy: per-token reverse-KL policy gradient on student samples (Thinking Machines).
+    # gkd: generalized JSD over the teacher's top-k on a lambda-mix of student samples and
+    #      dataset completions (Agarwal et al., GKD).
+    name: Literal["on_policy", "gkd"] = "on_policy"
+    loss: Literal["on_policy_pg", "forward_kl", "reverse_kl", "jsd"] | None = Field(
+        None, description="defaults: on_policy -> on_policy_pg, gkd -> jsd"
+    )
+    beta: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    tail: bool = True
+    is_clip: float | None = Field(None, gt=0)
+    lmbda: float = Field(1.0, ge=0, le=1, description="gkd: fraction of on-policy samples")
+
+    @property
+    def resolved_loss(self) -> str:
+        return self.loss or {"on_policy": "on_policy_pg", "gkd": "jsd"}[self.name]
+
+
+class DataConfig(_Strict):
+    # "task:<name>" for a built-in task (rayd/tasks), or a JSONL file with prompt/completion.
+    source: str = "task:addition"
+    task_options: dict[str, Any] = Field(default_factory=dict)
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    train_size: int = Field(2000, ge=1)
+    eval_size: int = Field(32, ge=1)
+    long_prompts: Literal["error", "drop", "truncate"] = "error"
+
+
+class TrainerConfig(_Strict):
+    max_steps: int = Field(20, ge=1)
+    prompts_per_step: int = Field(8, ge=1)
+    eval_every: int = Field(5, ge=0, description="0 = only before and after training")
+    save_every: int = Field(0, ge=0, description="0 = only at the end")
+    seed: int = 0
+    call_timeout_s: float = Field(600.0, gt=0)
+
+
+class LoggingConfig(_Strict):
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    output_dir: str = Field("runs/{name}", description="{name} is replaced by `name`")
+    models: ModelsConfig
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> RunConfig:
+        samples = self.trainer.prompts_per_step * self.rollout.n
+        per_step = self.learner.num_learners * self.learner.micro_batch_size
+        per_step *= self.learner.grad_accum
+        if samples != per_step:
+            raise ValueError(
+                f"trainer.prompts_per_step * rollout.n = {samples} samples per step must equal "
+                f"learner.num_learners * learner.micro_batch_size * learner.grad_accum = {per_step}"
+            )
+        if self.teacher.backend == "vllm" and self.algorithm.temperature != 1.0:
+            raise ValueError(
+                "algorithm.temperature != 1 needs teacher.backend=hf: vLLM scores prompts at "
+                "temperature 1 and its top-k cannot be re-tempered exactly"
+            )
+        if self.algorithm.name == "on_policy" and self.algorithm.resolved_loss != "on_policy_pg":
+            raise ValueError("algorithm.loss: on_policy uses on_policy_pg; use name=gkd for KL/JSD")
+        if self.algorithm.name == "gkd" and self.algorithm.resolved_loss == "on_policy_pg":
+            raise ValueError("algorithm.loss: gkd takes forward_kl, reverse_kl or jsd")
+        if self.algorithm.lmbda < 1.0 and self.algorithm.name != "gkd":
+            raise ValueError("algorithm.lmbda < 1 (off-policy mixing) needs algorithm.name=gkd")
+        if self.algorithm.tail and self.algorithm.temperature != 1.0:
+            raise ValueError("algorithm.tail=true needs algorithm.temperature=1")
+        if self.rollout.max_new_tokens >= self.rollout.max_model_len:
+            raise ValueError("rollout.max_new_tokens must be smaller than rollout.max_model_len")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir.format(name=self.name))
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        got = "" if e["type"] in ("missing", "extra_forbidden") or not key else (
+            f" (got {e.get('input')!r})"
+        )
+        lines.append(f"config error: {key + ': ' if key else ''}{msg}{got}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config error: {dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"config error: override {item!r} is not of the form key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config error: {key}: cannot parse value {raw!r}") from exc
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file (optional) + dotted overrides -> validated RunConfig, or one clear ConfigError."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config error: config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" line {where.line + 1}" if where else ""
+            raise ConfigError(f"config error: {p}{line}: not valid YAML") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config error: {p}: expected a mapping of sections at the top")
+        tree = loaded or {}
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,74 @@
+"""Supervised training of a small model on task examples (used to make the embedded teacher).
+
+One process, plain torch: the teacher of the embedded demo is trained on gold rationales before
+any distillation happens, so the distributed machinery is not needed here.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rayd.tasks.base import Example
+
+
+def encode_examples(tokenizer, examples: list[Example], with_rationale: bool = True):
+    """(input_ids, loss_mask) lists: the loss covers the completion and the end-of-sequence."""
+    rows = []
+    for ex in examples:
+        prompt = tokenizer(ex.prompt, add_special_tokens=False).input_ids
+        completion_text = ex.completion if with_rationale else "A=" + ex.answer
+        completion = tokenizer(completion_text, add_special_tokens=False).input_ids
+        completion.append(tokenizer.eos_token_id)  # an id, never the "</s>" string (see models.py)
+        rows.append((prompt + completion, [0] * len(prompt) + [1] * len(completion)))
+    return rows
+
+
+def train_on_examples(
+    model_dir: str | Path,
+    examples: list[Example],
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    with_rationale: bool = True,
+    log_every: int = 0,
+) -> list[float]:
+    """Train the checkpoint in `model_dir` in place; returns the per-step losses."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    rows = encode_examples(tokenizer, examples, with_rationale)
+    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    losses = []
+    for step in range(steps):
+        batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.full((batch_size, width), tokenizer.pad_token_id)
+        mask = torch.zeros((batch_size, width))
+        attn = torch.zeros((batch_size, width), dtype=torch.long)
+        for i, (row_ids, row_mask) in enumerate(batch):
+            ids[i, : len(row_ids)] = torch.tensor(row_ids)
+            mask[i, : len(row_mask)] = torch.tensor(row_mask, dtype=torch.float32)
+            attn[i, : len(row_ids)] = 1
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        ).view(batch_size, -1)
+        target_mask = mask[:, 1:]
+        loss = (token_loss * target_mask).sum() / target_mask.sum().clamp(min=1)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"  pretrain step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+    model.save_pretrained(model_dir)
+    return losses

@@ -1,0 +1,15 @@
+"""Reasoning tasks: prompts with gold rationales and an exact answer verifier."""
+
+from rayd.tasks.arithmetic import AdditionTask
+from rayd.tasks.base import Example, Task
+
+TASKS: dict[str, type[Task]] = {"addition": AdditionTask}
+
+
+def make_task(name: str, **options: object) -> Task:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name](**options)  # type: ignore[arg-type]
+
+
+__all__ = ["TASKS", "AdditionTask", "Example", "Task", "make_task"]

@@ -1,0 +1,78 @@
+"""Models rayd builds itself, addressed as "tiny:<preset>" in a config.
+
+A preset is an architecture plus an optional pre-training recipe on a built-in task. Built models
+are cached under $RAYD_CACHE (default ~/.cache/rayd/models), keyed by a hash of the recipe, so a
+second run (or a second process) reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rayd.models import build_tiny_llama
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The demo teacher: learns 2-digit addition with carry rationales in about 1.5 min on 2 cores.
+    "addition-teacher": {
+        "arch": {"layers": 3, "hidden": 128, "heads": 4},
+        "pretrain": {"task": "addition", "digits": 2, "steps": 500, "batch_size": 128, "lr": 3e-3},
+    },
+    # A student about 10x smaller than the demo teacher, randomly initialised.
+    "addition-student": {"arch": {"layers": 2, "hidden": 48, "heads": 4}, "pretrain": None},
+    # Seconds to build: for tests. The teacher is briefly trained so it differs from random.
+    "test-teacher": {
+        "arch": {"layers": 2, "hidden": 64, "heads": 4},
+        "pretrain": {"task": "addition", "digits": 2, "steps": 80, "batch_size": 32, "lr": 3e-3},
+    },
+    "test-student": {"arch": {"layers": 1, "hidden": 32, "heads": 4}, "pretrain": None},
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RAYD_CACHE", Path.home() / ".cache" / "rayd")) / "models"
+
+
+def resolve_model_path(path: str, seed: int = 0) -> str:
+    """A local checkpoint path stays as it is; "tiny:<preset>" is built (once) and cached."""
+    if not path.startswith("tiny:"):
+        return path
+    name = path.removeprefix("tiny:")
+    if name not in PRESETS:
+        raise ValueError(f"unknown tiny model {path!r}; presets: {', '.join(sorted(PRESETS))}")
+    recipe = {"preset": PRESETS[name], "seed": seed, "format": 1}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_root() / f"{name}-{digest}"
+    if (target / "config.json").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a private folder and rename: concurrent builders never see a half-written model.
+    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        _build(PRESETS[name], work, seed)
+        try:
+            work.rename(target)
+        except OSError:  # another process won the race; its model is identical
+            pass
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return str(target)
+
+
+def _build(preset: dict[str, Any], out: Path, seed: int) -> None:
+    build_tiny_llama(out, seed=seed, **preset["arch"])
+    recipe = preset.get("pretrain")
+    if recipe:
+        from rayd.pretrain import train_on_examples
+        from rayd.tasks import make_task
+
+        recipe = dict(recipe)
+        task = make_task(recipe.pop("task"), digits=recipe.pop("digits"), seed=seed)
+        examples = task.examples("train", 4000)
+        print(f"rayd: building {out.name}: training on {len(examples)} task examples", flush=True)
+        train_on_examples(out, examples, seed=seed, **recipe)
