@@ -1,3 +1,3 @@
-"""rayd: distil language models on Ray with vLLM rollouts, a served teacher and DeepSpeed learners."""
+"""rayd: distil language models on Ray: vLLM rollouts, a served teacher, DeepSpeed learners."""
 
 __version__ = "0.1.0"

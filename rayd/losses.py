@@ -1,0 +1,555 @@
+"""Distillation losses: pure torch, no Ray, no transformers.
+
+Every loss here returns a *per-token* tensor (shape [B, T]) that is exactly 0 where `mask` is
+False; callers reduce. The learner sums the per-token loss over its micro-batches and divides by
+the global count of loss tokens itself, so a rank with few tokens is not over-weighted; use
+`masked_mean` only where one local mean is what you want.
+
+Masked positions may hold anything (padding logits, -inf teacher log-probs, NaN): inputs are
+replaced with harmless finite values by `torch.where` *before* any arithmetic, because a NaN
+that reaches a product poisons the gradient even when the product is masked out afterwards
+(0 * NaN = NaN in the backward pass). For the student this costs one [B, T, V] copy of the
+logits, which takes the raw logits' place in the autograd graph: callers should not keep another
+reference to the raw logits alive across backward.
+
+Shapes: B batch, T target positions (L - 1 in a TrainBatch), V vocabulary, k teacher top-k width.
+Distributions: p_T teacher, p_S student; forward KL = KL(p_T || p_S), reverse KL = KL(p_S || p_T).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rayd.types import TrainBatch
+
+LossKind = Literal["on_policy_pg", "forward_kl", "reverse_kl", "jsd", "sft"]
+_TOPK_KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Which loss `batch_loss` computes, and its knobs."""
+
+    kind: LossKind
+    beta: float = 0.5  # jsd only: 0 = forward KL, 1 = reverse KL (TRL's convention)
+    temperature: float = 1.0
+    tail: bool = True  # top-k modes: add a tail bin for the mass outside the teacher's top-k
+    is_clip: float | None = None  # on_policy_pg: truncate the importance ratio at this value
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("on_policy_pg", *_TOPK_KINDS, "sft"):
+            raise ValueError(f"unknown loss kind {self.kind!r}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"loss beta must lie in [0, 1], got {self.beta}")
+        if not self.temperature > 0.0:
+            raise ValueError(f"loss temperature must be > 0, got {self.temperature}")
+        if self.is_clip is not None and not self.is_clip > 0.0:
+            raise ValueError(f"loss is_clip must be > 0 or None, got {self.is_clip}")
+        if self.kind in _TOPK_KINDS and self.tail and self.temperature != 1.0:
+            raise ValueError(_TAIL_TEMPERATURE_ERROR.format(t=self.temperature))
+        if self.kind == "sft" and self.temperature != 1.0:
+            raise ValueError(f"sft is cross-entropy at temperature 1, got {self.temperature}")
+
+
+_TAIL_TEMPERATURE_ERROR = (
+    "top-k distillation with tail=True needs temperature 1.0 (got {t}): the teacher's top-k "
+    "log-probs arrive at temperature 1 and the tail mass cannot be re-tempered without the "
+    "teacher's full logits; set tail=False (re-tempers within the k bins) or temperature=1.0"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `x` over positions where `mask` is True; 0 (not NaN) when nothing is selected.
+
+    x: any shape, mask: same shape (bool). Returns a scalar.
+    """
+    total = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
+    return total / mask.sum().clamp(min=1)
+
+
+def _zero_masked(x: Tensor, mask: Tensor, fill: float = 0.0) -> Tensor:
+    """`x` where `mask` is True, `fill` elsewhere; mask [B, T] broadcasts over trailing dims."""
+    while mask.dim() < x.dim():
+        mask = mask.unsqueeze(-1)
+    return torch.where(mask, x, torch.full((), fill, dtype=x.dtype, device=x.device))
+
+
+def _as_float(x: Tensor) -> Tensor:
+    # bf16/fp16 log-sum-exps lose ~1e-2 nats over a large vocabulary: do the maths in fp32.
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) summed over the last dim. [..., N] log-probs -> [...].
+
+    Bins where p is 0 (log_p = -inf) contribute 0, and their gradient is 0 rather than NaN:
+    the difference is replaced before it meets the product.
+    """
+    p = log_p.exp()
+    diff = torch.where(p > 0, log_p - log_q, torch.zeros((), dtype=p.dtype, device=p.device))
+    return (p * diff).sum(-1)
+
+
+def _log_mix(log_p: Tensor, log_q: Tensor, weight_p: float) -> Tensor:
+    """log(weight_p * p + (1 - weight_p) * q), computed in log space. 0 < weight_p < 1."""
+    return torch.logsumexp(
+        torch.stack([log_p + math.log(weight_p), log_q + math.log1p(-weight_p)]), dim=0
+    )
+
+
+def _generalized_jsd_lp(log_s: Tensor, log_t: Tensor, beta: float) -> Tensor:
+    """Generalized JSD of GKD on log-probs [..., N] -> [...], with TRL's mixture convention.
+
+    Convention read in huggingface/trl: `GKDTrainer.generalized_jsd_loss`
+    (trl/experimental/gkd/gkd_trainer.py) and `_jsd_divergence` of
+    trl/experimental/distillation/distillation_trainer.py (DistillationTrainer) agree:
+        beta == 0: KL(teacher || student)                      (forward KL)
+        beta == 1: KL(student || teacher)                      (reverse KL)
+        else:      m = beta * teacher + (1 - beta) * student
+                   beta * KL(teacher || m) + (1 - beta) * KL(student || m)
+    (TRL builds m with logsumexp over [student + log(1 - beta), teacher + log(beta)], as here.)
+    The interior formula tends to 0 (not to the KLs) as beta -> 0 or 1, so the two ends are
+    special cases there and here; rayd is benchmarked against TRL with the same beta. TRL's
+    per-token value is the same sum over the vocabulary; its "batchmean" then divides by the
+    number of completion tokens, as rayd's learner does.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"generalized JSD beta must lie in [0, 1], got {beta}")
+    if beta == 0.0:
+        return _kl(log_t, log_s)
+    if beta == 1.0:
+        return _kl(log_s, log_t)
+    log_m = _log_mix(log_t, log_s, beta)
+    return beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
+
+
+def _tempered_log_softmax(logits: Tensor, temperature: float) -> Tensor:
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return F.log_softmax(_as_float(logits) / temperature, dim=-1)
+
+
+def _full_vocab_pair(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Tempered log-softmaxes [B, T, V] of student and teacher, finite at masked positions."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape (vocabulary sizes must match)"
+        )
+    log_s = _tempered_log_softmax(_zero_masked(student_logits, mask), temperature)
+    # The teacher is a fixed target: no gradient flows into it.
+    log_t = _tempered_log_softmax(_zero_masked(teacher_logits.detach(), mask), temperature)
+    return log_s, log_t
+
+
+def _per_token(x: Tensor, mask: Tensor) -> Tensor:
+    return _zero_masked(x, mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full-vocabulary divergences (teacher logits available, e.g. an in-process HF teacher)
+
+
+def forward_kl(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """KL(p_T || p_S) per token, both at `temperature`. logits [B, T, V], mask [B, T] -> [B, T]."""
+    log_s, log_t = _full_vocab_pair(student_logits, teacher_logits, mask, temperature)
+    return _per_token(_kl(log_t, log_s), mask)
+
+
+def reverse_kl(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """KL(p_S || p_T) per token, both at `temperature`. logits [B, T, V], mask [B, T] -> [B, T]."""
+    log_s, log_t = _full_vocab_pair(student_logits, teacher_logits, mask, temperature)
+    return _per_token(_kl(log_s, log_t), mask)
+
+
+def generalized_jsd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Generalized JSD(beta) of GKD (Agarwal et al. 2024) per token, TRL's convention.
+
+    beta=0 is exactly forward KL, beta=1 exactly reverse KL; in between
+    beta * KL(p_T || m) + (1 - beta) * KL(p_S || m) with m = beta * p_T + (1 - beta) * p_S.
+    logits [B, T, V], mask [B, T] -> [B, T].
+    """
+    log_s, log_t = _full_vocab_pair(student_logits, teacher_logits, mask, temperature)
+    return _per_token(_generalized_jsd_lp(log_s, log_t, beta), mask)
+
+
+def tvd(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """Total variation distance 0.5 * sum |p_S - p_T| per token. [B, T, V], [B, T] -> [B, T]."""
+    log_s, log_t = _full_vocab_pair(student_logits, teacher_logits, mask, temperature)
+    return _per_token(0.5 * (log_s.exp() - log_t.exp()).abs().sum(-1), mask)
+
+
+def skew_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    reverse: bool = False,
+) -> Tensor:
+    """DistiLLM's skew KL (Ko et al. 2024) per token. [B, T, V], [B, T] -> [B, T].
+
+    reverse=False (SKL):  KL(p_T || alpha * p_T + (1 - alpha) * p_S)
+    reverse=True  (SRKL): KL(p_S || alpha * p_S + (1 - alpha) * p_T)
+    alpha=0 gives plain forward (reverse) KL. This is the true KL; DistiLLM's code drops the
+    constant teacher-entropy term of SKL, which changes the value but not the gradient.
+    """
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"skew KL alpha must lie in [0, 1), got {alpha}")
+    log_s, log_t = _full_vocab_pair(student_logits, teacher_logits, mask, temperature)
+    log_p, log_q = (log_s, log_t) if reverse else (log_t, log_s)
+    log_m = log_q if alpha == 0.0 else _log_mix(log_p, log_q, alpha)
+    return _per_token(_kl(log_p, log_m), mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse top-k divergences (the teacher sent only its top-k log-probs)
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _tail_log_mass(topk_logprobs: Tensor) -> Tensor:
+    """log(1 - sum_k exp(lp_k)) for log-probs [..., k] -> [..., 1].
+
+    Rounding can push the top-k sum to or past 1 (k = V, or a teacher whose mass is all in the
+    k): the log-sum is clamped just below 0 so the tail stays a tiny finite bin instead of
+    log(0) = -inf or log(negative) = NaN. The clamp also stops the gradient through a tail that
+    is rounding noise. (TRL's `_add_tail_bucket` in its distillation trainers does the same with
+    a fixed ceiling of -1e-7.)
+    """
+    log_in = torch.logsumexp(topk_logprobs, dim=-1, keepdim=True)
+    # float32 resolves 1 - 2^-24; going closer to 0 makes log(-expm1) meaningless noise.
+    ceiling = math.log1p(-torch.finfo(log_in.dtype).eps)
+    return _log1mexp(log_in.clamp(max=ceiling))
+
+
+def _topk_bins(
+    student_logits: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    mask: Tensor,
+    tail: bool,
+    temperature: float,
+    student_lse: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Student and teacher log-probs over the same bins: [B, T, k] (tail=False) or [B, T, k+1].
+
+    Only the k teacher columns of the student's raw logits are gathered: no [B, T, V]
+    log-softmax is built (NVIDIA-NeMo/RL#3314: ~2.3 GiB -> ~1 MiB per 4k-token sample at
+    V=152k, k=64). tail=True needs the student's log-sum-exp over V, a reduction.
+
+    Temperature (tail=False only): the teacher's top-k log-probs arrive at temperature 1
+    (vLLM prompt_logprobs), so both sides are re-tempered within the k bins, log_softmax(lp / t).
+    That is exact for the distribution *restricted to the k tokens*, but only an approximation
+    of the full tempered distribution, whose mass outside the k is unknown.
+    """
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if tail and temperature != 1.0:
+        raise ValueError(_TAIL_TEMPERATURE_ERROR.format(t=temperature))
+    if teacher_topk_ids.shape != teacher_topk_logprobs.shape:
+        raise ValueError(
+            f"teacher top-k ids {tuple(teacher_topk_ids.shape)} and log-probs "
+            f"{tuple(teacher_topk_logprobs.shape)} differ in shape"
+        )
+    k = teacher_topk_ids.shape[-1]
+    vocab = student_logits.shape[-1]
+    ids = _zero_masked(teacher_topk_ids, mask)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(
+            f"teacher top-k ids span [{int(ids.min())}, {int(ids.max())}] but the student "
+            f"vocabulary has {vocab} entries: teacher and student must share a tokenizer, and "
+            "the teacher's padded vocabulary rows must never be in its top-k"
+        )
+    # A masked position becomes a valid uniform distribution over k+1 bins: finite everywhere.
+    log_t = _zero_masked(_as_float(teacher_topk_logprobs.detach()), mask, -math.log(k + 1))
+    logits = _zero_masked(student_logits, mask)
+    s_k = _as_float(torch.gather(logits, -1, ids))
+    if not tail:
+        return F.log_softmax(s_k / temperature, -1), F.log_softmax(log_t / temperature, -1)
+    if student_lse is None:
+        student_lse = torch.logsumexp(_as_float(logits), dim=-1)
+    else:
+        student_lse = _zero_masked(student_lse, mask)
+    log_s = s_k - student_lse.unsqueeze(-1)
+    log_s = torch.cat([log_s, _tail_log_mass(log_s)], dim=-1)
+    log_t = torch.cat([log_t, _tail_log_mass(log_t)], dim=-1)
+    return log_s, log_t
+
+
+def topk_forward_kl(
+    student_logits: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    mask: Tensor,
+    tail: bool = True,
+    temperature: float = 1.0,
+) -> Tensor:
+    """KL(p_T || p_S) over the teacher's top-k bins (+ tail). See `_topk_bins` for the bins.
+
+    student_logits [B, T, V], teacher_topk_ids [B, T, k] int64, teacher_topk_logprobs
+    [B, T, k] (temperature 1), mask [B, T] -> [B, T].
+    """
+    log_s, log_t = _topk_bins(
+        student_logits, teacher_topk_ids, teacher_topk_logprobs, mask, tail, temperature
+    )
+    return _per_token(_kl(log_t, log_s), mask)
+
+
+def topk_reverse_kl(
+    student_logits: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    mask: Tensor,
+    tail: bool = True,
+    temperature: float = 1.0,
+) -> Tensor:
+    """KL(p_S || p_T) over the teacher's top-k bins (+ tail). Shapes as `topk_forward_kl`."""
+    log_s, log_t = _topk_bins(
+        student_logits, teacher_topk_ids, teacher_topk_logprobs, mask, tail, temperature
+    )
+    return _per_token(_kl(log_s, log_t), mask)
+
+
+def topk_generalized_jsd(
+    student_logits: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    mask: Tensor,
+    beta: float = 0.5,
+    tail: bool = True,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Generalized JSD(beta) (TRL's convention) over the top-k bins (+ tail). -> [B, T]."""
+    log_s, log_t = _topk_bins(
+        student_logits, teacher_topk_ids, teacher_topk_logprobs, mask, tail, temperature
+    )
+    return _per_token(_generalized_jsd_lp(log_s, log_t, beta), mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampled-token losses
+
+
+def token_logprobs(
+    logits: Tensor, targets: Tensor, mask: Tensor | None = None, lse: Tensor | None = None
+) -> Tensor:
+    """log p(targets) per position: the target logit minus the log-sum-exp over V.
+
+    No [B, T, V] log-softmax is materialised. logits [B, T, V], targets [B, T] int64,
+    mask [B, T] bool (positions outside it may hold any target id, e.g. -100) -> [B, T],
+    0 where masked. `lse` [B, T] may be passed when already computed.
+    """
+    if mask is not None:
+        logits = _zero_masked(logits, mask)
+        targets = _zero_masked(targets, mask)
+    if lse is None:
+        lse = torch.logsumexp(_as_float(logits), dim=-1)
+    picked = _as_float(torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1))
+    out = picked - lse
+    return out if mask is None else _per_token(out, mask)
+
+
+def token_reverse_kl_pg(
+    student_logprobs: Tensor,
+    behavior_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    mask: Tensor,
+    is_clip: float | None = None,
+) -> Tensor:
+    """Per-token reverse-KL policy gradient of on-policy distillation. All inputs [B, T] -> [B, T].
+
+    Thinking Machines' "On-Policy Distillation" (Tinker recipe): the per-token reward is the
+    negative sampled-token reverse KL, so advantage = teacher_lp - behavior_lp (detached), and
+    the importance-sampling loss is -ratio * advantage with ratio = exp(student_lp - behavior_lp)
+    correcting for rollouts sampled by stale weights. Its gradient is
+    -ratio * advantage * d(student_lp); at ratio 1, -advantage * d(student_lp).
+
+    is_clip: truncated importance sampling. The weight min(ratio, is_clip) is detached and
+    multiplies the score function, so a truncated token still gets the gradient
+    -is_clip * advantage * d(student_lp) (rather than none, as a clamp of the ratio would give).
+    Without truncation value and gradient equal those of -ratio * advantage.
+    """
+    zero = torch.zeros((), dtype=student_logprobs.dtype, device=student_logprobs.device)
+    s = torch.where(mask, student_logprobs, zero)
+    b = torch.where(mask, behavior_logprobs.detach(), zero)
+    t = torch.where(mask, teacher_logprobs.detach(), zero)
+    advantage = t - b
+    log_ratio = s - b
+    if is_clip is None:
+        ratio = log_ratio.exp()
+    else:
+        if not is_clip > 0.0:
+            raise ValueError(f"is_clip must be > 0, got {is_clip}")
+        # Clamping in log space first keeps exp() from overflowing on wildly stale tokens.
+        weight = log_ratio.detach().clamp(max=math.log(is_clip)).exp()
+        ratio = weight * (s - s.detach()).exp()
+    return _per_token(-ratio * advantage, mask)
+
+
+def cross_entropy(student_logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """-log p_S(target) per token. logits [B, T, V], targets [B, T], mask [B, T] -> [B, T]."""
+    return -token_logprobs(student_logits, targets, mask)
+
+
+def hinton_kd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+) -> Tensor:
+    """Hinton et al. (2015) KD per token: alpha * T^2 * KL(p_T^T || p_S^T) + (1 - alpha) * CE.
+
+    The T^2 factor keeps the soft-target gradient on the scale of the hard-target one. CE is at
+    temperature 1. logits [B, T, V], targets/mask [B, T] -> [B, T].
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"hinton_kd alpha must lie in [0, 1], got {alpha}")
+    soft = forward_kl(student_logits, teacher_logits, mask, temperature)
+    hard = cross_entropy(student_logits, targets, mask)
+    return alpha * temperature**2 * soft + (1.0 - alpha) * hard
+
+
+def feature_loss(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    projection: nn.Module,
+    mask: Tensor,
+    kind: Literal["mse", "cosine"] = "mse",
+) -> Tensor:
+    """Hidden-state matching per token (FitNets-style). -> [B, T].
+
+    student_hidden [B, T, Ds] is mapped by `projection` (e.g. nn.Linear(Ds, Dt), trained with
+    the student) to [B, T, Dt] and compared with teacher_hidden [B, T, Dt] (detached):
+    "mse" = mean over Dt of the squared difference, "cosine" = 1 - cosine similarity.
+    """
+    s = projection(_zero_masked(student_hidden, mask))
+    t = _zero_masked(teacher_hidden.detach(), mask)
+    if s.shape != t.shape:
+        raise ValueError(
+            f"projected student hidden {tuple(s.shape)} does not match teacher hidden "
+            f"{tuple(t.shape)}"
+        )
+    if kind == "mse":
+        per_token = (s - t).pow(2).mean(-1)
+    elif kind == "cosine":
+        per_token = 1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)
+    else:
+        raise ValueError(f"feature_loss kind must be 'mse' or 'cosine', got {kind!r}")
+    return _per_token(per_token, mask)
+
+
+def step_by_step_loss(
+    label_loss: Tensor, rationale_loss: Tensor, rationale_weight: float
+) -> Tensor:
+    """Distilling Step-by-Step (Hsieh et al. 2023) multi-task loss: L_label + w * L_rationale.
+
+    Both losses have the same shape (scalars, or per-token [B, T] from two prefixed tasks).
+    """
+    if rationale_weight < 0.0:
+        raise ValueError(f"rationale_weight must be >= 0, got {rationale_weight}")
+    return label_loss + rationale_weight * rationale_loss
+
+
+# ---------------------------------------------------------------------------------------------
+# The learner's entry point
+
+
+def batch_loss(
+    student_logits: Tensor, batch: TrainBatch, spec: LossSpec
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token loss of one TrainBatch, unreduced.
+
+    student_logits [B, L-1, V], already aligned with targets = batch.input_ids[:, 1:].
+    Returns (loss [B, L-1], metrics): loss is exactly 0 where batch.loss_mask is False; the
+    learner sums it and divides by the global token count. Metrics are detached [B, L-1]
+    tensors, 0 where masked:
+      "reverse_kl":      behavior_lp - teacher_lp, the sampled-token reverse-KL estimate
+      "student_logprob": log p_S(target) at `spec.temperature` (1 for sft)
+      "ratio":           exp(student_lp - behavior_lp) (on_policy_pg only)
+
+    Kinds: "on_policy_pg" uses teacher/behavior log-probs of the sampled tokens
+    (`token_reverse_kl_pg`); "forward_kl" / "reverse_kl" / "jsd" use the sparse teacher top-k
+    (`topk_*`, spec.tail, spec.beta); "sft" is cross-entropy on the targets.
+
+    Rows with batch.on_policy False (dataset completions) carry no behaviour log-probs; for
+    them the current student stands in as the behaviour policy (ratio 1), so the pg advantage
+    is teacher_lp - student_lp and the "reverse_kl" metric uses the student too.
+    """
+    mask = batch.loss_mask
+    targets = batch.input_ids[:, 1:]
+    if student_logits.shape[:2] != mask.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} are not aligned with the batch's "
+            f"{tuple(mask.shape)} targets (expected [B, L-1, V])"
+        )
+    temperature = spec.temperature
+    logits = _zero_masked(student_logits, mask)
+    tempered = logits if temperature == 1.0 else _as_float(logits) / temperature
+    lse = torch.logsumexp(_as_float(tempered), dim=-1)
+    student_lp = token_logprobs(tempered, targets, mask, lse=lse)
+
+    behavior = batch.behavior_logprobs.to(student_lp.dtype)
+    if batch.on_policy.numel() == mask.shape[0]:
+        off = ~batch.on_policy.to(mask.device).unsqueeze(-1)
+        behavior = torch.where(off, student_lp.detach(), behavior)
+    teacher = batch.teacher_logprobs.to(student_lp.dtype)
+
+    metrics: dict[str, Tensor] = {}
+    if spec.kind == "on_policy_pg":
+        loss = token_reverse_kl_pg(student_lp, behavior, teacher, mask, spec.is_clip)
+        ratio = torch.where(mask, (student_lp.detach() - behavior).exp(), 0.0)
+        metrics["ratio"] = ratio
+    elif spec.kind == "sft":
+        loss = -student_lp
+    else:
+        # tail=True forces temperature 1 (LossSpec checks), so the lse above is the right one.
+        log_s, log_t = _topk_bins(
+            logits,
+            batch.teacher_topk_ids,
+            batch.teacher_topk_logprobs,
+            mask,
+            spec.tail,
+            temperature,
+            student_lse=lse if spec.tail else None,
+        )
+        if spec.kind == "forward_kl":
+            per_token = _kl(log_t, log_s)
+        elif spec.kind == "reverse_kl":
+            per_token = _kl(log_s, log_t)
+        else:
+            per_token = _generalized_jsd_lp(log_s, log_t, spec.beta)
+        loss = _per_token(per_token, mask)
+
+    metrics["reverse_kl"] = _per_token(behavior - teacher, mask).detach()
+    metrics["student_logprob"] = student_lp.detach()
+    return _per_token(loss, mask), metrics

@@ -1,0 +1,579 @@
+"""Losses against direct reference formulas, hand-computed numbers, masking and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Categorical, kl_divergence
+
+from rayd.losses import (
+    LossSpec,
+    _topk_bins,
+    batch_loss,
+    cross_entropy,
+    feature_loss,
+    forward_kl,
+    generalized_jsd,
+    hinton_kd,
+    masked_mean,
+    reverse_kl,
+    skew_kl,
+    step_by_step_loss,
+    token_logprobs,
+    token_reverse_kl_pg,
+    topk_forward_kl,
+    topk_generalized_jsd,
+    topk_reverse_kl,
+    tvd,
+)
+from rayd.types import Sample, TeacherScore, collate
+
+# The machine is shared: one thread keeps these small tensors fast and the neighbours happy.
+torch.set_num_threads(1)
+
+B, T, V = 2, 3, 6
+LN = math.log
+
+
+def _logits(seed: int, shape: tuple[int, ...] = (B, T, V), scale: float = 2.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64) * scale
+
+
+def _mask() -> torch.Tensor:
+    return torch.tensor([[True, True, False], [False, True, True]])
+
+
+def _ref_kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    """KL(p || q) of two probability vectors with plain sums."""
+    return float(
+        sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist(), strict=True) if pi > 0)
+    )
+
+
+def _per_position(fn, *tensors: torch.Tensor) -> torch.Tensor:
+    """Apply fn(row_0, row_1, ...) to each [b, t] position: the loop-based reference."""
+    out = torch.zeros(tensors[0].shape[:2], dtype=torch.float64)
+    for b in range(out.shape[0]):
+        for t in range(out.shape[1]):
+            out[b, t] = fn(*(x[b, t] for x in tensors))
+    return out
+
+
+def _ref_jsd(s_logits: torch.Tensor, t_logits: torch.Tensor, beta: float) -> float:
+    # TRL's generalized JSD written out with probabilities: m = beta * p_T + (1 - beta) * p_S.
+    p_s, p_t = s_logits.softmax(-1), t_logits.softmax(-1)
+    if beta == 0:
+        return _ref_kl(p_t, p_s)
+    if beta == 1:
+        return _ref_kl(p_s, p_t)
+    m = beta * p_t + (1 - beta) * p_s
+    return beta * _ref_kl(p_t, m) + (1 - beta) * _ref_kl(p_s, m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-computed example: 2 tokens, V = 2
+
+
+def _two_token_example() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Token 0: p_S = [0.5, 0.5], p_T = [0.75, 0.25]. Token 1: the two swapped.
+    student = torch.tensor([[[0.0, 0.0], [LN(3.0), 0.0]]], dtype=torch.float64)
+    teacher = torch.tensor([[[LN(3.0), 0.0], [0.0, 0.0]]], dtype=torch.float64)
+    return student, teacher, torch.ones(1, 2, dtype=torch.bool)
+
+
+def test_hand_computed_two_tokens() -> None:
+    s, t, m = _two_token_example()
+    # forward, token 0: 0.75 ln(0.75/0.5) + 0.25 ln(0.25/0.5) = 0.130812
+    # reverse, token 0: 0.5 ln(0.5/0.75) + 0.5 ln(0.5/0.25) = 0.143841 (token 1: swapped)
+    assert forward_kl(s, t, m)[0].tolist() == pytest.approx([0.130812, 0.143841], abs=1e-6)
+    assert reverse_kl(s, t, m)[0].tolist() == pytest.approx([0.143841, 0.130812], abs=1e-6)
+    # m = [0.625, 0.375]: 0.5 * (KL(T||m) + KL(S||m)) = 0.5 * (0.035375 + 0.032269)
+    assert generalized_jsd(s, t, m, beta=0.5)[0, 0].item() == pytest.approx(0.033822, abs=1e-6)
+    assert generalized_jsd(s, t, m, beta=0.25)[0, 0].item() == pytest.approx(0.024870, abs=1e-6)
+    assert tvd(s, t, m)[0].tolist() == pytest.approx([0.25, 0.25], abs=1e-9)
+    # KL(p_T || 0.1 p_T + 0.9 p_S), m = [0.525, 0.475]
+    assert skew_kl(s, t, m, alpha=0.1)[0, 0].item() == pytest.approx(0.107043, abs=1e-6)
+    # Cross-entropy of target 0 under p_S: ln 2, then ln(4/3).
+    ce = cross_entropy(s, torch.tensor([[0, 0]]), m)
+    assert ce[0].tolist() == pytest.approx([LN(2.0), LN(4.0 / 3.0)], abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full-vocabulary losses against loop references
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_full_vocab_against_references(temperature: float) -> None:
+    s, t, mask = _logits(0), _logits(1), _mask()
+    st, tt = s / temperature, t / temperature
+
+    def cat_kl(a, b):
+        return kl_divergence(Categorical(logits=a), Categorical(logits=b))
+
+    want_fkl = _per_position(lambda a, b: cat_kl(b, a), st, tt) * mask
+    want_rkl = _per_position(cat_kl, st, tt) * mask
+    want_tvd = _per_position(lambda a, b: 0.5 * (a.softmax(-1) - b.softmax(-1)).abs().sum(), st, tt)
+    torch.testing.assert_close(forward_kl(s, t, mask, temperature), want_fkl)
+    torch.testing.assert_close(reverse_kl(s, t, mask, temperature), want_rkl)
+    torch.testing.assert_close(tvd(s, t, mask, temperature), want_tvd * mask)
+    for beta in (0.1, 0.5, 0.9):
+        want = _per_position(lambda a, b, beta=beta: _ref_jsd(a, b, beta), st, tt) * mask
+        torch.testing.assert_close(generalized_jsd(s, t, mask, beta, temperature), want)
+    for alpha in (0.0, 0.1, 0.5):
+
+        def skl(a, b, alpha=alpha):
+            p_s, p_t = a.softmax(-1), b.softmax(-1)
+            return _ref_kl(p_t, alpha * p_t + (1 - alpha) * p_s)
+
+        def srkl(a, b, alpha=alpha):
+            p_s, p_t = a.softmax(-1), b.softmax(-1)
+            return _ref_kl(p_s, alpha * p_s + (1 - alpha) * p_t)
+
+        got = skew_kl(s, t, mask, alpha, temperature)
+        torch.testing.assert_close(got, _per_position(skl, st, tt) * mask)
+        got = skew_kl(s, t, mask, alpha, temperature, reverse=True)
+        torch.testing.assert_close(got, _per_position(srkl, st, tt) * mask)
+
+
+def test_full_vocab_gradients_match_reference() -> None:
+    mask = _mask()
+    s = _logits(2).requires_grad_(True)
+    t = _logits(3)
+    generalized_jsd(s, t, mask, beta=0.3).sum().backward()
+    got = s.grad.clone()
+    s.grad = None
+    p_s, p_t = s.softmax(-1), t.softmax(-1)
+    m = 0.3 * p_t + 0.7 * p_s
+    ref = 0.3 * (p_t * (p_t / m).log()).sum(-1) + 0.7 * (p_s * (p_s / m).log()).sum(-1)
+    (ref * mask).sum().backward()
+    torch.testing.assert_close(got, s.grad)
+    assert got[0, 2].abs().max() == 0 and got[1, 0].abs().max() == 0
+
+
+def test_jsd_beta_limits() -> None:
+    s, t, mask = _logits(4), _logits(5), _mask()
+    torch.testing.assert_close(generalized_jsd(s, t, mask, beta=0.0), forward_kl(s, t, mask))
+    torch.testing.assert_close(generalized_jsd(s, t, mask, beta=1.0), reverse_kl(s, t, mask))
+    # The interior of TRL's formula goes to 0 at both ends: the ends really are special cases.
+    assert generalized_jsd(s, t, mask, beta=1e-6).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="beta"):
+        generalized_jsd(s, t, mask, beta=1.5)
+
+
+def test_teacher_zero_probability_tokens() -> None:
+    # A teacher that rules tokens out (-inf logits, or -inf top-k log-probs) inside the mask:
+    # those bins contribute 0 to KL(p_T || .), with finite gradients.
+    mask = _mask()
+    s = _logits(24).requires_grad_(True)
+    t = _logits(25)
+    t[..., 1] = float("-inf")
+    got = forward_kl(s, t, mask)
+    p_t = t.softmax(-1)
+    want = _per_position(lambda a, b: _ref_kl(b.softmax(-1), a.softmax(-1)), s.detach(), t)
+    torch.testing.assert_close(got, want * mask)
+    (grad,) = torch.autograd.grad(got.sum(), s)
+    # d KL(p_T || softmax(s)) / ds = softmax(s) - p_T
+    torch.testing.assert_close(grad, (s.detach().softmax(-1) - p_t) * mask.unsqueeze(-1))
+    lp, ids = t.log_softmax(-1).sort(dim=-1, descending=True)
+    got = topk_forward_kl(s, ids, lp, mask, tail=False)
+    torch.testing.assert_close(got, want * mask)
+    (grad,) = torch.autograd.grad(got.sum(), s)
+    assert torch.isfinite(grad).all()
+
+
+def test_temperature_scales_both_sides() -> None:
+    s, t, mask = _logits(6), _logits(7), _mask()
+    torch.testing.assert_close(forward_kl(s, t, mask, 3.0), forward_kl(s / 3, t / 3, mask))
+    assert not torch.allclose(forward_kl(s, t, mask, 3.0), forward_kl(s, t, mask))
+
+
+def test_hinton_kd() -> None:
+    s, t, mask = _logits(8), _logits(9), _mask()
+    targets = torch.tensor([[1, 4, 0], [2, 5, 3]])
+    got = hinton_kd(s, t, targets, mask, temperature=2.0, alpha=0.7)
+    ce = F.cross_entropy(s.reshape(-1, V), targets.reshape(-1), reduction="none").view(B, T)
+    kl = _per_position(
+        lambda a, b: kl_divergence(Categorical(logits=b), Categorical(logits=a)), s / 2, t / 2
+    )
+    torch.testing.assert_close(got, (0.7 * 4.0 * kl + 0.3 * ce) * mask)
+
+
+def test_cross_entropy_and_token_logprobs() -> None:
+    s, mask = _logits(10), _mask()
+    targets = torch.tensor([[1, 4, -100], [-100, 5, 3]])  # -100 at masked positions is tolerated
+    safe = targets.clamp(min=0)
+    want = F.cross_entropy(s.reshape(-1, V), safe.reshape(-1), reduction="none").view(B, T) * mask
+    torch.testing.assert_close(cross_entropy(s, targets, mask), want)
+    full = s.log_softmax(-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(token_logprobs(s, safe), full)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masking: garbage never leaks
+
+
+def _poison(x: torch.Tensor, mask: torch.Tensor, values: list[float]) -> torch.Tensor:
+    x = x.clone()
+    for i, (b, t) in enumerate((~mask).nonzero().tolist()):
+        x[b, t] = values[i % len(values)]
+    return x
+
+
+def _all_losses(s, t, ids, lp, targets, mask):
+    """Every per-token loss of the module on the same inputs."""
+    torch.manual_seed(0)  # the same projection on every call
+    proj = torch.nn.Linear(V, 4, dtype=torch.float64)
+    return {
+        "forward_kl": forward_kl(s, t, mask, 2.0),
+        "reverse_kl": reverse_kl(s, t, mask),
+        "jsd": generalized_jsd(s, t, mask, 0.4),
+        "tvd": tvd(s, t, mask),
+        "skew": skew_kl(s, t, mask, 0.1),
+        "skew_r": skew_kl(s, t, mask, 0.1, reverse=True),
+        "topk_f": topk_forward_kl(s, ids, lp, mask),
+        "topk_r": topk_reverse_kl(s, ids, lp, mask, tail=False, temperature=2.0),
+        "topk_j": topk_generalized_jsd(s, ids, lp, mask, 0.5),
+        "ce": cross_entropy(s, targets, mask),
+        "hinton": hinton_kd(s, t, targets, mask),
+        "feat": feature_loss(s, t[..., :4], proj, mask, "mse"),
+        "feat_cos": feature_loss(s, t[..., :4], proj, mask, "cosine"),
+        "pg": token_reverse_kl_pg(token_logprobs(s, targets, mask), lp[..., 0], lp[..., 1], mask),
+        "pg_clip": token_reverse_kl_pg(
+            token_logprobs(s, targets, mask), lp[..., 0], lp[..., 1], mask, is_clip=1.5
+        ),
+    }
+
+
+def _clean_inputs():
+    s, t = _logits(11), _logits(12)
+    ids = torch.tensor([[[0, 3, 5]] * T, [[2, 1, 4]] * T])
+    lp = _logits(13, (B, T, 3)).log_softmax(-1) - 0.3  # top-3 mass exp(-0.3) = 0.74
+    targets = torch.tensor([[1, 4, 0], [2, 5, 3]])
+    return s, t, ids, lp, targets
+
+
+def test_masked_positions_change_nothing() -> None:
+    mask = _mask()
+    s, t, ids, lp, targets = _clean_inputs()
+    clean = _all_losses(s.requires_grad_(True), t, ids, lp, targets, mask)
+    clean_grads = {k: torch.autograd.grad(v.sum(), s)[0] for k, v in clean.items()}
+
+    bad = [float("nan"), float("-inf"), float("inf"), 1e30]
+    s2 = _poison(s.detach(), mask, bad).requires_grad_(True)
+    t2 = _poison(t, mask, bad)
+    ids2 = _poison(ids, mask, [-1, 10**6])
+    lp2 = _poison(lp, mask, bad)
+    targets2 = _poison(targets, mask, [-100, 10**6])
+    dirty = _all_losses(s2, t2, ids2, lp2, targets2, mask)
+    for name, value in dirty.items():
+        assert torch.isfinite(value).all(), name
+        assert (value[~mask] == 0).all(), name
+        torch.testing.assert_close(value, clean[name], msg=name)
+        (grad,) = torch.autograd.grad(value.sum(), s2)
+        assert torch.isfinite(grad).all(), name
+        assert (grad[~mask] == 0).all(), name
+        torch.testing.assert_close(grad, clean_grads[name], msg=name)
+
+
+def test_topk_bins_are_finite_at_masked_positions() -> None:
+    # Defence in depth: the bins themselves hold no NaN/inf at masked positions, so nothing
+    # downstream (anomaly detection, a future reduction) can trip over them.
+    mask = _mask()
+    s, _, ids, lp, _ = _clean_inputs()
+    bad = [float("nan"), float("-inf"), float("inf")]
+    for tail in (True, False):
+        log_s, log_t = _topk_bins(
+            _poison(s, mask, bad), _poison(ids, mask, [-1]), _poison(lp, mask, bad), mask, tail, 1.0
+        )
+        assert torch.isfinite(log_s).all() and torch.isfinite(log_t).all()
+        assert log_t.shape[-1] == 3 + tail
+        torch.testing.assert_close(log_t.exp().sum(-1), torch.ones(B, T, dtype=torch.float64))
+
+
+def test_all_masked_gives_zero_and_finite_grads() -> None:
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    s, t, ids, lp, targets = _clean_inputs()
+    s = s.requires_grad_(True)
+    for name, value in _all_losses(s, t, ids, lp, targets, mask).items():
+        total = masked_mean(value, mask)
+        assert total.item() == 0.0, name
+        (grad,) = torch.autograd.grad(total, s)
+        assert torch.isfinite(grad).all() and (grad == 0).all(), name
+
+
+def test_masked_mean() -> None:
+    x = torch.tensor([[1.0, float("nan"), 3.0]])
+    mask = torch.tensor([[True, False, True]])
+    assert masked_mean(x, mask).item() == 2.0
+    assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse top-k
+
+
+def test_topk_full_width_without_tail_equals_full_vocab() -> None:
+    s, t, mask = _logits(14), _logits(15), _mask()
+    # Teacher top-k = all V tokens in descending order, as vLLM would send them.
+    lp, ids = t.log_softmax(-1).sort(dim=-1, descending=True)
+    for temperature in (1.0, 2.0):
+        torch.testing.assert_close(
+            topk_forward_kl(s, ids, lp, mask, tail=False, temperature=temperature),
+            forward_kl(s, t, mask, temperature),
+        )
+        torch.testing.assert_close(
+            topk_reverse_kl(s, ids, lp, mask, tail=False, temperature=temperature),
+            reverse_kl(s, t, mask, temperature),
+        )
+        torch.testing.assert_close(
+            topk_generalized_jsd(s, ids, lp, mask, 0.3, tail=False, temperature=temperature),
+            generalized_jsd(s, t, mask, 0.3, temperature),
+        )
+    # With the tail bin the (empty) tail is a clamped speck of mass: still equal to ~1e-6.
+    torch.testing.assert_close(
+        topk_forward_kl(s, ids, lp, mask, tail=True), forward_kl(s, t, mask), atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(
+        topk_reverse_kl(s, ids, lp, mask, tail=True), reverse_kl(s, t, mask), atol=1e-6, rtol=0
+    )
+
+
+def _tail_example() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Student softmax [0.4, 0.1, 0.4, 0.1]; teacher top-2 = tokens 2 and 0 with p 0.5 and 0.3.
+    s = torch.tensor([[[LN(0.4), LN(0.1), LN(0.4), LN(0.1)]]], dtype=torch.float64) + 1.7
+    ids = torch.tensor([[[2, 0]]])
+    lp = torch.tensor([[[LN(0.5), LN(0.3)]]], dtype=torch.float64)
+    return s, ids, lp, torch.ones(1, 1, dtype=torch.bool)
+
+
+def test_tail_bin_hand_example() -> None:
+    s, ids, lp, m = _tail_example()
+    # Bins: teacher [0.5, 0.3, tail 0.2], student [0.4, 0.4, tail 0.2].
+    # 0.5 ln(0.5/0.4) + 0.3 ln(0.3/0.4) + 0.2 ln(0.2/0.2) = 0.025267
+    assert topk_forward_kl(s, ids, lp, m, tail=True).item() == pytest.approx(0.025267, abs=1e-6)
+    assert topk_reverse_kl(s, ids, lp, m, tail=True).item() == pytest.approx(0.025815, abs=1e-6)
+    # Without the tail both renormalise within k: [0.625, 0.375] vs [0.5, 0.5].
+    assert topk_forward_kl(s, ids, lp, m, tail=False).item() == pytest.approx(0.031584, abs=1e-6)
+    want = 0.5 * _ref_kl(torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.45, 0.35, 0.2])) + 0.5 * (
+        _ref_kl(torch.tensor([0.4, 0.4, 0.2]), torch.tensor([0.45, 0.35, 0.2]))
+    )
+    assert topk_generalized_jsd(s, ids, lp, m, 0.5).item() == pytest.approx(want, abs=1e-6)
+
+
+def test_tail_gradient_flows_through_student_logsumexp() -> None:
+    s, ids, lp, m = _tail_example()
+    s = s.requires_grad_(True)
+    topk_forward_kl(s, ids, lp, m, tail=True).sum().backward()
+    # Reference: the same bins built from a full softmax.
+    s_ref = s.detach().clone().requires_grad_(True)
+    p = s_ref.softmax(-1)[0, 0]
+    q = torch.stack([p[2], p[0], 1 - p[2] - p[0]])
+    pt = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    (pt * (pt.log() - q.log())).sum().backward()
+    torch.testing.assert_close(s.grad, s_ref.grad)
+    assert s.grad[0, 0, 1].item() != 0  # tokens outside the top-k are pulled via the tail
+
+
+def test_topk_teacher_mass_near_one_stays_finite() -> None:
+    # Rounding can push the teacher's top-k sum to 1 or just past it: no NaN, no -inf.
+    s = _logits(16, (1, 1, V)).requires_grad_(True)
+    ids = torch.tensor([[[0, 1]]])
+    lp = torch.tensor([[[LN(0.7), LN(0.3) + 1e-6]]], dtype=torch.float64)
+    for fn in (topk_forward_kl, topk_reverse_kl, topk_generalized_jsd):
+        value = fn(s, ids, lp, torch.ones(1, 1, dtype=torch.bool))
+        (grad,) = torch.autograd.grad(value.sum(), s)
+        assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+
+
+def test_topk_temperature_rules() -> None:
+    s, ids, lp, m = _tail_example()
+    with pytest.raises(ValueError, match=r"tail=True needs temperature 1\.0"):
+        topk_forward_kl(s, ids, lp, m, tail=True, temperature=2.0)
+    with pytest.raises(ValueError, match=r"tail=True needs temperature 1\.0"):
+        LossSpec("forward_kl", temperature=2.0)
+    LossSpec("forward_kl", temperature=2.0, tail=False)
+    LossSpec("on_policy_pg", temperature=2.0)  # tail is irrelevant there
+    # tail=False re-tempers within the k bins: p^(1/t) renormalised on both sides.
+    pt = torch.tensor([0.5, 0.3]) ** 0.5
+    ps = torch.tensor([0.4, 0.4]) ** 0.5
+    want = _ref_kl(pt / pt.sum(), ps / ps.sum())
+    got = topk_forward_kl(s, ids, lp, m, tail=False, temperature=2.0).item()
+    assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_topk_ids_outside_student_vocab_raise() -> None:
+    s, _, lp, m = _tail_example()
+    with pytest.raises(ValueError, match="share a tokenizer"):
+        topk_forward_kl(s, torch.tensor([[[2, 7]]]), lp, m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampled-token reverse-KL policy gradient
+
+
+def test_pg_gradient_at_ratio_one() -> None:
+    s, mask = _logits(17).requires_grad_(True), _mask()
+    targets = torch.tensor([[1, 4, 0], [2, 5, 3]])
+    teacher = _logits(18, (B, T), 1.0) - 2.0
+    student_lp = token_logprobs(s, targets, mask)
+    behavior = student_lp.detach()  # fresh rollout: ratio exactly 1
+    loss = token_reverse_kl_pg(student_lp, behavior, teacher, mask)
+    advantage = (teacher - behavior) * mask
+    torch.testing.assert_close(loss, -advantage)
+    (got,) = torch.autograd.grad(loss.sum(), s)
+    (want,) = torch.autograd.grad((-advantage * token_logprobs(s, targets, mask)).sum(), s)
+    torch.testing.assert_close(got, want)
+    assert got.abs().sum() > 0
+
+
+def test_pg_stale_ratio_and_truncation() -> None:
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    student = torch.tensor([[-1.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    behavior = torch.tensor([[-1.0 - LN(4.0), -1.0 + LN(2.0)]], dtype=torch.float64)
+    teacher = torch.tensor([[-0.5, -3.0]], dtype=torch.float64)
+    advantage = (teacher - behavior).detach()  # [ln4 + 0.5, -2 - ln2]
+    # ratios 4 and 0.5
+    plain = token_reverse_kl_pg(student, behavior, teacher, mask)
+    torch.testing.assert_close(plain, -torch.tensor([[4.0, 0.5]], dtype=torch.float64) * advantage)
+    (g,) = torch.autograd.grad(plain.sum(), student)
+    torch.testing.assert_close(g, plain.detach())  # d/ds of -exp(s - b) * A is the value itself
+    clipped = token_reverse_kl_pg(student, behavior, teacher, mask, is_clip=2.0)
+    want = -torch.tensor([[2.0, 0.5]], dtype=torch.float64) * advantage
+    torch.testing.assert_close(clipped, want)
+    (g,) = torch.autograd.grad(clipped.sum(), student)
+    # Truncated token: gradient -is_clip * A * d(logp); the untruncated one is unchanged.
+    torch.testing.assert_close(g, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature and step-by-step losses
+
+
+def test_feature_loss() -> None:
+    torch.manual_seed(0)
+    mask = _mask()
+    hs, ht = _logits(19, (B, T, 5)), _logits(20, (B, T, 3))
+    proj = torch.nn.Linear(5, 3, dtype=torch.float64)
+    ps = proj(hs)
+    torch.testing.assert_close(feature_loss(hs, ht, proj, mask), ((ps - ht) ** 2).mean(-1) * mask)
+    cos = 1 - (ps * ht).sum(-1) / (ps.norm(dim=-1) * ht.norm(dim=-1))
+    torch.testing.assert_close(feature_loss(hs, ht, proj, mask, "cosine"), cos * mask)
+    with pytest.raises(ValueError, match="does not match"):
+        feature_loss(hs, ht[..., :2], proj, mask)
+
+
+def test_step_by_step_loss() -> None:
+    got = step_by_step_loss(torch.tensor(2.0), torch.tensor(3.0), rationale_weight=0.5)
+    assert got.item() == 3.5
+
+
+# ---------------------------------------------------------------------------------------------
+# batch_loss on a collated TrainBatch
+
+
+def _batch():
+    # Row 0: prompt [1, 2], completion [3, 4] -> targets in columns 1, 2 (L = 4, 3 columns).
+    # Row 1: prompt [5], completion [2] -> target in column 0; columns 1, 2 are padding.
+    samples = [
+        Sample([1, 2], [3, 4], [-1.0, -2.0], prompt_index=0),
+        Sample([5], [2], [-0.25], prompt_index=1),
+    ]
+    scores = [
+        TeacherScore(
+            torch.tensor([-0.5, -1.5]),
+            torch.tensor([[3, 0], [4, 1]]),
+            torch.tensor([[LN(0.5), LN(0.3)], [LN(0.6), LN(0.1)]]),
+        ),
+        TeacherScore(torch.tensor([-1.0]), torch.tensor([[2, 3]]), torch.tensor([[-0.1, -3.0]])),
+    ]
+    return collate(samples, scores, pad_id=0)
+
+
+def test_batch_loss_columns_and_values() -> None:
+    batch = _batch()
+    assert batch.loss_mask.tolist() == [[False, True, True], [True, False, False]]
+    logits = _logits(21, (2, 3, V)).float()
+    logits[1, 1:] = float("nan")  # padding rows of the model output may hold anything
+    logits.requires_grad_(True)
+    mask = batch.loss_mask
+    targets = batch.input_ids[:, 1:]
+
+    loss, metrics = batch_loss(logits, batch, LossSpec("on_policy_pg"))
+    student_lp = token_logprobs(logits.detach(), targets, mask)
+    # reverse_kl metric = behavior - teacher: -1 - (-0.5), -2 - (-1.5), -0.25 - (-1)
+    torch.testing.assert_close(
+        metrics["reverse_kl"], torch.tensor([[0.0, -0.5, -0.5], [0.75, 0.0, 0.0]])
+    )
+    torch.testing.assert_close(metrics["student_logprob"], student_lp)
+    ratio = (student_lp - batch.behavior_logprobs).exp() * mask
+    advantage = batch.teacher_logprobs - batch.behavior_logprobs
+    torch.testing.assert_close(loss.detach(), -ratio * advantage)
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    assert torch.isfinite(grad).all() and (grad[1, 1:] == 0).all()
+
+    loss, _ = batch_loss(logits, batch, LossSpec("sft"))
+    torch.testing.assert_close(loss.detach(), -student_lp)
+
+    for kind, fn in (("forward_kl", topk_forward_kl), ("reverse_kl", topk_reverse_kl)):
+        for tail in (True, False):
+            loss, _ = batch_loss(logits, batch, LossSpec(kind, tail=tail))
+            ids, lp = batch.teacher_topk_ids, batch.teacher_topk_logprobs
+            torch.testing.assert_close(loss, fn(logits, ids, lp, mask, tail=tail))
+            assert (loss[~mask] == 0).all() and (loss[mask] > 0).all()
+    loss, _ = batch_loss(logits, batch, LossSpec("jsd", beta=0.3, tail=False, temperature=2.0))
+    want = topk_generalized_jsd(
+        logits, batch.teacher_topk_ids, batch.teacher_topk_logprobs, mask, 0.3, False, 2.0
+    )
+    torch.testing.assert_close(loss, want)
+
+
+def test_batch_loss_hand_value_topk_tail() -> None:
+    # One completion token whose teacher/student bins are the tail hand example.
+    s, ids, lp, _ = _tail_example()
+    sample = Sample([1], [2], [LN(0.4)], prompt_index=0)
+    score = TeacherScore(torch.tensor([LN(0.5)]), ids[0].clone(), lp[0].float())
+    batch = collate([sample], [score], pad_id=0)
+    loss, metrics = batch_loss(s.float(), batch, LossSpec("forward_kl"))
+    assert loss.item() == pytest.approx(0.025267, abs=1e-5)
+    assert metrics["student_logprob"].item() == pytest.approx(LN(0.4), abs=1e-5)
+    assert metrics["reverse_kl"].item() == pytest.approx(LN(0.4) - LN(0.5), abs=1e-6)
+
+
+def test_batch_loss_off_policy_rows_use_the_student_as_behaviour() -> None:
+    batch = _batch()
+    batch.on_policy = torch.tensor([True, False])
+    logits = _logits(22, (2, 3, V)).float()
+    loss, metrics = batch_loss(logits, batch, LossSpec("on_policy_pg"))
+    student_lp = metrics["student_logprob"]
+    # Row 1 is a dataset completion: ratio 1, advantage teacher - student.
+    assert loss[1, 0].item() == pytest.approx(-(-1.0 - student_lp[1, 0].item()), abs=1e-6)
+    assert metrics["reverse_kl"][1, 0].item() == pytest.approx(student_lp[1, 0].item() + 1.0)
+    assert metrics["ratio"][1, 0].item() == pytest.approx(1.0)
+
+
+def test_batch_loss_all_masked_and_misaligned() -> None:
+    batch = _batch()
+    batch.loss_mask = torch.zeros_like(batch.loss_mask)
+    logits = _logits(23, (2, 3, V)).float().requires_grad_(True)
+    for spec in (LossSpec("on_policy_pg"), LossSpec("jsd"), LossSpec("sft")):
+        loss, metrics = batch_loss(logits, batch, spec)
+        assert (loss == 0).all() and all((m == 0).all() for m in metrics.values())
+        (grad,) = torch.autograd.grad(loss.sum() / max(batch.num_tokens, 1), logits)
+        assert (grad == 0).all()
+    with pytest.raises(ValueError, match="not aligned"):
+        batch_loss(logits[:, :2], batch, LossSpec("sft"))
+
+
+def test_loss_spec_validation() -> None:
+    with pytest.raises(ValueError, match="beta"):
+        LossSpec("jsd", beta=-0.1)
+    with pytest.raises(ValueError, match="unknown loss kind"):
+        LossSpec("kl")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="is_clip"):
+        LossSpec("on_policy_pg", is_clip=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        LossSpec("sft", temperature=2.0)
