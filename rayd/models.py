@@ -16,8 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # Enough characters for arithmetic with rationales and short templated word problems.
 DEFAULT_CHARS = (
-    "0123456789+-*/=()<>[]:;.,?!' \n"
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    "0123456789+-*/=()<>[]:;.,?!' \nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
 
 
@@ -49,7 +48,7 @@ def build_tiny_llama(
     *,
     layers: int = 2,
     hidden: int = 64,
-    heads: int = 4,
+    heads: int = 2,  # head_dim 32: vLLM CPU attention rejects 16
     intermediate: int | None = None,
     max_positions: int = 256,
     seed: int = 0,

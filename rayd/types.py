@@ -2,7 +2,7 @@
 
 Conventions used everywhere in rayd:
 - A *sample* is one prompt plus one completion, as token ids of the student tokenizer.
-- Per-token teacher/student quantities cover the completion tokens only (length T = len(completion)).
+- Per-token teacher/student quantities cover the completion tokens only (T = len(completion)).
 - In a padded `TrainBatch` every per-token tensor is aligned with the *targets*: column j holds the
   quantity for token `input_ids[:, j + 1]`, which the model predicts from `logits[:, j]`. So they
   all have L - 1 columns, and `loss_mask` marks which targets are completion tokens.
@@ -43,7 +43,7 @@ class TeacherScore:
 
 @dataclass
 class TrainBatch:
-    """A padded batch ready for the learner. Per-token tensors have L - 1 columns (see module doc)."""
+    """A padded batch for the learner. Per-token tensors have L - 1 columns (see module doc)."""
 
     input_ids: torch.Tensor  # [B, L] int64
     attention_mask: torch.Tensor  # [B, L] int64
@@ -68,7 +68,9 @@ class TrainBatch:
         for name, value in rows.items():
             if name == "on_policy":
                 continue
-            rows[name] = value[:, : length if name in ("input_ids", "attention_mask") else length - 1]
+            rows[name] = value[
+                :, : length if name in ("input_ids", "attention_mask") else length - 1
+            ]
         return TrainBatch(**rows)
 
     def split(self, parts: int) -> list[TrainBatch]:
@@ -111,4 +113,6 @@ def collate(samples: list[Sample], scores: list[TeacherScore], pad_id: int) -> T
         topk_ids[i, cols] = score.topk_ids
         topk_lp[i, cols] = score.topk_logprobs.float()
     on_policy = torch.tensor([s.on_policy for s in samples], dtype=torch.bool)
-    return TrainBatch(input_ids, attention_mask, loss_mask, behavior, teacher, topk_ids, topk_lp, on_policy)
+    return TrainBatch(
+        input_ids, attention_mask, loss_mask, behavior, teacher, topk_ids, topk_lp, on_policy
+    )

@@ -21,7 +21,7 @@ class Example:
 class Task(ABC):
     @abstractmethod
     def examples(self, split: str, count: int) -> list[Example]:
-        """`count` examples of `split` ("train" | "eval"), deterministic; the splits are disjoint."""
+        """`count` examples of `split` ("train" | "eval"); deterministic, splits disjoint."""
 
     def extract_answer(self, completion: str) -> str | None:
         """The final answer written after the last "A=", or None when there is none."""
