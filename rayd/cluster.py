@@ -53,3 +53,33 @@ def free_port() -> int:
 def call_all(actors: Sequence[Any], method: str, *args: Any, **kwargs: Any) -> list[Any]:
     """Start `method` on every actor with the same arguments; returns the object refs."""
     return [getattr(actor, method).remote(*args, **kwargs) for actor in actors]
+
+
+class WorkerPool:
+    """Identical actors that share work: inputs are split into contiguous, near-equal chunks."""
+
+    def __init__(self, actors: list[Any], name: str, timeout_s: float) -> None:
+        self.actors, self.name, self.timeout_s = actors, name, timeout_s
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def map_chunks(self, method: str, *inputs: list[Any], **kwargs: Any) -> list[Any]:
+        """Call `method(chunk_of_each_input..., **kwargs)` on each actor; concatenate in order."""
+        total = len(inputs[0])
+        bounds = [round(i * total / len(self.actors)) for i in range(len(self.actors) + 1)]
+        refs = []
+        for actor, lo, hi in zip(self.actors, bounds, bounds[1:], strict=False):
+            if hi > lo:
+                chunks = [items[lo:hi] for items in inputs]
+                refs.append(getattr(actor, method).remote(*chunks, **kwargs))
+        results = get(refs, self.timeout_s, f"{self.name}.{method}")
+        return [item for chunk in results for item in chunk]
+
+    def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        refs = call_all(self.actors, method, *args, **kwargs)
+        return get(refs, self.timeout_s, f"{self.name}.{method}")
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)

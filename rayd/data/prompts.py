@@ -1,0 +1,138 @@
+"""Prompt sources for a run: a built-in task or a JSONL file, tokenised once, plus the sampler.
+
+The sampler walks seeded per-epoch permutations of the training prompts, so every prompt is seen
+once per epoch and the position (epoch, offset) is all a resume needs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from rayd.config import ConfigError, DataConfig
+from rayd.tasks import make_task
+from rayd.tasks.base import Task
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int
+    ids: list[int]
+    completion_ids: list[int] | None  # a reference completion (for off-policy mixing), eos included
+    answer: str | None  # for tasks with a verifier
+
+
+@dataclass
+class PromptSet:
+    train: list[Prompt]
+    eval: list[Prompt]
+    task: Task | None
+    dropped_long: int = 0
+
+
+def load_prompts(cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int) -> PromptSet:
+    if cfg.source.startswith("task:"):
+        name = cfg.source.removeprefix("task:")
+        try:
+            task = make_task(name, seed=seed, **cfg.task_options)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"config error: data.source / data.task_options: {exc}") from None
+        train_rows = [
+            (e.prompt, e.completion, e.answer) for e in task.examples("train", cfg.train_size)
+        ]
+        eval_rows = [
+            (e.prompt, e.completion, e.answer) for e in task.examples("eval", cfg.eval_size)
+        ]
+    else:
+        task = None
+        rows = _read_jsonl(Path(cfg.source), cfg.prompt_field, cfg.completion_field)
+        if len(rows) < cfg.eval_size + 1:
+            raise ConfigError(
+                f"data error: {cfg.source}: {len(rows)} rows, need more than data.eval_size="
+                f"{cfg.eval_size} so training has prompts"
+            )
+        random.Random(seed).shuffle(rows)
+        eval_rows, train_rows = rows[: cfg.eval_size], rows[cfg.eval_size :][: cfg.train_size]
+    dropped = 0
+    out: dict[str, list[Prompt]] = {}
+    for split, rows in (("train", train_rows), ("eval", eval_rows)):
+        prompts = []
+        for prompt, completion, answer in rows:
+            ids = tokenizer(prompt, add_special_tokens=False).input_ids
+            if len(ids) > max_prompt_len:
+                if cfg.long_prompts == "error":
+                    raise ConfigError(
+                        f"data error: a {split} prompt has {len(ids)} tokens, more than "
+                        f"{max_prompt_len} (rollout.max_model_len - rollout.max_new_tokens); set "
+                        "data.long_prompts=drop or truncate"
+                    )
+                if cfg.long_prompts == "drop":
+                    dropped += 1
+                    continue
+                ids = ids[-max_prompt_len:]  # keep the end, where the question usually is
+            completion_ids = None
+            if completion is not None:
+                completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
+                completion_ids.append(tokenizer.eos_token_id)
+            prompts.append(Prompt(len(prompts), ids, completion_ids, answer))
+        out[split] = prompts
+    if not out["train"]:
+        raise ConfigError(f"data error: {cfg.source}: no training prompts left")
+    return PromptSet(out["train"], out["eval"], task, dropped)
+
+
+def _read_jsonl(path: Path, prompt_field: str, completion_field: str):
+    if not path.is_file():
+        raise ConfigError(f"data error: data.source {str(path)!r} does not exist")
+    rows = []
+    with path.open() as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise ConfigError(f"data error: {path}:{line_no}: not valid JSON") from None
+            if not isinstance(row, dict) or prompt_field not in row:
+                raise ConfigError(
+                    f"data error: {path}:{line_no}: missing field {prompt_field!r} "
+                    "(data.prompt_field)"
+                )
+            rows.append((str(row[prompt_field]), row.get(completion_field), row.get("answer")))
+    if not rows:
+        raise ConfigError(f"data error: {path}: no rows")
+    return rows
+
+
+class PromptSampler:
+    """Seeded epoch permutations of range(size); `state()` / `restore()` give exact resume."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+        self.epoch, self.offset = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(self.size))
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def next(self, count: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < count:
+            if self.offset == self.size:
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            take = min(count - len(out), self.size - self.offset)
+            out.extend(self._order[self.offset : self.offset + take])
+            self.offset += take
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = state["epoch"], state["offset"]
+        self._order = self._permutation(self.epoch)
