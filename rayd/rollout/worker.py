@@ -1,0 +1,175 @@
+"""The rollout actor: a plain class, wrapped with `ray.remote` where it is spawned.
+
+It owns one engine (vLLM or transformers), the tokenizer for decoding, and the version of the
+weights it serves. Every `Sample` it returns carries that version, so the driver can check
+staleness instead of trusting it. A Ray restart re-runs the constructor and the worker is back at
+version 0 (the checkpoint it was built from): the driver re-syncs before using it again.
+
+Inputs are checked here, before the engine sees them: over-long prompts have hung engines
+(huggingface/trl#3433), and an out-of-vocabulary id is a bug upstream, not a sampling question.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from rayd.device import detect, prepare_process
+from rayd.rollout.engine import RolloutEngine
+from rayd.types import Sample
+
+Backend = Literal["vllm", "hf"]
+FAILED_LOAD = -1  # weight_version() after a failed load
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        model_path: str,
+        backend: Backend,
+        *,
+        seed: int = 0,
+        max_model_len: int = 512,
+        threads: int = 1,
+        kv_cache_gib: float = 1.0,
+        dtype: str = "auto",
+    ) -> None:
+        prepare_process(detect(), threads)
+        self.backend = backend
+        self.max_model_len = max_model_len
+        self.vocab_size = int(AutoConfig.from_pretrained(model_path).vocab_size)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.engine: RolloutEngine = _make_engine(
+            model_path,
+            backend,
+            seed=seed,
+            max_model_len=max_model_len,
+            kv_cache_gib=kv_cache_gib,
+            dtype=dtype,
+        )
+        self._version = 0
+
+    def ready(self) -> bool:
+        """Returns once the engine is built: lets the driver wait for start-up with a deadline."""
+        return True
+
+    def weight_version(self) -> int:
+        """The version of the weights served; FAILED_LOAD (-1) after a failed load."""
+        return self._version
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        prompt_indices: list[int],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int | None = None,
+    ) -> list[Sample]:
+        """`n` samples per prompt, prompt-major (all samples of prompts[0] first)."""
+        if self._version == FAILED_LOAD:
+            raise RuntimeError("the last weight load failed; load weights again before sampling")
+        if len(prompts) != len(prompt_indices):
+            raise ValueError(f"{len(prompts)} prompts but {len(prompt_indices)} prompt indices")
+        if n < 1 or max_new_tokens < 1:
+            raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got {n} and {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(
+                f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}"
+            )
+        limit = self.max_model_len - max_new_tokens
+        for index, prompt in zip(prompt_indices, prompts, strict=True):
+            self._check_ids(prompt, f"prompt {index}")
+            if len(prompt) > limit:
+                raise ValueError(
+                    f"prompt {index} has {len(prompt)} tokens; with max_new_tokens="
+                    f"{max_new_tokens} at most {limit} fit in max_model_len={self.max_model_len}"
+                )
+        per_prompt = self.engine.generate(
+            prompts,
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+        )
+        samples = []
+        for index, prompt, completions in zip(prompt_indices, prompts, per_prompt, strict=True):
+            for c in completions:
+                samples.append(
+                    Sample(
+                        prompt_ids=list(prompt),
+                        completion_ids=c.token_ids,
+                        logprobs=c.logprobs,
+                        prompt_index=index,
+                        finish_reason=c.finish_reason,
+                        weight_version=self._version,
+                        on_policy=True,
+                        text=self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
+                    )
+                )
+        return samples
+
+    def load_weights(self, blob: bytes, version: int) -> int:
+        """Serve the weights in `blob` (rayd.weight_sync format) from now on, as `version`."""
+        try:
+            self.engine.load_weights(blob)
+        except Exception:
+            # A load that failed half-way leaves a mix of old and new weights that no version
+            # describes: refuse to sample until a load succeeds.
+            self._version = FAILED_LOAD
+            raise
+        self._version = int(version)
+        return self._version
+
+    def logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Teacher-forced log-probs of each token after the first ([len - 1] each), temperature 1.
+
+        The way to prove a weight sync: compare with the learner's model on the same tokens.
+        """
+        for i, seq in enumerate(sequences):
+            self._check_ids(seq, f"sequence {i}")
+            # vLLM scores a prompt by generating one token after it, which needs one more slot.
+            if not 2 <= len(seq) <= self.max_model_len - 1:
+                raise ValueError(
+                    f"sequence {i} has {len(seq)} tokens; need 2..{self.max_model_len - 1}"
+                )
+        return self.engine.logprobs(sequences)
+
+    def _check_ids(self, ids: list[int], what: str) -> None:
+        if not ids:
+            raise ValueError(f"{what} is empty")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ValueError(f"{what} has token ids outside [0, {self.vocab_size})")
+
+
+def _make_engine(
+    model_path: str | Path,
+    backend: Backend,
+    *,
+    seed: int,
+    max_model_len: int,
+    kv_cache_gib: float,
+    dtype: str,
+) -> RolloutEngine:
+    # Imported here: vLLM is heavy and only the vllm backend needs it.
+    if backend == "vllm":
+        from rayd.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            model_path,
+            max_model_len=max_model_len,
+            kv_cache_gib=kv_cache_gib,
+            dtype=dtype,
+            seed=seed,
+        )
+    if backend == "hf":
+        from rayd.rollout.hf_engine import HFEngine
+
+        return HFEngine(model_path, dtype=dtype, seed=seed)
+    raise ValueError(f"unknown rollout backend {backend!r}; expected 'vllm' or 'hf'")

@@ -1,0 +1,93 @@
+"""Teacher scoring with one transformers forward pass per micro-batch: exact, and the only
+backend that can return full logits or score caller-chosen token ids.
+
+Sequences (prompt + completion) are right-padded: with a causal mask, padding after a sequence
+cannot change any position of it. Completion token j of a pair with a p-token prompt is predicted
+by the logits at column p - 1 + j. All log-probs are log_softmax of float32 logits at
+temperature 1, the same distribution vLLM's prompt log-probs report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from rayd.device import detect, resolve_dtype
+from rayd.teacher.scorer import Pair
+from rayd.types import TeacherScore
+
+
+class HFScorer:
+    """`TeacherScorer` over a transformers causal LM."""
+
+    def __init__(self, model_path: str | Path, *, dtype: str = "auto", batch_size: int = 8) -> None:
+        self.device = detect()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(model_path), dtype=resolve_dtype(dtype, self.device)
+        )
+        self.model.to(self.device.torch_device()).eval()
+        pad = self.model.config.pad_token_id
+        self.pad_id = 0 if pad is None else int(pad)  # masked out: any valid id will do
+        # Logits of a micro-batch are [batch, length, vocab]: bounded by this, not by the request.
+        self.batch_size = batch_size
+
+    def score(
+        self, pairs: list[Pair], top_k: int, return_logits: bool = False
+    ) -> list[TeacherScore]:
+        scores = []
+        for logits, (_, completion) in zip(self._completion_logits(pairs), pairs, strict=True):
+            logp = logits.log_softmax(-1)
+            targets = torch.tensor(completion, dtype=torch.long)
+            top = logp.topk(top_k, dim=-1)  # sorted descending
+            scores.append(
+                TeacherScore(
+                    token_logprobs=logp.gather(-1, targets[:, None]).squeeze(-1),
+                    topk_ids=top.indices,
+                    topk_logprobs=top.values,
+                    logits=logits if return_logits else None,
+                )
+            )
+        return scores
+
+    def score_ids(
+        self, pairs: list[Pair], ids_per_position: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Teacher log-probs at caller-chosen ids: ids_per_position[i] is [T_i, m] -> [T_i, m].
+
+        For student-top-k distillation: the teacher scores the student's top-k ids exactly.
+        """
+        if len(ids_per_position) != len(pairs):
+            raise ValueError(f"{len(ids_per_position)} id tensors for {len(pairs)} pairs")
+        result = []
+        for i, (logits, ids) in enumerate(
+            zip(self._completion_logits(pairs), ids_per_position, strict=True)
+        ):
+            if ids.ndim != 2 or ids.shape[0] != logits.shape[0]:
+                raise ValueError(
+                    f"pair {i}: ids of shape {tuple(ids.shape)} for {logits.shape[0]} tokens"
+                )
+            result.append(logits.log_softmax(-1).gather(-1, ids.long()))
+        return result
+
+    @torch.no_grad()
+    def _completion_logits(self, pairs: list[Pair]) -> Iterator[torch.Tensor]:
+        """Per pair, float32 CPU logits [T, V] predicting each completion token."""
+        device = self.device.torch_device()
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start : start + self.batch_size]
+            width = max(len(p) + len(c) for p, c in chunk)
+            input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, (prompt, completion) in enumerate(chunk):
+                seq = list(prompt) + list(completion)
+                input_ids[row, : len(seq)] = torch.tensor(seq)
+                attention_mask[row, : len(seq)] = 1
+            logits = self.model(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+            ).logits
+            for row, (prompt, completion) in enumerate(chunk):
+                p, t = len(prompt), len(completion)
+                yield logits[row, p - 1 : p - 1 + t].float().cpu()

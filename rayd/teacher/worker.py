@@ -1,0 +1,110 @@
+"""The teacher actor: a plain class, wrapped with `ray.remote` where it is spawned.
+
+It owns one scorer (vLLM prompt log-probs or a transformers forward pass), checks the pairs before
+the engine sees them (lengths, vocabulary: an id outside the teacher's vocabulary means the
+tokenizers differ, which token-level distillation must refuse), and checks every score before it
+leaves (`scorer.check_scores`): a failed score is an error, never a zero signal.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from transformers import AutoConfig
+
+from rayd.device import detect, prepare_process
+from rayd.teacher.scorer import Pair, TeacherSignalError, check_scores
+from rayd.types import TeacherScore
+
+if TYPE_CHECKING:  # the backends import vLLM / transformers models: only when chosen
+    from rayd.teacher.hf_scorer import HFScorer
+    from rayd.teacher.vllm_scorer import VLLMScorer
+
+Backend = Literal["vllm", "hf"]
+
+
+class TeacherWorker:
+    def __init__(
+        self,
+        model_path: str,
+        backend: Backend,
+        *,
+        threads: int = 1,
+        max_model_len: int = 512,
+        kv_cache_gib: float = 1.0,
+        dtype: str = "auto",
+        max_top_k: int = 20,
+    ) -> None:
+        prepare_process(detect(), threads)
+        self.backend = backend
+        self.max_model_len = max_model_len
+        self.vocab_size = int(AutoConfig.from_pretrained(model_path).vocab_size)
+        if backend == "vllm":
+            from rayd.teacher.vllm_scorer import VLLMScorer
+
+            self.scorer: VLLMScorer | HFScorer = VLLMScorer(
+                model_path,
+                max_model_len=max_model_len,
+                kv_cache_gib=kv_cache_gib,
+                dtype=dtype,
+                max_top_k=max_top_k,
+            )
+        elif backend == "hf":
+            from rayd.teacher.hf_scorer import HFScorer
+
+            self.scorer = HFScorer(model_path, dtype=dtype)
+        else:
+            raise ValueError(f"unknown teacher backend {backend!r}; expected 'vllm' or 'hf'")
+
+    def ready(self) -> bool:
+        """Returns once the scorer is built: lets the driver wait for start-up with a deadline."""
+        return True
+
+    def score(
+        self, pairs: list[Pair], top_k: int, return_logits: bool = False
+    ) -> list[TeacherScore]:
+        """Per pair, the teacher's signal on the completion tokens (see rayd.types.TeacherScore)."""
+        self._check_pairs(pairs)
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        if return_logits:
+            if self.backend != "hf":
+                raise ValueError("full teacher logits need the 'hf' teacher backend")
+            scores = self.scorer.score(pairs, top_k, return_logits=True)  # type: ignore[call-arg]
+        else:
+            scores = self.scorer.score(pairs, top_k)
+        check_scores(pairs, scores, top_k)
+        return scores
+
+    def score_ids(
+        self, pairs: list[Pair], ids_per_position: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Teacher log-probs at caller-chosen ids per completion position (hf backend only)."""
+        if self.backend != "hf":
+            raise ValueError("scoring chosen token ids needs the 'hf' teacher backend")
+        self._check_pairs(pairs)
+        for i, ids in enumerate(ids_per_position):
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+                raise ValueError(f"ids for pair {i} fall outside the teacher vocabulary")
+        result = self.scorer.score_ids(pairs, ids_per_position)  # type: ignore[union-attr]
+        if not all(bool(torch.isfinite(r).all()) for r in result):
+            raise TeacherSignalError("teacher returned non-finite log-probs for chosen ids")
+        return result
+
+    def _check_pairs(self, pairs: list[Pair]) -> None:
+        for i, (prompt, completion) in enumerate(pairs):
+            if not prompt:
+                raise ValueError(f"pair {i} has an empty prompt: its first token has no context")
+            seq = list(prompt) + list(completion)
+            if min(seq) < 0 or max(seq) >= self.vocab_size:
+                raise ValueError(
+                    f"pair {i} has token ids outside the teacher vocabulary "
+                    f"[0, {self.vocab_size}): do student and teacher share a tokenizer?"
+                )
+            # vLLM scores a prompt by generating one token after it, which needs one more slot.
+            if len(seq) > self.max_model_len - 1:
+                raise ValueError(
+                    f"pair {i} has {len(seq)} tokens; at most {self.max_model_len - 1} fit in "
+                    f"max_model_len={self.max_model_len}"
+                )

@@ -1,0 +1,276 @@
+"""Rollout and teacher workers as real Ray actors with real engines (vLLM CPU and transformers).
+
+Every number an engine reports is checked against a direct transformers computation on the same
+tokens. The weight-sync test loads a different checkpoint into a running engine and proves the
+sync by teacher-forced log-probs: they must match the new weights and must not match the old.
+
+Engines start once per module (about 18 s each for vLLM on CPU), all four in parallel.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rayd.cluster import get
+from rayd.models import build_tiny_llama
+from rayd.rollout.worker import RolloutWorker
+from rayd.teacher.scorer import TeacherSignalError, check_scores
+from rayd.teacher.worker import TeacherWorker
+from rayd.types import TeacherScore
+from rayd.weight_sync import serialize_state_dict
+
+MAX_LEN = 256
+TIMEOUT = 300  # seconds; generous for a busy 2-core machine, still a deadline
+BACKENDS = ["vllm", "hf"]
+
+
+def load_hf(path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def next_token_logits(model, sequence: list[int]) -> torch.Tensor:
+    """[len - 1, V] float32 logits predicting sequence[1:], one unpadded forward pass."""
+    return model(input_ids=torch.tensor([sequence])).logits[0, :-1].float()
+
+
+def sampling_logprobs(model, prompt, completion, *, temperature, top_p, eos_id) -> torch.Tensor:
+    """Log-probs of the completion under the distribution the sampler draws from (processed)."""
+    logits = next_token_logits(model, prompt + completion)[len(prompt) - 1 :]
+    logits = logits / temperature
+    logits[0, eos_id] = float("-inf")  # min_tokens=1: no eos at the first step
+    probs = logits.softmax(-1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    # Nucleus: drop a token when the mass strictly before it already exceeds top_p.
+    drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) > top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    logp = logits.masked_fill(drop, float("-inf")).log_softmax(-1)
+    return logp.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+def forced_logprobs(model, sequence) -> torch.Tensor:
+    logp = next_token_logits(model, sequence).log_softmax(-1)
+    return logp.gather(-1, torch.tensor(sequence[1:])[:, None]).squeeze(-1)
+
+
+def random_ids(generator: torch.Generator, length: int, vocab: int) -> list[int]:
+    return torch.randint(4, vocab, (length,), generator=generator).tolist()  # skip special ids
+
+
+@pytest.fixture(scope="module")
+def workers(ray_local, tiny_student, tiny_teacher):
+    """All four engines, started in parallel; killed when the module is done."""
+    rollout_cls = ray.remote(RolloutWorker).options(num_cpus=1)
+    teacher_cls = ray.remote(TeacherWorker).options(num_cpus=1)
+    common = dict(max_model_len=MAX_LEN, kv_cache_gib=0.25, threads=1)
+    actors = SimpleNamespace(
+        rollout={b: rollout_cls.remote(str(tiny_student), b, seed=0, **common) for b in BACKENDS},
+        teacher={b: teacher_cls.remote(str(tiny_teacher), b, **common) for b in BACKENDS},
+    )
+    every = [*actors.rollout.values(), *actors.teacher.values()]
+    assert all(get([a.ready.remote() for a in every], TIMEOUT, "start workers"))
+    yield actors
+    for actor in every:
+        ray.kill(actor)
+
+
+@pytest.fixture(scope="module")
+def student(tiny_student):
+    return load_hf(tiny_student)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_student):
+    return AutoTokenizer.from_pretrained(str(tiny_student))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rollout_samples_are_well_formed_and_match_transformers(
+    backend, workers, student, tokenizer
+):
+    actor = workers.rollout[backend]
+    gen = torch.Generator().manual_seed(0)
+    vocab = student.config.vocab_size
+    prompts = [random_ids(gen, length, vocab) for length in (5, 17, 40)]
+    kwargs = dict(n=2, temperature=0.8, top_p=0.95, max_new_tokens=12, seed=123)
+    samples = get(actor.generate.remote(prompts, [7, 8, 9], **kwargs), TIMEOUT, "generate")
+
+    assert len(samples) == 6
+    assert [s.prompt_index for s in samples] == [7, 7, 8, 8, 9, 9]
+    eos = tokenizer.eos_token_id
+    for i, s in enumerate(samples):
+        assert s.prompt_ids == prompts[i // 2]
+        assert 1 <= len(s.completion_ids) <= 12
+        assert len(s.logprobs) == len(s.completion_ids)
+        assert s.finish_reason in ("stop", "length")
+        # A completion ends at its first eos and includes it; "length" means no eos at all.
+        assert (s.finish_reason == "stop") == (s.completion_ids[-1] == eos)
+        assert eos not in s.completion_ids[:-1]
+        assert s.finish_reason == "stop" or len(s.completion_ids) == 12
+        assert s.weight_version == 0 and s.on_policy
+        assert s.text == tokenizer.decode(s.completion_ids, skip_special_tokens=True)
+        expected = sampling_logprobs(
+            student, s.prompt_ids, s.completion_ids, temperature=0.8, top_p=0.95, eos_id=eos
+        )
+        torch.testing.assert_close(torch.tensor(s.logprobs), expected, atol=1e-3, rtol=0)
+
+    # The same seed draws the same samples.
+    again = get(actor.generate.remote(prompts, [7, 8, 9], **kwargs), TIMEOUT, "generate")
+    assert [s.completion_ids for s in again] == [s.completion_ids for s in samples]
+
+
+def test_teacher_scorers_agree_with_each_other_and_transformers(workers, tiny_teacher):
+    teacher = load_hf(tiny_teacher)
+    vocab = teacher.config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+    pairs = [
+        (random_ids(gen, p, vocab), random_ids(gen, c, vocab))
+        for p, c in ((1, 1), (3, 9), (30, 20), (12, 1), (60, 33))
+    ]
+    k = 5
+    by_vllm = get(workers.teacher["vllm"].score.remote(pairs, k), TIMEOUT, "vllm score")
+    by_hf = get(workers.teacher["hf"].score.remote(pairs, k, True), TIMEOUT, "hf score")
+
+    close = dict(atol=1e-4, rtol=0)
+    for (prompt, completion), v, h in zip(pairs, by_vllm, by_hf, strict=True):
+        logp = next_token_logits(teacher, prompt + completion)[len(prompt) - 1 :].log_softmax(-1)
+        direct_token = logp.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+        direct_top = logp.topk(k, dim=-1)
+        for score in (v, h):
+            torch.testing.assert_close(score.token_logprobs, direct_token, **close)
+            torch.testing.assert_close(score.topk_logprobs, direct_top.values, **close)
+            # Ids compared through the reference's log-probs, so near-ties cannot flake the test.
+            torch.testing.assert_close(logp.gather(-1, score.topk_ids), direct_top.values, **close)
+        assert torch.equal(v.topk_ids, h.topk_ids)
+        assert v.logits is None
+        assert h.logits is not None and h.logits.shape == (len(completion), vocab)
+        torch.testing.assert_close(h.logits.log_softmax(-1), logp, **close)
+
+    # Scoring caller-chosen ids (e.g. the student's top-k) reproduces the top-k log-probs.
+    chosen = get(
+        workers.teacher["hf"].score_ids.remote(pairs, [v.topk_ids for v in by_vllm]),
+        TIMEOUT,
+        "hf score_ids",
+    )
+    for got, v in zip(chosen, by_vllm, strict=True):
+        torch.testing.assert_close(got, v.topk_logprobs, **close)
+
+
+def test_teacher_rejects_bad_requests(workers):
+    vllm_teacher, hf_teacher = workers.teacher["vllm"], workers.teacher["hf"]
+    with pytest.raises(ValueError, match="empty prompt"):
+        get(hf_teacher.score.remote([([], [5, 6])], 3), TIMEOUT, "score")
+    with pytest.raises(ValueError, match="max_model_len"):
+        get(vllm_teacher.score.remote([([5] * 200, [6] * 56)], 3), TIMEOUT, "score")
+    with pytest.raises(ValueError, match="vocabulary"):
+        get(vllm_teacher.score.remote([([5], [10_000])], 3), TIMEOUT, "score")
+    with pytest.raises(ValueError, match="max_top_k"):
+        get(vllm_teacher.score.remote([([5], [6])], 21), TIMEOUT, "score")
+    with pytest.raises(ValueError, match="full teacher logits"):
+        get(vllm_teacher.score.remote([([5], [6])], 3, True), TIMEOUT, "score")
+    # The engine survived the refusals.
+    assert len(get(vllm_teacher.score.remote([([5], [6])], 3), TIMEOUT, "score")) == 1
+
+
+def test_check_scores_refuses_non_finite_signal():
+    score = TeacherScore(
+        token_logprobs=torch.tensor([-1.0, float("nan")]),
+        topk_ids=torch.zeros((2, 1), dtype=torch.long),
+        topk_logprobs=torch.tensor([[-0.5], [-0.5]]),
+    )
+    with pytest.raises(TeacherSignalError, match="1/2"):
+        check_scores([([1], [5, 6])], [score], top_k=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overlong_prompt_is_refused_before_the_engine(backend, workers):
+    actor = workers.rollout[backend]
+    kwargs = dict(n=1, temperature=1.0, top_p=1.0, max_new_tokens=16)
+    with pytest.raises(ValueError, match="max_model_len=256"):
+        get(actor.generate.remote([[5] * (MAX_LEN - 16 + 1)], [0], **kwargs), TIMEOUT, "generate")
+    with pytest.raises(ValueError, match=r"need 2\.\.255"):
+        get(actor.logprobs.remote([[5] * MAX_LEN]), TIMEOUT, "logprobs")
+    # The longest allowed prompt still works: the engine is alive and the limit is exact.
+    samples = get(actor.generate.remote([[5] * (MAX_LEN - 16)], [0], **kwargs), TIMEOUT, "gen")
+    assert len(samples) == 1 and len(samples[0].prompt_ids) == MAX_LEN - 16
+
+
+@pytest.fixture(scope="module")
+def other_student(tmp_path_factory, tiny_student):
+    """Same architecture as the student, different weights: what a learner step would send."""
+    path = build_tiny_llama(
+        tmp_path_factory.mktemp("student2"), layers=2, hidden=64, heads=2, max_positions=512, seed=7
+    )
+    return load_hf(path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_sync_is_proven_by_logprobs(backend, workers, student, other_student, tokenizer):
+    actor = workers.rollout[backend]
+    gen = torch.Generator().manual_seed(2)
+    vocab = student.config.vocab_size
+    # 150 tokens: longer than one 128-token vLLM-CPU KV block, so the prompt enters the prefix
+    # cache before the sync and a stale cache would show up after it.
+    long_prompt = random_ids(gen, 150, vocab)
+    sequences = [long_prompt + random_ids(gen, 20, vocab), random_ids(gen, 9, vocab)]
+    old = [forced_logprobs(student, s) for s in sequences]
+    new = [forced_logprobs(other_student, s) for s in sequences]
+
+    def engine_logprobs():
+        return get(actor.logprobs.remote(sequences), TIMEOUT, "logprobs")
+
+    def rollout():
+        kwargs = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=5)
+        return get(actor.generate.remote([long_prompt], [0], **kwargs), TIMEOUT, "generate")
+
+    for got, want in zip(engine_logprobs(), old, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert all(s.weight_version == 0 for s in rollout())  # fills the prefix cache
+
+    blob = serialize_state_dict(other_student.state_dict())
+    assert get(actor.load_weights.remote(blob, 1), TIMEOUT, "load_weights") == 1
+    assert get(actor.weight_version.remote(), TIMEOUT, "weight_version") == 1
+    for got, want, before in zip(engine_logprobs(), new, old, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        assert (got - before).abs().max() > 1e-2  # the old weights are really gone
+    # Sampling after the sync uses the new weights too (including the cached prompt prefix).
+    for s in rollout():
+        assert s.weight_version == 1
+        expected = sampling_logprobs(
+            other_student,
+            s.prompt_ids,
+            s.completion_ids,
+            temperature=1.0,
+            top_p=1.0,
+            eos_id=tokenizer.eos_token_id,
+        )
+        torch.testing.assert_close(torch.tensor(s.logprobs), expected, atol=1e-3, rtol=0)
+
+    # And back: the engine serves the original weights again, as version 2.
+    blob = serialize_state_dict(student.state_dict())
+    assert get(actor.load_weights.remote(blob, 2), TIMEOUT, "load_weights") == 2
+    for got, want in zip(engine_logprobs(), old, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_partial_weight_blob_is_refused(backend, workers, student):
+    actor = workers.rollout[backend]
+    state = dict(student.state_dict())
+    del state["model.layers.1.mlp.down_proj.weight"]
+    with pytest.raises(RuntimeError, match=r"unloaded|missing"):
+        get(actor.load_weights.remote(serialize_state_dict(state), 3), TIMEOUT, "load_weights")
+    # Some layers may hold new weights and others old ones: the worker says so and refuses.
+    assert get(actor.weight_version.remote(), TIMEOUT, "weight_version") == -1
+    kwargs = dict(n=1, temperature=1.0, top_p=1.0, max_new_tokens=4)
+    with pytest.raises(RuntimeError, match="load weights again"):
+        get(actor.generate.remote([[5, 6]], [0], **kwargs), TIMEOUT, "generate")
+    # A complete load brings it back.
+    blob = serialize_state_dict(student.state_dict())
+    assert get(actor.load_weights.remote(blob, 4), TIMEOUT, "load_weights") == 4
+    assert len(get(actor.generate.remote([[5, 6]], [0], **kwargs), TIMEOUT, "generate")) == 1
