@@ -1,0 +1,430 @@
+"""One learner rank: a DeepSpeed engine (ZeRO stage 0-3) around a Hugging Face causal LM.
+
+The process must already be in a torch.distributed group (`LearnerWorker` does that). Every
+method here is collective: all ranks call it together, or the group hangs in a collective.
+
+Loss normalisation. `train_step` makes the update equal the gradient of
+    (sum of the per-token loss over the GLOBAL batch) / global_tokens,
+whatever the number of ranks and micro-batches. DeepSpeed divides each micro-batch loss by
+`gradient_accumulation_steps` in `backward` and averages gradients over the data-parallel ranks,
+so each micro-batch passes `sum(per_token_loss) * grad_accum * world_size / global_tokens`.
+A token-mean per micro-batch instead would over-weight short completions and change with the split.
+
+Non-finite losses. A NaN/inf loss on any micro-batch of any rank skips the whole step on every
+rank: weights, optimizer moments, LR schedule and DeepSpeed's counters stay as they were. Once a
+micro-batch has gone through `backward`, ZeRO-2/3 have already reduced its gradient into their
+private buffers and there is no public way to take it back. So every micro-batch's loss is known
+to be finite on all ranks before the first `backward`: the first micro-batch is forwarded with
+its graph kept, the others are forwarded once without grad, and one all-reduce decides. That
+costs (grad_accum - 1) no-grad forwards per step, nothing when grad_accum == 1.
+A finite loss with non-finite gradients is skipped too: ZeRO 1-3 and the fp16/bf16 optimizers
+do it inside `step()`; for fp32 stage 0 (torch's AdamW, no check) the learner does it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from rayd import device as devices
+
+# DeepSpeed picks its accelerator when first imported; rayd.device decides which one it is.
+os.environ.setdefault("DS_ACCELERATOR", devices.detect().ds_accelerator)
+
+import deepspeed
+from transformers import AutoModelForCausalLM
+
+from rayd.losses import LossSpec, batch_loss
+from rayd.types import TrainBatch
+from rayd.weight_sync import serialize_state_dict
+
+LRSchedule = Literal["constant", "linear"]
+_CLIENT_KEY = "rayd_client_state"
+
+
+class WarmupSchedule:
+    """LR scheduler: linear warmup over `warmup_steps` optimizer steps, then constant or linear
+    decay to 0 at `total_steps`. DeepSpeed steps it after every applied optimizer step.
+
+    Step s (0-based) runs at lr * (s + 1) / warmup_steps during warmup, so the first step
+    already moves the weights. DeepSpeed's WarmupLR/WarmupDecayLR were measured unfit (0.19.8):
+    they reject warmup_num_steps=0, raise any warmup to at least 2 steps, and run the first two
+    optimizer steps at warmup_min_lr. torch's LambdaLR would checkpoint its base_lrs, so a
+    resumed run would silently keep the old lr; here only the step count is saved and the
+    config in force decides the rest.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr: float,
+        warmup_steps: int,
+        total_steps: int,
+        schedule: LRSchedule,
+    ) -> None:
+        if schedule not in ("constant", "linear"):
+            raise ValueError(f"lr schedule must be 'constant' or 'linear', got {schedule!r}")
+        if schedule == "linear" and total_steps <= warmup_steps:
+            raise ValueError(
+                f"linear lr decay needs total_steps ({total_steps}) > warmup_steps ({warmup_steps})"
+            )
+        self.optimizer = optimizer
+        self.base_lr = lr
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.schedule = schedule
+        self.steps_done = 0
+        self.apply()
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        return max(0.0, (self.total_steps - step) / (self.total_steps - self.warmup_steps))
+
+    def get_lr(self) -> list[float]:
+        return [self.base_lr * self.factor(self.steps_done)] * len(self.optimizer.param_groups)
+
+    def get_last_lr(self) -> list[float]:
+        return self.get_lr()
+
+    def apply(self) -> None:
+        """Write the rate for the next step into the optimizer."""
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            group["lr"] = lr
+
+    def step(self, *_: Any, **__: Any) -> None:
+        self.steps_done += 1
+        self.apply()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.steps_done = state["steps_done"]
+        self.apply()
+
+
+def deepspeed_config(
+    *,
+    zero_stage: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    grad_clip: float,
+    dtype: torch.dtype,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The DeepSpeed config dict; `overrides` are merged in last, key by key (nested dicts too)."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": grad_clip,  # 0 disables
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": lr,
+                "betas": list(betas),
+                "eps": eps,
+                "weight_decay": weight_decay,
+                # torch.optim.AdamW: DeepSpeed's own Adam kernels need a C++/CUDA build that a
+                # CPU machine (and a GPU image without nvcc) does not have.
+                "torch_adam": True,
+            },
+        },
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 2**31 - 1,  # rayd logs its own metrics
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, overrides or {})
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class DeepSpeedLearner:
+    """The student model of one rank, its DeepSpeed engine and the distillation loss."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        zero_stage: int,
+        micro_batch_size: int,
+        grad_accum: int,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float],
+        eps: float,
+        grad_clip: float,
+        warmup_steps: int,
+        total_steps: int,
+        loss: LossSpec,
+        dtype: str = "auto",
+        seed: int = 0,
+        lr_schedule: LRSchedule = "constant",
+        ds_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("DeepSpeedLearner needs torch.distributed initialised first")
+        self.device = devices.detect()
+        self.torch_device = self.device.torch_device(0)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.zero_stage = zero_stage
+        self.micro_batch_size = micro_batch_size
+        self.grad_accum = grad_accum
+        self.loss_spec = loss
+        self.dtype = devices.resolve_dtype(dtype, self.device)
+        torch.manual_seed(seed)  # weights come from the checkpoint; this seeds dropout, if any
+
+        self.config = deepspeed_config(
+            zero_stage=zero_stage,
+            micro_batch_size=micro_batch_size,
+            grad_accum=grad_accum,
+            world_size=self.world_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            betas=betas,
+            eps=eps,
+            grad_clip=grad_clip,
+            dtype=self.dtype,
+            overrides=ds_overrides,
+        )
+        # Every rank loads the full checkpoint, then deepspeed.initialize partitions it (ZeRO-3).
+        # Partitioned loading (zero.Init) would need transformers' HfDeepSpeedConfig, which
+        # needs `accelerate`; not worth it for students that fit in host memory per rank.
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
+        self.engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=self.config,
+            # DeepSpeed calls this with its torch optimizer, whose param_groups ZeRO steps.
+            lr_scheduler=lambda opt: WarmupSchedule(
+                opt, lr, warmup_steps, total_steps, lr_schedule
+            ),
+        )
+        self.schedule: WarmupSchedule = self.engine.lr_scheduler
+        self.engine.train()
+
+    # ---------------------------------------------------------------------------------------
+    # Training
+
+    def train_step(self, shard: TrainBatch, global_tokens: int) -> dict[str, float]:
+        """One optimizer step on this rank's shard (micro_batch_size * grad_accum rows)."""
+        expected = self.micro_batch_size * self.grad_accum
+        if len(shard) != expected:
+            raise ValueError(
+                f"rank {self.rank} got {len(shard)} rows; micro_batch_size "
+                f"{self.micro_batch_size} x grad_accum {self.grad_accum} needs {expected}"
+            )
+        micro_batches = [self._to_device(mb) for mb in shard.split(self.grad_accum)]
+        # See the module doc: undo DeepSpeed's 1/grad_accum and data-parallel mean.
+        scale = self.grad_accum * self.world_size / max(global_tokens, 1)
+        lr = float(self.engine.get_lr()[0])  # the rate this step will use
+
+        # Phase 1: every micro-batch's loss, finite on all ranks? (before any backward)
+        first_loss, first_sums = self._loss(micro_batches[0])
+        sums = [first_sums]
+        for mb in micro_batches[1:]:
+            with torch.no_grad():
+                sums.append(self._loss(mb)[1])
+        local_bad = any(not math.isfinite(s["loss"].item()) for s in sums)
+        if self._any_rank(local_bad):
+            del first_loss  # frees the graph: no backward, no step, counters untouched
+            return self._metrics(sums, global_tokens, lr, grad_norm=float("nan"), skipped=True)
+
+        # Phase 2: backward + step per micro-batch; DeepSpeed steps on the last one.
+        plain = self._plain_torch_optimizer
+        own_norm = math.nan
+        for i, mb in enumerate(micro_batches):
+            loss = first_loss if i == 0 else self._loss(mb)[0]
+            self.engine.backward(loss * scale)
+            if plain and i == len(micro_batches) - 1:
+                own_norm = self._plain_grad_norm()
+                if not math.isfinite(own_norm):
+                    # Finite loss, non-finite gradient: ZeRO and the fp16/bf16 optimizers skip
+                    # such a step inside step(); torch's AdamW would apply it. Drop it here and
+                    # count the micro-step that step() would have counted, so the next window's
+                    # boundary stays in place. (step() with all .grad None is no way out:
+                    # DeepSpeed's clip_grad_norm_ then fails with an IndexError.)
+                    self.engine.zero_grad()
+                    self.engine.micro_steps += 1
+                    break
+            self.engine.step()
+        if plain:
+            grad_norm, skipped = own_norm, not math.isfinite(own_norm)
+        else:
+            norm = self.engine.get_global_grad_norm()
+            grad_norm = math.nan if norm is None else float(norm)
+            skipped = not self.engine.was_step_applied()  # ZeRO saw non-finite gradients
+        return self._metrics(sums, global_tokens, lr, grad_norm=grad_norm, skipped=skipped)
+
+    def _loss(self, mb: TrainBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """(sum of the per-token loss, detached sums of loss and metrics) for one micro-batch."""
+        out = self.engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+        per_token, metrics = batch_loss(out.logits[:, :-1], mb, self.loss_spec)
+        total = per_token.sum()
+        sums = {"loss": total.detach().float()}
+        for name, value in metrics.items():
+            sums[name] = value.detach().float().sum()
+        return total, sums
+
+    def _any_rank(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.torch_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    @property
+    def _plain_torch_optimizer(self) -> bool:
+        # Mirrors DeepSpeed's _take_model_step: only fp32 stage 0 steps torch's AdamW directly,
+        # and then the engine keeps no gradient norm (get_global_grad_norm() stays None).
+        engine = self.engine
+        return not (
+            engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled()
+        )
+
+    def _plain_grad_norm(self) -> float:
+        """Global gradient norm from the all-reduced .grad, between the last backward and step."""
+        grads = [
+            p.grad.float().norm() for p in self.engine.module.parameters() if p.grad is not None
+        ]
+        return float(torch.stack(grads).norm()) if grads else 0.0
+
+    def _metrics(
+        self,
+        sums: list[dict[str, Tensor]],
+        global_tokens: int,
+        lr: float,
+        grad_norm: float,
+        skipped: bool,
+    ) -> dict[str, float]:
+        names = sorted(sums[0])
+        local = torch.stack([torch.stack([s[n] for s in sums]).sum() for n in names])
+        local = local.to(self.torch_device)
+        dist.all_reduce(local, op=dist.ReduceOp.SUM)
+        denom = max(global_tokens, 1)
+        out = {
+            name: float(value) / denom for name, value in zip(names, local.tolist(), strict=True)
+        }
+        out.update(
+            grad_norm=grad_norm,
+            lr=lr,
+            num_tokens=float(global_tokens),
+            skipped=1.0 if skipped else 0.0,
+        )
+        return out
+
+    # ---------------------------------------------------------------------------------------
+    # Evaluation and weights
+
+    @torch.no_grad()
+    def logprobs(self, batch: TrainBatch) -> Tensor:
+        """Teacher-forced log p(input_ids[:, j+1] | prefix) -> [B, L-1] float32 on CPU.
+
+        0 where the target is padding. Collective under ZeRO-3 (the forward gathers weights).
+        """
+        batch = self._to_device(batch)
+        self.engine.eval()
+        try:
+            out = self.engine(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            )
+        finally:
+            self.engine.train()
+        logp = out.logits[:, :-1].float().log_softmax(-1)
+        picked = logp.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        return torch.where(batch.attention_mask[:, 1:].bool(), picked, 0.0).cpu()
+
+    def full_state_dict(self) -> dict[str, Tensor] | None:
+        """The model's full weights on CPU on rank 0 (None elsewhere); HF state_dict keys.
+
+        Under ZeRO-3 each rank holds a slice of every parameter, so every rank joins one
+        GatheredParameters per parameter; gathering one at a time keeps the peak at one full
+        parameter beyond the shards, instead of the whole model on every rank.
+        """
+        module = self.engine.module
+        out: dict[str, Tensor] = {}
+        copies: dict[int, Tensor] = {}  # tied weights share one copy, so the blob stores one
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            if id(tensor) in copies:
+                if self.rank == 0:
+                    out[name] = copies[id(tensor)]
+                continue
+            partitioned = self.zero_stage == 3 and hasattr(tensor, "ds_id")
+            if partitioned:
+                with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                    copy = tensor.detach().to("cpu", copy=True) if self.rank == 0 else None
+            elif self.rank == 0:
+                copy = tensor.detach().to("cpu", copy=True)
+            else:
+                copy = None
+            if copy is not None:
+                copies[id(tensor)] = out[name] = copy
+        return out if self.rank == 0 else None
+
+    def state_dict_blob(self) -> bytes | None:
+        """Full weights as safetensors bytes on rank 0, None on the others (all must call)."""
+        state = self.full_state_dict()
+        return serialize_state_dict(state) if state is not None else None
+
+    # ---------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        # Under one key: DeepSpeed hands back its own entries (ds_config, ds_version, ...) mixed
+        # into the client state it returns on load.
+        self.engine.save_checkpoint(directory, tag=tag, client_state={_CLIENT_KEY: client_state})
+
+    def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any]:
+        """Weights, optimizer, LR schedule and client_state; raises when nothing loads.
+
+        DeepSpeed's load_checkpoint returns (None, None) with only a warning when nothing is
+        found (training on from scratch then looks like a resume), and a missing explicit tag
+        fails deep inside (stage 0: a bare AssertionError in state_dict_factory): check first.
+        """
+        if not os.path.isdir(os.path.join(directory, tag)):
+            found = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+            raise FileNotFoundError(
+                f"no DeepSpeed checkpoint {tag!r} under {directory} (found: {found or 'nothing'})"
+            )
+        path, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
+        # ZeRO restores its optimizer's param_groups (old lr included) after the scheduler.
+        self.schedule.apply()
+        return (client_state or {}).get(_CLIENT_KEY, {})
+
+    # ---------------------------------------------------------------------------------------
+
+    def _to_device(self, batch: TrainBatch) -> TrainBatch:
+        if self.torch_device.type == "cpu":
+            return batch
+        return TrainBatch(
+            **{
+                name: value.to(self.torch_device, non_blocking=True)
+                for name, value in vars(batch).items()
+            }
+        )

@@ -1,0 +1,163 @@
+"""The driver's handle on the learners: one placement group, one actor per rank, deadlines.
+
+Every method calls all ranks together (the DeepSpeed engine is collective) and waits through
+`rayd.cluster.get`, so a rank that hangs in a collective becomes a `RemoteCallTimeout` naming the
+call instead of a driver that waits forever. The group is not restartable rank by rank: after a
+failure, shut it down and build a new one from the last checkpoint (PITFALLS.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rayd import cluster
+from rayd.learner.worker import LearnerWorker
+from rayd.types import TrainBatch
+
+
+@ray.remote
+def _node_address() -> tuple[str, int]:
+    """IP of the node this runs on and a port free there: the rendezvous of rank 0."""
+    return ray.util.get_node_ip_address(), cluster.free_port()
+
+
+class LearnerGroup:
+    """`num_learners` `LearnerWorker` actors forming one torch.distributed group."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        num_learners: int,
+        cpus_per_learner: float = 0.5,
+        gpus_per_learner: float = 0,
+        call_timeout_s: float = 600,
+        **learner_kwargs: Any,
+    ) -> None:
+        if num_learners < 1:
+            raise ValueError(f"num_learners must be >= 1, got {num_learners}")
+        for key in ("micro_batch_size", "grad_accum"):
+            if key not in learner_kwargs:
+                raise TypeError(f"LearnerGroup needs the learner keyword argument {key!r}")
+        self.num_learners = num_learners
+        self.rows_per_step = (
+            num_learners * learner_kwargs["micro_batch_size"] * learner_kwargs["grad_accum"]
+        )
+        self.timeout_s = call_timeout_s
+        self._actors: list[Any] = []
+        self._pg: PlacementGroup | None = None
+
+        bundle: dict[str, float] = {"CPU": cpus_per_learner}
+        if gpus_per_learner:
+            bundle["GPU"] = gpus_per_learner
+        # PACK: ranks on as few nodes as possible, so collectives stay on the fastest links.
+        self._pg = placement_group([dict(bundle) for _ in range(num_learners)], strategy="PACK")
+        try:
+            cluster.get(
+                self._pg.ready(), call_timeout_s, f"placement group {bundle} x {num_learners}"
+            )
+            # Rank 0's address must be known before any rank starts (all block in
+            # init_distributed until everyone joins): ask a task placed in rank 0's bundle.
+            master_addr, master_port = cluster.get(
+                _node_address.options(
+                    num_cpus=cpus_per_learner, scheduling_strategy=self._strategy(0)
+                ).remote(),
+                call_timeout_s,
+                "learner rendezvous address",
+            )
+            remote_cls = ray.remote(LearnerWorker)
+            self._actors = [
+                remote_cls.options(
+                    num_cpus=cpus_per_learner,
+                    num_gpus=gpus_per_learner,
+                    scheduling_strategy=self._strategy(rank),
+                ).remote(rank, num_learners, master_addr, master_port, model_path, **learner_kwargs)
+                for rank in range(num_learners)
+            ]
+            cluster.get(cluster.call_all(self._actors, "ready"), call_timeout_s, "learner start-up")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _strategy(self, bundle_index: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self._pg,
+            placement_group_bundle_index=bundle_index,
+            placement_group_capture_child_tasks=False,
+        )
+
+    # ---------------------------------------------------------------------------------------
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer step on `batch`; rank 0's metrics (all-reduced, so global)."""
+        if len(batch) != self.rows_per_step:
+            raise ValueError(
+                f"learner batch has {len(batch)} rows but num_learners x micro_batch_size x "
+                f"grad_accum = {self.rows_per_step}: the driver must build batches of exactly "
+                "that size"
+            )
+        # The loss is normalised by the token count of the whole batch, not of each shard.
+        global_tokens = batch.num_tokens
+        refs = [
+            actor.train_step.remote(shard, global_tokens)
+            for actor, shard in zip(self._actors, batch.split(self.num_learners), strict=True)
+        ]
+        return cluster.get(refs, self.timeout_s, "learner train_step")[0]
+
+    def publish_weights(self) -> ray.ObjectRef:
+        """Reference to the current weights as a safetensors blob, owned by rank 0.
+
+        Every rank joins the gather (ZeRO-3 shards each parameter). The driver only passes the
+        reference on to rollout workers; it never fetches the bytes.
+        """
+        results = cluster.get(
+            cluster.call_all(self._actors, "publish_weights"), self.timeout_s, "publish weights"
+        )
+        return results[0][0]
+
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Teacher-forced log-probs of the targets [B, L-1] under the current weights.
+
+        Every rank evaluates the whole batch (ZeRO-3 needs all ranks in every forward); this is
+        for tests and weight-sync proofs, not a hot path.
+        """
+        ref = ray.put(batch)
+        return cluster.get(
+            cluster.call_all(self._actors, "logprobs", ref), self.timeout_s, "logprobs"
+        )[0]
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        cluster.get(
+            cluster.call_all(self._actors, "save_checkpoint", directory, tag, client_state),
+            self.timeout_s,
+            f"save checkpoint {tag}",
+        )
+
+    def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any]:
+        """Restore every rank; rank 0's client_state. Raises if any rank finds nothing."""
+        states = cluster.get(
+            cluster.call_all(self._actors, "load_checkpoint", directory, tag),
+            self.timeout_s,
+            f"load checkpoint {tag}",
+        )
+        return states[0]
+
+    def shutdown(self) -> None:
+        """Kill the actors and free their placement group (safe to call twice)."""
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
+        self._actors = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+
+    def __enter__(self) -> LearnerGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
