@@ -81,9 +81,11 @@ class LearnerConfig(_Strict):
 
 
 class AlgorithmConfig(_Strict):
-    # on_policy: per-token reverse-KL policy gradient on student samples (Thinking Machines).
-    # gkd: generalized JSD over the teacher's top-k on a lambda-mix of student samples and
-    #      dataset completions (Agarwal et al., GKD).
+    # on_policy: student samples only. Default loss is the per-token reverse-KL policy gradient
+    #      on the sampled token (Thinking Machines); reverse_kl/forward_kl/jsd instead take the
+    #      divergence densely over the teacher's top-k at every completion position.
+    # gkd: the same divergences on a lambda-mix of student samples and dataset completions
+    #      (Agarwal et al., GKD).
     name: Literal["on_policy", "gkd"] = "on_policy"
     loss: Literal["on_policy_pg", "forward_kl", "reverse_kl", "jsd"] | None = Field(
         None, description="defaults: on_policy -> on_policy_pg, gkd -> jsd"
@@ -114,7 +116,9 @@ class TrainerConfig(_Strict):
     max_steps: int = Field(20, ge=1)
     prompts_per_step: int = Field(8, ge=1)
     eval_every: int = Field(5, ge=0, description="0 = only before and after training")
-    save_every: int = Field(0, ge=0, description="0 = only at the end")
+    save_every: int = Field(
+        0, ge=0, description="0 = no resumable checkpoints; the final student is always exported"
+    )
     seed: int = 0
     call_timeout_s: float = Field(600.0, gt=0)
 
@@ -151,10 +155,11 @@ class RunConfig(_Strict):
                 "algorithm.temperature != 1 needs teacher.backend=hf: vLLM scores prompts at "
                 "temperature 1 and its top-k cannot be re-tempered exactly"
             )
-        if self.algorithm.name == "on_policy" and self.algorithm.resolved_loss != "on_policy_pg":
-            raise ValueError("algorithm.loss: on_policy uses on_policy_pg; use name=gkd for KL/JSD")
         if self.algorithm.name == "gkd" and self.algorithm.resolved_loss == "on_policy_pg":
-            raise ValueError("algorithm.loss: gkd takes forward_kl, reverse_kl or jsd")
+            raise ValueError(
+                "algorithm.loss: gkd takes forward_kl, reverse_kl or jsd (on_policy_pg needs "
+                "student samples; use algorithm.name=on_policy)"
+            )
         if self.algorithm.lmbda < 1.0 and self.algorithm.name != "gkd":
             raise ValueError("algorithm.lmbda < 1 (off-policy mixing) needs algorithm.name=gkd")
         if self.algorithm.tail and self.algorithm.temperature != 1.0:
@@ -177,8 +182,10 @@ def _format_validation_error(err: ValidationError) -> str:
             msg = "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        got = "" if e["type"] in ("missing", "extra_forbidden") or not key else (
-            f" (got {e.get('input')!r})"
+        got = (
+            ""
+            if e["type"] in ("missing", "extra_forbidden") or not key
+            else (f" (got {e.get('input')!r})")
         )
         lines.append(f"config error: {key + ': ' if key else ''}{msg}{got}")
     return "\n".join(lines)

@@ -1,0 +1,191 @@
+"""Starting the actors of a run, and the checks that must pass before any of them starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from rayd.cluster import WorkerPool, get
+from rayd.config import ConfigError, RunConfig
+from rayd.learner.group import LearnerGroup
+from rayd.losses import LossSpec
+from rayd.rollout.worker import RolloutWorker
+from rayd.teacher.worker import TeacherWorker
+from rayd.weight_sync import deserialize_state_dict
+from rayd.zoo import resolve_model_path
+
+
+def _resolve(key: str, path: str, seed: int) -> str:
+    try:
+        resolved = resolve_model_path(path, seed=seed)
+    except ValueError as exc:
+        raise ConfigError(f"config error: {key}: {exc}") from None
+    if not (Path(resolved) / "config.json").is_file():
+        raise ConfigError(
+            f"config error: {key}: {path!r} is not a model folder (no config.json there); "
+            "give a local Hugging Face checkpoint or tiny:<preset>"
+        )
+    return resolved
+
+
+def check_models(cfg: RunConfig):
+    """Resolve both model paths and refuse token-level distillation across different tokenizers.
+
+    Equal `vocab_size` does not mean the same tokenizer, and the same tokenizer can come with
+    different padded `vocab_size` (Qwen2.5-0.5B 151936 vs 7B 152064): compare the vocabularies.
+    """
+    student = _resolve("models.student.path", cfg.models.student.path, cfg.trainer.seed)
+    teacher = _resolve("models.teacher.path", cfg.models.teacher.path, cfg.trainer.seed)
+    try:
+        s_tok = AutoTokenizer.from_pretrained(student)
+        t_tok = AutoTokenizer.from_pretrained(teacher)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"config error: cannot load a tokenizer: {exc}") from None
+    s_vocab, t_vocab = s_tok.get_vocab(), t_tok.get_vocab()
+    if s_vocab != t_vocab:
+        differ = len(set(s_vocab.items()) ^ set(t_vocab.items()))
+        raise ConfigError(
+            f"config error: models.teacher.path: the teacher's tokenizer differs from the "
+            f"student's ({len(t_vocab)} vs {len(s_vocab)} tokens, {differ} entries differ); "
+            "token-level distillation needs the same tokenizer"
+        )
+    if s_tok.eos_token_id != t_tok.eos_token_id:
+        raise ConfigError("config error: models: teacher and student use different eos tokens")
+    for key, path in (("models.student.path", student), ("models.teacher.path", teacher)):
+        if AutoConfig.from_pretrained(path).vocab_size < len(s_tok):
+            raise ConfigError(
+                f"config error: {key}: model vocab_size is smaller than its tokenizer"
+            )
+    if s_tok.pad_token_id is None:
+        raise ConfigError("config error: models.student.path: the tokenizer has no pad token")
+    return student, teacher, s_tok
+
+
+def check_resources(cfg: RunConfig, available: dict[str, float]) -> None:
+    r, t, ln = cfg.rollout, cfg.teacher, cfg.learner
+    for res, want, how in (
+        (
+            "GPU",
+            r.num_workers * r.gpus_per_worker
+            + t.num_workers * t.gpus_per_worker
+            + ln.num_learners * ln.gpus_per_learner,
+            "rollout.num_workers*gpus_per_worker + teacher.num_workers*gpus_per_worker + "
+            "learner.num_learners*gpus_per_learner",
+        ),
+        (
+            "CPU",
+            r.num_workers * r.cpus_per_worker
+            + t.num_workers * t.cpus_per_worker
+            + ln.num_learners * ln.cpus_per_learner,
+            "rollout/teacher cpus_per_worker and learner.cpus_per_learner",
+        ),
+    ):
+        have = available.get(res, 0.0)
+        if want > have + 1e-9:
+            raise ConfigError(
+                f"config error: the run asks for {want:g} {res}s ({how}) but the Ray cluster "
+                f"has {have:g}"
+            )
+
+
+def engine_runtime_env() -> dict[str, Any]:
+    """vLLM logs every weight reload and prefix-cache reset at INFO: once per step per engine,
+    which buries the progress bar. WARNING unless the user asked for more."""
+    return {"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
+
+
+def start_workers(cfg: RunConfig, student: str, teacher: str):
+    r, t, ln, algo = cfg.rollout, cfg.teacher, cfg.learner, cfg.algorithm
+    timeout = cfg.trainer.call_timeout_s
+    rollout_cls = ray.remote(RolloutWorker)
+    rollout = WorkerPool(
+        [
+            rollout_cls.options(
+                num_cpus=r.cpus_per_worker,
+                num_gpus=r.gpus_per_worker,
+                runtime_env=engine_runtime_env(),
+            ).remote(
+                student,
+                r.backend,
+                seed=cfg.trainer.seed + i,
+                max_model_len=r.max_model_len,
+                threads=r.threads,
+                kv_cache_gib=r.kv_cache_gib,
+                dtype=cfg.models.student.dtype,
+            )
+            for i in range(r.num_workers)
+        ],
+        "rollout",
+        timeout,
+    )
+    teacher_cls = ray.remote(TeacherWorker)
+    teachers = WorkerPool(
+        [
+            teacher_cls.options(
+                num_cpus=t.cpus_per_worker,
+                num_gpus=t.gpus_per_worker,
+                runtime_env=engine_runtime_env(),
+            ).remote(
+                teacher,
+                t.backend,
+                threads=t.threads,
+                max_model_len=t.max_model_len,
+                kv_cache_gib=t.kv_cache_gib,
+                dtype=cfg.models.teacher.dtype,
+            )
+            for _ in range(t.num_workers)
+        ],
+        "teacher",
+        timeout,
+    )
+    loss = LossSpec(
+        kind=algo.resolved_loss,
+        beta=algo.beta,
+        temperature=algo.temperature,
+        tail=algo.tail,
+        is_clip=algo.is_clip,
+    )
+    learners = LearnerGroup(
+        student,
+        num_learners=ln.num_learners,
+        cpus_per_learner=ln.cpus_per_learner,
+        gpus_per_learner=ln.gpus_per_learner,
+        call_timeout_s=timeout,
+        zero_stage=ln.zero_stage,
+        micro_batch_size=ln.micro_batch_size,
+        grad_accum=ln.grad_accum,
+        lr=ln.optim.lr,
+        weight_decay=ln.optim.weight_decay,
+        betas=tuple(ln.optim.betas),
+        eps=ln.optim.eps,
+        grad_clip=ln.optim.grad_clip,
+        warmup_steps=ln.optim.warmup_steps,
+        total_steps=cfg.trainer.max_steps,
+        loss=loss,
+        dtype=cfg.models.student.dtype,
+        seed=cfg.trainer.seed,
+        threads=ln.threads,
+    )
+    # Engines load in parallel; wait for all of them here so start-up errors surface at once.
+    rollout.call_all("ready")
+    teachers.call_all("ready")
+    return rollout, teachers, learners
+
+
+def export_student(learners: LearnerGroup, student_path: str, tokenizer: Any, out: Path) -> None:
+    """The trained student as a Hugging Face checkpoint (weights gathered from the learners)."""
+    blob = get(learners.publish_weights(), 600, "learners.publish_weights")
+    config = AutoConfig.from_pretrained(student_path)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = deserialize_state_dict(blob)
+    model.load_state_dict(state, strict=False)
+    missing = set(model.state_dict()) - set(state)
+    if missing - {"lm_head.weight"}:  # a tied lm_head is dropped on the wire and re-tied here
+        raise RuntimeError(f"exported weights miss {sorted(missing)[:5]}")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,68 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rayd.config import ConfigError, load_config
+
+BASE = ["models.student.path=s", "models.teacher.path=t"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_and_overrides_typed():
+    cfg = load_config(None, [*BASE, "learner.zero_stage=3", "algorithm.beta=0.25"])
+    assert cfg.learner.zero_stage == 3
+    assert cfg.algorithm.beta == 0.25
+    assert cfg.algorithm.resolved_loss == "on_policy_pg"
+
+
+def test_demo_config_is_valid():
+    cfg = load_config(ROOT / "configs/demo/onpolicy.yaml")
+    assert cfg.models.teacher.path.startswith("tiny:")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["learner.zero_stage=4"], "learner.zero_stage: Input should be less than or equal to 3"),
+        (["learner.zero_stagee=1"], "learner.zero_stagee: unknown key"),
+        (["rollout.temperature=hot"], "rollout.temperature: Input should be a valid number"),
+        (["trainer.prompts_per_step=3"], "must equal learner.num_learners"),
+        (["algorithm.temperature=2"], "needs teacher.backend=hf"),
+        (["algorithm.lmbda=0.5"], "needs algorithm.name=gkd"),
+        (["algorithm.name=gkd", "algorithm.loss=on_policy_pg"], "gkd takes forward_kl"),
+        (["rollout.max_new_tokens=600"], "smaller than rollout.max_model_len"),
+        (["learner=3"], "learner: Input should be a valid dictionary"),
+        (["nonsense"], "not of the form key.path=value"),
+    ],
+)
+def test_bad_values_give_one_clear_line(overrides, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*BASE, *overrides])
+    message = str(info.value)
+    assert needle in message
+    assert message.startswith("config error:")
+
+
+def test_missing_models_and_file(tmp_path):
+    with pytest.raises(ConfigError, match="models: required key is missing"):
+        load_config(None, [])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_train_cli_bad_config_exits_nonzero_with_one_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("models: {student: {path: s}, teacher: {path: t}}\nlearner: {zero_stage: 4}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "rayd.train", str(cfg)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    err_lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert err_lines[-1].startswith("config error: learner.zero_stage")
+    assert "Traceback" not in proc.stderr
