@@ -1,0 +1,58 @@
+"""Held-out evaluation with the live rollout and teacher actors.
+
+Reverse KL(student || teacher) is estimated on the student's own samples, per token:
+    mean_t [log p_student(x_t) - log p_teacher(x_t)],  x ~ student at temperature 1,
+the quantity on-policy distillation minimises. A fixed seed makes successive evals comparable.
+Accuracy (greedy decoding + the task's verifier) is added when the prompts come from a task.
+"""
+
+from __future__ import annotations
+
+from rayd.cluster import WorkerPool
+from rayd.config import RunConfig
+from rayd.data.prompts import Prompt
+from rayd.tasks.base import Task
+
+
+def heldout_metrics(
+    rollout: WorkerPool,
+    teacher: WorkerPool,
+    prompts: list[Prompt],
+    task: Task | None,
+    cfg: RunConfig,
+) -> dict[str, float]:
+    ids, indices = [p.ids for p in prompts], [p.index for p in prompts]
+    samples = rollout.map_chunks(
+        "generate",
+        ids,
+        indices,
+        n=1,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        seed=cfg.trainer.seed,
+    )
+    scores = teacher.map_chunks(
+        "score", [(s.prompt_ids, s.completion_ids) for s in samples], top_k=1
+    )
+    tokens = sum(len(s.completion_ids) for s in samples)
+    gap = sum(
+        sum(s.logprobs) - float(sc.token_logprobs.sum())
+        for s, sc in zip(samples, scores, strict=True)
+    )
+    out = {"eval/reverse_kl": gap / max(tokens, 1), "eval/completion_len": tokens / len(samples)}
+    if task is not None:
+        greedy = rollout.map_chunks(
+            "generate",
+            ids,
+            indices,
+            n=1,
+            temperature=0.0,
+            top_p=1.0,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+        )
+        correct = [
+            task.is_correct(s.text, p.answer or "") for s, p in zip(greedy, prompts, strict=True)
+        ]
+        out["eval/accuracy"] = sum(correct) / len(correct)
+    return out

@@ -1,0 +1,71 @@
+"""The core loop end to end on a local Ray: vLLM rollouts, a vLLM teacher, two DeepSpeed learners.
+
+The student starts random; the teacher was briefly trained on the addition task, so the two
+distributions are far apart at step 0. On-policy distillation (student samples, reverse KL over the
+teacher's top-k at every completion token) must at least halve the held-out reverse
+KL(student || teacher) within the test's steps, at ZeRO-2 and at ZeRO-3.
+
+The sampled-token policy-gradient loss (algorithm.loss=on_policy_pg) is covered by the loss and
+learner tests; on this 1-layer student it plateaus near half the initial KL within 120 steps
+(measured 4.89 -> 2.2-2.8), too close to the line for a test that must not flake.
+"""
+
+import json
+
+import pytest
+import ray
+
+from rayd.config import load_config
+from rayd.train import train
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=8, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_on_policy_distillation_halves_heldout_reverse_kl(local_ray, tmp_path, zero_stage):
+    cfg = load_config(
+        None,
+        [
+            f"name=e2e-zero{zero_stage}",
+            f"output_dir={tmp_path}/{{name}}",
+            "models.student.path=tiny:test-student",
+            "models.teacher.path=tiny:test-teacher",
+            "rollout.backend=vllm",
+            "teacher.backend=vllm",
+            "rollout.max_new_tokens=24",
+            "rollout.max_model_len=64",
+            "teacher.max_model_len=64",
+            "learner.num_learners=2",
+            f"learner.zero_stage={zero_stage}",
+            "learner.micro_batch_size=8",
+            "learner.optim.lr=1e-2",
+            "algorithm.name=on_policy",
+            "algorithm.loss=reverse_kl",
+            "trainer.prompts_per_step=16",
+            "trainer.max_steps=120",
+            "trainer.eval_every=0",
+            "data.eval_size=32",
+            "logging.progress=false",
+        ],
+    )
+    summary = train(cfg)
+    before = summary["initial"]["eval/reverse_kl"]
+    after = summary["final"]["eval/reverse_kl"]
+    assert before > 0.5, f"teacher and random student should disagree, reverse KL {before}"
+    assert after <= 0.5 * before, f"reverse KL fell only from {before:.3f} to {after:.3f}"
+
+    run = tmp_path / cfg.name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 121))
+    for key in ("reverse_kl", "tokens_per_s/rollout", "time/teacher", "time/learner", "time/sync"):
+        assert key in steps[-1], key
+    assert steps[-1]["weight_version"] == 120
+    assert (run / "config.yaml").is_file()
+    assert (run / "student" / "config.json").is_file()
+    assert list((run / "tensorboard").iterdir())
