@@ -137,6 +137,7 @@ def start_workers(cfg: RunConfig, student: str, teacher: str):
                 max_model_len=t.max_model_len,
                 kv_cache_gib=t.kv_cache_gib,
                 dtype=cfg.models.teacher.dtype,
+                max_top_k=max(20, t.top_k),
             )
             for _ in range(t.num_workers)
         ],
