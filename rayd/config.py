@@ -119,6 +119,15 @@ class TrainerConfig(_Strict):
     save_every: int = Field(
         0, ge=0, description="0 = no resumable checkpoints; the final student is always exported"
     )
+    keep_checkpoints: int = Field(2, ge=1, description="resumable checkpoints kept (newest)")
+    resume: Literal["auto", "must", "never"] = Field(
+        "auto",
+        description="auto: resume from the newest valid checkpoint in the run folder if any; "
+        "must: fail without one; never: fail if the run folder holds checkpoints",
+    )
+    max_nonfinite_in_row: int = Field(
+        3, ge=1, description="skipped (non-finite) updates in a row before the run stops"
+    )
     seed: int = 0
     call_timeout_s: float = Field(600.0, gt=0)
 

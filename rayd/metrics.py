@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,15 +30,22 @@ class StageTimer:
 
 
 class MetricsLogger:
+    """`start_step` > 0 resumes a run: records after that step (work the checkpoint does not
+    hold, which will be redone) are dropped from metrics.jsonl and TensorBoard."""
+
     def __init__(self, run_dir: Path, cfg: LoggingConfig, total_steps: int, start_step: int = 0):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
+        if start_step and self.path.exists():
+            self._truncate_after(start_step)
+        elif self.path.exists():  # a fresh start in a reused folder: keep the old log aside
+            self.path.rename(run_dir / f"metrics-before-{int(time.time())}.jsonl")
         self._file = self.path.open("a")
         self._tb = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
         self._bar = tqdm(
             total=total_steps,
             initial=start_step,
@@ -46,6 +54,19 @@ class MetricsLogger:
             unit="step",
             dynamic_ncols=True,
         )
+
+    def _truncate_after(self, step: int) -> None:
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by the crash that interrupted the run
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, Any], advance: bool = True) -> None:
         record = {"step": step, "time": time.time(), **metrics}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
 import sys
 import time
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import ray
 
 from rayd import cluster
+from rayd.checkpoint import LEARNER_TAG, CheckpointError, CheckpointStore
 from rayd.config import ConfigError, RunConfig, load_config, save_config
 from rayd.data.prompts import Prompt, PromptSampler, load_prompts
 from rayd.evaluate import heldout_metrics
@@ -27,10 +29,37 @@ from rayd.types import Sample, collate
 from rayd.workers import check_models, check_resources, export_student, start_workers
 
 
+class NumericsError(RuntimeError):
+    """Too many non-finite updates in a row: the run stops rather than corrupt the weights."""
+
+
+class Preemption:
+    """SIGTERM (a scheduler, `ray job stop`) asks the loop to checkpoint and stop after the
+    current step; the handler only sets a flag, so no step is cut in half."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: signals cannot be caught there
+            self._previous = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run the whole job; returns the final metrics (also written to the run folder)."""
     # --- Set-up: everything that can be wrong is checked before any actor starts. ---------------
     run_dir = cfg.run_dir
+    store = CheckpointStore(run_dir / "checkpoints", cfg.trainer.keep_checkpoints)
+    resume_from = store.select(cfg.trainer.resume)
+    driver_state = resume_from.driver_state() if resume_from else {}
+    check_resume_compatible(cfg, driver_state)
     save_config(cfg, run_dir / "config.yaml")
     student_path, teacher_path, tokenizer = check_models(cfg)
     prompts = load_prompts(
@@ -44,19 +73,53 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     rollout, teacher, learners = start_workers(cfg, student_path, teacher_path)
     sampler = PromptSampler(len(prompts.train), cfg.trainer.seed)
     rng = random.Random(cfg.trainer.seed)
-    log = MetricsLogger(run_dir, cfg.logging, cfg.trainer.max_steps)
+    start_step = driver_state.get("step", 0)
+    log = MetricsLogger(run_dir, cfg.logging, cfg.trainer.max_steps, start_step=start_step)
     version = 0  # student weights version served by the rollout engines
+    nonfinite_in_row = 0
 
     def evaluate(step: int) -> dict[str, float]:
         metrics = heldout_metrics(rollout, teacher, prompts.eval, prompts.task, cfg)
         log.log(step, metrics, advance=False)
         return metrics
 
-    first_eval = evaluate(0)
-    last_eval = first_eval
+    def save(step: int) -> None:
+        staging = store.staging_dir(step)
+        learners.save_checkpoint(str(staging / "learner"), LEARNER_TAG, {"step": step})
+        store.commit(
+            staging,
+            step,
+            {
+                "version": version,
+                "sampler": sampler.state(),
+                "rng": rng.getstate(),
+                "nonfinite_in_row": nonfinite_in_row,
+                "first_eval": first_eval,
+                "last_eval": last_eval,
+                "num_learners": cfg.learner.num_learners,
+                "zero_stage": cfg.learner.zero_stage,
+            },
+        )
+
     algo = cfg.algorithm
+    preemption = Preemption()
     try:
-        for step in range(1, cfg.trainer.max_steps + 1):
+        if resume_from is not None:
+            # Learners restore weights, optimizer/ZeRO state and LR schedule; the driver its
+            # cursor and RNG; then the engines (which started from the initial student) get the
+            # restored weights before they serve a single rollout.
+            learners.load_checkpoint(resume_from.learner_dir, LEARNER_TAG)
+            sampler.restore(driver_state["sampler"])
+            rng.setstate(to_rng_state(driver_state["rng"]))
+            version = driver_state["version"]
+            nonfinite_in_row = driver_state["nonfinite_in_row"]
+            first_eval, last_eval = driver_state["first_eval"], driver_state["last_eval"]
+            rollout.call_all("load_weights", learners.publish_weights(), version)
+            print(f"rayd: resumed from {resume_from.path} (step {start_step})", file=sys.stderr)
+        else:
+            first_eval = evaluate(0)
+            last_eval = first_eval
+        for step in range(start_step + 1, cfg.trainer.max_steps + 1):
             timer = StageTimer()
             step_start = time.perf_counter()
 
@@ -76,6 +139,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                         temperature=cfg.rollout.temperature,
                         top_p=cfg.rollout.top_p,
                         max_new_tokens=cfg.rollout.max_new_tokens,
+                        seed=rollout_seed(cfg.trainer.seed, step),
                     )
                     if on_policy
                     else []
@@ -110,31 +174,49 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 version += 1
                 rollout.call_all("load_weights", weights, version)
 
-            # 6. Periodic held-out eval and checkpoint.
-            if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
-                last_eval = evaluate(step)
-            if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-                learners.save_checkpoint(
-                    str(run_dir / "checkpoints"),
-                    f"step{step}",
-                    {"step": step, "sampler": sampler.state()},
-                )
-
             tokens = sum(len(s.completion_ids) for s in samples)
             step_time = time.perf_counter() - step_start
             metrics.update(step_metrics(samples, tokens, timer.seconds, step_time, version))
             log.log(step, metrics)
-        if not cfg.trainer.eval_every or cfg.trainer.max_steps % cfg.trainer.eval_every:
-            last_eval = evaluate(cfg.trainer.max_steps)
-        export_student(learners, student_path, tokenizer, run_dir / "student")
+
+            # 6. A skipped (non-finite) update left the weights as they were; many in a row
+            #    mean the run is broken, and stopping keeps the last good checkpoint intact.
+            nonfinite_in_row = nonfinite_in_row + 1 if metrics.get("skipped") else 0
+            if nonfinite_in_row >= cfg.trainer.max_nonfinite_in_row:
+                raise NumericsError(
+                    f"{nonfinite_in_row} non-finite updates in a row (step {step}; "
+                    f"trainer.max_nonfinite_in_row={cfg.trainer.max_nonfinite_in_row}); "
+                    "the weights are those of the last finite step"
+                )
+
+            # 7. Periodic held-out eval and checkpoint; SIGTERM checkpoints and stops here.
+            if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
+                last_eval = evaluate(step)
+            if preemption.requested or (
+                cfg.trainer.save_every and step % cfg.trainer.save_every == 0
+            ):
+                save(step)
+            if preemption.requested:
+                print(
+                    f"rayd: SIGTERM: checkpoint of step {step} saved in {store.root}; "
+                    "run the same command again to resume",
+                    file=sys.stderr,
+                )
+                break
+        else:
+            if not cfg.trainer.eval_every or cfg.trainer.max_steps % cfg.trainer.eval_every:
+                last_eval = evaluate(cfg.trainer.max_steps)
+            export_student(learners, student_path, tokenizer, run_dir / "student")
     finally:
+        preemption.restore()
         log.close()
         for pool in (rollout, teacher):
             pool.shutdown()
         learners.shutdown()
 
     summary = {
-        "steps": cfg.trainer.max_steps,
+        "steps": step if preemption.requested else cfg.trainer.max_steps,
+        "preempted": preemption.requested,
         "initial": first_eval,
         "final": last_eval,
         "student": str(run_dir / "student"),
@@ -142,6 +224,30 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def check_resume_compatible(cfg: RunConfig, state: dict[str, Any]) -> None:
+    """DeepSpeed cannot re-shard ZeRO state to another learner count or stage on load."""
+    for key, now in (
+        ("num_learners", cfg.learner.num_learners),
+        ("zero_stage", cfg.learner.zero_stage),
+    ):
+        if state and state.get(key) != now:
+            raise ConfigError(
+                f"config error: learner.{key}={now} but the checkpoint to resume was saved with "
+                f"{state.get(key)}; keep {state.get(key)} or start a new run under a new name"
+            )
+
+
+def rollout_seed(seed: int, step: int) -> int:
+    """The sampling seed of a step: a resumed run draws the same rollouts as an unbroken one."""
+    return random.Random(f"{seed}:rollout:{step}").getrandbits(31)
+
+
+def to_rng_state(saved: list[Any]) -> tuple[Any, ...]:
+    """random.Random state after a JSON round trip (tuples came back as lists)."""
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
 
 
 def split_by_lambda(prompts: list[Prompt], lmbda: float, rng: random.Random):
@@ -190,9 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = train(cfg)
-    except ConfigError as exc:
+    except (ConfigError, CheckpointError) as exc:
         print(exc, file=sys.stderr)
         return 2
+    except NumericsError as exc:
+        print(f"rayd: stopped: {exc}", file=sys.stderr)
+        return 1
+    if summary["preempted"]:
+        return 143  # 128 + SIGTERM: not finished; the same command resumes
     print(json.dumps({"initial": summary["initial"], "final": summary["final"]}, indent=2))
     print(f"rayd: student saved to {summary['student']}; metrics in {summary['metrics']}")
     return 0
