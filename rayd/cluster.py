@@ -6,8 +6,11 @@ becomes a clear `TimeoutError` naming the call, never a driver that waits foreve
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +19,15 @@ import ray
 
 class RemoteCallTimeout(TimeoutError):
     pass
+
+
+class NeedsRestore(RuntimeError):
+    """Raised by an actor that came back from a restart without the state the caller expects
+    (Ray runs calls queued during a restart on the fresh actor)."""
+
+
+class WorkerLost(RuntimeError):
+    """An actor kept dying after Ray restarted it as many times as allowed."""
 
 
 def get(refs: Any, timeout_s: float, what: str) -> Any:
@@ -56,29 +68,106 @@ def call_all(actors: Sequence[Any], method: str, *args: Any, **kwargs: Any) -> l
 
 
 class WorkerPool:
-    """Identical actors that share work: inputs are split into contiguous, near-equal chunks."""
+    """Identical actors that share work: inputs are split into contiguous, near-equal chunks.
 
-    def __init__(self, actors: list[Any], name: str, timeout_s: float) -> None:
+    Actors are created with Ray's `max_restarts`. When one dies mid-call, Ray brings it back in
+    its *initial* state, so the pool first replays the calls registered with `remember` (for a
+    rollout engine: the current weights) and then re-issues the unfinished chunk; the caller sees
+    a normal result, and `faults` counts what happened. Rollouts are seeded per step, so a
+    re-issued chunk returns what the first attempt would have.
+    """
+
+    def __init__(
+        self, actors: list[Any], name: str, timeout_s: float, max_reissues: int = 3
+    ) -> None:
         self.actors, self.name, self.timeout_s = actors, name, timeout_s
+        self.max_reissues = max_reissues
+        self.faults = 0
+        self._replay: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
     def __len__(self) -> int:
         return len(self.actors)
+
+    def remember(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """A call that sets state a restarted actor must get again before it serves."""
+        self._replay[method] = (args, kwargs)
 
     def map_chunks(self, method: str, *inputs: list[Any], **kwargs: Any) -> list[Any]:
         """Call `method(chunk_of_each_input..., **kwargs)` on each actor; concatenate in order."""
         total = len(inputs[0])
         bounds = [round(i * total / len(self.actors)) for i in range(len(self.actors) + 1)]
-        refs = []
+        jobs = []
         for actor, lo, hi in zip(self.actors, bounds, bounds[1:], strict=False):
             if hi > lo:
-                chunks = [items[lo:hi] for items in inputs]
-                refs.append(getattr(actor, method).remote(*chunks, **kwargs))
-        results = get(refs, self.timeout_s, f"{self.name}.{method}")
+                jobs.append((actor, method, tuple(items[lo:hi] for items in inputs), kwargs))
+        results = self._gather(jobs)
         return [item for chunk in results for item in chunk]
 
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        refs = call_all(self.actors, method, *args, **kwargs)
-        return get(refs, self.timeout_s, f"{self.name}.{method}")
+        return self._gather([(actor, method, args, kwargs) for actor in self.actors])
+
+    def _gather(self, jobs: list[tuple[Any, str, tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
+        """Results of every job in order; a job whose actor died is re-issued after a restore."""
+
+        def submit(job: tuple[Any, str, tuple[Any, ...], dict[str, Any]]) -> Any:
+            actor, method, args, kwargs = job
+            return getattr(actor, method).remote(*args, **kwargs)
+
+        results: list[Any] = [None] * len(jobs)
+        pending = {i: submit(job) for i, job in enumerate(jobs)}
+        deadlines = dict.fromkeys(pending, time.monotonic() + self.timeout_s)
+        attempts = dict.fromkeys(pending, 0)
+        while pending:
+            left = min(deadlines[i] for i in pending) - time.monotonic()
+            done, _ = ray.wait(list(pending.values()), num_returns=1, timeout=max(left, 0))
+            if not done:
+                late = min(pending, key=deadlines.__getitem__)
+                what = f"{self.name}.{jobs[late][1]}"
+                raise RemoteCallTimeout(f"{what} did not finish within {self.timeout_s:.0f}s")
+            i = next(k for k, ref in pending.items() if ref == done[0])
+            try:
+                results[i] = ray.get(done[0])
+                del pending[i]
+            except (ray.exceptions.RayActorError, NeedsRestore) as exc:
+                attempts[i] += 1
+                what = f"{self.name}.{jobs[i][1]}"
+                if attempts[i] > self.max_reissues:
+                    raise WorkerLost(
+                        f"{what}: the actor died {attempts[i]} times on the same call; giving up"
+                    ) from exc
+                self.faults += 1
+                print(
+                    f"rayd: {self.name} actor died during {jobs[i][1]} ({exc.__class__.__name__}); "
+                    f"restoring it and re-issuing the call (fault {self.faults})",
+                    file=sys.stderr,
+                )
+                # If it died again (or cannot restart), the re-issued call will say so.
+                with contextlib.suppress(ray.exceptions.RayActorError):
+                    self._restore(jobs[i][0])
+                pending[i] = submit(jobs[i])
+                deadlines[i] = time.monotonic() + self.timeout_s
+        return results
+
+    def _restore(self, actor: Any) -> None:
+        """Waits for Ray to restart `actor`, then replays the remembered state-setting calls."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:  # calls fail fast with ActorUnavailableError while Ray restarts the actor
+            try:
+                left = max(deadline - time.monotonic(), 1.0)
+                get(actor.ready.remote(), left, f"{self.name}.ready after restart")
+                break
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise RemoteCallTimeout(
+                        f"{self.name} actor did not come back within {self.timeout_s:.0f}s"
+                    ) from None
+                time.sleep(0.2)
+        for method, (args, kwargs) in self._replay.items():
+            get(
+                getattr(actor, method).remote(*args, **kwargs),
+                self.timeout_s,
+                f"{self.name}.{method} replay after restart",
+            )
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -128,6 +128,9 @@ class TrainerConfig(_Strict):
     max_nonfinite_in_row: int = Field(
         3, ge=1, description="skipped (non-finite) updates in a row before the run stops"
     )
+    actor_restarts: int = Field(
+        3, ge=0, description="restarts of a dead rollout or teacher actor before the run stops"
+    )
     seed: int = 0
     call_timeout_s: float = Field(600.0, gt=0)
 

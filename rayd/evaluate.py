@@ -20,6 +20,7 @@ def heldout_metrics(
     prompts: list[Prompt],
     task: Task | None,
     cfg: RunConfig,
+    version: int,
 ) -> dict[str, float]:
     ids, indices = [p.ids for p in prompts], [p.index for p in prompts]
     samples = rollout.map_chunks(
@@ -31,6 +32,7 @@ def heldout_metrics(
         top_p=1.0,
         max_new_tokens=cfg.rollout.max_new_tokens,
         seed=cfg.trainer.seed,
+        expect_version=version,
     )
     scores = teacher.map_chunks(
         "score", [(s.prompt_ids, s.completion_ids) for s in samples], top_k=1
@@ -50,6 +52,7 @@ def heldout_metrics(
             temperature=0.0,
             top_p=1.0,
             max_new_tokens=cfg.rollout.max_new_tokens,
+            expect_version=version,
         )
         correct = [
             task.is_correct(s.text, p.answer or "") for s, p in zip(greedy, prompts, strict=True)

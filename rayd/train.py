@@ -79,7 +79,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     nonfinite_in_row = 0
 
     def evaluate(step: int) -> dict[str, float]:
-        metrics = heldout_metrics(rollout, teacher, prompts.eval, prompts.task, cfg)
+        metrics = heldout_metrics(rollout, teacher, prompts.eval, prompts.task, cfg, version)
         log.log(step, metrics, advance=False)
         return metrics
 
@@ -114,7 +114,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             version = driver_state["version"]
             nonfinite_in_row = driver_state["nonfinite_in_row"]
             first_eval, last_eval = driver_state["first_eval"], driver_state["last_eval"]
-            rollout.call_all("load_weights", learners.publish_weights(), version)
+            weights = learners.publish_weights()
+            rollout.remember("load_weights", weights, version)
+            rollout.call_all("load_weights", weights, version)
             print(f"rayd: resumed from {resume_from.path} (step {start_step})", file=sys.stderr)
         else:
             first_eval = evaluate(0)
@@ -140,6 +142,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                         top_p=cfg.rollout.top_p,
                         max_new_tokens=cfg.rollout.max_new_tokens,
                         seed=rollout_seed(cfg.trainer.seed, step),
+                        expect_version=version,
                     )
                     if on_policy
                     else []
@@ -172,11 +175,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             with timer("sync"):
                 weights = learners.publish_weights()
                 version += 1
+                rollout.remember("load_weights", weights, version)  # for a restarted engine
                 rollout.call_all("load_weights", weights, version)
 
             tokens = sum(len(s.completion_ids) for s in samples)
             step_time = time.perf_counter() - step_start
             metrics.update(step_metrics(samples, tokens, timer.seconds, step_time, version))
+            metrics.update({"faults/rollout": rollout.faults, "faults/teacher": teacher.faults})
             log.log(step, metrics)
 
             # 6. A skipped (non-finite) update left the weights as they were; many in a row
@@ -299,8 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as exc:
         print(exc, file=sys.stderr)
         return 2
-    except NumericsError as exc:
+    except (NumericsError, cluster.WorkerLost, cluster.RemoteCallTimeout) as exc:
         print(f"rayd: stopped: {exc}", file=sys.stderr)
+        return 1
+    except ray.exceptions.RayActorError as exc:
+        # Learner faults are not recovered in-process yet: the run stops, its checkpoints stay.
+        print(
+            f"rayd: stopped: an actor died ({exc.__class__.__name__}); run the same command "
+            "to resume from the last checkpoint",
+            file=sys.stderr,
+        )
         return 1
     if summary["preempted"]:
         return 143  # 128 + SIGTERM: not finished; the same command resumes

@@ -109,6 +109,10 @@ def start_workers(cfg: RunConfig, student: str, teacher: str):
                 num_cpus=r.cpus_per_worker,
                 num_gpus=r.gpus_per_worker,
                 runtime_env=engine_runtime_env(),
+                # Ray restarts a dead engine; the pool restores its state and re-issues the call
+                # (max_task_retries=0: Ray must not replay a call on an engine without weights).
+                max_restarts=cfg.trainer.actor_restarts,
+                max_task_retries=0,
             ).remote(
                 student,
                 r.backend,
@@ -122,6 +126,7 @@ def start_workers(cfg: RunConfig, student: str, teacher: str):
         ],
         "rollout",
         timeout,
+        max_reissues=cfg.trainer.actor_restarts,
     )
     teacher_cls = ray.remote(TeacherWorker)
     teachers = WorkerPool(
@@ -130,6 +135,10 @@ def start_workers(cfg: RunConfig, student: str, teacher: str):
                 num_cpus=t.cpus_per_worker,
                 num_gpus=t.gpus_per_worker,
                 runtime_env=engine_runtime_env(),
+                # Ray restarts a dead engine; the pool restores its state and re-issues the call
+                # (max_task_retries=0: Ray must not replay a call on an engine without weights).
+                max_restarts=cfg.trainer.actor_restarts,
+                max_task_retries=0,
             ).remote(
                 teacher,
                 t.backend,
@@ -143,6 +152,7 @@ def start_workers(cfg: RunConfig, student: str, teacher: str):
         ],
         "teacher",
         timeout,
+        max_reissues=cfg.trainer.actor_restarts,
     )
     loss = LossSpec(
         kind=algo.resolved_loss,

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from rayd.cluster import NeedsRestore
 from rayd.device import detect, prepare_process
 from rayd.rollout.engine import RolloutEngine
 from rayd.types import Sample
@@ -70,8 +71,17 @@ class RolloutWorker:
         top_p: float,
         max_new_tokens: int,
         seed: int | None = None,
+        expect_version: int | None = None,
     ) -> list[Sample]:
-        """`n` samples per prompt, prompt-major (all samples of prompts[0] first)."""
+        """`n` samples per prompt, prompt-major (all samples of prompts[0] first).
+
+        `expect_version`: refuse (NeedsRestore) unless these weights are served, e.g. after Ray
+        restarted this actor with the initial student and before the pool re-sent the weights.
+        """
+        if expect_version is not None and self._version != expect_version:
+            raise NeedsRestore(
+                f"serving weights version {self._version}, the caller expects {expect_version}"
+            )
         if self._version == FAILED_LOAD:
             raise RuntimeError("the last weight load failed; load weights again before sampling")
         if len(prompts) != len(prompt_indices):

@@ -1,10 +1,13 @@
-"""Exact resume on a local Ray with vLLM engines and two DeepSpeed learners.
+"""Exact resume and actor faults on a local Ray with vLLM engines and two DeepSpeed learners.
 
 Run A trains 6 steps unbroken. Run B gets SIGTERM (what a scheduler or `ray job stop` sends)
 during step 3, checkpoints, stops with `preempted`, and the same call resumes it to the end. Then
 B's newest checkpoint is corrupted and the run is started once more: it must fall back to the
 previous checkpoint with a warning and redo the steps after it. Every time, the per-step losses
 must equal A's bit for bit (CPU, fixed seeds), and metrics.jsonl must hold each step once.
+
+A third run has its rollout engine killed (SIGKILL) and later its teacher: Ray restarts each,
+the pool re-sends the current weights and re-issues the call, and the losses are A's again.
 
 The data set has 12 training prompts and a step takes 8, so the epoch boundary falls inside
 step 2; grad_accum=2 makes each step two micro-batches per learner.
@@ -65,14 +68,14 @@ def step_records(run_dir):
     return [r for r in records if "loss" in r]
 
 
-def send_sigterm_when(path, step):
-    """SIGTERM to this process once `path` shows `step` (the driver is mid-run by then)."""
+def when_step_logged(path, step, action):
+    """Run `action()` in a thread once `path` shows `step` (the driver is mid-run by then)."""
 
     def watch():
         deadline = time.time() + 600
         while time.time() < deadline:
             if path.exists() and f'"step": {step},' in path.read_text():
-                os.kill(os.getpid(), signal.SIGTERM)
+                action()
                 return
             time.sleep(0.05)
 
@@ -81,15 +84,46 @@ def send_sigterm_when(path, step):
     return thread
 
 
-def test_preempted_and_corrupted_runs_resume_to_the_same_losses(local_ray, tmp_path):
-    unbroken = config(tmp_path, "unbroken")
+def actor_pids(class_name):
+    """Processes of live Ray actors of a class, found by the title Ray gives them."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    title = f.read().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith(f"ray::{class_name}"):
+                pids.append(int(entry))
+    return pids
+
+
+def kill_actor(class_name):
+    def action():
+        pids = actor_pids(class_name)
+        assert len(pids) == 1, f"expected one {class_name} process, found {pids}"
+        os.kill(pids[0], signal.SIGKILL)
+
+    return action
+
+
+@pytest.fixture(scope="module")
+def expected(local_ray, tmp_path_factory):
+    unbroken = config(tmp_path_factory.mktemp("unbroken"), "unbroken")
     train(unbroken)
-    expected = [{k: r[k] for k in KEYS} for r in step_records(unbroken.run_dir)]
-    assert len(expected) == STEPS
+    losses = [{k: r[k] for k in KEYS} for r in step_records(unbroken.run_dir)]
+    assert len(losses) == STEPS
+    return losses
+
+
+def test_preempted_and_corrupted_runs_resume_to_the_same_losses(expected, tmp_path):
 
     # 1. Preemption: SIGTERM mid-run -> checkpoint, stop; the same call resumes.
     broken = config(tmp_path, "broken", "trainer.save_every=2")
-    send_sigterm_when(broken.run_dir / "metrics.jsonl", step=2)
+    when_step_logged(
+        broken.run_dir / "metrics.jsonl", 2, lambda: os.kill(os.getpid(), signal.SIGTERM)
+    )
     first = train(broken)
     assert first["preempted"], "SIGTERM should stop the run early"
     stopped_at = first["steps"]
@@ -115,3 +149,22 @@ def test_preempted_and_corrupted_runs_resume_to_the_same_losses(local_ray, tmp_p
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [{k: r[k] for k in KEYS} for r in got] == expected
     assert third["final"] == second["final"]
+
+
+def test_killed_rollout_and_teacher_actors_are_restarted_and_the_step_completes(expected, tmp_path):
+    cfg = config(tmp_path, "faults")
+    metrics = cfg.run_dir / "metrics.jsonl"
+    killers = [
+        when_step_logged(metrics, 2, kill_actor("RolloutWorker")),
+        when_step_logged(metrics, 4, kill_actor("TeacherWorker")),
+    ]
+    summary = train(cfg)
+    for thread in killers:
+        thread.join(timeout=1)
+        assert not thread.is_alive()
+    assert summary["steps"] == STEPS and not summary["preempted"]
+    got = step_records(cfg.run_dir)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [{k: r[k] for k in KEYS} for r in got] == expected
+    assert got[-1]["faults/rollout"] == 1
+    assert got[-1]["faults/teacher"] == 1
