@@ -31,8 +31,21 @@ class WorkerLost(RuntimeError):
 
 
 def get(refs: Any, timeout_s: float, what: str) -> Any:
-    """`ray.get` with a deadline; the error names the call that missed it."""
+    """`ray.get` with a deadline; the error names the call that missed it.
+
+    For a list, the first call to fail raises at once: ranks of a collective whose peer died
+    would otherwise keep the driver waiting until their own (long) collective timeout.
+    """
     try:
+        if isinstance(refs, list) and len(refs) > 1:
+            deadline = time.monotonic() + timeout_s
+            pending = list(refs)
+            while pending:
+                left = max(deadline - time.monotonic(), 0)
+                done, pending = ray.wait(pending, num_returns=1, timeout=left)
+                if not done:
+                    raise ray.exceptions.GetTimeoutError(what)
+                ray.get(done[0])
         return ray.get(refs, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError as exc:
         raise RemoteCallTimeout(f"{what} did not finish within {timeout_s:.0f}s") from exc

@@ -131,6 +131,9 @@ class TrainerConfig(_Strict):
     actor_restarts: int = Field(
         3, ge=0, description="restarts of a dead rollout or teacher actor before the run stops"
     )
+    learner_restarts: int = Field(
+        2, ge=0, description="rebuilds of the learner group from the last checkpoint"
+    )
     seed: int = 0
     call_timeout_s: float = Field(600.0, gt=0)
 

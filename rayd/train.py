@@ -24,6 +24,7 @@ from rayd.checkpoint import LEARNER_TAG, CheckpointError, CheckpointStore
 from rayd.config import ConfigError, RunConfig, load_config, save_config
 from rayd.data.prompts import Prompt, PromptSampler, load_prompts
 from rayd.evaluate import heldout_metrics
+from rayd.learner.group import LearnerFailure
 from rayd.metrics import MetricsLogger, StageTimer
 from rayd.types import Sample, collate
 from rayd.workers import check_models, check_resources, export_student, start_workers
@@ -53,7 +54,34 @@ class Preemption:
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run the whole job; returns the final metrics (also written to the run folder)."""
+    """Run the whole job; returns the final metrics (also written to the run folder).
+
+    A learner that dies takes the DeepSpeed group with it (a collective cannot lose a rank):
+    every actor is then rebuilt and the run resumes from its last checkpoint, at most
+    `trainer.learner_restarts` times. Rollout and teacher actors recover in place (WorkerPool).
+    """
+    restarts = 0
+    while True:
+        try:
+            return run_once(cfg, learner_restarts=restarts)
+        except LearnerFailure as exc:
+            if restarts >= cfg.trainer.learner_restarts:
+                raise LearnerFailure(
+                    f"{exc}; stopped after {restarts} learner restarts "
+                    "(trainer.learner_restarts); the last checkpoint resumes the run"
+                ) from exc
+            restarts += 1
+            print(
+                f"rayd: {exc}; rebuilding the workers from the last checkpoint "
+                f"(restart {restarts} of {cfg.trainer.learner_restarts})",
+                file=sys.stderr,
+            )
+            trainer = cfg.trainer.model_copy(update={"resume": "auto"})
+            cfg = cfg.model_copy(update={"trainer": trainer})
+
+
+def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
+    """One attempt at the job: set-up, (resume,) the loop, export."""
     # --- Set-up: everything that can be wrong is checked before any actor starts. ---------------
     run_dir = cfg.run_dir
     store = CheckpointStore(run_dir / "checkpoints", cfg.trainer.keep_checkpoints)
@@ -181,7 +209,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             tokens = sum(len(s.completion_ids) for s in samples)
             step_time = time.perf_counter() - step_start
             metrics.update(step_metrics(samples, tokens, timer.seconds, step_time, version))
-            metrics.update({"faults/rollout": rollout.faults, "faults/teacher": teacher.faults})
+            metrics.update(
+                {
+                    "faults/rollout": rollout.faults,
+                    "faults/teacher": teacher.faults,
+                    "faults/learner_restarts": learner_restarts,
+                }
+            )
             log.log(step, metrics)
 
             # 6. A skipped (non-finite) update left the weights as they were; many in a row
@@ -304,17 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as exc:
         print(exc, file=sys.stderr)
         return 2
-    except (NumericsError, cluster.WorkerLost, cluster.RemoteCallTimeout) as exc:
+    except (NumericsError, LearnerFailure, cluster.WorkerLost, cluster.RemoteCallTimeout) as exc:
         print(f"rayd: stopped: {exc}", file=sys.stderr)
         return 1
-    except ray.exceptions.RayActorError as exc:
-        # Learner faults are not recovered in-process yet: the run stops, its checkpoints stay.
-        print(
-            f"rayd: stopped: an actor died ({exc.__class__.__name__}); run the same command "
-            "to resume from the last checkpoint",
-            file=sys.stderr,
-        )
-        return 1
+
     if summary["preempted"]:
         return 143  # 128 + SIGTERM: not finished; the same command resumes
     print(json.dumps({"initial": summary["initial"], "final": summary["final"]}, indent=2))

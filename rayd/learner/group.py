@@ -20,6 +20,10 @@ from rayd.learner.worker import LearnerWorker
 from rayd.types import TrainBatch
 
 
+class LearnerFailure(RuntimeError):
+    """A learner rank died: the group must be rebuilt from the last checkpoint."""
+
+
 @ray.remote
 def _node_address() -> tuple[str, int]:
     """IP of the node this runs on and a port free there: the rendezvous of rank 0."""
@@ -58,12 +62,12 @@ class LearnerGroup:
         # PACK: ranks on as few nodes as possible, so collectives stay on the fastest links.
         self._pg = placement_group([dict(bundle) for _ in range(num_learners)], strategy="PACK")
         try:
-            cluster.get(
+            self._collect(
                 self._pg.ready(), call_timeout_s, f"placement group {bundle} x {num_learners}"
             )
             # Rank 0's address must be known before any rank starts (all block in
             # init_distributed until everyone joins): ask a task placed in rank 0's bundle.
-            master_addr, master_port = cluster.get(
+            master_addr, master_port = self._collect(
                 _node_address.options(
                     num_cpus=cpus_per_learner, scheduling_strategy=self._strategy(0)
                 ).remote(),
@@ -79,7 +83,9 @@ class LearnerGroup:
                 ).remote(rank, num_learners, master_addr, master_port, model_path, **learner_kwargs)
                 for rank in range(num_learners)
             ]
-            cluster.get(cluster.call_all(self._actors, "ready"), call_timeout_s, "learner start-up")
+            self._collect(
+                cluster.call_all(self._actors, "ready"), call_timeout_s, "learner start-up"
+            )
         except BaseException:
             self.shutdown()
             raise
@@ -107,7 +113,7 @@ class LearnerGroup:
             actor.train_step.remote(shard, global_tokens)
             for actor, shard in zip(self._actors, batch.split(self.num_learners), strict=True)
         ]
-        return cluster.get(refs, self.timeout_s, "learner train_step")[0]
+        return self._collect(refs, self.timeout_s, "learner train_step")[0]
 
     def publish_weights(self) -> ray.ObjectRef:
         """Reference to the current weights as a safetensors blob, owned by rank 0.
@@ -115,7 +121,7 @@ class LearnerGroup:
         Every rank joins the gather (ZeRO-3 shards each parameter). The driver only passes the
         reference on to rollout workers; it never fetches the bytes.
         """
-        results = cluster.get(
+        results = self._collect(
             cluster.call_all(self._actors, "publish_weights"), self.timeout_s, "publish weights"
         )
         return results[0][0]
@@ -127,12 +133,12 @@ class LearnerGroup:
         for tests and weight-sync proofs, not a hot path.
         """
         ref = ray.put(batch)
-        return cluster.get(
+        return self._collect(
             cluster.call_all(self._actors, "logprobs", ref), self.timeout_s, "logprobs"
         )[0]
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
-        cluster.get(
+        self._collect(
             cluster.call_all(self._actors, "save_checkpoint", directory, tag, client_state),
             self.timeout_s,
             f"save checkpoint {tag}",
@@ -140,12 +146,37 @@ class LearnerGroup:
 
     def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any]:
         """Restore every rank; rank 0's client_state. Raises if any rank finds nothing."""
-        states = cluster.get(
+        states = self._collect(
             cluster.call_all(self._actors, "load_checkpoint", directory, tag),
             self.timeout_s,
             f"load checkpoint {tag}",
         )
         return states[0]
+
+    def _collect(self, refs: Any, timeout_s: float, what: str) -> Any:
+        """Results of a call on the ranks; a dead rank becomes LearnerFailure, whichever rank's
+        error (the dead one's, or a peer's broken collective) arrives first."""
+        try:
+            return cluster.get(refs, timeout_s, what)
+        except ray.exceptions.RayActorError as exc:
+            raise LearnerFailure(f"{what}: a learner died ({exc.__class__.__name__})") from exc
+        except ray.exceptions.RayTaskError as exc:
+            dead = self._dead_ranks()
+            if dead:
+                raise LearnerFailure(
+                    f"{what}: learner rank(s) {dead} died; the others failed with "
+                    f"{exc.__class__.__name__}"
+                ) from exc
+            raise
+
+    def _dead_ranks(self) -> list[int]:
+        dead = []
+        for rank, actor in enumerate(self._actors):
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                dead.append(rank)
+        return dead
 
     def shutdown(self) -> None:
         """Kill the actors and free their placement group (safe to call twice)."""

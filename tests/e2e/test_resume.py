@@ -7,7 +7,9 @@ previous checkpoint with a warning and redo the steps after it. Every time, the 
 must equal A's bit for bit (CPU, fixed seeds), and metrics.jsonl must hold each step once.
 
 A third run has its rollout engine killed (SIGKILL) and later its teacher: Ray restarts each,
-the pool re-sends the current weights and re-issues the call, and the losses are A's again.
+the pool re-sends the current weights and re-issues the call, and the losses are A's again. A
+fourth loses a learner rank: the whole group is rebuilt from the last checkpoint, and the losses
+are A's again.
 
 The data set has 12 training prompts and a step takes 8, so the epoch boundary falls inside
 step 2; grad_accum=2 makes each step two micro-batches per learner.
@@ -99,11 +101,11 @@ def actor_pids(class_name):
     return pids
 
 
-def kill_actor(class_name):
+def kill_actor(class_name, count=1):
     def action():
         pids = actor_pids(class_name)
-        assert len(pids) == 1, f"expected one {class_name} process, found {pids}"
-        os.kill(pids[0], signal.SIGKILL)
+        assert len(pids) == count, f"expected {count} {class_name} processes, found {pids}"
+        os.kill(max(pids), signal.SIGKILL)
 
     return action
 
@@ -117,6 +119,7 @@ def expected(local_ray, tmp_path_factory):
     return losses
 
 
+@pytest.mark.faults
 def test_preempted_and_corrupted_runs_resume_to_the_same_losses(expected, tmp_path):
 
     # 1. Preemption: SIGTERM mid-run -> checkpoint, stop; the same call resumes.
@@ -151,6 +154,7 @@ def test_preempted_and_corrupted_runs_resume_to_the_same_losses(expected, tmp_pa
     assert third["final"] == second["final"]
 
 
+@pytest.mark.faults
 def test_killed_rollout_and_teacher_actors_are_restarted_and_the_step_completes(expected, tmp_path):
     cfg = config(tmp_path, "faults")
     metrics = cfg.run_dir / "metrics.jsonl"
@@ -168,3 +172,19 @@ def test_killed_rollout_and_teacher_actors_are_restarted_and_the_step_completes(
     assert [{k: r[k] for k in KEYS} for r in got] == expected
     assert got[-1]["faults/rollout"] == 1
     assert got[-1]["faults/teacher"] == 1
+
+
+@pytest.mark.faults
+def test_a_killed_learner_rebuilds_the_run_from_the_last_checkpoint(expected, tmp_path):
+    cfg = config(tmp_path, "learner-fault", "trainer.save_every=2")
+    killer = when_step_logged(
+        cfg.run_dir / "metrics.jsonl", 3, kill_actor("LearnerWorker", count=2)
+    )
+    summary = train(cfg)
+    killer.join(timeout=1)
+    assert not killer.is_alive()
+    assert summary["steps"] == STEPS and not summary["preempted"]
+    got = step_records(cfg.run_dir)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [{k: r[k] for k in KEYS} for r in got] == expected
+    assert got[-1]["faults/learner_restarts"] == 1
