@@ -110,6 +110,9 @@ class DataConfig(_Strict):
     train_size: int = Field(2000, ge=1)
     eval_size: int = Field(32, ge=1)
     long_prompts: Literal["error", "drop", "truncate"] = "error"
+    bad_lines: Literal["error", "skip"] = Field(
+        "error", description="a malformed JSONL line: stop with its file:line, or skip (counted)"
+    )
 
 
 class TrainerConfig(_Strict):

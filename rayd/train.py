@@ -335,8 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = train(cfg)
-    except (ConfigError, CheckpointError) as exc:
+    except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return 2
+    except CheckpointError as exc:
+        print(f"checkpoint error: {exc}", file=sys.stderr)
         return 2
     except (NumericsError, LearnerFailure, cluster.WorkerLost, cluster.RemoteCallTimeout) as exc:
         print(f"rayd: stopped: {exc}", file=sys.stderr)

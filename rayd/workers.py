@@ -33,6 +33,21 @@ def _resolve(key: str, path: str, seed: int) -> str:
     return resolved
 
 
+def _tokenizer(key: str, path: str):
+    if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ConfigError(
+            f"config error: {key}: no tokenizer in {path} (expected tokenizer.json or "
+            "tokenizer_config.json beside config.json)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers raises OSError, ValueError, TypeError, ... here
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise ConfigError(
+            f"config error: {key}: cannot load a tokenizer from {path}: {first}"
+        ) from None
+
+
 def check_models(cfg: RunConfig):
     """Resolve both model paths and refuse token-level distillation across different tokenizers.
 
@@ -41,11 +56,8 @@ def check_models(cfg: RunConfig):
     """
     student = _resolve("models.student.path", cfg.models.student.path, cfg.trainer.seed)
     teacher = _resolve("models.teacher.path", cfg.models.teacher.path, cfg.trainer.seed)
-    try:
-        s_tok = AutoTokenizer.from_pretrained(student)
-        t_tok = AutoTokenizer.from_pretrained(teacher)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"config error: cannot load a tokenizer: {exc}") from None
+    s_tok = _tokenizer("models.student.path", student)
+    t_tok = _tokenizer("models.teacher.path", teacher)
     s_vocab, t_vocab = s_tok.get_vocab(), t_tok.get_vocab()
     if s_vocab != t_vocab:
         differ = len(set(s_vocab.items()) ^ set(t_vocab.items()))

@@ -66,6 +66,11 @@ def resolve_model_path(path: str, seed: int = 0) -> str:
 
 
 def _build(preset: dict[str, Any], out: Path, seed: int) -> None:
+    # transformers' save/load progress bars would print between the user's command and its
+    # result (or its one-line error) the first time a preset is built.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     build_tiny_llama(out, seed=seed, **preset["arch"])
     recipe = preset.get("pretrain")
     if recipe:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int) -> 
         try:
             task = make_task(name, seed=seed, **cfg.task_options)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"config error: data.source / data.task_options: {exc}") from None
+            reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise ConfigError(f"config error: data.source / data.task_options: {reason}") from None
         train_rows = [
             (e.prompt, e.completion, e.answer) for e in task.examples("train", cfg.train_size)
         ]
@@ -47,7 +49,9 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int) -> 
         ]
     else:
         task = None
-        rows = _read_jsonl(Path(cfg.source), cfg.prompt_field, cfg.completion_field)
+        rows = _read_jsonl(
+            Path(cfg.source), cfg.prompt_field, cfg.completion_field, cfg.bad_lines == "skip"
+        )
         if len(rows) < cfg.eval_size + 1:
             raise ConfigError(
                 f"data error: {cfg.source}: {len(rows)} rows, need more than data.eval_size="
@@ -83,27 +87,53 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int) -> 
     return PromptSet(out["train"], out["eval"], task, dropped)
 
 
-def _read_jsonl(path: Path, prompt_field: str, completion_field: str):
+def _read_jsonl(path: Path, prompt_field: str, completion_field: str, skip_bad: bool = False):
     if not path.is_file():
         raise ConfigError(f"data error: data.source {str(path)!r} does not exist")
-    rows = []
-    with path.open() as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise ConfigError(f"data error: {path}:{line_no}: not valid JSON") from None
-            if not isinstance(row, dict) or prompt_field not in row:
+    rows, skipped = [], []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"data error: {path}: unreadable ({exc.__class__.__name__})") from None
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        problem = None
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            problem, row = "not valid JSON", None
+        if problem is None:
+            problem = _row_problem(row, prompt_field, completion_field)
+        if problem is not None:
+            if not skip_bad:
                 raise ConfigError(
-                    f"data error: {path}:{line_no}: missing field {prompt_field!r} "
-                    "(data.prompt_field)"
+                    f"data error: {path}:{line_no}: {problem} (or set data.bad_lines=skip)"
                 )
-            rows.append((str(row[prompt_field]), row.get(completion_field), row.get("answer")))
+            skipped.append(line_no)
+            continue
+        completion = row.get(completion_field)
+        answer = row.get("answer")
+        rows.append((row[prompt_field], completion, None if answer is None else str(answer)))
+    if skipped:
+        shown = ", ".join(map(str, skipped[:5])) + (" ..." if len(skipped) > 5 else "")
+        print(f"rayd: {path}: skipped {len(skipped)} bad lines ({shown})", file=sys.stderr)
     if not rows:
         raise ConfigError(f"data error: {path}: no rows")
     return rows
+
+
+def _row_problem(row: object, prompt_field: str, completion_field: str) -> str | None:
+    if not isinstance(row, dict) or prompt_field not in row:
+        return f"missing field {prompt_field!r} (data.prompt_field)"
+    if not isinstance(row[prompt_field], str):
+        return f"field {prompt_field!r} must be a string, got {type(row[prompt_field]).__name__}"
+    if not row[prompt_field].strip():
+        return f"field {prompt_field!r} is empty"
+    completion = row.get(completion_field)
+    if completion is not None and not isinstance(completion, str):
+        return f"field {completion_field!r} must be a string, got {type(completion).__name__}"
+    return None
 
 
 class PromptSampler:
