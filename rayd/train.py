@@ -247,11 +247,12 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                 last_eval = evaluate(cfg.trainer.max_steps)
             export_student(learners, student_path, tokenizer, run_dir / "student")
     finally:
-        preemption.restore()
         log.close()
         for pool in (rollout, teacher):
             pool.shutdown()
         learners.shutdown()
+        # Only now: a second SIGTERM during the shutdown must not kill the process half-way.
+        preemption.restore()
 
     summary = {
         "steps": step if preemption.requested else cfg.trainer.max_steps,

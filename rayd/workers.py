@@ -112,7 +112,7 @@ def engine_runtime_env() -> dict[str, Any]:
 
 
 def start_workers(cfg: RunConfig, student: str, teacher: str):
-    r, t, ln, algo = cfg.rollout, cfg.teacher, cfg.learner, cfg.algorithm
+    r, t = cfg.rollout, cfg.teacher
     timeout = cfg.trainer.call_timeout_s
     rollout_cls = ray.remote(RolloutWorker)
     rollout = WorkerPool(
@@ -166,6 +166,23 @@ def start_workers(cfg: RunConfig, student: str, teacher: str):
         timeout,
         max_reissues=cfg.trainer.actor_restarts,
     )
+    try:
+        learners = _learner_group(cfg, student)
+        # Engines load in parallel; wait for all of them here so start-up errors surface at once.
+        rollout.call_all("ready")
+        teachers.call_all("ready")
+    except BaseException:
+        # A failed start must not leave engines holding CPUs/GPUs (a restart would need them).
+        rollout.shutdown()
+        teachers.shutdown()
+        if "learners" in locals():
+            learners.shutdown()
+        raise
+    return rollout, teachers, learners
+
+
+def _learner_group(cfg: RunConfig, student: str) -> LearnerGroup:
+    ln, algo = cfg.learner, cfg.algorithm
     loss = LossSpec(
         kind=algo.resolved_loss,
         beta=algo.beta,
@@ -173,12 +190,12 @@ def start_workers(cfg: RunConfig, student: str, teacher: str):
         tail=algo.tail,
         is_clip=algo.is_clip,
     )
-    learners = LearnerGroup(
+    return LearnerGroup(
         student,
         num_learners=ln.num_learners,
         cpus_per_learner=ln.cpus_per_learner,
         gpus_per_learner=ln.gpus_per_learner,
-        call_timeout_s=timeout,
+        call_timeout_s=cfg.trainer.call_timeout_s,
         zero_stage=ln.zero_stage,
         micro_batch_size=ln.micro_batch_size,
         grad_accum=ln.grad_accum,
@@ -194,10 +211,6 @@ def start_workers(cfg: RunConfig, student: str, teacher: str):
         seed=cfg.trainer.seed,
         threads=ln.threads,
     )
-    # Engines load in parallel; wait for all of them here so start-up errors surface at once.
-    rollout.call_all("ready")
-    teachers.call_all("ready")
-    return rollout, teachers, learners
 
 
 def export_student(learners: LearnerGroup, student_path: str, tokenizer: Any, out: Path) -> None:

@@ -107,6 +107,9 @@ def test_seeded_random_faults_leave_the_run_identical(local_ray, tmp_path, seed)
     # A corrupted checkpoint needs an older one to fall back to: not before step 3.
     plan = {s: rng.choice(KINDS if s >= 3 else KINDS[:4]) for s in steps}
     cfg = config(tmp_path, "faulty", *overrides())
+    # A SIGTERM that lands while the driver is between two starts has nothing to stop (Ray's
+    # own handler would exit the test); the driver installs its handler over this one.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     injector = Injector(cfg.run_dir / "metrics.jsonl", plan)
     starts = 0
     try:
@@ -123,6 +126,7 @@ def test_seeded_random_faults_leave_the_run_identical(local_ray, tmp_path, seed)
                 injector.corrupt_next_stop = False
     finally:
         injector.close()
+        signal.signal(signal.SIGTERM, previous)
 
     print(f"faults planned {sorted(plan.items())}, fired {injector.fired}, driver starts {starts}")
     assert sorted(injector.fired) == sorted(plan.items()), "every planned fault fired"
