@@ -111,21 +111,26 @@ def engine_runtime_env() -> dict[str, Any]:
     return {"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
 
 
+def engine_options(cfg: RunConfig, cpus: float, gpus: float) -> dict[str, Any]:
+    """Ray options of a rollout or teacher engine actor."""
+    return {
+        "num_cpus": cpus,
+        "num_gpus": gpus,
+        "runtime_env": engine_runtime_env(),
+        # Ray restarts a dead engine; the pool restores its state and re-issues the call
+        # (max_task_retries=0: Ray must not replay a call on an engine without weights).
+        "max_restarts": cfg.trainer.actor_restarts,
+        "max_task_retries": 0,
+    }
+
+
 def start_workers(cfg: RunConfig, student: str, teacher: str):
     r, t = cfg.rollout, cfg.teacher
     timeout = cfg.trainer.call_timeout_s
     rollout_cls = ray.remote(RolloutWorker)
     rollout = WorkerPool(
         [
-            rollout_cls.options(
-                num_cpus=r.cpus_per_worker,
-                num_gpus=r.gpus_per_worker,
-                runtime_env=engine_runtime_env(),
-                # Ray restarts a dead engine; the pool restores its state and re-issues the call
-                # (max_task_retries=0: Ray must not replay a call on an engine without weights).
-                max_restarts=cfg.trainer.actor_restarts,
-                max_task_retries=0,
-            ).remote(
+            rollout_cls.options(**engine_options(cfg, r.cpus_per_worker, r.gpus_per_worker)).remote(
                 student,
                 r.backend,
                 seed=cfg.trainer.seed + i,
@@ -143,15 +148,7 @@ def start_workers(cfg: RunConfig, student: str, teacher: str):
     teacher_cls = ray.remote(TeacherWorker)
     teachers = WorkerPool(
         [
-            teacher_cls.options(
-                num_cpus=t.cpus_per_worker,
-                num_gpus=t.gpus_per_worker,
-                runtime_env=engine_runtime_env(),
-                # Ray restarts a dead engine; the pool restores its state and re-issues the call
-                # (max_task_retries=0: Ray must not replay a call on an engine without weights).
-                max_restarts=cfg.trainer.actor_restarts,
-                max_task_retries=0,
-            ).remote(
+            teacher_cls.options(**engine_options(cfg, t.cpus_per_worker, t.gpus_per_worker)).remote(
                 teacher,
                 t.backend,
                 threads=t.threads,
