@@ -1,32 +1,31 @@
-"""`rayd` command line: `rayd train CONFIG [key=value ...]` and `rayd demo`."""
+"""`rayd COMMAND ...`: each command is a module with its own `main(argv)`."""
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import sys
-from pathlib import Path
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo" / "onpolicy.yaml"
+COMMANDS = {
+    "train": ("rayd.train", "main", "distil a student from a YAML config (any algorithm)"),
+    "demo": ("rayd.demo", "main", "the embedded default end to end, with its report"),
+    "generate": ("rayd.generate", "main", "teacher-written rationales, verified and filtered"),
+    "eval": ("rayd.evaluate", "eval_main", "greedy accuracy and pass@k of a model on a task"),
+    "ablate": ("rayd.ablate", "main", "run a sweep of configs; tables and plots"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rayd", description="Distil language models on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="run distillation from a YAML config")
-    p_train.add_argument("config")
-    p_train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    p_demo = sub.add_parser("demo", help="on-policy distillation on the embedded default")
-    p_demo.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    args = parser.parse_args(argv)
-
-    from rayd.train import main as train_main
-
-    if args.command == "train":
-        return train_main([args.config, *args.overrides])
-    if not DEMO_CONFIG.is_file():
-        print(f"rayd demo: {DEMO_CONFIG} not found (run it from a rayd checkout)", file=sys.stderr)
-        return 2
-    return train_main([str(DEMO_CONFIG), *args.overrides])
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+        print("usage: rayd COMMAND [args...]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nrayd: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0 if argv else 2
+    module, func, _ = COMMANDS[argv[0]]
+    return getattr(importlib.import_module(module), func)(argv[1:])
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ class ModelSpec(_Strict):
 
 class ModelsConfig(_Strict):
     student: ModelSpec
-    teacher: ModelSpec
+    # Needed by every mode that asks a teacher for scores; sft and step_by_step train on a
+    # dataset's completions (often teacher-written by `rayd generate`) and start no teacher.
+    teacher: ModelSpec | None = None
 
 
 class RolloutConfig(_Strict):
@@ -67,6 +69,9 @@ class OptimConfig(_Strict):
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "linear"] = Field(
+        "constant", description="after warmup: constant, or linear decay to 0 at max_steps"
+    )
 
 
 class LearnerConfig(_Strict):
@@ -80,25 +85,54 @@ class LearnerConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
 
 
+OFFLINE_ALGORITHMS = ("sft", "step_by_step", "logit_kd")
+
+
 class AlgorithmConfig(_Strict):
     # on_policy: student samples only. Default loss is the per-token reverse-KL policy gradient
     #      on the sampled token (Thinking Machines); reverse_kl/forward_kl/jsd instead take the
     #      divergence densely over the teacher's top-k at every completion position.
     # gkd: the same divergences on a lambda-mix of student samples and dataset completions
     #      (Agarwal et al., GKD).
-    name: Literal["on_policy", "gkd"] = "on_policy"
+    # Offline (no student sampling; the dataset's completions are the targets):
+    # sft: cross-entropy on the completions (response distillation when they are teacher-written).
+    # step_by_step: Distilling Step-by-Step (Hsieh et al. 2023): the plain prompt -> answer, and
+    #      rationale_prefix + prompt -> rationale;
+    #      loss = CE(answer) + rationale_weight * CE(rationale).
+    # logit_kd: Hinton soft targets: alpha * T^2 * KL(teacher_T || student_T) over the teacher's
+    #      top-k (scored online by the teacher actor) + (1 - alpha) * CE on the completion.
+    name: Literal["on_policy", "gkd", "sft", "step_by_step", "logit_kd"] = "on_policy"
     loss: Literal["on_policy_pg", "forward_kl", "reverse_kl", "jsd"] | None = Field(
-        None, description="defaults: on_policy -> on_policy_pg, gkd -> jsd"
+        None, description="on_policy/gkd only; defaults: on_policy -> on_policy_pg, gkd -> jsd"
     )
     beta: float = Field(0.5, ge=0, le=1)
     temperature: float = Field(1.0, gt=0)
     tail: bool = True
     is_clip: float | None = Field(None, gt=0)
     lmbda: float = Field(1.0, ge=0, le=1, description="gkd: fraction of on-policy samples")
+    alpha: float = Field(0.5, ge=0, le=1, description="logit_kd: weight of the soft-target term")
+    rationale_weight: float = Field(1.0, ge=0, description="step_by_step: weight of CE(rationale)")
+    rationale_prefix: str = Field(
+        "why: ", min_length=1, description="step_by_step: the rationale task's input prefix"
+    )
+
+    @property
+    def offline(self) -> bool:
+        """Trains on dataset completions only: no student sampling during training."""
+        return self.name in OFFLINE_ALGORITHMS
 
     @property
     def resolved_loss(self) -> str:
+        if self.name in ("sft", "step_by_step"):
+            return "sft"
+        if self.name == "logit_kd":
+            return "logit_kd"
         return self.loss or {"on_policy": "on_policy_pg", "gkd": "jsd"}[self.name]
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether training asks the teacher actor for scores (sft and step_by_step do not)."""
+        return self.resolved_loss != "sft"
 
 
 class DataConfig(_Strict):
@@ -108,6 +142,18 @@ class DataConfig(_Strict):
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     train_size: int = Field(2000, ge=1)
+    train_fraction: float = Field(
+        1.0, gt=0, le=1, description="share of the training rows used (first rows, seeded order)"
+    )
+    train_dataset: str | None = Field(
+        None,
+        description="a `rayd generate` output folder (or any datasets folder with prompt, "
+        "completion, answer[, rationale] columns): training completions for the offline modes; "
+        "eval prompts still come from `source`",
+    )
+    rationales: bool = Field(
+        True, description="task data: completions with the gold rationale, or the answer alone"
+    )
     eval_size: int = Field(32, ge=1)
     long_prompts: Literal["error", "drop", "truncate"] = "error"
     bad_lines: Literal["error", "skip"] = Field(
@@ -160,13 +206,29 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _combinations(self) -> RunConfig:
-        samples = self.trainer.prompts_per_step * self.rollout.n
+        samples = self.trainer.prompts_per_step * self.samples_per_prompt
         per_step = self.learner.num_learners * self.learner.micro_batch_size
         per_step *= self.learner.grad_accum
         if samples != per_step:
             raise ValueError(
-                f"trainer.prompts_per_step * rollout.n = {samples} samples per step must equal "
+                f"trainer.prompts_per_step * {self._per_prompt_text} = {samples} samples per step "
+                "must equal "
                 f"learner.num_learners * learner.micro_batch_size * learner.grad_accum = {per_step}"
+            )
+        algo = self.algorithm
+        if algo.loss is not None and algo.offline:
+            raise ValueError(
+                f"algorithm.loss applies to on_policy and gkd; {algo.name} has its own loss "
+                "(remove algorithm.loss)"
+            )
+        if algo.name == "step_by_step" and not self.data.rationales:
+            raise ValueError("algorithm.name=step_by_step needs data.rationales=true")
+        if self.models.teacher is None and algo.needs_teacher:
+            raise ValueError(f"models.teacher: algorithm.name={algo.name} needs a teacher model")
+        if self.data.train_dataset is not None and not (algo.offline or algo.name == "gkd"):
+            raise ValueError(
+                "data.train_dataset holds completions for the offline modes and gkd; "
+                f"{algo.name} samples its own (use data.source for its prompts)"
             )
         if self.teacher.backend == "vllm" and self.algorithm.temperature != 1.0:
             raise ValueError(
@@ -182,9 +244,28 @@ class RunConfig(_Strict):
             raise ValueError("algorithm.lmbda < 1 (off-policy mixing) needs algorithm.name=gkd")
         if self.algorithm.tail and self.algorithm.temperature != 1.0:
             raise ValueError("algorithm.tail=true needs algorithm.temperature=1")
+        if (
+            self.learner.optim.schedule == "linear"
+            and self.trainer.max_steps <= self.learner.optim.warmup_steps
+        ):
+            raise ValueError(
+                "learner.optim.schedule=linear needs trainer.max_steps > learner.optim.warmup_steps"
+            )
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ValueError("rollout.max_new_tokens must be smaller than rollout.max_model_len")
         return self
+
+    @property
+    def samples_per_prompt(self) -> int:
+        if self.algorithm.name == "step_by_step":
+            return 2  # the answer task and the rationale task
+        return 1 if self.algorithm.offline else self.rollout.n
+
+    @property
+    def _per_prompt_text(self) -> str:
+        if self.algorithm.name == "step_by_step":
+            return "2 (step_by_step: answer + rationale task)"
+        return "1 (offline: one dataset completion)" if self.algorithm.offline else "rollout.n"
 
     @property
     def run_dir(self) -> Path:

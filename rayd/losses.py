@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from rayd.types import TrainBatch
 
-LossKind = Literal["on_policy_pg", "forward_kl", "reverse_kl", "jsd", "sft"]
+LossKind = Literal["on_policy_pg", "forward_kl", "reverse_kl", "jsd", "sft", "logit_kd"]
 _TOPK_KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
@@ -41,9 +41,10 @@ class LossSpec:
     temperature: float = 1.0
     tail: bool = True  # top-k modes: add a tail bin for the mass outside the teacher's top-k
     is_clip: float | None = None  # on_policy_pg: truncate the importance ratio at this value
+    alpha: float = 0.5  # logit_kd: weight of the soft-target term (1 - alpha: hard CE)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("on_policy_pg", *_TOPK_KINDS, "sft"):
+        if self.kind not in ("on_policy_pg", *_TOPK_KINDS, "sft", "logit_kd"):
             raise ValueError(f"unknown loss kind {self.kind!r}")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"loss beta must lie in [0, 1], got {self.beta}")
@@ -51,7 +52,9 @@ class LossSpec:
             raise ValueError(f"loss temperature must be > 0, got {self.temperature}")
         if self.is_clip is not None and not self.is_clip > 0.0:
             raise ValueError(f"loss is_clip must be > 0 or None, got {self.is_clip}")
-        if self.kind in _TOPK_KINDS and self.tail and self.temperature != 1.0:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"loss alpha must lie in [0, 1], got {self.alpha}")
+        if self.kind in (*_TOPK_KINDS, "logit_kd") and self.tail and self.temperature != 1.0:
             raise ValueError(_TAIL_TEMPERATURE_ERROR.format(t=self.temperature))
         if self.kind == "sft" and self.temperature != 1.0:
             raise ValueError(f"sft is cross-entropy at temperature 1, got {self.temperature}")
@@ -499,7 +502,12 @@ def batch_loss(
 
     Kinds: "on_policy_pg" uses teacher/behavior log-probs of the sampled tokens
     (`token_reverse_kl_pg`); "forward_kl" / "reverse_kl" / "jsd" use the sparse teacher top-k
-    (`topk_*`, spec.tail, spec.beta); "sft" is cross-entropy on the targets.
+    (`topk_*`, spec.tail, spec.beta); "sft" is cross-entropy on the targets; "logit_kd" is
+    Hinton's alpha * T^2 * KL(teacher_T || student_T) over the teacher's top-k bins plus
+    (1 - alpha) * CE at temperature 1 (extra metrics "soft_loss" and "hard_loss", so a user can
+    see the two terms' scales).
+
+    batch.row_weight, when present, multiplies each row's loss (step_by_step's rationale task).
 
     Rows with batch.on_policy False (dataset completions) carry no behaviour log-probs; for
     them the current student stands in as the behaviour policy (ratio 1), so the pg advantage
@@ -531,6 +539,21 @@ def batch_loss(
         metrics["ratio"] = ratio
     elif spec.kind == "sft":
         loss = -student_lp
+    elif spec.kind == "logit_kd":
+        log_s, log_t = _topk_bins(
+            logits,
+            batch.teacher_topk_ids,
+            batch.teacher_topk_logprobs,
+            mask,
+            spec.tail,
+            temperature,
+            student_lse=lse if spec.tail else None,
+        )
+        soft = _per_token(_kl(log_t, log_s), mask) * temperature**2
+        hard = -(student_lp if temperature == 1.0 else token_logprobs(logits, targets, mask))
+        loss = spec.alpha * soft + (1.0 - spec.alpha) * hard
+        metrics["soft_loss"] = _per_token(soft, mask).detach()
+        metrics["hard_loss"] = _per_token(hard, mask).detach()
     else:
         # tail=True forces temperature 1 (LossSpec checks), so the lse above is the right one.
         log_s, log_t = _topk_bins(
@@ -552,4 +575,6 @@ def batch_loss(
 
     metrics["reverse_kl"] = _per_token(behavior - teacher, mask).detach()
     metrics["student_logprob"] = student_lp.detach()
+    if batch.row_weight.numel() == mask.shape[0]:
+        loss = loss * batch.row_weight.to(loss.device, loss.dtype).unsqueeze(-1)
     return _per_token(loss, mask), metrics

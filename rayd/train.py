@@ -1,8 +1,10 @@
-"""`python -m rayd.train CONFIG [key=value ...]`: on-policy distillation, top to bottom.
+"""`python -m rayd.train CONFIG [key=value ...]`: distillation, top to bottom.
 
 One step of the loop:
-    prompts -> student rollouts (vLLM) -> teacher scores (top-k log-probs) -> learner step
-    (DeepSpeed ZeRO) -> weight sync to the rollout engines -> periodic eval / checkpoint.
+    prompts -> weight sync to the rollout engines -> student rollouts (vLLM) -> teacher scores
+    (top-k log-probs) -> learner step (DeepSpeed ZeRO) -> periodic eval / checkpoint.
+The offline modes (sft, step_by_step, logit_kd) take the dataset's completions instead of
+rollouts; the engines then get new weights only when an eval needs them.
 The same file runs under `ray job submit` (it joins that cluster) and on a laptop (it starts a
 local Ray). Everything a step needs is visible here; the actors only own their backends.
 """
@@ -21,12 +23,13 @@ import ray
 
 from rayd import cluster
 from rayd.checkpoint import LEARNER_TAG, CheckpointError, CheckpointStore
-from rayd.config import ConfigError, RunConfig, load_config, save_config
-from rayd.data.prompts import Prompt, PromptSampler, load_prompts
+from rayd.config import AlgorithmConfig, ConfigError, RunConfig, load_config, save_config
+from rayd.data.prompts import Prompt, PromptSampler, PromptSet, load_prompts
 from rayd.evaluate import heldout_metrics
 from rayd.learner.group import LearnerFailure
 from rayd.metrics import MetricsLogger, StageTimer
-from rayd.types import Sample, collate
+from rayd.tasks.base import Task
+from rayd.types import Sample, TeacherScore, collate
 from rayd.workers import check_models, check_resources, export_student, start_workers
 
 
@@ -98,15 +101,28 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
     )
     cluster.connect()
     check_resources(cfg, ray.cluster_resources())
+    check_offline_data(cfg, prompts)
     rollout, teacher, learners = start_workers(cfg, student_path, teacher_path)
     sampler = PromptSampler(len(prompts.train), cfg.trainer.seed)
     rng = random.Random(cfg.trainer.seed)
     start_step = driver_state.get("step", 0)
     log = MetricsLogger(run_dir, cfg.logging, cfg.trainer.max_steps, start_step=start_step)
-    version = 0  # student weights version served by the rollout engines
+    version = 0  # the learners' weights: one version per step
+    served = 0  # the version the rollout engines hold
     nonfinite_in_row = 0
 
+    def sync_weights() -> None:
+        """New weights to every rollout engine (if they lag); the driver holds a reference."""
+        nonlocal served
+        if served == version:
+            return
+        weights = learners.publish_weights()
+        rollout.remember("load_weights", weights, version)  # for a restarted engine
+        rollout.call_all("load_weights", weights, version)
+        served = version
+
     def evaluate(step: int) -> dict[str, float]:
+        sync_weights()
         metrics = heldout_metrics(rollout, teacher, prompts.eval, prompts.task, cfg, version)
         log.log(step, metrics, advance=False)
         return metrics
@@ -142,9 +158,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             version = driver_state["version"]
             nonfinite_in_row = driver_state["nonfinite_in_row"]
             first_eval, last_eval = driver_state["first_eval"], driver_state["last_eval"]
-            weights = learners.publish_weights()
-            rollout.remember("load_weights", weights, version)
-            rollout.call_all("load_weights", weights, version)
+            sync_weights()
             print(f"rayd: resumed from {resume_from.path} (step {start_step})", file=sys.stderr)
         else:
             first_eval = evaluate(0)
@@ -156,9 +170,15 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             # 1. Prompts for this step (each training prompt once per epoch).
             batch_prompts = [prompts.train[i] for i in sampler.next(cfg.trainer.prompts_per_step)]
 
-            # 2. Student rollouts. GKD's lambda sends a share of prompts to the dataset's own
-            #    completions instead (off-policy); on_policy keeps lambda = 1.
-            on_policy, off_policy = split_by_lambda(batch_prompts, algo.lmbda, rng)
+            # 2. Student rollouts from the current weights. GKD's lambda sends a share of prompts
+            #    to the dataset's own completions instead (off-policy); on_policy keeps lambda
+            #    = 1; the offline modes take the dataset's completions only.
+            if algo.offline:
+                on_policy, off_policy = [], batch_prompts
+            else:
+                on_policy, off_policy = split_by_lambda(batch_prompts, algo.lmbda, rng)
+                with timer("sync"):
+                    sync_weights()
             with timer("rollout"):
                 samples = (
                     rollout.map_chunks(
@@ -175,9 +195,15 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                     if on_policy
                     else []
                 )
-            samples += [
-                dataset_sample(p, version) for p in off_policy for _ in range(cfg.rollout.n)
-            ]
+            if algo.name == "step_by_step":
+                samples += [
+                    s
+                    for p in off_policy
+                    for s in step_by_step_samples(p, algo, tokenizer, prompts.task, version)
+                ]
+            else:
+                copies = 1 if algo.offline else cfg.rollout.n
+                samples += [dataset_sample(p, version) for p in off_policy for _ in range(copies)]
             stale = [
                 s.weight_version for s in samples if s.on_policy and s.weight_version != version
             ]
@@ -187,24 +213,21 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                 )
 
             # 3. Teacher scores every completion token: its log-prob and its top-k.
-            with timer("teacher"):
-                scores = teacher.map_chunks(
-                    "score",
-                    [(s.prompt_ids, s.completion_ids) for s in samples],
-                    top_k=cfg.teacher.top_k,
-                )
+            if teacher is not None:
+                with timer("teacher"):
+                    scores = teacher.map_chunks(
+                        "score",
+                        [(s.prompt_ids, s.completion_ids) for s in samples],
+                        top_k=cfg.teacher.top_k,
+                    )
+            else:  # sft / step_by_step: cross-entropy on the completions, no teacher signal
+                scores = [TeacherScore.empty(len(s.completion_ids)) for s in samples]
 
             # 4. One optimizer step on the learner group (data parallel, ZeRO).
             with timer("learner"):
                 batch = collate(samples, scores, tokenizer.pad_token_id)
                 metrics = learners.train_step(batch)
-
-            # 5. New weights to every rollout engine; the driver holds only a reference.
-            with timer("sync"):
-                weights = learners.publish_weights()
-                version += 1
-                rollout.remember("load_weights", weights, version)  # for a restarted engine
-                rollout.call_all("load_weights", weights, version)
+            version += 1
 
             tokens = sum(len(s.completion_ids) for s in samples)
             step_time = time.perf_counter() - step_start
@@ -212,13 +235,13 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             metrics.update(
                 {
                     "faults/rollout": rollout.faults,
-                    "faults/teacher": teacher.faults,
+                    "faults/teacher": teacher.faults if teacher is not None else 0,
                     "faults/learner_restarts": learner_restarts,
                 }
             )
             log.log(step, metrics)
 
-            # 6. A skipped (non-finite) update left the weights as they were; many in a row
+            # 5. A skipped (non-finite) update left the weights as they were; many in a row
             #    mean the run is broken, and stopping keeps the last good checkpoint intact.
             nonfinite_in_row = nonfinite_in_row + 1 if metrics.get("skipped") else 0
             if nonfinite_in_row >= cfg.trainer.max_nonfinite_in_row:
@@ -228,7 +251,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                     "the weights are those of the last finite step"
                 )
 
-            # 7. Periodic held-out eval and checkpoint; SIGTERM checkpoints and stops here.
+            # 6. Periodic held-out eval and checkpoint; SIGTERM checkpoints and stops here.
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
                 last_eval = evaluate(step)
             if preemption.requested or (
@@ -249,7 +272,8 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
     finally:
         log.close()
         for pool in (rollout, teacher):
-            pool.shutdown()
+            if pool is not None:
+                pool.shutdown()
         learners.shutdown()
         # Only now: a second SIGTERM during the shutdown must not kill the process half-way.
         preemption.restore()
@@ -298,6 +322,57 @@ def split_by_lambda(prompts: list[Prompt], lmbda: float, rng: random.Random):
     for p in prompts:
         (on if rng.random() < lmbda or p.completion_ids is None else off).append(p)
     return on, off
+
+
+def check_offline_data(cfg: RunConfig, prompts: PromptSet) -> None:
+    """The offline modes and gkd need a completion per training prompt; step_by_step needs the
+    answer and the rationale apart."""
+    algo = cfg.algorithm
+    if not (algo.offline or algo.lmbda < 1.0):
+        return
+    where = cfg.data.train_dataset or cfg.data.source
+    if any(p.completion_ids is None for p in prompts.train):
+        raise ConfigError(
+            f"data error: {where}: algorithm.name={algo.name} trains on completions, but some "
+            f"training rows have no {cfg.data.completion_field!r} field (data.completion_field)"
+        )
+    if algo.name == "step_by_step" and any(
+        p.answer is None or p.rationale is None for p in prompts.train
+    ):
+        raise ConfigError(
+            f"data error: {where}: algorithm.name=step_by_step needs 'answer' and 'rationale' "
+            "for every training row (rayd generate and the built-in tasks write both)"
+        )
+
+
+def step_by_step_samples(
+    prompt: Prompt, algo: AlgorithmConfig, tokenizer: Any, task: Task | None, version: int
+) -> list[Sample]:
+    """Distilling Step-by-Step's two tasks for one prompt: the plain prompt -> the answer, and
+    rationale_prefix + prompt -> the rationale (weighted by rationale_weight). The answer task
+    keeps the plain prompt, so evaluation and serving need no task prefix."""
+    assert prompt.answer is not None and prompt.rationale is not None
+    answer_text = (task or Task.default()).answer_text(prompt.answer)
+    eos = [tokenizer.eos_token_id]
+    prefix = tokenizer(algo.rationale_prefix, add_special_tokens=False).input_ids
+    out = []
+    for ids, target, weight in (
+        (prompt.ids, answer_text, 1.0),
+        (prefix + prompt.ids, prompt.rationale, algo.rationale_weight),
+    ):
+        completion = tokenizer(target, add_special_tokens=False).input_ids + eos
+        out.append(
+            Sample(
+                prompt_ids=list(ids),
+                completion_ids=completion,
+                logprobs=[0.0] * len(completion),
+                prompt_index=prompt.index,
+                weight_version=version,
+                on_policy=False,
+                weight=weight,
+            )
+        )
+    return out
 
 
 def dataset_sample(prompt: Prompt, version: int) -> Sample:

@@ -29,6 +29,7 @@ class Sample:
     weight_version: int = 0  # version of the student weights that produced it
     on_policy: bool = True
     text: str = ""
+    weight: float = 1.0  # multiplies this sample's per-token loss (step_by_step's rationale task)
 
 
 @dataclass
@@ -39,6 +40,15 @@ class TeacherScore:
     topk_ids: torch.Tensor  # [T, k] int64: the teacher's top-k tokens at each completion position
     topk_logprobs: torch.Tensor  # [T, k] float32: their log-probs (descending)
     logits: torch.Tensor | None = None  # [T, V] float32, only when a mode asks for full logits
+
+    @classmethod
+    def empty(cls, length: int) -> TeacherScore:
+        """No teacher signal (sft, step_by_step): zeros of the right shape for `collate`."""
+        ids = torch.zeros((length, 1), dtype=torch.long)
+        return cls(torch.zeros(length), ids, torch.zeros((length, 1)))
+
+
+_PER_ROW = ("on_policy", "row_weight")
 
 
 @dataclass
@@ -53,6 +63,7 @@ class TrainBatch:
     teacher_topk_ids: torch.Tensor  # [B, L-1, k] int64 (0 where masked)
     teacher_topk_logprobs: torch.Tensor  # [B, L-1, k] float32 (0 where masked)
     on_policy: torch.Tensor = field(default_factory=lambda: torch.ones(0, dtype=torch.bool))  # [B]
+    row_weight: torch.Tensor = field(default_factory=lambda: torch.ones(0))  # [B] float32
 
     @property
     def num_tokens(self) -> int:
@@ -66,7 +77,7 @@ class TrainBatch:
         rows = {f.name: getattr(self, f.name)[start:stop] for f in fields(self)}
         length = int(rows["attention_mask"].sum(dim=1).max().clamp(min=2))
         for name, value in rows.items():
-            if name == "on_policy":
+            if name in _PER_ROW:
                 continue
             rows[name] = value[
                 :, : length if name in ("input_ids", "attention_mask") else length - 1
@@ -113,6 +124,15 @@ def collate(samples: list[Sample], scores: list[TeacherScore], pad_id: int) -> T
         topk_ids[i, cols] = score.topk_ids
         topk_lp[i, cols] = score.topk_logprobs.float()
     on_policy = torch.tensor([s.on_policy for s in samples], dtype=torch.bool)
+    row_weight = torch.tensor([s.weight for s in samples], dtype=torch.float32)
     return TrainBatch(
-        input_ids, attention_mask, loss_mask, behavior, teacher, topk_ids, topk_lp, on_policy
+        input_ids,
+        attention_mask,
+        loss_mask,
+        behavior,
+        teacher,
+        topk_ids,
+        topk_lp,
+        on_policy,
+        row_weight,
     )

@@ -55,8 +55,12 @@ def check_models(cfg: RunConfig):
     different padded `vocab_size` (Qwen2.5-0.5B 151936 vs 7B 152064): compare the vocabularies.
     """
     student = _resolve("models.student.path", cfg.models.student.path, cfg.trainer.seed)
-    teacher = _resolve("models.teacher.path", cfg.models.teacher.path, cfg.trainer.seed)
     s_tok = _tokenizer("models.student.path", student)
+    if s_tok.pad_token_id is None:
+        raise ConfigError("config error: models.student.path: the tokenizer has no pad token")
+    if not cfg.algorithm.needs_teacher or cfg.models.teacher is None:
+        return student, None, s_tok  # no teacher actor starts, so none is loaded or checked
+    teacher = _resolve("models.teacher.path", cfg.models.teacher.path, cfg.trainer.seed)
     t_tok = _tokenizer("models.teacher.path", teacher)
     s_vocab, t_vocab = s_tok.get_vocab(), t_tok.get_vocab()
     if s_vocab != t_vocab:
@@ -73,18 +77,17 @@ def check_models(cfg: RunConfig):
             raise ConfigError(
                 f"config error: {key}: model vocab_size is smaller than its tokenizer"
             )
-    if s_tok.pad_token_id is None:
-        raise ConfigError("config error: models.student.path: the tokenizer has no pad token")
     return student, teacher, s_tok
 
 
 def check_resources(cfg: RunConfig, available: dict[str, float]) -> None:
     r, t, ln = cfg.rollout, cfg.teacher, cfg.learner
+    teachers = t.num_workers if cfg.algorithm.needs_teacher else 0
     for res, want, how in (
         (
             "GPU",
             r.num_workers * r.gpus_per_worker
-            + t.num_workers * t.gpus_per_worker
+            + teachers * t.gpus_per_worker
             + ln.num_learners * ln.gpus_per_learner,
             "rollout.num_workers*gpus_per_worker + teacher.num_workers*gpus_per_worker + "
             "learner.num_learners*gpus_per_learner",
@@ -92,7 +95,7 @@ def check_resources(cfg: RunConfig, available: dict[str, float]) -> None:
         (
             "CPU",
             r.num_workers * r.cpus_per_worker
-            + t.num_workers * t.cpus_per_worker
+            + teachers * t.cpus_per_worker
             + ln.num_learners * ln.cpus_per_learner,
             "rollout/teacher cpus_per_worker and learner.cpus_per_learner",
         ),
@@ -124,7 +127,8 @@ def engine_options(cfg: RunConfig, cpus: float, gpus: float) -> dict[str, Any]:
     }
 
 
-def start_workers(cfg: RunConfig, student: str, teacher: str):
+def start_workers(cfg: RunConfig, student: str, teacher: str | None):
+    """(rollout pool, teacher pool or None when no teacher is needed, learner group)."""
     r, t = cfg.rollout, cfg.teacher
     timeout = cfg.trainer.call_timeout_s
     rollout_cls = ray.remote(RolloutWorker)
@@ -146,32 +150,40 @@ def start_workers(cfg: RunConfig, student: str, teacher: str):
         max_reissues=cfg.trainer.actor_restarts,
     )
     teacher_cls = ray.remote(TeacherWorker)
-    teachers = WorkerPool(
-        [
-            teacher_cls.options(**engine_options(cfg, t.cpus_per_worker, t.gpus_per_worker)).remote(
-                teacher,
-                t.backend,
-                threads=t.threads,
-                max_model_len=t.max_model_len,
-                kv_cache_gib=t.kv_cache_gib,
-                dtype=cfg.models.teacher.dtype,
-                max_top_k=max(20, t.top_k),
-            )
-            for _ in range(t.num_workers)
-        ],
-        "teacher",
-        timeout,
-        max_reissues=cfg.trainer.actor_restarts,
+    teachers = (
+        None
+        if teacher is None
+        else WorkerPool(
+            [
+                teacher_cls.options(
+                    **engine_options(cfg, t.cpus_per_worker, t.gpus_per_worker)
+                ).remote(
+                    teacher,
+                    t.backend,
+                    threads=t.threads,
+                    max_model_len=t.max_model_len,
+                    kv_cache_gib=t.kv_cache_gib,
+                    dtype=cfg.models.teacher.dtype,
+                    max_top_k=max(20, t.top_k),
+                )
+                for _ in range(t.num_workers)
+            ],
+            "teacher",
+            timeout,
+            max_reissues=cfg.trainer.actor_restarts,
+        )
     )
     try:
         learners = _learner_group(cfg, student)
         # Engines load in parallel; wait for all of them here so start-up errors surface at once.
         rollout.call_all("ready")
-        teachers.call_all("ready")
+        if teachers is not None:
+            teachers.call_all("ready")
     except BaseException:
         # A failed start must not leave engines holding CPUs/GPUs (a restart would need them).
         rollout.shutdown()
-        teachers.shutdown()
+        if teachers is not None:
+            teachers.shutdown()
         if "learners" in locals():
             learners.shutdown()
         raise
@@ -186,6 +198,7 @@ def _learner_group(cfg: RunConfig, student: str) -> LearnerGroup:
         temperature=algo.temperature,
         tail=algo.tail,
         is_clip=algo.is_clip,
+        alpha=algo.alpha,
     )
     return LearnerGroup(
         student,
@@ -202,6 +215,7 @@ def _learner_group(cfg: RunConfig, student: str) -> LearnerGroup:
         eps=ln.optim.eps,
         grad_clip=ln.optim.grad_clip,
         warmup_steps=ln.optim.warmup_steps,
+        lr_schedule=ln.optim.schedule,
         total_steps=cfg.trainer.max_steps,
         loss=loss,
         dtype=cfg.models.student.dtype,

@@ -7,6 +7,7 @@ once per epoch and the position (epoch, offset) is all a resume needs.
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ class Prompt:
     ids: list[int]
     completion_ids: list[int] | None  # a reference completion (for off-policy mixing), eos included
     answer: str | None  # for tasks with a verifier
+    rationale: str | None = None  # the reasoning part of the completion (step_by_step)
 
 
 @dataclass
@@ -34,6 +36,12 @@ class PromptSet:
 
 
 def load_prompts(cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int) -> PromptSet:
+    """Train and eval prompts (with reference completions) from the configured sources.
+
+    Rows are (prompt, completion, answer, rationale). `data.train_dataset` replaces the training
+    rows (e.g. teacher-written rationales from `rayd generate`); eval rows always come from
+    `data.source`, so runs trained on different data are scored on the same held-out prompts.
+    """
     if cfg.source.startswith("task:"):
         name = cfg.source.removeprefix("task:")
         try:
@@ -41,12 +49,15 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int) -> 
         except (KeyError, TypeError, ValueError) as exc:
             reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             raise ConfigError(f"config error: data.source / data.task_options: {reason}") from None
-        train_rows = [
-            (e.prompt, e.completion, e.answer) for e in task.examples("train", cfg.train_size)
-        ]
-        eval_rows = [
-            (e.prompt, e.completion, e.answer) for e in task.examples("eval", cfg.eval_size)
-        ]
+
+        def rows_of(split: str, count: int) -> list[Row]:
+            out = []
+            for e in task.examples(split, count):
+                completion = e.completion if cfg.rationales else task.answer_text(e.answer)
+                out.append((e.prompt, completion, e.answer, e.rationale))
+            return out
+
+        train_rows, eval_rows = rows_of("train", cfg.train_size), rows_of("eval", cfg.eval_size)
     else:
         task = None
         rows = _read_jsonl(
@@ -59,11 +70,15 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int) -> 
             )
         random.Random(seed).shuffle(rows)
         eval_rows, train_rows = rows[: cfg.eval_size], rows[cfg.eval_size :][: cfg.train_size]
+    if cfg.train_dataset is not None:
+        train_rows = read_dataset_dir(Path(cfg.train_dataset), cfg)[: cfg.train_size]
+    if cfg.train_fraction < 1.0:
+        train_rows = train_rows[: max(1, math.ceil(cfg.train_fraction * len(train_rows)))]
     dropped = 0
     out: dict[str, list[Prompt]] = {}
     for split, rows in (("train", train_rows), ("eval", eval_rows)):
         prompts = []
-        for prompt, completion, answer in rows:
+        for prompt, completion, answer, rationale in rows:
             ids = tokenizer(prompt, add_special_tokens=False).input_ids
             if len(ids) > max_prompt_len:
                 if cfg.long_prompts == "error":
@@ -80,11 +95,56 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int) -> 
             if completion is not None:
                 completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
                 completion_ids.append(tokenizer.eos_token_id)
-            prompts.append(Prompt(len(prompts), ids, completion_ids, answer))
+            prompts.append(Prompt(len(prompts), ids, completion_ids, answer, rationale))
         out[split] = prompts
     if not out["train"]:
         raise ConfigError(f"data error: {cfg.source}: no training prompts left")
     return PromptSet(out["train"], out["eval"], task, dropped)
+
+
+Row = tuple[str, str | None, str | None, str | None]  # prompt, completion, answer, rationale
+
+
+def read_dataset_dir(path: Path, cfg: DataConfig) -> list[Row]:
+    """Rows of a `datasets` folder saved with save_to_disk (what `rayd generate` writes)."""
+    if not path.is_dir():
+        raise ConfigError(f"data error: data.train_dataset {str(path)!r} is not a folder")
+    from datasets import load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as exc:  # datasets raises FileNotFoundError, ValueError, ... here
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise ConfigError(
+            f"data error: data.train_dataset {str(path)!r}: not a datasets folder ({first})"
+        ) from None
+    if not hasattr(ds, "column_names") or isinstance(ds.column_names, dict):
+        raise ConfigError(
+            f"data error: data.train_dataset {str(path)!r} holds several splits; give the folder "
+            "of one split"
+        )
+    missing = {cfg.prompt_field, cfg.completion_field} - set(ds.column_names)
+    if missing:
+        raise ConfigError(
+            f"data error: data.train_dataset {str(path)!r} lacks columns {sorted(missing)} "
+            f"(has {ds.column_names}; see data.prompt_field / data.completion_field)"
+        )
+    if len(ds) == 0:
+        raise ConfigError(f"data error: data.train_dataset {str(path)!r} has no rows")
+    columns = ds.column_names
+    rows: list[Row] = []
+    for row in ds:
+        answer = row.get("answer") if "answer" in columns else None
+        rationale = row.get("rationale") if "rationale" in columns else None
+        rows.append(
+            (
+                row[cfg.prompt_field],
+                row[cfg.completion_field],
+                None if answer is None else str(answer),
+                rationale,
+            )
+        )
+    return rows
 
 
 def _read_jsonl(path: Path, prompt_field: str, completion_field: str, skip_bad: bool = False):
@@ -114,7 +174,15 @@ def _read_jsonl(path: Path, prompt_field: str, completion_field: str, skip_bad: 
             continue
         completion = row.get(completion_field)
         answer = row.get("answer")
-        rows.append((row[prompt_field], completion, None if answer is None else str(answer)))
+        rationale = row.get("rationale")
+        rows.append(
+            (
+                row[prompt_field],
+                completion,
+                None if answer is None else str(answer),
+                rationale if isinstance(rationale, str) else None,
+            )
+        )
     if skipped:
         shown = ", ".join(map(str, skipped[:5])) + (" ..." if len(skipped) > 5 else "")
         print(f"rayd: {path}: skipped {len(skipped)} bad lines ({shown})", file=sys.stderr)

@@ -2,8 +2,9 @@
 
 from rayd.tasks.arithmetic import AdditionTask
 from rayd.tasks.base import Example, Task
+from rayd.tasks.jsonl import JsonlTask
 
-TASKS: dict[str, type[Task]] = {"addition": AdditionTask}
+TASKS: dict[str, type[Task]] = {"addition": AdditionTask, "jsonl": JsonlTask}
 
 
 def make_task(name: str, **options: object) -> Task:
@@ -12,4 +13,4 @@ def make_task(name: str, **options: object) -> Task:
     return TASKS[name](**options)  # type: ignore[arg-type]
 
 
-__all__ = ["TASKS", "AdditionTask", "Example", "Task", "make_task"]
+__all__ = ["TASKS", "AdditionTask", "Example", "JsonlTask", "Task", "make_task"]

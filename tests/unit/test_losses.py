@@ -577,3 +577,36 @@ def test_loss_spec_validation() -> None:
         LossSpec("on_policy_pg", is_clip=0.0)
     with pytest.raises(ValueError, match="temperature"):
         LossSpec("sft", temperature=2.0)
+
+
+def test_batch_loss_logit_kd_is_hinton_over_topk_bins() -> None:
+    batch = _batch()
+    logits = _logits(24, (2, 3, V)).float()
+    mask, targets = batch.loss_mask, batch.input_ids[:, 1:]
+    ids, lp = batch.teacher_topk_ids, batch.teacher_topk_logprobs
+    ce = -token_logprobs(logits, targets, mask)
+    for temperature, tail in ((1.0, True), (2.0, False)):
+        spec = LossSpec("logit_kd", alpha=0.3, temperature=temperature, tail=tail)
+        loss, metrics = batch_loss(logits, batch, spec)
+        soft = topk_forward_kl(logits, ids, lp, mask, tail=tail, temperature=temperature)
+        torch.testing.assert_close(loss, 0.3 * temperature**2 * soft + 0.7 * ce)
+        torch.testing.assert_close(metrics["hard_loss"], ce)
+        torch.testing.assert_close(metrics["soft_loss"], temperature**2 * soft)
+    with pytest.raises(ValueError, match="alpha"):
+        LossSpec("logit_kd", alpha=1.5)
+    with pytest.raises(ValueError, match="tail=True needs temperature"):
+        LossSpec("logit_kd", temperature=2.0)
+
+
+def test_batch_loss_row_weights_scale_rows() -> None:
+    batch = _batch()
+    logits = _logits(25, (2, 3, V)).float()
+    plain, _ = batch_loss(logits, batch, LossSpec("sft"))
+    batch.row_weight = torch.tensor([1.0, 0.25])
+    weighted, metrics = batch_loss(logits, batch, LossSpec("sft"))
+    torch.testing.assert_close(weighted[0], plain[0])
+    torch.testing.assert_close(weighted[1], 0.25 * plain[1])
+    # Metrics stay unweighted: they describe the tokens, not the objective.
+    torch.testing.assert_close(metrics["student_logprob"], -plain)
+    sliced = batch.slice(1, 2)
+    assert sliced.row_weight.tolist() == [0.25]

@@ -1,0 +1,314 @@
+"""`rayd demo` (`make demo`): the whole system on the embedded default, in minutes on a CPU.
+
+1. the teacher (tiny:addition-teacher) is trained on gold carry rationales, or reused from cache;
+2. it writes rationales for the training prompts (`rayd generate configs/demo/traces.yaml`),
+   verified, deduplicated and checked for eval leaks;
+3. the student (5.7x smaller) learns from them three ways: rationale SFT (response
+   distillation), Distilling Step-by-Step, and on-policy distillation continuing from the SFT
+   student (the SFT-then-on-policy recipe);
+4. the same student trains on gold answers alone, without a teacher, for as many steps as the
+   longest distilled recipe: the baseline;
+5. every model is scored on the same held-out prompts (greedy, vLLM) and the report is written:
+   runs/demo/report.md, report.json and plots/.
+Every run is a plain `rayd train` of configs/demo/student.yaml with the overrides printed.
+A finished stage is reused when the demo runs again (delete runs/demo to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "demo"
+
+# Each distilled method: (overrides of configs/demo/student.yaml, the stage it continues from).
+# `{traces}` is the generated dataset; `{from}` the student of the stage it continues from.
+METHODS: dict[str, tuple[list[str], str | None]] = {
+    "sft": (["algorithm.name=sft", "data.train_dataset={traces}"], None),
+    "step_by_step": (
+        [
+            "algorithm.name=step_by_step",
+            "data.train_dataset={traces}",
+            "trainer.prompts_per_step=32",
+        ],
+        None,
+    ),
+    "on_policy": (
+        [
+            "algorithm.name=on_policy",
+            "algorithm.loss=reverse_kl",
+            "models.student.path={from}",
+            "trainer.max_steps={on_policy_steps}",
+            "trainer.eval_every=0",
+            "learner.optim.lr=1.0e-3",
+            "learner.optim.warmup_steps=0",
+        ],
+        "sft",
+    ),
+}
+BASELINE = ["algorithm.name=sft", "data.rationales=false", "models.teacher=null"]
+
+
+def run_demo(out: Path, steps: int, on_policy_steps: int, eval_count: int) -> dict[str, Any]:
+    from rayd import cluster
+    from rayd.config import load_config
+    from rayd.evaluate import evaluate_model
+    from rayd.generate import generate, load_generate_config
+    from rayd.tasks import make_task
+    from rayd.train import train
+    from rayd.zoo import resolve_model_path
+
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    base = CONFIGS / "student.yaml"
+    base_cfg = load_config(base)
+    task_options = base_cfg.data.task_options
+
+    _stage("1/5 teacher: tiny:addition-teacher (trained on gold rationales once, then cached)")
+    teacher = resolve_model_path(base_cfg.models.teacher.path, seed=base_cfg.trainer.seed)
+
+    _stage("2/5 teacher rationales: rayd generate configs/demo/traces.yaml")
+    gen_cfg = load_generate_config(str(CONFIGS / "traces.yaml"), [f"output_dir={out / 'traces'}"])
+    traces = generate(gen_cfg)
+    print(json.dumps(traces, indent=2))
+
+    cluster.connect()
+    fills = {
+        "traces": traces["dataset"],
+        "on_policy_steps": str(on_policy_steps),
+    }
+    runs: dict[str, dict[str, Any]] = {}
+
+    def run(name: str, overrides: list[str], total_steps: int) -> None:
+        args = [f"name={name}", f"output_dir={out}/{{name}}", f"trainer.max_steps={steps}"]
+        args += [o.format(**fills) for o in overrides]
+        print("rayd train configs/demo/student.yaml " + " ".join(args), flush=True)
+        cfg = load_config(base, args)
+        summary_file = cfg.run_dir / "summary.json"
+        if _finished_with(cfg, summary_file):
+            print(f"rayd demo: {name}: finished before, reused ({summary_file})")
+            summary = json.loads(summary_file.read_text())
+        else:
+            t0 = time.perf_counter()
+            summary = train(cfg)
+            summary["seconds"] = time.perf_counter() - t0
+            summary_file.write_text(json.dumps(summary, indent=2))
+        runs[name] = {"summary": summary, "steps": total_steps, "overrides": args}
+
+    _stage("3/5 distilled students: rationale SFT, step-by-step, SFT -> on-policy")
+    for method, (overrides, parent) in METHODS.items():
+        if parent is not None:
+            fills["from"] = runs[parent]["summary"]["student"]
+        total = steps if parent is None else runs[parent]["steps"] + on_policy_steps
+        run(method, overrides, total)
+
+    _stage("4/5 baseline: the same student on gold answers alone, no teacher")
+    baseline_steps = max(r["steps"] for r in runs.values())
+    run("baseline", [*BASELINE, f"trainer.max_steps={baseline_steps}"], baseline_steps)
+
+    _stage(f"5/5 held-out evaluation: {eval_count} eval prompts, greedy decoding (vLLM)")
+    task = make_task("addition", seed=base_cfg.trainer.seed, **task_options)
+    models = {"teacher": teacher} | {name: r["summary"]["student"] for name, r in runs.items()}
+    scores = {}
+    for name, path in models.items():
+        scores[name] = evaluate_model(
+            path, task, count=eval_count, max_new_tokens=base_cfg.rollout.max_new_tokens
+        )
+        print(f"  {name:<14} accuracy {100 * scores[name]['accuracy']:.1f}%", flush=True)
+
+    report = build_report(models, scores, runs, traces, eval_count, task_options)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    write_report(out, report, runs)
+    return report
+
+
+def build_report(models, scores, runs, traces, eval_count, task_options) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    def params(path: str) -> int:
+        from transformers import AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModelForCausalLM.from_config(config)
+        return sum(p.numel() for p in model.parameters())
+
+    def entry(name: str) -> dict[str, Any]:
+        e = {
+            "accuracy": scores[name]["accuracy"],
+            "params": params(models[name]),
+            "path": models[name],
+        }
+        if name in runs:
+            e["steps"] = runs[name]["steps"]
+            e["command"] = "rayd train configs/demo/student.yaml " + " ".join(
+                runs[name]["overrides"]
+            )
+        return e
+
+    teacher = entry("teacher")
+    baseline = entry("baseline")
+    students = {name: entry(name) for name in METHODS}
+    best = max(students, key=lambda n: students[n]["accuracy"])
+    best_acc = students[best]["accuracy"]
+    return {
+        "task": {"name": "addition", **task_options, "eval_prompts": eval_count},
+        "teacher": teacher,
+        "baseline": baseline,
+        "students": students,
+        "traces": traces,
+        "best": {
+            "method": best,
+            "accuracy": best_acc,
+            "teacher_retention": best_acc / teacher["accuracy"] if teacher["accuracy"] else 0.0,
+            "over_baseline_points": 100 * (best_acc - baseline["accuracy"]),
+        },
+        "targets": {
+            "teacher_retention_at_least": 0.9,
+            "over_baseline_points_at_least": 15,
+            "met": bool(
+                teacher["accuracy"]
+                and best_acc >= 0.9 * teacher["accuracy"]
+                and 100 * (best_acc - baseline["accuracy"]) >= 15
+            ),
+        },
+    }
+
+
+def report_table(report: dict[str, Any]) -> str:
+    rows = [("teacher", report["teacher"]), ("baseline (answers only)", report["baseline"])]
+    rows += [(f"student: {name}", e) for name, e in report["students"].items()]
+    teacher_params = report["teacher"]["params"]
+    lines = [
+        "| model | params | size vs teacher | train steps | held-out accuracy |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, e in rows:
+        lines.append(
+            f"| {name} | {e['params'] / 1e6:.2f}M | {teacher_params / e['params']:.1f}x smaller "
+            f"| {e.get('steps', '-')} | {100 * e['accuracy']:.1f}% |"
+        )
+    lines[2] = lines[2].replace("1.0x smaller", "-")
+    best = report["best"]
+    lines += [
+        "",
+        f"Best distilled student: **{best['method']}**, {100 * best['accuracy']:.1f}% = "
+        f"{100 * best['teacher_retention']:.0f}% of the teacher's accuracy, "
+        f"{best['over_baseline_points']:+.1f} points over the answers-only baseline "
+        f"(targets: >= 90% and >= +15; {'met' if report['targets']['met'] else 'NOT met'}).",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, report: dict[str, Any], runs: dict[str, dict[str, Any]]) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    table = report_table(report)
+    t = report["task"]
+    traces = report["traces"]
+    text = [
+        "# rayd demo report",
+        "",
+        f"Task: {t.get('digits', '?')}-digit addition, {t['eval_prompts']} held-out prompts, "
+        "greedy decoding. Produced by `make demo` (`rayd demo`).",
+        "",
+        table,
+        "",
+        f"Teacher rationales: {traces['samples']} samples for {traces['prompts']} prompts, "
+        f"{traces['kept']} kept; dropped: "
+        + ", ".join(f"{k} {v}" for k, v in traces["dropped"].items()),
+        "",
+        "Commands:",
+        "",
+    ]
+    for name, e in [("baseline", report["baseline"]), *report["students"].items()]:
+        text.append(f"- {name}: `{e['command']}`")
+    text += ["", "Plots: plots/accuracy.png, plots/learning_curves.png", ""]
+    (out / "report.md").write_text("\n".join(text))
+    plot_report(out / "plots", report, runs)
+
+
+def plot_report(folder: Path, report: dict[str, Any], runs: dict[str, dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ["teacher", "baseline", *report["students"]]
+    accs = [100 * (report.get(n) or report["students"][n])["accuracy"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(names, accs, color=["#555555", "#bbbbbb"] + ["#3b7dd8"] * len(report["students"]))
+    for i, a in enumerate(accs):
+        ax.text(i, a + 1, f"{a:.1f}%", ha="center")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylim(0, 110)
+    ax.set_title("Teacher, answers-only baseline and distilled students")
+    fig.tight_layout()
+    fig.savefig(folder / "accuracy.png", dpi=120)
+    plt.close(fig)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, r in runs.items():
+        records = [
+            json.loads(line) for line in Path(r["summary"]["metrics"]).read_text().splitlines()
+        ]
+        offset = 0
+        if name == "on_policy":
+            offset = runs["sft"]["steps"]  # it continues from the sft student
+        train = [x for x in records if "loss" in x]
+        left.plot([offset + x["step"] for x in train], [x["loss"] for x in train], label=name)
+        evals = [x for x in records if "eval/accuracy" in x]
+        right.plot(
+            [offset + x["step"] for x in evals],
+            [100 * x["eval/accuracy"] for x in evals],
+            marker="o",
+            label=name,
+        )
+    left.set_yscale("log")
+    left.set_xlabel("step")
+    left.set_ylabel("training loss (each method's own)")
+    right.set_xlabel("step")
+    right.set_ylabel("eval accuracy (%), during training")
+    left.legend()
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "learning_curves.png", dpi=120)
+    plt.close(fig)
+
+
+def _finished_with(cfg: Any, summary_file: Path) -> bool:
+    """A run can be reused when it finished and ran with this very config."""
+    import yaml
+
+    saved = cfg.run_dir / "config.yaml"
+    if not summary_file.is_file() or not saved.is_file():
+        return False
+    if json.loads(summary_file.read_text()).get("preempted", True):
+        return False
+    return yaml.safe_load(saved.read_text()) == cfg.model_dump(mode="json")
+
+
+def _stage(text: str) -> None:
+    print(f"\n== rayd demo: {text}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rayd demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/demo", help="output folder")
+    parser.add_argument("--steps", type=int, default=1500, help="offline training steps")
+    parser.add_argument("--on-policy-steps", type=int, default=100)
+    parser.add_argument("--eval-count", type=int, default=500, help="held-out prompts")
+    args = parser.parse_args(argv)
+    from rayd.config import ConfigError
+
+    try:
+        report = run_demo(Path(args.out), args.steps, args.on_policy_steps, args.eval_count)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print("\n" + report_table(report))
+    print(f"\nrayd demo: report in {args.out}/report.md ({report['seconds']:.0f} s)")
+    return 0 if report["targets"]["met"] else 1
