@@ -89,13 +89,13 @@ def evaluate_model(
     temperature: float = 1.0,
     max_new_tokens: int = 64,
     backend: str = "vllm",
-    max_model_len: int = 512,
+    max_model_len: int | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Greedy accuracy (and pass@k from `samples` draws per prompt) on the eval split, generated
     by a rollout engine actor on the local or joined Ray cluster."""
     import ray
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from rayd import cluster
     from rayd.rollout.worker import RolloutWorker
@@ -103,6 +103,9 @@ def evaluate_model(
 
     examples = task.examples("eval", count)
     tokenizer = AutoTokenizer.from_pretrained(model)
+    if max_model_len is None:  # the model's own limit, capped where the KV cache stays small
+        positions = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", 512)
+        max_model_len = min(int(positions), 2048)
     ids = [tokenizer(e.prompt, add_special_tokens=False).input_ids for e in examples]
     indices = list(range(len(examples)))
     cluster.connect()

@@ -231,6 +231,8 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
 
             tokens = sum(len(s.completion_ids) for s in samples)
             step_time = time.perf_counter() - step_start
+            if teacher is None:  # without teacher scores the estimate is meaningless
+                metrics.pop("reverse_kl", None)
             metrics.update(step_metrics(samples, tokens, timer.seconds, step_time, version))
             metrics.update(
                 {
