@@ -463,8 +463,9 @@ def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
 
 
 def _save_dataset(path: Path, kept: list[dict[str, Any]], task: Task) -> None:
-    from datasets import Dataset
+    from datasets import Dataset, disable_progress_bars
 
+    disable_progress_bars()  # a bar per save would land between the summary lines
     rows = {
         "sample_id": [s["sample_id"] for s in kept],
         "prompt_index": [s["prompt_index"] for s in kept],

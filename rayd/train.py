@@ -99,9 +99,9 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
         cfg.rollout.max_model_len - cfg.rollout.max_new_tokens,
         cfg.trainer.seed,
     )
+    check_offline_data(cfg, prompts)
     cluster.connect()
     check_resources(cfg, ray.cluster_resources())
-    check_offline_data(cfg, prompts)
     rollout, teacher, learners = start_workers(cfg, student_path, teacher_path)
     sampler = PromptSampler(len(prompts.train), cfg.trainer.seed)
     rng = random.Random(cfg.trainer.seed)

@@ -66,6 +66,17 @@ def existing_checkpoint(tmp: Path, corrupt: bool, num_learners: int = 1) -> list
     return [f"output_dir={tmp}/run"]
 
 
+def saved_dataset(tmp: Path, *columns: str) -> str:
+    """A `datasets` folder with only the given columns (prompt, completion, ...)."""
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
+    data = {"prompt": ["1+1=", "2+2="], "completion": ["A=2", "A=4"]}
+    path = tmp / "ds"
+    Dataset.from_dict({c: data[c] for c in columns}).save_to_disk(str(path))
+    return str(path)
+
+
 def rows(n: int, **extra) -> list[dict]:
     return [{"prompt": f"{i}+{i}=", "completion": f"A={2 * i}", **extra} for i in range(n)]
 
@@ -308,6 +319,63 @@ CASES = {
         lambda t: (None, ["data.task_options={colour: 1}"]),
         2,
         "data.source / data.task_options",
+    ),
+    # --- offline (reasoning) modes ---
+    "algorithm.loss with an offline mode": (
+        lambda t: (None, ["algorithm.name=sft", "algorithm.loss=reverse_kl"]),
+        2,
+        "algorithm.loss applies to on_policy and gkd; sft has its own loss",
+    ),
+    "teacher needed but not given": (
+        lambda t: (None, ["models.teacher=null", "algorithm.name=logit_kd"]),
+        2,
+        "models.teacher: algorithm.name=logit_kd needs a teacher model",
+    ),
+    "train_dataset with on_policy": (
+        lambda t: (None, [f"data.train_dataset={t}"]),
+        2,
+        "data.train_dataset holds completions for the offline modes and gkd",
+    ),
+    "train_dataset not a folder": (
+        lambda t: (None, ["algorithm.name=sft", f"data.train_dataset={t}/none"]),
+        2,
+        "is not a folder",
+    ),
+    "train_dataset not a datasets folder": (
+        lambda t: (None, ["algorithm.name=sft", f"data.train_dataset={t}"]),
+        2,
+        "not a datasets folder",
+    ),
+    "train_dataset without completions": (
+        lambda t: (
+            None,
+            ["algorithm.name=sft", f"data.train_dataset={saved_dataset(t, 'prompt')}"],
+        ),
+        2,
+        "lacks columns ['completion']",
+    ),
+    "step_by_step without rationales": (
+        lambda t: (
+            None,
+            [
+                "algorithm.name=step_by_step",
+                f"data.train_dataset={saved_dataset(t, 'prompt', 'completion')}",
+                "trainer.prompts_per_step=2",
+            ],
+        ),
+        2,
+        "step_by_step needs 'answer' and 'rationale' for every training row",
+    ),
+    "sft on prompts without completions": (
+        lambda t: (
+            None,
+            [
+                "algorithm.name=sft",
+                f"data.source={jsonl(t / 'd.jsonl', [{'prompt': '1+1='}] * 40)}",
+            ],
+        ),
+        2,
+        "some training rows have no 'completion' field",
     ),
     # --- checkpoints ---
     "resume=must, no checkpoint": (
