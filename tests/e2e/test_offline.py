@@ -32,7 +32,7 @@ def traces(local_ray, tmp_path_factory):
     cfg = load_generate_config(
         None,
         [
-            "teacher.path=tiny:test-teacher",
+            "teacher.path=tiny:test-reasoner",
             f"output_dir={out}",
             "prompts.count=96",
             "prompts.eval_size=32",
