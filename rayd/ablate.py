@@ -48,7 +48,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rayd.config import ConfigError, RunConfig, load_config, save_config
+from rayd.config import (
+    ConfigError,
+    RunConfig,
+    format_validation_error,
+    load_config,
+    save_config,
+)
 
 SEED_AXES = ("trainer.seed", "seed")
 # Set by the sweep for every cell; an axis or override may not change them.
@@ -200,21 +206,7 @@ def _check_config_key(where: str, dotted: str, value: Any) -> None:
 
 
 def _format_sweep_error(path: Path, err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        got = (
-            ""
-            if e["type"] in ("missing", "extra_forbidden") or not key
-            else f" (got {e.get('input')!r})"
-        )
-        lines.append(f"sweep error: {path}: {key + ': ' if key else ''}{msg}{got}")
-    return "\n".join(lines)
+    return format_validation_error(err, prefix=f"sweep error: {path}: ")
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,12 @@ naming the key and what is allowed. Nothing here silently changes a value the us
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -272,7 +274,7 @@ class RunConfig(_Strict):
         return Path(self.output_dir.format(name=self.name))
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError, prefix: str = "config error: ") -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
@@ -286,7 +288,7 @@ def _format_validation_error(err: ValidationError) -> str:
             if e["type"] in ("missing", "extra_forbidden") or not key
             else (f" (got {e.get('input')!r})")
         )
-        lines.append(f"config error: {key + ': ' if key else ''}{msg}{got}")
+        lines.append(f"{prefix}{key + ': ' if key else ''}{msg}{got}")
     return "\n".join(lines)
 
 
@@ -315,8 +317,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """YAML file (optional) + dotted overrides -> validated RunConfig, or one clear ConfigError."""
+def load_tree(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A YAML file (optional) with dotted `key=value` overrides applied, as a plain tree."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -333,10 +335,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         tree = loaded or {}
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
+    return tree
+
+
+def validate(model: type[M], tree: dict[str, Any]) -> M:
+    """`model` validated from `tree`, or one ConfigError line per problem."""
     try:
-        return RunConfig.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file (optional) + dotted overrides -> validated RunConfig, or one clear ConfigError."""
+    return validate(RunConfig, load_tree(path, overrides))
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -26,24 +26,17 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 import rayd
-from rayd.config import (
-    ConfigError,
-    ModelSpec,
-    _format_validation_error,
-    _set_dotted,
-    _Strict,
-    parse_overrides,
-)
+from rayd.config import ConfigError, ModelSpec, _Strict, load_tree, validate
 from rayd.tasks import make_task
 from rayd.tasks.base import Task
 
@@ -115,24 +108,7 @@ class GenerateConfig(_Strict):
 
 
 def load_generate_config(path: str | None, overrides: list[str] | None = None) -> GenerateConfig:
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config error: config file {str(p)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError:
-            raise ConfigError(f"config error: {p}: not valid YAML") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config error: {p}: expected a mapping of sections at the top")
-        tree = loaded or {}
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
-    try:
-        cfg = GenerateConfig.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
+    cfg = validate(GenerateConfig, load_tree(path, overrides))
     if cfg.sampling.temperature == 0 and cfg.sampling.n > 1:
         raise ConfigError("config error: sampling.n > 1 needs sampling.temperature > 0")
     return cfg
@@ -475,15 +451,9 @@ def _save_dataset(path: Path, kept: list[dict[str, Any]], task: Task) -> None:
         "answer": [task.extract_answer(s["completion"]) for s in kept],
     }
     tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     Dataset.from_dict(rows).save_to_disk(str(tmp))
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
+    shutil.rmtree(path, ignore_errors=True)  # the dataset is rebuilt whole from the shards
     os.replace(tmp, path)
 
 
