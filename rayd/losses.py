@@ -533,28 +533,7 @@ def batch_loss(
     teacher = batch.teacher_logprobs.to(student_lp.dtype)
 
     metrics: dict[str, Tensor] = {}
-    if spec.kind == "on_policy_pg":
-        loss = token_reverse_kl_pg(student_lp, behavior, teacher, mask, spec.is_clip)
-        ratio = torch.where(mask, (student_lp.detach() - behavior).exp(), 0.0)
-        metrics["ratio"] = ratio
-    elif spec.kind == "sft":
-        loss = -student_lp
-    elif spec.kind == "logit_kd":
-        log_s, log_t = _topk_bins(
-            logits,
-            batch.teacher_topk_ids,
-            batch.teacher_topk_logprobs,
-            mask,
-            spec.tail,
-            temperature,
-            student_lse=lse if spec.tail else None,
-        )
-        soft = _per_token(_kl(log_t, log_s), mask) * temperature**2
-        hard = -(student_lp if temperature == 1.0 else token_logprobs(logits, targets, mask))
-        loss = spec.alpha * soft + (1.0 - spec.alpha) * hard
-        metrics["soft_loss"] = _per_token(soft, mask).detach()
-        metrics["hard_loss"] = _per_token(hard, mask).detach()
-    else:
+    if spec.kind in (*_TOPK_KINDS, "logit_kd"):
         # tail=True forces temperature 1 (LossSpec checks), so the lse above is the right one.
         log_s, log_t = _topk_bins(
             logits,
@@ -565,13 +544,24 @@ def batch_loss(
             temperature,
             student_lse=lse if spec.tail else None,
         )
-        if spec.kind == "forward_kl":
-            per_token = _kl(log_t, log_s)
-        elif spec.kind == "reverse_kl":
-            per_token = _kl(log_s, log_t)
-        else:
-            per_token = _generalized_jsd_lp(log_s, log_t, spec.beta)
-        loss = _per_token(per_token, mask)
+    if spec.kind == "on_policy_pg":
+        loss = token_reverse_kl_pg(student_lp, behavior, teacher, mask, spec.is_clip)
+        ratio = torch.where(mask, (student_lp.detach() - behavior).exp(), 0.0)
+        metrics["ratio"] = ratio
+    elif spec.kind == "sft":
+        loss = -student_lp
+    elif spec.kind == "logit_kd":
+        soft = _per_token(_kl(log_t, log_s), mask) * temperature**2
+        hard = -(student_lp if temperature == 1.0 else token_logprobs(logits, targets, mask))
+        loss = spec.alpha * soft + (1.0 - spec.alpha) * hard
+        metrics["soft_loss"] = _per_token(soft, mask).detach()
+        metrics["hard_loss"] = _per_token(hard, mask).detach()
+    elif spec.kind == "forward_kl":
+        loss = _per_token(_kl(log_t, log_s), mask)
+    elif spec.kind == "reverse_kl":
+        loss = _per_token(_kl(log_s, log_t), mask)
+    else:
+        loss = _per_token(_generalized_jsd_lp(log_s, log_t, spec.beta), mask)
 
     metrics["reverse_kl"] = _per_token(behavior - teacher, mask).detach()
     metrics["student_logprob"] = student_lp.detach()

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 from datasets import load_from_disk
 
 from rayd.config import load_config
@@ -17,13 +16,6 @@ from rayd.generate import generate, load_generate_config
 from rayd.train import train
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

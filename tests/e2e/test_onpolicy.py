@@ -14,20 +14,12 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 
 from rayd.config import load_config
 from rayd.train import train
 
 # Shared with the README's command for the figures: 120 steps, dense reverse KL, 2 learners.
 CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])

@@ -18,7 +18,6 @@ import time
 import warnings
 
 import pytest
-import ray
 from test_resume import KEYS, actor_pids, config, step_records  # same folder, rootdir import
 
 from rayd.train import train
@@ -26,13 +25,6 @@ from rayd.train import train
 N = int(os.environ.get("RAYD_FAULTS", "4"))
 STEPS = max(8, 2 * N + 2)
 KINDS = ("rollout", "teacher", "learner", "sigterm", "sigterm+corrupt")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def overrides():

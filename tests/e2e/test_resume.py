@@ -22,20 +22,12 @@ import threading
 import time
 
 import pytest
-import ray
 
 from rayd.config import load_config
 from rayd.train import train
 
 STEPS = 6
 KEYS = ("loss", "reverse_kl", "grad_norm", "completion_tokens")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def config(tmp_path, name, *extra):

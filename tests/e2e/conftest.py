@@ -1,0 +1,11 @@
+"""A local Ray per test module, shared by the end-to-end tests that drive `train()` in-process."""
+
+import pytest
+import ray
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=8, include_dashboard=False)
+    yield
+    ray.shutdown()
