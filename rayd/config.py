@@ -157,6 +157,11 @@ class DataConfig(_Strict):
         True, description="task data: completions with the gold rationale, or the answer alone"
     )
     eval_size: int = Field(32, ge=1)
+    chat_template: Literal["auto", "never"] = Field(
+        "auto",
+        description="auto: prompts go in the student tokenizer's chat template when it has one "
+        "(a user turn, then the assistant's opening); never: plain text",
+    )
     long_prompts: Literal["error", "drop", "truncate"] = "error"
     bad_lines: Literal["error", "skip"] = Field(
         "error", description="a malformed JSONL line: stop with its file:line, or skip (counted)"

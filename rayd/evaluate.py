@@ -91,6 +91,7 @@ def evaluate_model(
     backend: str = "vllm",
     max_model_len: int | None = None,
     seed: int = 0,
+    chat_template: bool = True,
 ) -> dict[str, Any]:
     """Greedy accuracy (and pass@k from `samples` draws per prompt) on the eval split, generated
     by a rollout engine actor on the local or joined Ray cluster."""
@@ -98,6 +99,7 @@ def evaluate_model(
     from transformers import AutoConfig, AutoTokenizer
 
     from rayd import cluster
+    from rayd.data.prompts import encode_prompt
     from rayd.rollout.worker import RolloutWorker
     from rayd.workers import engine_runtime_env
 
@@ -106,7 +108,7 @@ def evaluate_model(
     if max_model_len is None:  # the model's own limit, capped where the KV cache stays small
         positions = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", 512)
         max_model_len = min(int(positions), 2048)
-    ids = [tokenizer(e.prompt, add_special_tokens=False).input_ids for e in examples]
+    ids = [encode_prompt(tokenizer, e.prompt, chat_template) for e in examples]
     indices = list(range(len(examples)))
     cluster.connect()
     worker = (
@@ -183,6 +185,12 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--backend", choices=("vllm", "hf"), default="vllm")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--chat-template",
+        choices=("auto", "never"),
+        default="auto",
+        help="auto: prompts in the model's chat template when it has one (as training does)",
+    )
     parser.add_argument("--out", help="JSON file (default: MODEL/eval-TASK.json)")
     args = parser.parse_args(argv)
     import yaml
@@ -213,6 +221,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens,
         backend=args.backend,
         seed=args.seed,
+        chat_template=args.chat_template == "auto",
     )
     result["task"] = {"name": args.task, **options}
     out = Path(args.out) if args.out else Path(args.model) / f"eval-{args.task}.json"

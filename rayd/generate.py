@@ -37,6 +37,7 @@ from pydantic import Field
 
 import rayd
 from rayd.config import ConfigError, ModelSpec, _Strict, load_tree, validate
+from rayd.data.prompts import encode_prompt
 from rayd.tasks import make_task
 from rayd.tasks.base import Task
 
@@ -81,6 +82,9 @@ class PromptsConfig(_Strict):
     answer_field: str = "answer"
     eval_file: str | None = Field(
         None, description="JSONL source only: the eval questions to check contamination against"
+    )
+    chat_template: Literal["auto", "never"] = Field(
+        "auto", description="auto: prompts in the teacher tokenizer's chat template if it has one"
     )
 
 
@@ -390,7 +394,10 @@ def _write_shards(cfg, teacher_path, questions, shards, todo, shards_dir) -> Non
         limit = e.max_model_len - s.max_new_tokens
         for done, i in enumerate(todo, 1):
             indices = shards[i]
-            ids = [_prompt_ids(tokenizer, questions[j][0]) for j in indices]
+            ids = [
+                encode_prompt(tokenizer, questions[j][0], cfg.prompts.chat_template == "auto")
+                for j in indices
+            ]
             too_long = [j for j, x in zip(indices, ids, strict=True) if len(x) > limit]
             if too_long:
                 raise ConfigError(
@@ -425,17 +432,6 @@ def _write_shards(cfg, teacher_path, questions, shards, todo, shards_dir) -> Non
             print(f"rayd generate: shard {i} written ({done}/{len(todo)})", file=sys.stderr)
     finally:
         pool.shutdown()
-
-
-def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """The prompt as the teacher sees it: in its chat template when the tokenizer has one."""
-    if getattr(tokenizer, "chat_template", None):
-        return list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-        )
-    return tokenizer(prompt, add_special_tokens=False).input_ids
 
 
 def _save_dataset(path: Path, kept: list[dict[str, Any]], task: Task) -> None:

@@ -53,6 +53,7 @@ def build_tiny_llama(
     max_positions: int = 256,
     seed: int = 0,
     tokenizer: PreTrainedTokenizerFast | None = None,
+    tie_embeddings: bool = False,
 ) -> Path:
     """Write a randomly initialised Llama checkpoint (fp32) with a character tokenizer."""
     tokenizer = tokenizer or build_char_tokenizer()
@@ -67,8 +68,9 @@ def build_tiny_llama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        # Untied embeddings keep weight sync simple: safetensors refuses shared tensors.
-        tie_word_embeddings=False,
+        # Untied by default; tied (as in most small pretrained models) for the tests that prove
+        # weight sync and checkpoints handle the shared tensor.
+        tie_word_embeddings=tie_embeddings,
         torch_dtype="float32",
     )
     torch.manual_seed(seed)

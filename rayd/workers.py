@@ -70,14 +70,58 @@ def check_models(cfg: RunConfig):
             f"student's ({len(t_vocab)} vs {len(s_vocab)} tokens, {differ} entries differ); "
             "token-level distillation needs the same tokenizer"
         )
-    if s_tok.eos_token_id != t_tok.eos_token_id:
-        raise ConfigError("config error: models: teacher and student use different eos tokens")
+    check_same_turn_format(cfg, student, s_tok, teacher, t_tok)
     for key, path in (("models.student.path", student), ("models.teacher.path", teacher)):
         if AutoConfig.from_pretrained(path).vocab_size < len(s_tok):
             raise ConfigError(
                 f"config error: {key}: model vocab_size is smaller than its tokenizer"
             )
     return student, teacher, s_tok
+
+
+def stop_token_ids(path: str, tokenizer) -> set[int]:
+    """Every id that ends a generation: the tokenizer's eos and the generation config's list.
+
+    Chat models often stop on more than one id (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>),
+    and vLLM stops on the generation config's ids, not only on the tokenizer's.
+    """
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = Path(path) / "generation_config.json"
+    if gen.is_file():
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+        ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return ids
+
+
+def check_same_turn_format(cfg: RunConfig, student: str, s_tok, teacher: str, t_tok) -> None:
+    """The teacher must score the student's text in the format it was tuned on, and agree on
+    where a completion ends.
+
+    A teacher that never ends a turn where the student does puts low probability on the
+    student's stop token, so distillation teaches the student not to stop: runaway lengths. And
+    a chat model scoring prompts in another model's template sees text it was never tuned on.
+    """
+    s_stop, t_stop = stop_token_ids(student, s_tok), stop_token_ids(teacher, t_tok)
+    if s_stop != t_stop:
+        student_names = s_tok.convert_ids_to_tokens(sorted(s_stop))
+        teacher_names = t_tok.convert_ids_to_tokens(sorted(t_stop))
+        raise ConfigError(
+            "config error: models: teacher and student end completions on different tokens "
+            f"(student {student_names}, teacher {teacher_names}; tokenizer eos and "
+            "generation_config.json eos_token_id); a teacher that does not stop where the "
+            "student stops teaches it never to stop"
+        )
+    s_tpl, t_tpl = getattr(s_tok, "chat_template", None), getattr(t_tok, "chat_template", None)
+    if cfg.data.chat_template == "auto" and s_tpl != t_tpl:
+        which = "only the student has" if not t_tpl else "only the teacher has" if not s_tpl else ""
+        raise ConfigError(
+            "config error: models: teacher and student chat templates differ"
+            + (f" ({which} one)" if which else "")
+            + "; the teacher would score prompts in the student's template. Use models with "
+            "the same template, or data.chat_template=never for plain-text prompts"
+        )
 
 
 def check_resources(cfg: RunConfig, available: dict[str, float]) -> None:

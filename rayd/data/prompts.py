@@ -79,7 +79,7 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int) -> 
     for split, rows in (("train", train_rows), ("eval", eval_rows)):
         prompts = []
         for prompt, completion, answer, rationale in rows:
-            ids = tokenizer(prompt, add_special_tokens=False).input_ids
+            ids = encode_prompt(tokenizer, prompt, cfg.chat_template == "auto")
             if len(ids) > max_prompt_len:
                 if cfg.long_prompts == "error":
                     raise ConfigError(
@@ -103,6 +103,22 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int) -> 
 
 
 Row = tuple[str, str | None, str | None, str | None]  # prompt, completion, answer, rationale
+
+
+def encode_prompt(tokenizer, text: str, chat_template: bool = True) -> list[int]:
+    """A prompt's token ids, as a user turn in the tokenizer's chat template when it has one.
+
+    Training, evaluation and `rayd generate` all encode prompts here, so an instruct model sees
+    the format it was tuned on everywhere, and a tokenizer without a template (the tiny character
+    models) gets the plain text. The completion that follows ends with `eos_token_id`, which for
+    chat models is the end-of-turn token.
+    """
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+    # The template already holds the model's special tokens: adding a BOS again would double it.
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def read_dataset_dir(path: Path, cfg: DataConfig) -> list[Row]:

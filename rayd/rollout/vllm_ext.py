@@ -26,16 +26,17 @@ from rayd.weight_sync import deserialize_state_dict
 
 
 class _QuietBufferOnlyReload(logging.Filter):
-    """vLLM's layerwise reload warns "RotaryEmbedding: Failed to load weights" on every sync: the
-    rotary cache is a buffer computed at start-up, never part of a checkpoint. Real misses are
-    caught by `rayd_load_weights` as errors, so this one line per step is only noise."""
+    """vLLM's layerwise reload warns "<Layer>: Failed to load weights" on every sync for layers
+    that own no tensor of their own: the rotary cache (a buffer computed at start-up) and, with
+    tied embeddings, the LM head (it shares the embedding, which did load). Real misses are caught
+    by `rayd_load_weights` as errors, so these lines per step are only noise."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
         return not (
             record.msg == "%s: Failed to load weights"
             and args
-            and str(args[0]).endswith("RotaryEmbedding")
+            and str(args[0]).endswith(("RotaryEmbedding", "ParallelLMHead"))
         )
 
 

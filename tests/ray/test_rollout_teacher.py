@@ -274,3 +274,30 @@ def test_partial_weight_blob_is_refused(backend, workers, student):
     blob = serialize_state_dict(student.state_dict())
     assert get(actor.load_weights.remote(blob, 4), TIMEOUT, "load_weights") == 4
     assert len(get(actor.generate.remote([[5, 6]], [0], **kwargs), TIMEOUT, "generate")) == 1
+
+
+def test_weight_sync_with_tied_embeddings(ray_local, tmp_path):
+    """Most small pretrained models tie the LM head to the embedding (SmolLM2, Qwen2.5-0.5B): the
+    blob carries the shared tensor once, and the engine's head must follow the new embedding."""
+    paths = [
+        build_tiny_llama(
+            tmp_path / f"tied{seed}", layers=2, hidden=64, heads=2, seed=seed, tie_embeddings=True
+        )
+        for seed in (0, 7)
+    ]
+    old, new = (load_hf(p) for p in paths)
+    assert new.lm_head.weight.data_ptr() == new.model.embed_tokens.weight.data_ptr()
+    actor = (
+        ray.remote(RolloutWorker)
+        .options(num_cpus=1)
+        .remote(str(paths[0]), "vllm", seed=0, max_model_len=128, kv_cache_gib=0.25, threads=1)
+    )
+    try:
+        sequence = random_ids(torch.Generator().manual_seed(3), 40, old.config.vocab_size)
+        got = get(actor.logprobs.remote([sequence]), TIMEOUT, "logprobs")[0]
+        torch.testing.assert_close(got, forced_logprobs(old, sequence), atol=1e-4, rtol=0)
+        get(actor.load_weights.remote(serialize_state_dict(new.state_dict()), 1), TIMEOUT, "load")
+        got = get(actor.logprobs.remote([sequence]), TIMEOUT, "logprobs")[0]
+        torch.testing.assert_close(got, forced_logprobs(new, sequence), atol=1e-4, rtol=0)
+    finally:
+        ray.kill(actor)

@@ -46,6 +46,20 @@ def other_tokenizer_model(tmp: Path) -> str:
     return str(dst)
 
 
+def teacher_variant(tmp: Path, *, chat_template: str | None = None, extra_stop: int = 0) -> str:
+    """The test teacher with a chat template added, or one more end-of-sequence id."""
+    src = Path(resolve_model_path("tiny:test-teacher"))
+    dst = tmp / "teacher-variant"
+    shutil.copytree(src, dst)
+    if chat_template is not None:
+        (dst / "chat_template.jinja").write_text(chat_template)
+    if extra_stop:
+        gen = json.loads((dst / "generation_config.json").read_text())
+        gen["eos_token_id"] = [gen["eos_token_id"], extra_stop]
+        (dst / "generation_config.json").write_text(json.dumps(gen))
+    return str(dst)
+
+
 def no_tokenizer_model(tmp: Path) -> str:
     src = Path(resolve_model_path("tiny:test-student"))
     dst = tmp / "no-tokenizer"
@@ -237,6 +251,19 @@ CASES = {
         lambda t: (None, [f"models.teacher.path={no_tokenizer_model(t)}"]),
         2,
         "no tokenizer in",
+    ),
+    "teacher stops on another token too": (
+        lambda t: (None, [f"models.teacher.path={teacher_variant(t, extra_stop=5)}"]),
+        2,
+        "teacher and student end completions on different tokens",
+    ),
+    "chat template on the teacher only": (
+        lambda t: (
+            None,
+            [f"models.teacher.path={teacher_variant(t, chat_template='{{ messages }}')}"],
+        ),
+        2,
+        "teacher and student chat templates differ (only the teacher has one)",
     ),
     "same vocab size, different tokenizer": (
         lambda t: (None, [f"models.teacher.path={other_tokenizer_model(t)}"]),
