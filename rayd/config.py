@@ -87,7 +87,8 @@ class LearnerConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
 
 
-OFFLINE_ALGORITHMS = ("sft", "step_by_step", "logit_kd")
+AlgorithmName = Literal["on_policy", "gkd", "sft", "step_by_step", "logit_kd", "feature_kd"]
+OFFLINE_ALGORITHMS = ("sft", "step_by_step", "logit_kd", "feature_kd")
 
 
 class AlgorithmConfig(_Strict):
@@ -103,7 +104,10 @@ class AlgorithmConfig(_Strict):
     #      loss = CE(answer) + rationale_weight * CE(rationale).
     # logit_kd: Hinton soft targets: alpha * T^2 * KL(teacher_T || student_T) over the teacher's
     #      top-k (scored online by the teacher actor) + (1 - alpha) * CE on the completion.
-    name: Literal["on_policy", "gkd", "sft", "step_by_step", "logit_kd"] = "on_policy"
+    # feature_kd: CE on the completion + feature_weight * the mean over feature_layers pairs of
+    #      MSE or cosine distance between a learned linear projection of the student's hidden
+    #      state and the teacher's (FitNets, Romero et al. 2015; TinyBERT-style layer maps).
+    name: AlgorithmName = "on_policy"
     loss: Literal["on_policy_pg", "forward_kl", "reverse_kl", "jsd"] | None = Field(
         None, description="on_policy/gkd only; defaults: on_policy -> on_policy_pg, gkd -> jsd"
     )
@@ -117,6 +121,14 @@ class AlgorithmConfig(_Strict):
     rationale_prefix: str = Field(
         "why: ", min_length=1, description="step_by_step: the rationale task's input prefix"
     )
+    feature_layers: list[tuple[int, int]] | None = Field(
+        None,
+        description="feature_kd: [student, teacher] hidden-state index pairs (0 = embeddings, "
+        "i = output of layer i); default: every student layer i to teacher layer "
+        "round(i * teacher_layers / student_layers)",
+    )
+    feature_loss: Literal["mse", "cosine"] = "mse"
+    feature_weight: float = Field(1.0, ge=0, description="feature_kd: weight of the feature term")
 
     @property
     def offline(self) -> bool:
@@ -127,8 +139,8 @@ class AlgorithmConfig(_Strict):
     def resolved_loss(self) -> str:
         if self.name in ("sft", "step_by_step"):
             return "sft"
-        if self.name == "logit_kd":
-            return "logit_kd"
+        if self.name in ("logit_kd", "feature_kd"):
+            return self.name
         return self.loss or {"on_policy": "on_policy_pg", "gkd": "jsd"}[self.name]
 
     @property
@@ -227,6 +239,11 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"algorithm.loss applies to on_policy and gkd; {algo.name} has its own loss "
                 "(remove algorithm.loss)"
+            )
+        if algo.name == "feature_kd" and self.teacher.backend != "hf":
+            raise ValueError(
+                "algorithm.name=feature_kd needs teacher.backend=hf: only the transformers "
+                "teacher returns hidden states"
             )
         if algo.name == "step_by_step" and not self.data.rationales:
             raise ValueError("algorithm.name=step_by_step needs data.rationales=true")

@@ -28,7 +28,9 @@ from torch import Tensor, nn
 
 from rayd.types import TrainBatch
 
-LossKind = Literal["on_policy_pg", "forward_kl", "reverse_kl", "jsd", "sft", "logit_kd"]
+LossKind = Literal[
+    "on_policy_pg", "forward_kl", "reverse_kl", "jsd", "sft", "logit_kd", "feature_kd"
+]
 _TOPK_KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
@@ -42,9 +44,15 @@ class LossSpec:
     tail: bool = True  # top-k modes: add a tail bin for the mass outside the teacher's top-k
     is_clip: float | None = None  # on_policy_pg: truncate the importance ratio at this value
     alpha: float = 0.5  # logit_kd: weight of the soft-target term (1 - alpha: hard CE)
+    # feature_kd: (student, teacher) hidden-state index pairs, the teacher's hidden size (the
+    # projections' output), the distance and the weight of the feature term
+    feature_pairs: tuple[tuple[int, int], ...] = ()
+    teacher_hidden_size: int = 0
+    feature_kind: Literal["mse", "cosine"] = "mse"
+    feature_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("on_policy_pg", *_TOPK_KINDS, "sft", "logit_kd"):
+        if self.kind not in ("on_policy_pg", *_TOPK_KINDS, "sft", "logit_kd", "feature_kd"):
             raise ValueError(f"unknown loss kind {self.kind!r}")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"loss beta must lie in [0, 1], got {self.beta}")
@@ -56,8 +64,12 @@ class LossSpec:
             raise ValueError(f"loss alpha must lie in [0, 1], got {self.alpha}")
         if self.kind in (*_TOPK_KINDS, "logit_kd") and self.tail and self.temperature != 1.0:
             raise ValueError(_TAIL_TEMPERATURE_ERROR.format(t=self.temperature))
-        if self.kind == "sft" and self.temperature != 1.0:
-            raise ValueError(f"sft is cross-entropy at temperature 1, got {self.temperature}")
+        if self.kind in ("sft", "feature_kd") and self.temperature != 1.0:
+            raise ValueError(f"{self.kind} uses CE at temperature 1, got {self.temperature}")
+        if self.kind == "feature_kd" and not (self.feature_pairs and self.teacher_hidden_size):
+            raise ValueError("feature_kd needs feature_pairs and teacher_hidden_size")
+        if self.feature_weight < 0.0:
+            raise ValueError(f"feature_weight must be >= 0, got {self.feature_weight}")
 
 
 _TAIL_TEMPERATURE_ERROR = (
@@ -488,7 +500,11 @@ def step_by_step_loss(
 
 
 def batch_loss(
-    student_logits: Tensor, batch: TrainBatch, spec: LossSpec
+    student_logits: Tensor,
+    batch: TrainBatch,
+    spec: LossSpec,
+    student_hidden: list[Tensor] | None = None,
+    projections: nn.ModuleList | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token loss of one TrainBatch, unreduced.
 
@@ -506,6 +522,11 @@ def batch_loss(
     Hinton's alpha * T^2 * KL(teacher_T || student_T) over the teacher's top-k bins plus
     (1 - alpha) * CE at temperature 1 (extra metrics "soft_loss" and "hard_loss", so a user can
     see the two terms' scales).
+
+    "feature_kd" is CE on the targets plus spec.feature_weight times the mean over
+    spec.feature_pairs of `feature_loss` between projections[i](student_hidden[i]) and
+    batch.teacher_hidden[:, :, i] (student_hidden[i] is [B, L-1, Ds], aligned like the logits);
+    metrics "token_loss" and "feature_loss" give the two terms' scales.
 
     batch.row_weight, when present, multiplies each row's loss (step_by_step's rationale task).
 
@@ -550,6 +571,22 @@ def batch_loss(
         metrics["ratio"] = ratio
     elif spec.kind == "sft":
         loss = -student_lp
+    elif spec.kind == "feature_kd":
+        if student_hidden is None or projections is None:
+            raise ValueError("feature_kd needs the student's hidden states and the projections")
+        if batch.teacher_hidden.ndim != 4:
+            raise ValueError("feature_kd needs teacher hidden states in the batch")
+        features = torch.stack(
+            [
+                feature_loss(
+                    hidden, batch.teacher_hidden[:, :, i], projections[i], mask, spec.feature_kind
+                )
+                for i, hidden in enumerate(student_hidden)
+            ]
+        ).mean(0)
+        loss = -student_lp + spec.feature_weight * features
+        metrics["token_loss"] = _per_token(-student_lp, mask).detach()
+        metrics["feature_loss"] = features.detach()
     elif spec.kind == "logit_kd":
         soft = _per_token(_kl(log_t, log_s), mask) * temperature**2
         hard = -(student_lp if temperature == 1.0 else token_logprobs(logits, targets, mask))

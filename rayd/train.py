@@ -30,7 +30,13 @@ from rayd.learner.group import LearnerFailure
 from rayd.metrics import MetricsLogger, StageTimer
 from rayd.tasks.base import Task
 from rayd.types import Sample, TeacherScore, collate
-from rayd.workers import check_models, check_resources, export_student, start_workers
+from rayd.workers import (
+    check_models,
+    check_resources,
+    export_student,
+    feature_pairs,
+    start_workers,
+)
 
 
 class NumericsError(RuntimeError):
@@ -93,6 +99,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
     check_resume_compatible(cfg, driver_state)
     save_config(cfg, run_dir / "config.yaml")
     student_path, teacher_path, tokenizer = check_models(cfg)
+    features = feature_pairs(cfg, student_path, teacher_path)  # feature_kd's layer map, else []
     prompts = load_prompts(
         cfg.data,
         tokenizer,
@@ -102,7 +109,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
     check_offline_data(cfg, prompts)
     cluster.connect()
     check_resources(cfg, ray.cluster_resources())
-    rollout, teacher, learners = start_workers(cfg, student_path, teacher_path)
+    rollout, teacher, learners = start_workers(cfg, student_path, teacher_path, features)
     sampler = PromptSampler(len(prompts.train), cfg.trainer.seed)
     rng = random.Random(cfg.trainer.seed)
     start_step = driver_state.get("step", 0)
@@ -219,6 +226,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                         "score",
                         [(s.prompt_ids, s.completion_ids) for s in samples],
                         top_k=cfg.teacher.top_k,
+                        hidden_layers=[t for _, t in features] or None,
                     )
             else:  # sft / step_by_step: cross-entropy on the completions, no teacher signal
                 scores = [TeacherScore.empty(len(s.completion_ids)) for s in samples]

@@ -40,6 +40,9 @@ class TeacherScore:
     topk_ids: torch.Tensor  # [T, k] int64: the teacher's top-k tokens at each completion position
     topk_logprobs: torch.Tensor  # [T, k] float32: their log-probs (descending)
     logits: torch.Tensor | None = None  # [T, V] float32, only when a mode asks for full logits
+    # [T, n, D] float32: the teacher's hidden states at the positions that predict each
+    # completion token, for the n layers feature_kd aligns (None otherwise)
+    hidden: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, length: int) -> TeacherScore:
@@ -64,6 +67,8 @@ class TrainBatch:
     teacher_topk_logprobs: torch.Tensor  # [B, L-1, k] float32 (0 where masked)
     on_policy: torch.Tensor = field(default_factory=lambda: torch.ones(0, dtype=torch.bool))  # [B]
     row_weight: torch.Tensor = field(default_factory=lambda: torch.ones(0))  # [B] float32
+    # [B, L-1, n, D] float32 teacher hidden states (feature_kd); empty in every other mode
+    teacher_hidden: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
     @property
     def num_tokens(self) -> int:
@@ -77,7 +82,7 @@ class TrainBatch:
         rows = {f.name: getattr(self, f.name)[start:stop] for f in fields(self)}
         length = int(rows["attention_mask"].sum(dim=1).max().clamp(min=2))
         for name, value in rows.items():
-            if name in _PER_ROW:
+            if name in _PER_ROW or value.ndim < 2:  # per-row, or an unused optional field
                 continue
             rows[name] = value[
                 :, : length if name in ("input_ids", "attention_mask") else length - 1
@@ -125,6 +130,7 @@ def collate(samples: list[Sample], scores: list[TeacherScore], pad_id: int) -> T
         topk_lp[i, cols] = score.topk_logprobs.float()
     on_policy = torch.tensor([s.on_policy for s in samples], dtype=torch.bool)
     row_weight = torch.tensor([s.weight for s in samples], dtype=torch.float32)
+    hidden = _collate_hidden(samples, scores, length)
     return TrainBatch(
         input_ids,
         attention_mask,
@@ -135,4 +141,20 @@ def collate(samples: list[Sample], scores: list[TeacherScore], pad_id: int) -> T
         topk_lp,
         on_policy,
         row_weight,
+        hidden,
     )
+
+
+def _collate_hidden(samples: list[Sample], scores: list[TeacherScore], length: int) -> torch.Tensor:
+    """Teacher hidden states at the target columns, [B, L-1, n, D]; empty when none were sent."""
+    present = [s.hidden is not None for s in scores]
+    if not any(present):
+        return torch.zeros(0)
+    if not all(present):
+        raise ValueError("teacher hidden states for some samples of a batch but not others")
+    n, d = scores[0].hidden.shape[1:]  # type: ignore[union-attr]
+    out = torch.zeros((len(samples), length - 1, n, d))
+    for i, (sample, score) in enumerate(zip(samples, scores, strict=True)):
+        p, t = len(sample.prompt_ids), len(sample.completion_ids)
+        out[i, p - 1 : p - 1 + t] = score.hidden.float()  # type: ignore[union-attr]
+    return out

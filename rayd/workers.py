@@ -79,6 +79,27 @@ def check_models(cfg: RunConfig):
     return student, teacher, s_tok
 
 
+def feature_pairs(cfg: RunConfig, student: str, teacher: str | None) -> list[tuple[int, int]]:
+    """feature_kd's (student, teacher) hidden-state index pairs, checked against both models;
+    empty for every other mode. Index 0 is the embeddings, i the output of layer i."""
+    algo = cfg.algorithm
+    if algo.name != "feature_kd" or teacher is None:
+        return []
+    s_layers = int(AutoConfig.from_pretrained(student).num_hidden_layers)
+    t_layers = int(AutoConfig.from_pretrained(teacher).num_hidden_layers)
+    if algo.feature_layers is None:  # spread the student's layers over the teacher's depth
+        return [(i, round(i * t_layers / s_layers)) for i in range(1, s_layers + 1)]
+    for s, t in algo.feature_layers:
+        if not (0 <= s <= s_layers and 0 <= t <= t_layers):
+            raise ConfigError(
+                f"config error: algorithm.feature_layers: pair [{s}, {t}] is out of range; the "
+                f"student has hidden states 0..{s_layers}, the teacher 0..{t_layers}"
+            )
+    if not algo.feature_layers:
+        raise ConfigError("config error: algorithm.feature_layers: give at least one pair")
+    return [tuple(pair) for pair in algo.feature_layers]  # type: ignore[misc]
+
+
 def stop_token_ids(path: str, tokenizer) -> set[int]:
     """Every id that ends a generation: the tokenizer's eos and the generation config's list.
 
@@ -171,8 +192,11 @@ def engine_options(cfg: RunConfig, cpus: float, gpus: float) -> dict[str, Any]:
     }
 
 
-def start_workers(cfg: RunConfig, student: str, teacher: str | None):
-    """(rollout pool, teacher pool or None when no teacher is needed, learner group)."""
+def start_workers(
+    cfg: RunConfig, student: str, teacher: str | None, features: list[tuple[int, int]]
+):
+    """(rollout pool, teacher pool or None when no teacher is needed, learner group);
+    `features` are feature_kd's layer pairs (empty otherwise)."""
     r, t = cfg.rollout, cfg.teacher
     timeout = cfg.trainer.call_timeout_s
     rollout_cls = ray.remote(RolloutWorker)
@@ -218,7 +242,7 @@ def start_workers(cfg: RunConfig, student: str, teacher: str | None):
         )
     )
     try:
-        learners = _learner_group(cfg, student)
+        learners = _learner_group(cfg, student, teacher, features)
         # Engines load in parallel; wait for all of them here so start-up errors surface at once.
         rollout.call_all("ready")
         if teachers is not None:
@@ -234,7 +258,9 @@ def start_workers(cfg: RunConfig, student: str, teacher: str | None):
     return rollout, teachers, learners
 
 
-def _learner_group(cfg: RunConfig, student: str) -> LearnerGroup:
+def _learner_group(
+    cfg: RunConfig, student: str, teacher: str | None, features: list[tuple[int, int]]
+) -> LearnerGroup:
     ln, algo = cfg.learner, cfg.algorithm
     loss = LossSpec(
         kind=algo.resolved_loss,
@@ -243,6 +269,10 @@ def _learner_group(cfg: RunConfig, student: str) -> LearnerGroup:
         tail=algo.tail,
         is_clip=algo.is_clip,
         alpha=algo.alpha,
+        feature_pairs=tuple(features),
+        teacher_hidden_size=int(AutoConfig.from_pretrained(teacher).hidden_size) if features else 0,
+        feature_kind=algo.feature_loss,
+        feature_weight=algo.feature_weight,
     )
     return LearnerGroup(
         student,

@@ -45,6 +45,9 @@ from rayd.weight_sync import serialize_state_dict
 
 LRSchedule = Literal["constant", "linear"]
 _CLIENT_KEY = "rayd_client_state"
+# feature_kd's learned projections live on the model as this submodule, so DeepSpeed trains,
+# partitions and checkpoints them with the student; they are never part of the exported student.
+FEATURE_PROJ = "rayd_feature_proj"
 
 
 class WarmupSchedule:
@@ -164,6 +167,25 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def feature_projections(model: torch.nn.Module, spec: LossSpec) -> torch.nn.ModuleList:
+    """One linear map per (student, teacher) layer pair, student width -> teacher width.
+
+    Equal widths start at the identity, so the feature term first measures the raw gap (as
+    when a student is cut from the teacher's own layers); otherwise torch's default init.
+    """
+    width = int(model.config.hidden_size)
+    dtype = next(model.parameters()).dtype
+    layers = []
+    for _ in spec.feature_pairs:
+        layer = torch.nn.Linear(width, spec.teacher_hidden_size, dtype=dtype)
+        if width == spec.teacher_hidden_size:
+            with torch.no_grad():
+                layer.weight.copy_(torch.eye(width, dtype=dtype))
+                layer.bias.zero_()
+        layers.append(layer)
+    return torch.nn.ModuleList(layers)
+
+
 class DeepSpeedLearner:
     """The student model of one rank, its DeepSpeed engine and the distillation loss."""
 
@@ -217,6 +239,8 @@ class DeepSpeedLearner:
         # Partitioned loading (zero.Init) would need transformers' HfDeepSpeedConfig, which
         # needs `accelerate`; not worth it for students that fit in host memory per rank.
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
+        if loss.kind == "feature_kd":
+            model.add_module(FEATURE_PROJ, feature_projections(model, loss))
         self.engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -284,8 +308,21 @@ class DeepSpeedLearner:
 
     def _loss(self, mb: TrainBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """(sum of the per-token loss, detached sums of loss and metrics) for one micro-batch."""
-        out = self.engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
-        per_token, metrics = batch_loss(out.logits[:, :-1], mb, self.loss_spec)
+        pairs = self.loss_spec.feature_pairs if self.loss_spec.kind == "feature_kd" else ()
+        out = self.engine(
+            input_ids=mb.input_ids,
+            attention_mask=mb.attention_mask,
+            use_cache=False,
+            output_hidden_states=bool(pairs),
+        )
+        per_token, metrics = batch_loss(
+            out.logits[:, :-1],
+            mb,
+            self.loss_spec,
+            # Position j's state predicts token j + 1: aligned with the logits' target columns.
+            student_hidden=[out.hidden_states[s][:, :-1] for s, _ in pairs] if pairs else None,
+            projections=getattr(self.engine.module, FEATURE_PROJ, None),
+        )
         total = per_token.sum()
         sums = {"loss": total.detach().float()}
         for name, value in metrics.items():
@@ -369,6 +406,8 @@ class DeepSpeedLearner:
         out: dict[str, Tensor] = {}
         copies: dict[int, Tensor] = {}  # tied weights share one copy, so the blob stores one
         for name, tensor in module.state_dict(keep_vars=True).items():
+            if name.startswith(FEATURE_PROJ + "."):  # training aid, not part of the student
+                continue
             if id(tensor) in copies:
                 if self.rank == 0:
                     out[name] = copies[id(tensor)]

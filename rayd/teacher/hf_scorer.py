@@ -35,10 +35,17 @@ class HFScorer:
         self.batch_size = batch_size
 
     def score(
-        self, pairs: list[Pair], top_k: int, return_logits: bool = False
+        self,
+        pairs: list[Pair],
+        top_k: int,
+        return_logits: bool = False,
+        hidden_layers: list[int] | None = None,
     ) -> list[TeacherScore]:
+        """Per pair: token log-probs, top-k, optionally full logits and the hidden states of
+        `hidden_layers` (indices into transformers' hidden_states: 0 = embeddings)."""
         scores = []
-        for logits, (_, completion) in zip(self._completion_logits(pairs), pairs, strict=True):
+        outputs = self._completion_outputs(pairs, hidden_layers)
+        for (logits, hidden), (_, completion) in zip(outputs, pairs, strict=True):
             logp = logits.log_softmax(-1)
             targets = torch.tensor(completion, dtype=torch.long)
             top = logp.topk(top_k, dim=-1)  # sorted descending
@@ -48,6 +55,7 @@ class HFScorer:
                     topk_ids=top.indices,
                     topk_logprobs=top.values,
                     logits=logits if return_logits else None,
+                    hidden=hidden,
                 )
             )
         return scores
@@ -62,9 +70,8 @@ class HFScorer:
         if len(ids_per_position) != len(pairs):
             raise ValueError(f"{len(ids_per_position)} id tensors for {len(pairs)} pairs")
         result = []
-        for i, (logits, ids) in enumerate(
-            zip(self._completion_logits(pairs), ids_per_position, strict=True)
-        ):
+        logits_only = (logits for logits, _ in self._completion_outputs(pairs))
+        for i, (logits, ids) in enumerate(zip(logits_only, ids_per_position, strict=True)):
             if ids.ndim != 2 or ids.shape[0] != logits.shape[0]:
                 raise ValueError(
                     f"pair {i}: ids of shape {tuple(ids.shape)} for {logits.shape[0]} tokens"
@@ -73,8 +80,11 @@ class HFScorer:
         return result
 
     @torch.no_grad()
-    def _completion_logits(self, pairs: list[Pair]) -> Iterator[torch.Tensor]:
-        """Per pair, float32 CPU logits [T, V] predicting each completion token."""
+    def _completion_outputs(
+        self, pairs: list[Pair], hidden_layers: list[int] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per pair, float32 CPU logits [T, V] predicting each completion token, and (when
+        asked) the hidden states [T, n, D] of those positions at the n `hidden_layers`."""
         device = self.device.torch_device()
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start : start + self.batch_size]
@@ -85,9 +95,19 @@ class HFScorer:
                 seq = list(prompt) + list(completion)
                 input_ids[row, : len(seq)] = torch.tensor(seq)
                 attention_mask[row, : len(seq)] = 1
-            logits = self.model(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
-            ).logits
+            out = self.model(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                output_hidden_states=bool(hidden_layers),
+            )
+            hidden = (
+                torch.stack([out.hidden_states[i] for i in hidden_layers], dim=2)
+                if hidden_layers
+                else None
+            )
             for row, (prompt, completion) in enumerate(chunk):
-                p, t = len(prompt), len(completion)
-                yield logits[row, p - 1 : p - 1 + t].float().cpu()
+                cols = slice(len(prompt) - 1, len(prompt) - 1 + len(completion))
+                yield (
+                    out.logits[row, cols].float().cpu(),
+                    None if hidden is None else hidden[row, cols].float().cpu(),
+                )

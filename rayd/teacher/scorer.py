@@ -54,6 +54,10 @@ def check_scores(pairs: list[Pair], scores: list[TeacherScore], top_k: int) -> N
             bad = int((~finite).sum())
             bad_positions += bad
             problems.append(f"pair {i}: {bad} of {t} positions not finite")
+        if score.hidden is not None and (
+            score.hidden.shape[0] != t or not bool(torch.isfinite(score.hidden).all())
+        ):
+            problems.append(f"pair {i}: hidden states missing or not finite")
         if top_k > 1 and bool((score.topk_logprobs[:, 1:] > score.topk_logprobs[:, :-1]).any()):
             problems.append(f"pair {i}: top-k log-probs not sorted descending")
     if problems:

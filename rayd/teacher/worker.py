@@ -62,16 +62,23 @@ class TeacherWorker:
         return True
 
     def score(
-        self, pairs: list[Pair], top_k: int, return_logits: bool = False
+        self,
+        pairs: list[Pair],
+        top_k: int,
+        return_logits: bool = False,
+        hidden_layers: list[int] | None = None,
     ) -> list[TeacherScore]:
-        """Per pair, the teacher's signal on the completion tokens (see rayd.types.TeacherScore)."""
+        """Per pair, the teacher's signal on the completion tokens (see rayd.types.TeacherScore);
+        full logits and hidden states (feature_kd) only from the 'hf' backend."""
         self._check_pairs(pairs)
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
-        if return_logits:
+        if return_logits or hidden_layers:
             if self.backend != "hf":
-                raise ValueError("full teacher logits need the 'hf' teacher backend")
-            scores = self.scorer.score(pairs, top_k, return_logits=True)  # type: ignore[call-arg]
+                raise ValueError("full teacher logits and hidden states need the 'hf' backend")
+            scores = self.scorer.score(  # type: ignore[call-arg]
+                pairs, top_k, return_logits=return_logits, hidden_layers=hidden_layers
+            )
         else:
             scores = self.scorer.score(pairs, top_k)
         check_scores(pairs, scores, top_k)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from datasets import load_from_disk
+from safetensors.torch import load_file
 
 from rayd.config import load_config
 from rayd.generate import generate, load_generate_config
@@ -73,8 +74,9 @@ def test_generate_writes_a_verified_dataset_and_resumes_by_shard(traces):
         ["algorithm.name=sft"],
         ["algorithm.name=step_by_step", "trainer.prompts_per_step=8"],
         ["algorithm.name=logit_kd", "algorithm.alpha=0.5"],
+        ["algorithm.name=feature_kd", "teacher.backend=hf", "learner.zero_stage=3"],
     ],
-    ids=["sft", "step_by_step", "logit_kd"],
+    ids=["sft", "step_by_step", "logit_kd", "feature_kd"],
 )
 def test_offline_mode_loss_falls(traces, tmp_path, mode):
     cfg = load_config(
@@ -100,6 +102,17 @@ def test_offline_mode_loss_falls(traces, tmp_path, mode):
     if cfg.algorithm.name == "logit_kd":
         assert "soft_loss" in records[-2] and "hard_loss" in records[-2]
         assert "eval/reverse_kl" in summary["final"]
+    elif cfg.algorithm.name == "feature_kd":
+        # Student layer 1 (of 1) maps to teacher layer 2 (of 2) through a learned projection,
+        # under ZeRO-3 (the projection is partitioned with the student); both terms fall.
+        steps = [r for r in records if "loss" in r]
+        for term in ("feature_loss", "token_loss"):
+            first = sum(r[term] for r in steps[:5]) / 5
+            last = sum(r[term] for r in steps[-5:]) / 5
+            assert last < 0.7 * first, f"{term} {first:.3f} -> {last:.3f}"
+        # The projection is a training aid, not part of the exported student.
+        exported = load_file(str(Path(summary["student"]) / "model.safetensors"))
+        assert not [k for k in exported if "feature_proj" in k]
     else:  # no teacher actor was started, so the eval has no teacher KL
         assert "eval/reverse_kl" not in summary["final"]
         assert "time/teacher" not in records[-2]

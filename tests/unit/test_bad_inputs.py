@@ -252,6 +252,19 @@ CASES = {
         2,
         "no tokenizer in",
     ),
+    "feature_kd with a vLLM teacher": (
+        lambda t: (None, ["algorithm.name=feature_kd", "teacher.backend=vllm"]),
+        2,
+        "feature_kd needs teacher.backend=hf",
+    ),
+    "feature_kd layer pair out of range": (
+        lambda t: (
+            None,
+            ["algorithm.name=feature_kd", "teacher.backend=hf", "algorithm.feature_layers=[[1,9]]"],
+        ),
+        2,
+        "algorithm.feature_layers: pair [1, 9] is out of range",
+    ),
     "teacher stops on another token too": (
         lambda t: (None, [f"models.teacher.path={teacher_variant(t, extra_stop=5)}"]),
         2,

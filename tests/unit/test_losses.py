@@ -610,3 +610,66 @@ def test_batch_loss_row_weights_scale_rows() -> None:
     torch.testing.assert_close(metrics["student_logprob"], -plain)
     sliced = batch.slice(1, 2)
     assert sliced.row_weight.tolist() == [0.25]
+
+
+def _batch_with_hidden(width: int = 4):
+    """_batch()'s rows, with teacher hidden states of one layer pair: row r, completion token j
+    holds the vector filled with 10 * r + j + 1."""
+    samples = [
+        Sample([1, 2], [3, 4], [-1.0, -2.0], prompt_index=0),
+        Sample([5], [2], [-0.25], prompt_index=1),
+    ]
+    scores = []
+    for r, sample in enumerate(samples):
+        t = len(sample.completion_ids)
+        hidden = torch.stack([torch.full((1, width), 10.0 * r + j + 1) for j in range(t)])
+        scores.append(
+            TeacherScore(
+                torch.zeros(t),
+                torch.zeros((t, 1), dtype=torch.long),
+                torch.zeros((t, 1)),
+                hidden=hidden,
+            )
+        )
+    return collate(samples, scores, pad_id=0)
+
+
+def test_collate_puts_teacher_hidden_states_at_the_target_columns() -> None:
+    batch = _batch_with_hidden()
+    assert tuple(batch.teacher_hidden.shape) == (2, 3, 1, 4)
+    assert batch.teacher_hidden[0, :, 0, 0].tolist() == [0.0, 1.0, 2.0]  # columns 1, 2
+    assert batch.teacher_hidden[1, :, 0, 0].tolist() == [11.0, 0.0, 0.0]  # column 0
+    assert batch.slice(1, 2).teacher_hidden.shape == (1, 1, 1, 4)  # trimmed like the rest
+    assert _batch().teacher_hidden.numel() == 0  # other modes carry none
+    assert _batch().slice(0, 1).teacher_hidden.numel() == 0
+
+
+def test_batch_loss_feature_kd_is_ce_plus_weighted_feature_distance() -> None:
+    batch = _batch_with_hidden()
+    logits = _logits(26, (2, 3, V)).float()
+    spec = LossSpec(
+        "feature_kd", feature_pairs=((1, 2),), teacher_hidden_size=4, feature_weight=0.5
+    )
+    projection = torch.nn.ModuleList([torch.nn.Linear(4, 4, bias=False)])
+    with torch.no_grad():
+        projection[0].weight.copy_(torch.eye(4))
+    # The student's state equals the teacher's at every target: the feature term is 0.
+    same = batch.teacher_hidden[:, :, 0].clone()
+    loss, metrics = batch_loss(logits, batch, spec, [same], projection)
+    ce, _ = batch_loss(logits, batch, LossSpec("sft"))
+    torch.testing.assert_close(loss, ce)
+    torch.testing.assert_close(metrics["feature_loss"], torch.zeros(2, 3))
+    # Off by 1 everywhere (NaN at padding, which must not leak): MSE 1 per target token.
+    shifted = same + 1.0
+    shifted[1, 1:] = float("nan")
+    shifted.requires_grad_(True)
+    loss, metrics = batch_loss(logits, batch, spec, [shifted], projection)
+    torch.testing.assert_close(loss, ce + 0.5 * batch.loss_mask.float())
+    torch.testing.assert_close(metrics["token_loss"], ce)
+    loss.sum().backward()
+    assert torch.isfinite(shifted.grad).all() and torch.isfinite(projection[0].weight.grad).all()
+    assert projection[0].weight.grad.abs().sum() > 0  # the projection learns
+    with pytest.raises(ValueError, match="hidden states"):
+        batch_loss(logits, batch, spec)
+    with pytest.raises(ValueError, match="feature_pairs"):
+        LossSpec("feature_kd")
