@@ -125,3 +125,35 @@ def test_weigh_steps_on_a_collated_batch() -> None:
 def test_step_metrics_of_nothing_is_empty() -> None:
     zeros = torch.zeros(2, 3)
     assert step_metrics(zeros.long(), zeros.bool(), zeros, zeros) == {}
+
+
+def test_label_task_sample_and_step_by_step_samples() -> None:
+    from rayd.data.prompts import Prompt
+    from rayd.train import label_sample, step_by_step_samples
+
+    tok = build_char_tokenizer()
+    enc = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+    prompt = Prompt(3, enc("1+2="), None, "3", "1+2+0=3;")
+    algo = load_config(
+        None,
+        [
+            "models.student.path=s",
+            "models.teacher.path=t",
+            "algorithm.label_weight=0.25",
+            "trainer.prompts_per_step=4",
+        ],
+    ).algorithm
+    label = label_sample(prompt, algo, tok, AdditionTask(), version=7)
+    assert label.prompt_ids == enc("answer: 1+2=")
+    assert label.completion_ids == [*enc("A=3"), tok.eos_token_id]
+    assert (label.hard_target, label.on_policy, label.weight) == (True, False, 0.25)
+    assert (label.prompt_index, label.weight_version) == (3, 7)
+    # step_by_step keeps its layout: plain prompt -> answer, prefix + prompt -> rationale.
+    answer, rationale = step_by_step_samples(prompt, algo, tok, AdditionTask(), version=7)
+    assert (answer.prompt_ids, answer.completion_ids) == (
+        enc("1+2="),
+        [*enc("A=3"), tok.eos_token_id],
+    )
+    assert rationale.prompt_ids == enc("why: 1+2=")
+    assert rationale.completion_ids == [*enc("1+2+0=3;"), tok.eos_token_id]
+    assert not answer.hard_target and rationale.weight == algo.rationale_weight
