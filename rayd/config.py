@@ -129,6 +129,29 @@ class AlgorithmConfig(_Strict):
     )
     feature_loss: Literal["mse", "cosine"] = "mse"
     feature_weight: float = Field(1.0, ge=0, description="feature_kd: weight of the feature term")
+    # On-policy rationale distillation (on_policy, gkd): how each completion's loss is shared
+    # among its reasoning steps. Steps end at `step_delimiter`; the answer after the task's
+    # marker ("A=") is a step of its own. Every completion keeps mean token weight 1.
+    # none: every token weighs 1 (plain per-token distillation);
+    # uniform: every step the same total weight, whatever its length;
+    # divergence: step s gets softmax_s(mean reverse KL of s / step_temperature) of the weight,
+    #      the sampled-token estimate behaviour_lp - teacher_lp (gkd's dataset rows: uniform).
+    step_weighting: Literal["none", "uniform", "divergence"] = "none"
+    step_delimiter: str = Field(
+        ";", min_length=1, description="ends a reasoning step (addition: ';'; GSM8K-style: '\\n')"
+    )
+    step_temperature: float = Field(
+        1.0, gt=0, description="divergence weighting: lower puts more weight on the worst steps"
+    )
+    # Distilling Step-by-Step's label task beside on-policy rationale distillation: per prompt,
+    # label_prefix + prompt -> the gold answer ("A=85"), cross-entropy weighted label_weight.
+    # The prefix keeps it apart from the plain prompt, on which the student writes a rationale.
+    label_weight: float = Field(
+        0.0, ge=0, description="on_policy/gkd: weight of CE(gold answer); 0 = no label task"
+    )
+    label_prefix: str = Field(
+        "answer: ", min_length=1, description="on_policy/gkd: the label task's input prefix"
+    )
 
     @property
     def offline(self) -> bool:
@@ -225,6 +248,18 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _combinations(self) -> RunConfig:
+        algo = self.algorithm
+        # Before the sample count, which these options change: name the option, not the count.
+        if algo.offline and algo.step_weighting != "none":
+            raise ValueError(
+                f"algorithm.step_weighting applies to on_policy and gkd, not {algo.name} "
+                "(set algorithm.step_weighting=none)"
+            )
+        if algo.offline and algo.label_weight > 0:
+            raise ValueError(
+                f"algorithm.label_weight applies to on_policy and gkd, not {algo.name} "
+                "(step_by_step weighs its tasks with algorithm.rationale_weight)"
+            )
         samples = self.trainer.prompts_per_step * self.samples_per_prompt
         per_step = self.learner.num_learners * self.learner.micro_batch_size
         per_step *= self.learner.grad_accum
@@ -234,7 +269,6 @@ class RunConfig(_Strict):
                 "must equal "
                 f"learner.num_learners * learner.micro_batch_size * learner.grad_accum = {per_step}"
             )
-        algo = self.algorithm
         if algo.loss is not None and algo.offline:
             raise ValueError(
                 f"algorithm.loss applies to on_policy and gkd; {algo.name} has its own loss "
@@ -283,13 +317,19 @@ class RunConfig(_Strict):
     def samples_per_prompt(self) -> int:
         if self.algorithm.name == "step_by_step":
             return 2  # the answer task and the rationale task
-        return 1 if self.algorithm.offline else self.rollout.n
+        if self.algorithm.offline:
+            return 1
+        return self.rollout.n + (1 if self.algorithm.label_weight > 0 else 0)
 
     @property
     def _per_prompt_text(self) -> str:
         if self.algorithm.name == "step_by_step":
             return "2 (step_by_step: answer + rationale task)"
-        return "1 (offline: one dataset completion)" if self.algorithm.offline else "rollout.n"
+        if self.algorithm.offline:
+            return "1 (offline: one dataset completion)"
+        if self.algorithm.label_weight > 0:
+            return "(rollout.n + 1 label-task sample)"
+        return "rollout.n"
 
     @property
     def run_dir(self) -> Path:

@@ -496,6 +496,67 @@ def step_by_step_loss(
 
 
 # ---------------------------------------------------------------------------------------------
+# Reasoning-step weights (on-policy rationale distillation)
+
+
+StepWeighting = Literal["none", "uniform", "divergence"]
+
+
+def step_token_weights(
+    step_ids: Tensor,
+    mask: Tensor,
+    mode: Literal["uniform", "divergence"],
+    reverse_kl: Tensor | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Per-token loss weights that share each completion's weight among its reasoning steps.
+
+    step_ids [B, T] int64: the step of each token (0, 1, ... within its row; any value where
+    `mask` is False). mask [B, T] bool. reverse_kl [B, T]: the per-token reverse-KL estimate
+    behaviour_lp - teacher_lp (divergence only; detached here). Returns [B, T] float32.
+
+    A row with N tokens in S non-empty steps gives step s (n_s tokens) the total weight
+    N * share_s, spread evenly over its tokens (N * share_s / n_s each), so every row's mean
+    token weight is 1 and the loss stays on the scale of unweighted training:
+      uniform:    share_s = 1 / S: a long step no longer outweighs a short one;
+      divergence: share_s = softmax_s(d_s / temperature), d_s the step's mean reverse KL:
+                  the steps where the student strays most get the most weight;
+                  temperature -> inf gives uniform, -> 0 all weight on the worst step.
+    Masked positions and rows without tokens get weight 0 (never NaN).
+    """
+    if mode not in ("uniform", "divergence"):
+        raise ValueError(f"step weighting mode must be 'uniform' or 'divergence', got {mode!r}")
+    if not temperature > 0.0:
+        raise ValueError(f"step weighting temperature must be > 0, got {temperature}")
+    if step_ids.shape != mask.shape:
+        raise ValueError(f"step ids {tuple(step_ids.shape)} and mask {tuple(mask.shape)} differ")
+    ids = torch.where(mask, step_ids, 0)
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError("step ids must be >= 0 at every unmasked position")
+    steps = int(ids.max()) + 1 if ids.numel() else 1
+    rows = mask.shape[0]
+    ones = mask.to(torch.float64)
+    counts = torch.zeros(rows, steps, dtype=torch.float64).scatter_add_(1, ids, ones)
+    present = counts > 0
+    if mode == "uniform":
+        share = present / present.sum(1, keepdim=True).clamp(min=1)
+    else:
+        if reverse_kl is None:
+            raise ValueError("divergence step weighting needs the per-token reverse_kl")
+        kl = torch.where(mask, reverse_kl.detach().to(torch.float64), 0.0)
+        sums = torch.zeros_like(counts).scatter_add_(1, ids, kl)
+        step_mean = sums / counts.clamp(min=1)
+        # Empty steps (ids skipped) and empty rows must get no share and no NaN: -inf logits
+        # vanish in the softmax; an all-empty row gets finite zeros instead of 0/0.
+        logits = torch.where(present, step_mean / temperature, -math.inf)
+        logits = torch.where(present.any(1, keepdim=True), logits, 0.0)
+        share = torch.softmax(logits, dim=1) * present
+    per_step = counts.sum(1, keepdim=True) * share / counts.clamp(min=1)
+    weights = torch.gather(per_step, 1, ids)
+    return torch.where(mask, weights, 0.0).float()
+
+
+# ---------------------------------------------------------------------------------------------
 # The learner's entry point
 
 
@@ -528,7 +589,12 @@ def batch_loss(
     batch.teacher_hidden[:, :, i] (student_hidden[i] is [B, L-1, Ds], aligned like the logits);
     metrics "token_loss" and "feature_loss" give the two terms' scales.
 
-    batch.row_weight, when present, multiplies each row's loss (step_by_step's rationale task).
+    batch.row_weight, when present, multiplies each row's loss (step_by_step's rationale task);
+    batch.token_weight, when present, multiplies each token's loss (reasoning-step weights).
+    Rows with batch.hard_target True (the on-policy modes' label task) take cross-entropy on
+    their targets instead of the teacher signal; when the field is present the metrics add
+    "label_loss" (their CE) and "label_tokens" (1 on their tokens), and "reverse_kl" is 0 on
+    them, so a caller can turn both into means over their own tokens.
 
     Rows with batch.on_policy False (dataset completions) carry no behaviour log-probs; for
     them the current student stands in as the behaviour policy (ratio 1), so the pg advantage
@@ -600,8 +666,18 @@ def batch_loss(
     else:
         loss = _per_token(_generalized_jsd_lp(log_s, log_t, spec.beta), mask)
 
-    metrics["reverse_kl"] = _per_token(behavior - teacher, mask).detach()
+    distilled = mask
+    if batch.hard_target.numel() == mask.shape[0]:
+        hard = batch.hard_target.to(mask.device).unsqueeze(-1) & mask
+        ce = -(student_lp if temperature == 1.0 else token_logprobs(logits, targets, mask))
+        loss = torch.where(hard, ce, loss)
+        distilled = mask & ~hard
+        metrics["label_loss"] = _per_token(ce, hard).detach()
+        metrics["label_tokens"] = hard.to(student_lp.dtype)
+    metrics["reverse_kl"] = _per_token(behavior - teacher, distilled).detach()
     metrics["student_logprob"] = student_lp.detach()
     if batch.row_weight.numel() == mask.shape[0]:
         loss = loss * batch.row_weight.to(loss.device, loss.dtype).unsqueeze(-1)
+    if batch.token_weight.shape == mask.shape:
+        loss = loss * batch.token_weight.to(loss.device, loss.dtype)
     return _per_token(loss, mask), metrics

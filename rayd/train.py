@@ -28,6 +28,7 @@ from rayd.data.prompts import Prompt, PromptSampler, PromptSet, load_prompts
 from rayd.evaluate import heldout_metrics
 from rayd.learner.group import LearnerFailure
 from rayd.metrics import MetricsLogger, StageTimer
+from rayd.steps import weigh_steps
 from rayd.tasks.base import Task
 from rayd.types import Sample, TeacherScore, collate
 from rayd.workers import (
@@ -211,6 +212,10 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             else:
                 copies = 1 if algo.offline else cfg.rollout.n
                 samples += [dataset_sample(p, version) for p in off_policy for _ in range(copies)]
+            if algo.label_weight > 0:  # Distilling Step-by-Step's label task, on gold answers
+                samples += [
+                    label_sample(p, algo, tokenizer, prompts.task, version) for p in batch_prompts
+                ]
             stale = [
                 s.weight_version for s in samples if s.on_policy and s.weight_version != version
             ]
@@ -222,18 +227,22 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             # 3. Teacher scores every completion token: its log-prob and its top-k.
             if teacher is not None:
                 with timer("teacher"):
-                    scores = teacher.map_chunks(
-                        "score",
-                        [(s.prompt_ids, s.completion_ids) for s in samples],
-                        top_k=cfg.teacher.top_k,
-                        hidden_layers=[t for _, t in features] or None,
+                    scores = score_samples(
+                        teacher, samples, cfg.teacher.top_k, [t for _, t in features]
                     )
             else:  # sft / step_by_step: cross-entropy on the completions, no teacher signal
                 scores = [TeacherScore.empty(len(s.completion_ids)) for s in samples]
 
-            # 4. One optimizer step on the learner group (data parallel, ZeRO).
+            # 4. One optimizer step on the learner group (data parallel, ZeRO). Step weighting
+            #    shares each rationale's loss among its reasoning steps (rayd/steps.py).
+            batch = collate(samples, scores, tokenizer.pad_token_id)
+            step_stats: dict[str, float] = {}
+            if algo.step_weighting != "none":
+                marker = (prompts.task or Task.default()).marker
+                batch.token_weight, step_stats = weigh_steps(
+                    batch, samples, tokenizer, algo, marker
+                )
             with timer("learner"):
-                batch = collate(samples, scores, tokenizer.pad_token_id)
                 metrics = learners.train_step(batch)
             version += 1
 
@@ -241,6 +250,8 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             step_time = time.perf_counter() - step_start
             if teacher is None:  # without teacher scores the estimate is meaningless
                 metrics.pop("reverse_kl", None)
+            per_own_tokens(metrics)
+            metrics.update(step_stats)
             metrics.update(step_metrics(samples, tokens, timer.seconds, step_time, version))
             metrics.update(
                 {
@@ -336,11 +347,16 @@ def split_by_lambda(prompts: list[Prompt], lmbda: float, rng: random.Random):
 
 def check_offline_data(cfg: RunConfig, prompts: PromptSet) -> None:
     """The offline modes and gkd need a completion per training prompt; step_by_step needs the
-    answer and the rationale apart."""
+    answer and the rationale apart; the label task needs the answer."""
     algo = cfg.algorithm
+    where = cfg.data.train_dataset or cfg.data.source
+    if algo.label_weight > 0 and any(p.answer is None for p in prompts.train):
+        raise ConfigError(
+            f"data error: {where}: algorithm.label_weight > 0 trains on gold answers, but some "
+            "training rows have no 'answer' (a task, or a dataset with an answer column)"
+        )
     if not (algo.offline or algo.lmbda < 1.0):
         return
-    where = cfg.data.train_dataset or cfg.data.source
     if any(p.completion_ids is None for p in prompts.train):
         raise ConfigError(
             f"data error: {where}: algorithm.name={algo.name} trains on completions, but some "
@@ -363,26 +379,80 @@ def step_by_step_samples(
     keeps the plain prompt, so evaluation and serving need no task prefix."""
     assert prompt.answer is not None and prompt.rationale is not None
     answer_text = (task or Task.default()).answer_text(prompt.answer)
-    eos = [tokenizer.eos_token_id]
     prefix = tokenizer(algo.rationale_prefix, add_special_tokens=False).input_ids
-    out = []
-    for ids, target, weight in (
-        (prompt.ids, answer_text, 1.0),
-        (prefix + prompt.ids, prompt.rationale, algo.rationale_weight),
-    ):
-        completion = tokenizer(target, add_special_tokens=False).input_ids + eos
-        out.append(
-            Sample(
-                prompt_ids=list(ids),
-                completion_ids=completion,
-                logprobs=[0.0] * len(completion),
-                prompt_index=prompt.index,
-                weight_version=version,
-                on_policy=False,
-                weight=weight,
-            )
+    return [
+        target_sample(prompt, prompt.ids, answer_text, tokenizer, version, 1.0),
+        target_sample(
+            prompt, prefix + prompt.ids, prompt.rationale, tokenizer, version, algo.rationale_weight
+        ),
+    ]
+
+
+def label_sample(
+    prompt: Prompt, algo: AlgorithmConfig, tokenizer: Any, task: Task | None, version: int
+) -> Sample:
+    """The label task beside on-policy rationale distillation: label_prefix + prompt -> the gold
+    answer, cross-entropy weighted label_weight. On the plain prompt the student writes its
+    rationale, so the label task needs a prefix of its own (the reverse of step_by_step)."""
+    assert prompt.answer is not None
+    answer_text = (task or Task.default()).answer_text(prompt.answer)
+    prefix = tokenizer(algo.label_prefix, add_special_tokens=False).input_ids
+    sample = target_sample(
+        prompt, prefix + prompt.ids, answer_text, tokenizer, version, algo.label_weight
+    )
+    sample.hard_target = True
+    return sample
+
+
+def target_sample(
+    prompt: Prompt, ids: list[int], target: str, tokenizer: Any, version: int, weight: float
+) -> Sample:
+    """A dataset sample: `ids` -> `target` + EOS, trained with weight `weight`."""
+    completion = [*tokenizer(target, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+    return Sample(
+        prompt_ids=list(ids),
+        completion_ids=completion,
+        logprobs=[0.0] * len(completion),
+        prompt_index=prompt.index,
+        weight_version=version,
+        on_policy=False,
+        weight=weight,
+    )
+
+
+def score_samples(
+    teacher: cluster.WorkerPool,
+    samples: list[Sample],
+    top_k: int,
+    hidden_layers: list[int] | None = None,
+) -> list[TeacherScore]:
+    """Teacher scores of every sample (with hidden states of `hidden_layers` for feature_kd);
+    the label task's samples (cross-entropy on gold answers) get empty scores without a call."""
+    scored = [s for s in samples if not s.hard_target]
+    got = iter(
+        teacher.map_chunks(
+            "score",
+            [(s.prompt_ids, s.completion_ids) for s in scored],
+            top_k=top_k,
+            hidden_layers=hidden_layers or None,
         )
-    return out
+    )
+    return [
+        TeacherScore.empty(len(s.completion_ids), top_k) if s.hard_target else next(got)
+        for s in samples
+    ]
+
+
+def per_own_tokens(metrics: dict[str, float]) -> None:
+    """The learner divides every metric by all of the step's tokens. With a label task, its CE
+    and the distilled rows' reverse KL are turned into means over their own tokens."""
+    share = metrics.pop("label_tokens", None)
+    if share is None:
+        return
+    metrics["label_token_fraction"] = share
+    metrics["label_loss"] /= max(share, 1e-12)
+    if "reverse_kl" in metrics:
+        metrics["reverse_kl"] /= max(1.0 - share, 1e-12)
 
 
 def dataset_sample(prompt: Prompt, version: int) -> Sample:

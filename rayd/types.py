@@ -30,6 +30,9 @@ class Sample:
     on_policy: bool = True
     text: str = ""
     weight: float = 1.0  # multiplies this sample's per-token loss (step_by_step's rationale task)
+    # Cross-entropy on the completion instead of the teacher signal: the on-policy modes' label
+    # task (gold answers); the teacher does not score such a sample.
+    hard_target: bool = False
 
 
 @dataclass
@@ -45,13 +48,14 @@ class TeacherScore:
     hidden: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, length: int) -> TeacherScore:
-        """No teacher signal (sft, step_by_step): zeros of the right shape for `collate`."""
-        ids = torch.zeros((length, 1), dtype=torch.long)
-        return cls(torch.zeros(length), ids, torch.zeros((length, 1)))
+    def empty(cls, length: int, k: int = 1) -> TeacherScore:
+        """No teacher signal (sft, step_by_step, label-task samples): zeros of the right shape
+        for `collate`; `k` matches the top-k width of the batch's scored samples."""
+        ids = torch.zeros((length, k), dtype=torch.long)
+        return cls(torch.zeros(length), ids, torch.zeros((length, k)))
 
 
-_PER_ROW = ("on_policy", "row_weight")
+_PER_ROW = ("on_policy", "row_weight", "hard_target")
 
 
 @dataclass
@@ -67,6 +71,12 @@ class TrainBatch:
     teacher_topk_logprobs: torch.Tensor  # [B, L-1, k] float32 (0 where masked)
     on_policy: torch.Tensor = field(default_factory=lambda: torch.ones(0, dtype=torch.bool))  # [B]
     row_weight: torch.Tensor = field(default_factory=lambda: torch.ones(0))  # [B] float32
+    hard_target: torch.Tensor = field(  # [B] bool: cross-entropy row (see Sample.hard_target)
+        default_factory=lambda: torch.zeros(0, dtype=torch.bool)
+    )
+    # [B, L-1] float32, or empty: multiplies the per-token loss (reasoning-step weights, which
+    # the driver sets after collate; see rayd/steps.py).
+    token_weight: torch.Tensor = field(default_factory=lambda: torch.ones(0))
     # [B, L-1, n, D] float32 teacher hidden states (feature_kd); empty in every other mode
     teacher_hidden: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
@@ -82,7 +92,7 @@ class TrainBatch:
         rows = {f.name: getattr(self, f.name)[start:stop] for f in fields(self)}
         length = int(rows["attention_mask"].sum(dim=1).max().clamp(min=2))
         for name, value in rows.items():
-            if name in _PER_ROW or value.ndim < 2:  # per-row, or an unused optional field
+            if name in _PER_ROW or value.dim() < 2:  # per row, or an absent optional field
                 continue
             rows[name] = value[
                 :, : length if name in ("input_ids", "attention_mask") else length - 1
@@ -130,6 +140,11 @@ def collate(samples: list[Sample], scores: list[TeacherScore], pad_id: int) -> T
         topk_lp[i, cols] = score.topk_logprobs.float()
     on_policy = torch.tensor([s.on_policy for s in samples], dtype=torch.bool)
     row_weight = torch.tensor([s.weight for s in samples], dtype=torch.float32)
+    # Left empty unless some row needs it: every micro-batch of a step then reports the same
+    # metric names (the learner all-reduces them by name across ranks).
+    hard_target = torch.tensor([s.hard_target for s in samples], dtype=torch.bool)
+    if not hard_target.any():
+        hard_target = hard_target[:0]
     hidden = _collate_hidden(samples, scores, length)
     return TrainBatch(
         input_ids,
@@ -141,7 +156,8 @@ def collate(samples: list[Sample], scores: list[TeacherScore], pad_id: int) -> T
         topk_lp,
         on_policy,
         row_weight,
-        hidden,
+        hard_target=hard_target,
+        teacher_hidden=hidden,
     )
 
 

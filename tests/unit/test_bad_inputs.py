@@ -417,6 +417,23 @@ CASES = {
         2,
         "some training rows have no 'completion' field",
     ),
+    "step weighting on an offline mode": (
+        lambda t: (None, ["algorithm.name=sft", "algorithm.step_weighting=divergence"]),
+        2,
+        "algorithm.step_weighting applies to on_policy and gkd, not sft",
+    ),
+    "label task without answers": (
+        lambda t: (
+            None,
+            [
+                "algorithm.label_weight=0.5",
+                "trainer.prompts_per_step=2",
+                f"data.source={jsonl(t / 'd.jsonl', [{'prompt': '1+1='}] * 40)}",
+            ],
+        ),
+        2,
+        "algorithm.label_weight > 0 trains on gold answers, but some training rows have no",
+    ),
     # --- checkpoints ---
     "resume=must, no checkpoint": (
         lambda t: (None, [f"output_dir={t}/run", "trainer.resume=must"]),

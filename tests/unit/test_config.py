@@ -17,6 +17,22 @@ def test_defaults_and_overrides_typed():
     assert cfg.algorithm.resolved_loss == "on_policy_pg"
 
 
+def test_label_task_adds_one_sample_per_prompt():
+    cfg = load_config(
+        None,
+        [
+            *BASE,
+            "algorithm.label_weight=0.5",
+            "algorithm.step_weighting=divergence",
+            "rollout.n=3",
+            "trainer.prompts_per_step=2",
+            "learner.micro_batch_size=4",
+        ],
+    )
+    assert cfg.samples_per_prompt == 4
+    assert cfg.algorithm.step_delimiter == ";"  # what the addition task's rationales end steps with
+
+
 def test_demo_config_is_valid():
     cfg = load_config(ROOT / "configs/demo/onpolicy.yaml")
     assert cfg.models.teacher.path.startswith("tiny:")
@@ -35,6 +51,19 @@ def test_demo_config_is_valid():
         (["rollout.max_new_tokens=600"], "smaller than rollout.max_model_len"),
         (["learner=3"], "learner: Input should be a valid dictionary"),
         (["nonsense"], "not of the form key.path=value"),
+        (["algorithm.step_weighting=steps"], "algorithm.step_weighting: Input should be 'none'"),
+        (["algorithm.step_temperature=0"], "algorithm.step_temperature: Input should be greater"),
+        (["algorithm.step_delimiter="], "algorithm.step_delimiter: String should have at least"),
+        (["algorithm.label_weight=-1"], "algorithm.label_weight: Input should be greater"),
+        (
+            ["algorithm.name=sft", "algorithm.step_weighting=uniform"],
+            "algorithm.step_weighting applies to on_policy and gkd, not sft",
+        ),
+        (
+            ["algorithm.name=step_by_step", "algorithm.label_weight=1"],
+            "algorithm.label_weight applies to on_policy and gkd, not step_by_step",
+        ),
+        (["algorithm.label_weight=0.5"], "trainer.prompts_per_step * (rollout.n + 1 label-task"),
     ],
 )
 def test_bad_values_give_one_clear_line(overrides, needle):

@@ -1,0 +1,70 @@
+"""On-policy rationale distillation end to end: divergence step weighting plus the label task.
+
+A few real on-policy steps on a local Ray (rollout, teacher and a DeepSpeed learner actor): the
+student writes its own completions, the teacher scores them, the driver splits them into
+reasoning steps and weights the steps by where the student diverges, and every prompt also
+gets a label-task sample (prefix + prompt -> gold answer, cross-entropy). The transformers
+rollout and teacher backends keep it short on 2 cores (tests/e2e/test_onpolicy.py covers
+vLLM); the weights themselves are checked exactly in tests/unit/test_steps.py.
+"""
+
+import json
+import math
+from pathlib import Path
+
+from rayd.config import load_config
+from rayd.train import train
+
+CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
+STEP_KEYS = (
+    "steps/count",
+    "steps/reverse_kl_first",
+    "steps/reverse_kl_last",
+    "steps/reverse_kl_worst",
+    "steps/worst_position",
+    "steps/max_share",
+)
+
+
+def test_divergence_step_weighting_with_the_label_task(local_ray, tmp_path):
+    cfg = load_config(
+        CONFIG,
+        [
+            "name=e2e-rationale",
+            f"output_dir={tmp_path}/{{name}}",
+            "rollout.backend=hf",
+            "teacher.backend=hf",
+            "learner.num_learners=1",
+            "learner.micro_batch_size=16",
+            "trainer.prompts_per_step=8",  # 8 rollouts + 8 label-task samples
+            "trainer.max_steps=4",
+            "trainer.eval_every=0",
+            "data.eval_size=8",
+            "algorithm.step_weighting=divergence",
+            "algorithm.step_temperature=0.5",
+            "algorithm.label_weight=0.5",
+            "logging.progress=false",
+            "logging.tensorboard=false",
+        ],
+    )
+    summary = train(cfg)
+    assert not summary["preempted"]
+    assert math.isfinite(summary["final"]["eval/reverse_kl"])
+
+    run = tmp_path / cfg.name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert r["skipped"] == 0
+        for key in ("loss", "reverse_kl", "label_loss", *STEP_KEYS):
+            assert math.isfinite(r[key]), (key, r[key])
+        assert r["steps/count"] >= 1
+        assert 1 / r["steps/count"] - 1e-6 <= r["steps/max_share"] <= 1 + 1e-6
+        assert 0 <= r["steps/worst_position"] <= 1
+        assert r["steps/reverse_kl_worst"] >= r["steps/reverse_kl_first"] - 1e-6
+        # The label task: CE on "A=<answer>" + EOS, a share of the step's tokens.
+        assert 0 < r["label_token_fraction"] < 1
+        assert r["label_loss"] > 0
+        assert "label_tokens" not in r  # turned into the fraction by the driver
+    assert (run / "student" / "config.json").is_file()
