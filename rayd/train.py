@@ -4,7 +4,8 @@ One step of the loop:
     prompts -> weight sync to the rollout engines -> student rollouts (vLLM) -> teacher scores
     (top-k log-probs) -> learner step (DeepSpeed ZeRO) -> periodic eval / checkpoint.
 The offline modes (sft, step_by_step, logit_kd) take the dataset's completions instead of
-rollouts; the engines then get new weights only when an eval needs them.
+rollouts; the engines then get new weights only when an eval needs them. logit_kd over a
+dataset written by `rayd score` reads the teacher's top-k from it and starts no teacher.
 The same file runs under `ray job submit` (it joins that cluster) and on a laptop (it starts a
 local Ray). Everything a step needs is visible here; the actors only own their backends.
 """
@@ -28,6 +29,7 @@ from rayd.data.prompts import Prompt, PromptSampler, PromptSet, load_prompts
 from rayd.evaluate import heldout_metrics
 from rayd.learner.group import LearnerFailure
 from rayd.metrics import MetricsLogger, StageTimer
+from rayd.score import StoredSignal, load_stored_signal
 from rayd.tasks.base import Task
 from rayd.types import Sample, TeacherScore, collate
 from rayd.workers import check_models, check_resources, export_student, start_workers
@@ -100,9 +102,13 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
         cfg.trainer.seed,
     )
     check_offline_data(cfg, prompts)
+    # logit_kd over a `rayd score` dataset reads the teacher's top-k from disk: no teacher actor.
+    stored = load_stored_signal(cfg, prompts, teacher_path, tokenizer)
     cluster.connect()
-    check_resources(cfg, ray.cluster_resources())
-    rollout, teacher, learners = start_workers(cfg, student_path, teacher_path)
+    check_resources(cfg, ray.cluster_resources(), with_teacher=stored is None)
+    rollout, teacher, learners = start_workers(
+        cfg, student_path, teacher_path if stored is None else None
+    )
     sampler = PromptSampler(len(prompts.train), cfg.trainer.seed)
     rng = random.Random(cfg.trainer.seed)
     start_step = driver_state.get("step", 0)
@@ -191,6 +197,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                         max_new_tokens=cfg.rollout.max_new_tokens,
                         seed=rollout_seed(cfg.trainer.seed, step),
                         expect_version=version,
+                        return_topk=cfg.student_topk,  # teacher.support: the student's ids
                     )
                     if on_policy
                     else []
@@ -212,14 +219,12 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                     f"rollouts from weight versions {set(stale)}, expected {version}"
                 )
 
-            # 3. Teacher scores every completion token: its log-prob and its top-k.
-            if teacher is not None:
+            # 3. Teacher signal on every completion token: its log-prob and its log-probs over
+            #    the support (its top-k, or the student's: teacher.support), from the teacher
+            #    actors or stored with the dataset.
+            if teacher is not None or stored is not None:
                 with timer("teacher"):
-                    scores = teacher.map_chunks(
-                        "score",
-                        [(s.prompt_ids, s.completion_ids) for s in samples],
-                        top_k=cfg.teacher.top_k,
-                    )
+                    scores = teacher_scores(cfg, teacher, stored, samples)
             else:  # sft / step_by_step: cross-entropy on the completions, no teacher signal
                 scores = [TeacherScore.empty(len(s.completion_ids)) for s in samples]
 
@@ -231,7 +236,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
 
             tokens = sum(len(s.completion_ids) for s in samples)
             step_time = time.perf_counter() - step_start
-            if teacher is None:  # without teacher scores the estimate is meaningless
+            if teacher is None and stored is None:  # no teacher scores: a meaningless estimate
                 metrics.pop("reverse_kl", None)
             metrics.update(step_metrics(samples, tokens, timer.seconds, step_time, version))
             metrics.update(
@@ -314,6 +319,29 @@ def to_rng_state(saved: list[Any]) -> tuple[Any, ...]:
     """random.Random state after a JSON round trip (tuples came back as lists)."""
     version, internal, gauss = saved
     return version, tuple(internal), gauss
+
+
+def teacher_scores(
+    cfg: RunConfig,
+    teacher: cluster.WorkerPool | None,
+    stored: StoredSignal | None,
+    samples: list[Sample],
+) -> list[TeacherScore]:
+    """Per sample, the teacher's signal on its completion (see rayd.types.TeacherScore)."""
+    if stored is not None:
+        return stored.scores([s.prompt_index for s in samples])
+    assert teacher is not None
+    pairs = [(s.prompt_ids, s.completion_ids) for s in samples]
+    t = cfg.teacher
+    if t.support == "teacher_topk":
+        return teacher.map_chunks("score", pairs, top_k=t.top_k)
+    # The student's top-k came with its rollouts (config: every sample is on-policy); the
+    # teacher's exact log-probs at them make the top-k losses compare over the student's support.
+    ids = [s.student_topk_ids for s in samples]
+    if any(i is None for i in ids):
+        raise RuntimeError(f"teacher.support={t.support}: a sample came without the student's ids")
+    add = t.top_k if t.support == "union" else 0
+    return teacher.map_chunks("score_ids", pairs, ids, add_top_k=add)
 
 
 def split_by_lambda(prompts: list[Prompt], lmbda: float, rng: random.Random):
