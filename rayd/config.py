@@ -57,6 +57,14 @@ class TeacherConfig(_Strict):
     backend: Literal["vllm", "hf"] = "vllm"
     num_workers: int = Field(1, ge=1)
     top_k: int = Field(8, ge=1, le=1024)
+    # Which token ids the top-k losses compare the two models at, at every sampled position:
+    # teacher_topk: the teacher's top_k (any backend);
+    # student_topk: the student's top_k, taken from its rollout, with the teacher's exact
+    #      log-probs at them (hf backend: vLLM cannot score chosen ids), so reverse KL covers
+    #      the tokens the student puts mass on, which the teacher's top-k may miss;
+    # union: the student's top_k plus the teacher's top_k most likely among the other ids
+    #      (2 * top_k distinct ids holding both lists; hf backend).
+    support: Literal["teacher_topk", "student_topk", "union"] = "teacher_topk"
     max_model_len: int = Field(512, ge=8)
     kv_cache_gib: float = Field(1.0, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -300,6 +308,8 @@ class RunConfig(_Strict):
             )
         if self.algorithm.lmbda < 1.0 and self.algorithm.name != "gkd":
             raise ValueError("algorithm.lmbda < 1 (off-policy mixing) needs algorithm.name=gkd")
+        if self.teacher.support != "teacher_topk":
+            self._check_student_support()
         if self.algorithm.tail and self.algorithm.temperature != 1.0:
             raise ValueError("algorithm.tail=true needs algorithm.temperature=1")
         if (
@@ -312,6 +322,30 @@ class RunConfig(_Strict):
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ValueError("rollout.max_new_tokens must be smaller than rollout.max_model_len")
         return self
+
+    def _check_student_support(self) -> None:
+        support, algo = self.teacher.support, self.algorithm
+        if self.teacher.backend != "hf":
+            raise ValueError(
+                f"teacher.support={support} needs teacher.backend=hf: vLLM's prompt log-probs "
+                "cover only the teacher's own top-k, not the student's token ids"
+            )
+        if algo.name not in ("on_policy", "gkd") or algo.lmbda < 1.0:
+            raise ValueError(
+                f"teacher.support={support} takes the student's top-k from its rollouts: it "
+                "needs algorithm.name=on_policy (or gkd with lmbda=1), where every completion "
+                "is sampled by the student"
+            )
+        if algo.resolved_loss not in ("forward_kl", "reverse_kl", "jsd"):
+            raise ValueError(
+                f"teacher.support={support} shapes the top-k losses only: set algorithm.loss "
+                f"to reverse_kl, forward_kl or jsd (got {algo.resolved_loss})"
+            )
+
+    @property
+    def student_topk(self) -> int:
+        """How many top ids the rollouts return per token: 0 unless the support needs them."""
+        return 0 if self.teacher.support == "teacher_topk" else self.teacher.top_k
 
     @property
     def samples_per_prompt(self) -> int:

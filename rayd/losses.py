@@ -265,6 +265,23 @@ def _tail_log_mass(topk_logprobs: Tensor) -> Tensor:
     return _log1mexp(log_in.clamp(max=ceiling))
 
 
+# An empty bin: exp(-1e4) is exactly 0 in float32 and float64, and unlike -inf it keeps the
+# JSD's log-mixture (a logsumexp) finite, whose backward would turn -inf - -inf into NaN.
+_EMPTY_BIN = -1e4
+
+
+def _repeated_ids(ids: Tensor) -> Tensor:
+    """True where an id already occurred earlier in its row of the last dim. [..., k] -> bool.
+
+    A support built by the caller (the union of two top-k lists, or a student's list) may name a
+    token twice; counting its mass twice would break the bins' sum to 1.
+    """
+    sorted_ids, order = ids.sort(dim=-1, stable=True)
+    repeat = torch.zeros_like(sorted_ids, dtype=torch.bool)
+    repeat[..., 1:] = sorted_ids[..., 1:] == sorted_ids[..., :-1]
+    return torch.zeros_like(repeat).scatter(-1, order, repeat)
+
+
 def _topk_bins(
     student_logits: Tensor,
     teacher_topk_ids: Tensor,
@@ -276,9 +293,18 @@ def _topk_bins(
 ) -> tuple[Tensor, Tensor]:
     """Student and teacher log-probs over the same bins: [B, T, k] (tail=False) or [B, T, k+1].
 
-    Only the k teacher columns of the student's raw logits are gathered: no [B, T, V]
+    Only the k chosen columns of the student's raw logits are gathered: no [B, T, V]
     log-softmax is built (NVIDIA-NeMo/RL#3314: ~2.3 GiB -> ~1 MiB per 4k-token sample at
     V=152k, k=64). tail=True needs the student's log-sum-exp over V, a reduction.
+
+    The ids are any support the caller chose with the teacher's exact log-probs at them: the
+    teacher's own top-k (default), the student's top-k (`teacher.support=student_topk`) or both
+    (`union`). Nothing here assumes they are sorted or the teacher's most likely tokens: bins
+    are order-free, a repeated id becomes an empty bin (probability 0 on both sides), and the
+    tail is whatever mass the distinct ids leave. Any such partition of the vocabulary gives a
+    divergence between the binned distributions, at most the full-vocabulary one and equal to
+    it when the ids cover every token (k = V: the tail is a clamped speck, see
+    `_tail_log_mass`).
 
     Temperature (tail=False only): the teacher's top-k log-probs arrive at temperature 1
     (vLLM prompt_logprobs), so both sides are re-tempered within the k bins, log_softmax(lp / t).
@@ -303,20 +329,31 @@ def _topk_bins(
             f"vocabulary has {vocab} entries: teacher and student must share a tokenizer, and "
             "the teacher's padded vocabulary rows must never be in its top-k"
         )
+    # Masked positions (all ids 0 there) are left out of the repeat check: they keep their
+    # uniform filler below and stay a valid distribution.
+    repeated = _repeated_ids(ids) & mask.unsqueeze(-1)
     # A masked position becomes a valid uniform distribution over k+1 bins: finite everywhere.
     log_t = _zero_masked(_as_float(teacher_topk_logprobs.detach()), mask, -math.log(k + 1))
     logits = _zero_masked(student_logits, mask)
     s_k = _as_float(torch.gather(logits, -1, ids))
+    # -inf first, so the softmax within k (tail=False) and the tail mass (tail=True) skip the
+    # repeats; replaced by the finite empty bin at the end.
+    log_t = log_t.masked_fill(repeated, -math.inf)
+    s_k = s_k.masked_fill(repeated, -math.inf)
     if not tail:
-        return F.log_softmax(s_k / temperature, -1), F.log_softmax(log_t / temperature, -1)
-    if student_lse is None:
-        student_lse = torch.logsumexp(_as_float(logits), dim=-1)
+        log_s, log_t = F.log_softmax(s_k / temperature, -1), F.log_softmax(log_t / temperature, -1)
     else:
-        student_lse = _zero_masked(student_lse, mask)
-    log_s = s_k - student_lse.unsqueeze(-1)
-    log_s = torch.cat([log_s, _tail_log_mass(log_s)], dim=-1)
-    log_t = torch.cat([log_t, _tail_log_mass(log_t)], dim=-1)
-    return log_s, log_t
+        if student_lse is None:
+            student_lse = torch.logsumexp(_as_float(logits), dim=-1)
+        else:
+            student_lse = _zero_masked(student_lse, mask)
+        log_s = s_k - student_lse.unsqueeze(-1)
+        log_s = torch.cat([log_s, _tail_log_mass(log_s)], dim=-1)
+        log_t = torch.cat([log_t, _tail_log_mass(log_t)], dim=-1)
+    if not bool(repeated.any()):
+        return log_s, log_t
+    empty = F.pad(repeated, (0, log_s.shape[-1] - k))
+    return log_s.masked_fill(empty, _EMPTY_BIN), log_t.masked_fill(empty, _EMPTY_BIN)
 
 
 def topk_forward_kl(

@@ -4,7 +4,8 @@ One step of the loop:
     prompts -> weight sync to the rollout engines -> student rollouts (vLLM) -> teacher scores
     (top-k log-probs) -> learner step (DeepSpeed ZeRO) -> periodic eval / checkpoint.
 The offline modes (sft, step_by_step, logit_kd) take the dataset's completions instead of
-rollouts; the engines then get new weights only when an eval needs them.
+rollouts; the engines then get new weights only when an eval needs them. logit_kd over a
+dataset written by `rayd score` reads the teacher's top-k from it and starts no teacher.
 The same file runs under `ray job submit` (it joins that cluster) and on a laptop (it starts a
 local Ray). Everything a step needs is visible here; the actors only own their backends.
 """
@@ -17,6 +18,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import ray
@@ -28,6 +30,7 @@ from rayd.data.prompts import Prompt, PromptSampler, PromptSet, load_prompts
 from rayd.evaluate import heldout_metrics
 from rayd.learner.group import LearnerFailure
 from rayd.metrics import MetricsLogger, StageTimer
+from rayd.score import StoredSignal, load_stored_signal
 from rayd.steps import weigh_steps
 from rayd.tasks.base import Task
 from rayd.types import Sample, TeacherScore, collate
@@ -108,9 +111,13 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
         cfg.trainer.seed,
     )
     check_offline_data(cfg, prompts)
+    # logit_kd over a `rayd score` dataset reads the teacher's top-k from disk: no teacher actor.
+    stored = load_stored_signal(cfg, prompts, teacher_path, tokenizer)
     cluster.connect()
-    check_resources(cfg, ray.cluster_resources())
-    rollout, teacher, learners = start_workers(cfg, student_path, teacher_path, features)
+    check_resources(cfg, ray.cluster_resources(), with_teacher=stored is None)
+    rollout, teacher, learners = start_workers(
+        cfg, student_path, teacher_path if stored is None else None, features
+    )
     sampler = PromptSampler(len(prompts.train), cfg.trainer.seed)
     rng = random.Random(cfg.trainer.seed)
     start_step = driver_state.get("step", 0)
@@ -199,6 +206,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                         max_new_tokens=cfg.rollout.max_new_tokens,
                         seed=rollout_seed(cfg.trainer.seed, step),
                         expect_version=version,
+                        return_topk=cfg.student_topk,  # teacher.support: the student's ids
                     )
                     if on_policy
                     else []
@@ -224,12 +232,12 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                     f"rollouts from weight versions {set(stale)}, expected {version}"
                 )
 
-            # 3. Teacher scores every completion token: its log-prob and its top-k.
-            if teacher is not None:
+            # 3. Teacher signal on every completion token: its log-prob and its log-probs over
+            #    the support (its top-k, or the student's: teacher.support), from the teacher
+            #    actors or stored with the dataset.
+            if teacher is not None or stored is not None:
                 with timer("teacher"):
-                    scores = score_samples(
-                        teacher, samples, cfg.teacher.top_k, [t for _, t in features]
-                    )
+                    scores = teacher_scores(cfg, teacher, stored, samples, features)
             else:  # sft / step_by_step: cross-entropy on the completions, no teacher signal
                 scores = [TeacherScore.empty(len(s.completion_ids)) for s in samples]
 
@@ -248,7 +256,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
 
             tokens = sum(len(s.completion_ids) for s in samples)
             step_time = time.perf_counter() - step_start
-            if teacher is None:  # without teacher scores the estimate is meaningless
+            if teacher is None and stored is None:  # no teacher scores: a meaningless estimate
                 metrics.pop("reverse_kl", None)
             per_own_tokens(metrics)
             metrics.update(step_stats)
@@ -335,6 +343,47 @@ def to_rng_state(saved: list[Any]) -> tuple[Any, ...]:
     return version, tuple(internal), gauss
 
 
+def teacher_scores(
+    cfg: RunConfig,
+    teacher: cluster.WorkerPool | None,
+    stored: StoredSignal | None,
+    samples: list[Sample],
+    features: Sequence[tuple[int, int]] = (),
+) -> list[TeacherScore]:
+    """Per sample, the teacher's signal on its completion (see rayd.types.TeacherScore): read
+    from a `rayd score` dataset, or asked of the teacher actors (with hidden states of the
+    feature_kd layers). The label task's samples (cross-entropy on gold answers) get empty
+    scores without a teacher call."""
+    if stored is not None:
+        return stored.scores([s.prompt_index for s in samples])
+    assert teacher is not None
+    t = cfg.teacher
+    scored = [s for s in samples if not s.hard_target]
+    pairs = [(s.prompt_ids, s.completion_ids) for s in scored]
+    if t.support == "teacher_topk":
+        extra = {"hidden_layers": [layer for _, layer in features]} if features else {}
+        got = teacher.map_chunks("score", pairs, top_k=t.top_k, **extra)
+    else:
+        # The student's top-k came with its rollouts (config: every sample is on-policy); the
+        # teacher's exact log-probs at them make the top-k losses compare over the student's
+        # support.
+        ids = [s.student_topk_ids for s in scored]
+        if any(i is None for i in ids):
+            raise RuntimeError(
+                f"teacher.support={t.support}: a sample came without the student's ids"
+            )
+        add = t.top_k if t.support == "union" else 0
+        got = teacher.map_chunks("score_ids", pairs, ids, add_top_k=add)
+    if len(scored) == len(samples):
+        return got
+    width = got[0].topk_ids.shape[1] if got else t.top_k
+    it = iter(got)
+    return [
+        TeacherScore.empty(len(s.completion_ids), width) if s.hard_target else next(it)
+        for s in samples
+    ]
+
+
 def split_by_lambda(prompts: list[Prompt], lmbda: float, rng: random.Random):
     """GKD mixing: a prompt goes on-policy with probability lambda, else to its dataset answer."""
     if lmbda >= 1.0:
@@ -418,29 +467,6 @@ def target_sample(
         on_policy=False,
         weight=weight,
     )
-
-
-def score_samples(
-    teacher: cluster.WorkerPool,
-    samples: list[Sample],
-    top_k: int,
-    hidden_layers: list[int] | None = None,
-) -> list[TeacherScore]:
-    """Teacher scores of every sample (with hidden states of `hidden_layers` for feature_kd);
-    the label task's samples (cross-entropy on gold answers) get empty scores without a call."""
-    scored = [s for s in samples if not s.hard_target]
-    got = iter(
-        teacher.map_chunks(
-            "score",
-            [(s.prompt_ids, s.completion_ids) for s in scored],
-            top_k=top_k,
-            hidden_layers=hidden_layers or None,
-        )
-    )
-    return [
-        TeacherScore.empty(len(s.completion_ids), top_k) if s.hard_target else next(got)
-        for s in samples
-    ]
 
 
 def per_own_tokens(metrics: dict[str, float]) -> None:

@@ -33,6 +33,9 @@ class Sample:
     # Cross-entropy on the completion instead of the teacher signal: the on-policy modes' label
     # task (gold answers); the teacher does not score such a sample.
     hard_target: bool = False
+    # [T, k] int64: the k most likely tokens of the sampling distribution at each completion
+    # position, when the driver asked for them (teacher.support=student_topk or union).
+    student_topk_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -40,8 +43,10 @@ class TeacherScore:
     """Teacher signal for the completion tokens of one sample."""
 
     token_logprobs: torch.Tensor  # [T] float32: log p_teacher(completion_t | prefix)
-    topk_ids: torch.Tensor  # [T, k] int64: the teacher's top-k tokens at each completion position
-    topk_logprobs: torch.Tensor  # [T, k] float32: their log-probs (descending)
+    # [T, k] int64: the support at each completion position: the teacher's top-k by default,
+    # the student's top-k (or both) with teacher.support=student_topk (union)
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor  # [T, k] float32: the teacher's log-probs at them (descending)
     logits: torch.Tensor | None = None  # [T, V] float32, only when a mode asks for full logits
     # [T, n, D] float32: the teacher's hidden states at the positions that predict each
     # completion token, for the n layers feature_kd aligns (None otherwise)

@@ -145,9 +145,15 @@ def check_same_turn_format(cfg: RunConfig, student: str, s_tok, teacher: str, t_
         )
 
 
-def check_resources(cfg: RunConfig, available: dict[str, float]) -> None:
+def check_resources(
+    cfg: RunConfig, available: dict[str, float], with_teacher: bool | None = None
+) -> None:
+    """`with_teacher`: whether teacher actors start (default: whenever the algorithm needs a
+    teacher; False when its signal is read from a `rayd score` dataset)."""
     r, t, ln = cfg.rollout, cfg.teacher, cfg.learner
-    teachers = t.num_workers if cfg.algorithm.needs_teacher else 0
+    if with_teacher is None:
+        with_teacher = cfg.algorithm.needs_teacher
+    teachers = t.num_workers if with_teacher else 0
     for res, want, how in (
         (
             "GPU",
@@ -197,7 +203,7 @@ def start_workers(
 ):
     """(rollout pool, teacher pool or None when no teacher is needed, learner group);
     `features` are feature_kd's layer pairs (empty otherwise)."""
-    r, t = cfg.rollout, cfg.teacher
+    r = cfg.rollout
     timeout = cfg.trainer.call_timeout_s
     rollout_cls = ray.remote(RolloutWorker)
     rollout = WorkerPool(
@@ -210,6 +216,7 @@ def start_workers(
                 threads=r.threads,
                 kv_cache_gib=r.kv_cache_gib,
                 dtype=cfg.models.student.dtype,
+                max_logprobs=max(20, cfg.student_topk),
             )
             for i in range(r.num_workers)
         ],
@@ -217,30 +224,7 @@ def start_workers(
         timeout,
         max_reissues=cfg.trainer.actor_restarts,
     )
-    teacher_cls = ray.remote(TeacherWorker)
-    teachers = (
-        None
-        if teacher is None
-        else WorkerPool(
-            [
-                teacher_cls.options(
-                    **engine_options(cfg, t.cpus_per_worker, t.gpus_per_worker)
-                ).remote(
-                    teacher,
-                    t.backend,
-                    threads=t.threads,
-                    max_model_len=t.max_model_len,
-                    kv_cache_gib=t.kv_cache_gib,
-                    dtype=cfg.models.teacher.dtype,
-                    max_top_k=max(20, t.top_k),
-                )
-                for _ in range(t.num_workers)
-            ],
-            "teacher",
-            timeout,
-            max_reissues=cfg.trainer.actor_restarts,
-        )
-    )
+    teachers = None if teacher is None else start_teachers(cfg, teacher)
     try:
         learners = _learner_group(cfg, student, teacher, features)
         # Engines load in parallel; wait for all of them here so start-up errors surface at once.
@@ -256,6 +240,30 @@ def start_workers(
             learners.shutdown()
         raise
     return rollout, teachers, learners
+
+
+def start_teachers(cfg: RunConfig, teacher: str) -> WorkerPool:
+    """The teacher actors (not yet waited for: `call_all("ready")`)."""
+    t = cfg.teacher
+    assert cfg.models.teacher is not None
+    teacher_cls = ray.remote(TeacherWorker)
+    return WorkerPool(
+        [
+            teacher_cls.options(**engine_options(cfg, t.cpus_per_worker, t.gpus_per_worker)).remote(
+                teacher,
+                t.backend,
+                threads=t.threads,
+                max_model_len=t.max_model_len,
+                kv_cache_gib=t.kv_cache_gib,
+                dtype=cfg.models.teacher.dtype,
+                max_top_k=max(20, t.top_k),
+            )
+            for _ in range(t.num_workers)
+        ],
+        "teacher",
+        cfg.trainer.call_timeout_s,
+        max_reissues=cfg.trainer.actor_restarts,
+    )
 
 
 def _learner_group(

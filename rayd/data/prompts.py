@@ -79,22 +79,11 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int) -> 
     for split, rows in (("train", train_rows), ("eval", eval_rows)):
         prompts = []
         for prompt, completion, answer, rationale in rows:
-            ids = encode_prompt(tokenizer, prompt, cfg.chat_template == "auto")
-            if len(ids) > max_prompt_len:
-                if cfg.long_prompts == "error":
-                    raise ConfigError(
-                        f"data error: a {split} prompt has {len(ids)} tokens, more than "
-                        f"{max_prompt_len} (rollout.max_model_len - rollout.max_new_tokens); set "
-                        "data.long_prompts=drop or truncate"
-                    )
-                if cfg.long_prompts == "drop":
-                    dropped += 1
-                    continue
-                ids = ids[-max_prompt_len:]  # keep the end, where the question usually is
-            completion_ids = None
-            if completion is not None:
-                completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
-                completion_ids.append(tokenizer.eos_token_id)
+            encoded = encode_row(tokenizer, prompt, completion, max_prompt_len, cfg, split)
+            if encoded is None:
+                dropped += 1
+                continue
+            ids, completion_ids = encoded
             prompts.append(Prompt(len(prompts), ids, completion_ids, answer, rationale))
         out[split] = prompts
     if not out["train"]:
@@ -119,6 +108,30 @@ def encode_prompt(tokenizer, text: str, chat_template: bool = True) -> list[int]
         )
     # The template already holds the model's special tokens: adding a BOS again would double it.
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def encode_row(
+    tokenizer, prompt: str, completion: str | None, max_prompt_len: int, cfg: DataConfig, split: str
+) -> tuple[list[int], list[int] | None] | None:
+    """(prompt ids, completion ids + eos) as training sees them; None when data.long_prompts
+    drops the row. `rayd score` encodes through here too, so stored teacher signal lines up
+    with the training tokens."""
+    ids = encode_prompt(tokenizer, prompt, cfg.chat_template == "auto")
+    if len(ids) > max_prompt_len:
+        if cfg.long_prompts == "error":
+            raise ConfigError(
+                f"data error: a {split} prompt has {len(ids)} tokens, more than "
+                f"{max_prompt_len} (rollout.max_model_len - rollout.max_new_tokens); set "
+                "data.long_prompts=drop or truncate"
+            )
+        if cfg.long_prompts == "drop":
+            return None
+        ids = ids[-max_prompt_len:]  # keep the end, where the question usually is
+    completion_ids = None
+    if completion is not None:
+        completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
+        completion_ids.append(tokenizer.eos_token_id)
+    return ids, completion_ids
 
 
 def read_dataset_dir(path: Path, cfg: DataConfig) -> list[Row]:

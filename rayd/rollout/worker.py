@@ -37,10 +37,12 @@ class RolloutWorker:
         threads: int = 1,
         kv_cache_gib: float = 1.0,
         dtype: str = "auto",
+        max_logprobs: int = 20,
     ) -> None:
         prepare_process(detect(), threads)
         self.backend = backend
         self.max_model_len = max_model_len
+        self.max_logprobs = max_logprobs
         self.vocab_size = int(AutoConfig.from_pretrained(model_path).vocab_size)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.engine: RolloutEngine = _make_engine(
@@ -50,6 +52,7 @@ class RolloutWorker:
             max_model_len=max_model_len,
             kv_cache_gib=kv_cache_gib,
             dtype=dtype,
+            max_logprobs=max_logprobs,
         )
         self._version = 0
 
@@ -72,8 +75,12 @@ class RolloutWorker:
         max_new_tokens: int,
         seed: int | None = None,
         expect_version: int | None = None,
+        return_topk: int = 0,
     ) -> list[Sample]:
         """`n` samples per prompt, prompt-major (all samples of prompts[0] first).
+
+        `return_topk=k`: each Sample also carries the ids of the sampling distribution's k most
+        likely tokens at every completion position (`student_topk_ids`).
 
         `expect_version`: refuse (NeedsRestore) unless these weights are served, e.g. after Ray
         restarted this actor with the initial student and before the pool re-sent the weights.
@@ -92,6 +99,12 @@ class RolloutWorker:
             raise ValueError(
                 f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}"
             )
+        most = min(self.max_logprobs, self.vocab_size)
+        if not 0 <= return_topk <= most:
+            raise ValueError(
+                f"return_topk={return_topk} outside 0..{most} (max_logprobs of this engine, "
+                "capped by the vocabulary)"
+            )
         limit = self.max_model_len - max_new_tokens
         for index, prompt in zip(prompt_indices, prompts, strict=True):
             self._check_ids(prompt, f"prompt {index}")
@@ -107,6 +120,7 @@ class RolloutWorker:
             top_p=top_p,
             max_new_tokens=max_new_tokens,
             seed=seed,
+            return_topk=return_topk,
         )
         samples = []
         for index, prompt, completions in zip(prompt_indices, prompts, per_prompt, strict=True):
@@ -121,6 +135,7 @@ class RolloutWorker:
                         weight_version=self._version,
                         on_policy=True,
                         text=self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
+                        student_topk_ids=c.topk_ids,
                     )
                 )
         return samples
@@ -166,6 +181,7 @@ def _make_engine(
     max_model_len: int,
     kv_cache_gib: float,
     dtype: str,
+    max_logprobs: int,
 ) -> RolloutEngine:
     # Imported here: vLLM is heavy and only the vllm backend needs it.
     if backend == "vllm":
@@ -177,6 +193,7 @@ def _make_engine(
             kv_cache_gib=kv_cache_gib,
             dtype=dtype,
             seed=seed,
+            max_logprobs=max_logprobs,
         )
     if backend == "hf":
         from rayd.rollout.hf_engine import HFEngine

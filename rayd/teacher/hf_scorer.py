@@ -61,23 +61,42 @@ class HFScorer:
         return scores
 
     def score_ids(
-        self, pairs: list[Pair], ids_per_position: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        """Teacher log-probs at caller-chosen ids: ids_per_position[i] is [T_i, m] -> [T_i, m].
+        self, pairs: list[Pair], ids_per_position: list[torch.Tensor], add_top_k: int = 0
+    ) -> list[TeacherScore]:
+        """The teacher's exact log-probs at caller-chosen ids: ids_per_position[i] is [T_i, m].
 
-        For student-top-k distillation: the teacher scores the student's top-k ids exactly.
+        Student-top-k distillation: the ids are the student's top-k, so a top-k divergence is
+        taken over the student's support. `add_top_k`: also the teacher's own add_top_k most
+        likely tokens *among the other ids* (the union support, m + add_top_k distinct ids
+        that contain both top-k lists). The support is sorted by the teacher's log-prob,
+        descending, as `score`'s top-k is; token_logprobs as in `score`. One forward pass.
         """
         if len(ids_per_position) != len(pairs):
             raise ValueError(f"{len(ids_per_position)} id tensors for {len(pairs)} pairs")
-        result = []
+        scores = []
         logits_only = (logits for logits, _ in self._completion_outputs(pairs))
-        for i, (logits, ids) in enumerate(zip(logits_only, ids_per_position, strict=True)):
+        for i, (logits, ids, (_, completion)) in enumerate(
+            zip(logits_only, ids_per_position, pairs, strict=True)
+        ):
             if ids.ndim != 2 or ids.shape[0] != logits.shape[0]:
                 raise ValueError(
                     f"pair {i}: ids of shape {tuple(ids.shape)} for {logits.shape[0]} tokens"
                 )
-            result.append(logits.log_softmax(-1).gather(-1, ids.long()))
-        return result
+            logp = logits.log_softmax(-1)
+            ids = ids.long()
+            if add_top_k:
+                others = logp.scatter(-1, ids, float("-inf"))
+                ids = torch.cat([ids, others.topk(add_top_k, dim=-1).indices], dim=-1)
+            support = logp.gather(-1, ids).sort(dim=-1, descending=True)
+            targets = torch.tensor(completion, dtype=torch.long)
+            scores.append(
+                TeacherScore(
+                    token_logprobs=logp.gather(-1, targets[:, None]).squeeze(-1),
+                    topk_ids=ids.gather(-1, support.indices),
+                    topk_logprobs=support.values,
+                )
+            )
+        return scores
 
     @torch.no_grad()
     def _completion_outputs(

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig
 
 from rayd.device import detect, prepare_process
-from rayd.teacher.scorer import Pair, TeacherSignalError, check_scores
+from rayd.teacher.scorer import Pair, check_scores
 from rayd.types import TeacherScore
 
 if TYPE_CHECKING:  # the backends import vLLM / transformers models: only when chosen
@@ -85,19 +85,30 @@ class TeacherWorker:
         return scores
 
     def score_ids(
-        self, pairs: list[Pair], ids_per_position: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        """Teacher log-probs at caller-chosen ids per completion position (hf backend only)."""
+        self, pairs: list[Pair], ids_per_position: list[torch.Tensor], add_top_k: int = 0
+    ) -> list[TeacherScore]:
+        """The teacher's signal over a caller-chosen support (hf backend only): its log-probs at
+        ids_per_position[i] ([T_i, m], e.g. the student's top-k), plus its own top add_top_k
+        among the other ids (the union support). See HFScorer.score_ids."""
         if self.backend != "hf":
-            raise ValueError("scoring chosen token ids needs the 'hf' teacher backend")
+            raise ValueError(
+                "scoring chosen token ids needs the 'hf' teacher backend (vLLM's prompt "
+                "log-probs cover only its own top-k and the actual token)"
+            )
         self._check_pairs(pairs)
+        if add_top_k < 0:
+            raise ValueError(f"add_top_k must be >= 0, got {add_top_k}")
+        widths = {int(ids.shape[-1]) for ids in ids_per_position}
+        if len(widths) > 1:
+            raise ValueError(f"chosen ids of several widths {sorted(widths)}: one width per call")
         for i, ids in enumerate(ids_per_position):
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
                 raise ValueError(f"ids for pair {i} fall outside the teacher vocabulary")
-        result = self.scorer.score_ids(pairs, ids_per_position)  # type: ignore[union-attr]
-        if not all(bool(torch.isfinite(r).all()) for r in result):
-            raise TeacherSignalError("teacher returned non-finite log-probs for chosen ids")
-        return result
+        scorer: HFScorer = self.scorer  # type: ignore[assignment]
+        scores = scorer.score_ids(pairs, ids_per_position, add_top_k)
+        width = widths.pop() + add_top_k if widths else add_top_k
+        check_scores(pairs, scores, width)
+        return scores
 
     def _check_pairs(self, pairs: list[Pair]) -> None:
         for i, (prompt, completion) in enumerate(pairs):

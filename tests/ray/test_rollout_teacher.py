@@ -39,8 +39,14 @@ def next_token_logits(model, sequence: list[int]) -> torch.Tensor:
     return model(input_ids=torch.tensor([sequence])).logits[0, :-1].float()
 
 
-def sampling_logprobs(model, prompt, completion, *, temperature, top_p, eos_id) -> torch.Tensor:
+def sampling_logprobs(model, prompt, completion, **processing) -> torch.Tensor:
     """Log-probs of the completion under the distribution the sampler draws from (processed)."""
+    logp = sampling_distribution(model, prompt, completion, **processing)
+    return logp.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+def sampling_distribution(model, prompt, completion, *, temperature, top_p, eos_id):
+    """[T, V] processed log-probs at each completion step: temperature, top-p, min_tokens."""
     logits = next_token_logits(model, prompt + completion)[len(prompt) - 1 :]
     logits = logits / temperature
     logits[0, eos_id] = float("-inf")  # min_tokens=1: no eos at the first step
@@ -49,8 +55,7 @@ def sampling_logprobs(model, prompt, completion, *, temperature, top_p, eos_id) 
     # Nucleus: drop a token when the mass strictly before it already exceeds top_p.
     drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) > top_p
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    logp = logits.masked_fill(drop, float("-inf")).log_softmax(-1)
-    return logp.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+    return logits.masked_fill(drop, float("-inf")).log_softmax(-1)
 
 
 def forced_logprobs(model, sequence) -> torch.Tensor:
@@ -97,7 +102,7 @@ def test_rollout_samples_are_well_formed_and_match_transformers(
     gen = torch.Generator().manual_seed(0)
     vocab = student.config.vocab_size
     prompts = [random_ids(gen, length, vocab) for length in (5, 17, 40)]
-    kwargs = dict(n=2, temperature=0.8, top_p=0.95, max_new_tokens=12, seed=123)
+    kwargs = dict(n=2, temperature=0.8, top_p=0.95, max_new_tokens=12, seed=123, return_topk=4)
     samples = get(actor.generate.remote(prompts, [7, 8, 9], **kwargs), TIMEOUT, "generate")
 
     assert len(samples) == 6
@@ -114,14 +119,24 @@ def test_rollout_samples_are_well_formed_and_match_transformers(
         assert s.finish_reason == "stop" or len(s.completion_ids) == 12
         assert s.weight_version == 0 and s.on_policy
         assert s.text == tokenizer.decode(s.completion_ids, skip_special_tokens=True)
-        expected = sampling_logprobs(
+        dist = sampling_distribution(
             student, s.prompt_ids, s.completion_ids, temperature=0.8, top_p=0.95, eos_id=eos
         )
+        expected = dist.gather(-1, torch.tensor(s.completion_ids)[:, None]).squeeze(-1)
         torch.testing.assert_close(torch.tensor(s.logprobs), expected, atol=1e-3, rtol=0)
+        # The student's top-4 at each step (teacher.support=student_topk), most likely first;
+        # compared through the reference's log-probs, so near-ties cannot flake the test.
+        ids = s.student_topk_ids
+        assert ids is not None and ids.shape == (len(s.completion_ids), 4)
+        assert all(len(set(row)) == 4 for row in ids.tolist())
+        top = dist.topk(4, dim=-1).values
+        torch.testing.assert_close(dist.gather(-1, ids), top, atol=1e-3, rtol=0)
 
-    # The same seed draws the same samples.
+    # The same seed draws the same samples, with or without the top-k ids.
+    kwargs["return_topk"] = 0
     again = get(actor.generate.remote(prompts, [7, 8, 9], **kwargs), TIMEOUT, "generate")
     assert [s.completion_ids for s in again] == [s.completion_ids for s in samples]
+    assert all(s.student_topk_ids is None for s in again)
 
 
 def test_teacher_scorers_agree_with_each_other_and_transformers(workers, tiny_teacher):
@@ -151,14 +166,33 @@ def test_teacher_scorers_agree_with_each_other_and_transformers(workers, tiny_te
         assert h.logits is not None and h.logits.shape == (len(completion), vocab)
         torch.testing.assert_close(h.logits.log_softmax(-1), logp, **close)
 
-    # Scoring caller-chosen ids (e.g. the student's top-k) reproduces the top-k log-probs.
-    chosen = get(
-        workers.teacher["hf"].score_ids.remote(pairs, [v.topk_ids for v in by_vllm]),
-        TIMEOUT,
-        "hf score_ids",
-    )
-    for got, v in zip(chosen, by_vllm, strict=True):
-        torch.testing.assert_close(got, v.topk_logprobs, **close)
+    # Scoring caller-chosen ids (teacher.support=student_topk): exact log-probs at those ids,
+    # sorted by them; scoring the teacher's own top-k that way reproduces `score`.
+    chosen_ids = [torch.randint(0, vocab, (len(c), 3), generator=gen) for _, c in pairs]
+    hf = workers.teacher["hf"]
+    chosen = get(hf.score_ids.remote(pairs, chosen_ids), TIMEOUT, "hf score_ids")
+    union = get(hf.score_ids.remote(pairs, chosen_ids, add_top_k=k), TIMEOUT, "hf score_ids")
+    again = get(hf.score_ids.remote(pairs, [v.topk_ids for v in by_vllm]), TIMEOUT, "score_ids")
+    for (prompt, completion), ids, c, u, a, v in zip(
+        pairs, chosen_ids, chosen, union, again, by_vllm, strict=True
+    ):
+        logp = next_token_logits(teacher, prompt + completion)[len(prompt) - 1 :].log_softmax(-1)
+        direct_token = logp.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+        for score in (c, u):
+            torch.testing.assert_close(score.token_logprobs, direct_token, **close)
+            torch.testing.assert_close(
+                score.topk_logprobs, logp.gather(-1, score.topk_ids), **close
+            )
+        assert torch.equal(c.topk_ids.sort(-1).values, ids.sort(-1).values)
+        # union: the chosen ids plus the teacher's top-k among the others, so it holds the
+        # teacher's own top-k (through the reference's values: ties cannot flake this).
+        assert u.topk_ids.shape == (len(completion), 3 + k)
+        for row, chosen_row in zip(u.topk_ids.tolist(), ids.tolist(), strict=True):
+            assert set(chosen_row) <= set(row)
+        top_values = logp.gather(-1, u.topk_ids).topk(k, dim=-1).values
+        torch.testing.assert_close(top_values, logp.topk(k, dim=-1).values, **close)
+        assert torch.equal(a.topk_ids, v.topk_ids)
+        torch.testing.assert_close(a.topk_logprobs, v.topk_logprobs, **close)
 
 
 def test_teacher_rejects_bad_requests(workers):
@@ -173,6 +207,10 @@ def test_teacher_rejects_bad_requests(workers):
         get(vllm_teacher.score.remote([([5], [6])], 21), TIMEOUT, "score")
     with pytest.raises(ValueError, match="full teacher logits"):
         get(vllm_teacher.score.remote([([5], [6])], 3, True), TIMEOUT, "score")
+    with pytest.raises(ValueError, match="'hf' teacher backend"):
+        get(vllm_teacher.score_ids.remote([([5], [6])], [torch.ones(1, 2)]), TIMEOUT, "score")
+    with pytest.raises(ValueError, match="ids of shape"):
+        get(hf_teacher.score_ids.remote([([5], [6, 7])], [torch.ones(1, 2)]), TIMEOUT, "score")
     # The engine survived the refusals.
     assert len(get(vllm_teacher.score.remote([([5], [6])], 3), TIMEOUT, "score")) == 1
 

@@ -91,6 +91,54 @@ def saved_dataset(tmp: Path, *columns: str) -> str:
     return str(path)
 
 
+def scored_dataset(tmp: Path, wrong: str = "") -> str:
+    """A dataset as `rayd score` writes it for logit_kd (made-up signal of the right shapes,
+    the real hashes of the test models), with one thing `wrong`."""
+    from datasets import Dataset, disable_progress_bars
+    from transformers import AutoTokenizer
+
+    from rayd.generate import weights_sha256
+    from rayd.score import SIGNAL_COLUMNS, SIGNAL_FILE, tokenizer_sha256
+
+    disable_progress_bars()
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny:test-student"))
+    k = 8  # teacher.top_k's default
+    data = {
+        "prompt": [f"{i}+{i}=" for i in range(8)],
+        "completion": [f"A={2 * i}" for i in range(8)],
+    }
+    data.update({c: [] for c in SIGNAL_COLUMNS})
+    for prompt, completion in zip(data["prompt"], data["completion"], strict=True):
+        ids = tok(prompt, add_special_tokens=False).input_ids
+        target = [*tok(completion, add_special_tokens=False).input_ids, tok.eos_token_id]
+        width = k - 1 if wrong == "shape" else k
+        data["prompt_ids"].append(ids[1:] if wrong == "tokens" else ids)
+        data["completion_ids"].append(target)
+        data["teacher_token_logprobs"].append([-1.0] * len(target))
+        data["teacher_topk_ids"].append([list(range(width))] * len(target))
+        data["teacher_topk_logprobs"].append([[-1.0 - j for j in range(width)]] * len(target))
+    path = tmp / "scored"
+    Dataset.from_dict(data).save_to_disk(str(path))
+    info = {
+        "top_k": 16 if wrong == "k" else k,
+        "tokenizer_sha256": "0" * 64 if wrong == "tokenizer" else tokenizer_sha256(tok),
+        "teacher_weights_sha256": "0" * 64
+        if wrong == "teacher"
+        else weights_sha256(resolve_model_path("tiny:test-teacher")),
+        "teacher": {"path": "tiny:another-teacher"},
+    }
+    (path / SIGNAL_FILE).write_text("{not json" if wrong == "json" else json.dumps(info))
+    return str(path)
+
+
+def stored(wrong: str):
+    """Overrides of a logit_kd run over a scored dataset with one thing wrong."""
+    return lambda t: (
+        None,
+        ["algorithm.name=logit_kd", f"data.train_dataset={scored_dataset(t, wrong)}"],
+    )
+
+
 def rows(n: int, **extra) -> list[dict]:
     return [{"prompt": f"{i}+{i}=", "completion": f"A={2 * i}", **extra} for i in range(n)]
 
@@ -139,6 +187,29 @@ CASES = {
         lambda t: (None, ["algorithm.temperature=2"]),
         2,
         "needs teacher.backend=hf",
+    ),
+    "student top-k with a vLLM teacher": (
+        lambda t: (None, ["teacher.support=student_topk", "algorithm.loss=reverse_kl"]),
+        2,
+        "teacher.support=student_topk needs teacher.backend=hf",
+    ),
+    "student top-k with an offline mode": (
+        lambda t: (
+            None,
+            ["teacher.support=student_topk", "teacher.backend=hf", "algorithm.name=logit_kd"],
+        ),
+        2,
+        "teacher.support=student_topk takes the student's top-k from its rollouts",
+    ),
+    "student top-k with the PG loss": (
+        lambda t: (None, ["teacher.support=union", "teacher.backend=hf"]),
+        2,
+        "teacher.support=union shapes the top-k losses only",
+    ),
+    "unknown teacher support": (
+        lambda t: (None, ["teacher.support=both"]),
+        2,
+        "teacher.support: Input should be 'teacher_topk', 'student_topk' or 'union'",
     ),
     "gkd with PG loss": (
         lambda t: (None, ["algorithm.name=gkd", "algorithm.loss=on_policy_pg"]),
@@ -434,6 +505,29 @@ CASES = {
         2,
         "algorithm.label_weight > 0 trains on gold answers, but some training rows have no",
     ),
+    # --- stored teacher signal (rayd score) ---
+    "stored signal of another k": (
+        stored("k"),
+        2,
+        "top_k: the stored teacher signal has k=16 but teacher.top_k=8",
+    ),
+    "stored signal of another tokenizer": (
+        stored("tokenizer"),
+        2,
+        "tokenizer_sha256: the signal was scored with another tokenizer",
+    ),
+    "stored signal of another teacher": (
+        stored("teacher"),
+        2,
+        "teacher_weights_sha256: the signal was scored by teacher 'tiny:another-teacher'",
+    ),
+    "stored signal file not JSON": (stored("json"), 2, "teacher_signal.json: not valid JSON"),
+    "stored signal of other tokens": (
+        stored("tokens"),
+        2,
+        "has no stored teacher signal for its tokens",
+    ),
+    "stored signal damaged": (stored("shape"), 2, "the stored signal is damaged: invalid teacher"),
     # --- checkpoints ---
     "resume=must, no checkpoint": (
         lambda t: (None, [f"output_dir={t}/run", "trainer.resume=must"]),
@@ -498,3 +592,19 @@ def write_base(tmp: Path) -> Path:
 def _quiet_warnings(recwarn):
     # The corrupt-checkpoint case also warns; this test looks only at stderr lines.
     yield
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["algorithm.name=sft"], "algorithm.name: rayd score stores the teacher signal"),
+        (["algorithm.name=logit_kd"], "data.train_dataset: rayd score scores the completions"),
+    ],
+)
+def test_rayd_score_refuses_configs_it_cannot_serve(tmp_path, capsys, overrides, needle):
+    from rayd.score import main as score_main
+
+    argv = [str(write_base(tmp_path)), *GOOD, f"output_dir={tmp_path}/out", *overrides]
+    assert score_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err

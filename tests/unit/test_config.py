@@ -95,3 +95,47 @@ def test_train_cli_bad_config_exits_nonzero_with_one_line(tmp_path):
     err_lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert err_lines[-1].startswith("config error: learner.zero_stage")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("support", "method", "kwargs"),
+    [
+        ("teacher_topk", "score", {"top_k": 3}),
+        ("student_topk", "score_ids", {"add_top_k": 0}),
+        ("union", "score_ids", {"add_top_k": 3}),
+    ],
+)
+def test_teacher_support_asks_the_rollouts_and_the_teacher_for_the_right_ids(
+    support, method, kwargs
+):
+    import torch
+
+    from rayd.train import teacher_scores
+    from rayd.types import Sample
+
+    cfg = load_config(
+        None,
+        [
+            *BASE,
+            "teacher.backend=hf",
+            f"teacher.support={support}",
+            "teacher.top_k=3",
+            "algorithm.loss=reverse_kl",
+        ],
+    )
+    assert cfg.student_topk == (0 if support == "teacher_topk" else 3)
+    ids = torch.tensor([[4, 5, 6], [7, 8, 9]])
+    samples = [Sample([1], [2, 3], [-1.0, -1.0], prompt_index=0, student_topk_ids=ids)]
+
+    class RecordingPool:  # stands in for the teacher WorkerPool: what would be sent to it
+        def map_chunks(self, name, *inputs, **kw):
+            self.call = (name, inputs, kw)
+            return []
+
+    pool = RecordingPool()
+    teacher_scores(cfg, pool, None, samples)  # type: ignore[arg-type]
+    name, inputs, kw = pool.call
+    assert (name, kw) == (method, kwargs)
+    assert inputs[0] == [([1], [2, 3])]
+    if method == "score_ids":
+        assert inputs[1][0] is ids

@@ -413,6 +413,106 @@ def test_topk_ids_outside_student_vocab_raise() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Student-top-k support (teacher.support=student_topk / union): the ids are the student's
+
+
+def _student_support(s: torch.Tensor, t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's top-k ids (its own order) and the teacher's exact log-probs at them."""
+    ids = s.topk(k, dim=-1).indices
+    return ids, t.log_softmax(-1).gather(-1, ids)
+
+
+def test_student_support_reverse_kl_is_exact_at_full_width() -> None:
+    s, t, mask = _logits(40), _logits(41), _mask()
+    ids, lp = _student_support(s, t, V)
+    # The teacher's mass over the chosen ids is 1: the tail is a clamped speck, not NaN.
+    got = topk_reverse_kl(s, ids, lp, mask, tail=True)
+    torch.testing.assert_close(got, reverse_kl(s, t, mask), atol=1e-6, rtol=0)
+    for fn in (topk_forward_kl, topk_reverse_kl, topk_generalized_jsd):
+        x = s.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(fn(x, ids, lp, mask).sum(), x)
+        assert torch.isfinite(grad).all()
+
+
+def test_student_support_reverse_kl_approaches_the_exact_value_from_below() -> None:
+    # Bins = the student's top-k + a tail. Top-(k+1) splits one token off the tail of top-k, a
+    # finer partition, so the binned KL never falls as k grows (data processing inequality) and
+    # reaches the full-vocabulary value at k = V.
+    s, t = _logits(42, (4, 8, 32)), _logits(43, (4, 8, 32))
+    mask = torch.ones(4, 8, dtype=torch.bool)
+    exact = reverse_kl(s, t, mask)
+    previous = torch.zeros_like(exact)
+    for k in (1, 2, 4, 8, 16, 32):
+        ids, lp = _student_support(s, t, k)
+        got = topk_reverse_kl(s, ids, lp, mask, tail=True)
+        assert (got >= previous - 1e-9).all() and (got <= exact + 1e-6).all()
+        previous = got
+    torch.testing.assert_close(previous, exact, atol=1e-6, rtol=0)
+    # Where the student's mass is concentrated, a few of its tokens already give most of it.
+    ids, lp = _student_support(s, t, 8)
+    assert topk_reverse_kl(s, ids, lp, mask).mean() > 0.8 * exact.mean()
+
+
+def test_support_order_and_repeated_ids_do_not_matter() -> None:
+    s, t, mask = _logits(44), _logits(45), _mask()
+    ids, lp = _student_support(s, t, 3)
+    # The same support shuffled, and padded with repeats of its own ids (a union of two lists
+    # may name a token twice): every divergence and its gradient are unchanged.
+    perm = torch.tensor([2, 0, 1])
+    shuffled = ids[..., perm], lp[..., perm]
+    repeat = torch.tensor([0, 1, 2, 0, 2])
+    repeated = ids[..., repeat], lp[..., repeat]
+    for tail, temperature in ((True, 1.0), (False, 1.0), (False, 2.0)):
+        for name, fn in (
+            ("forward", topk_forward_kl),
+            ("reverse", topk_reverse_kl),
+            ("jsd", lambda *a, **kw: topk_generalized_jsd(*a, beta=0.3, **kw)),
+        ):
+            x = s.clone().requires_grad_(True)
+            want = fn(x, ids, lp, mask, tail=tail, temperature=temperature)
+            (want_grad,) = torch.autograd.grad(want.sum(), x)
+            for variant in (shuffled, repeated):
+                x = s.clone().requires_grad_(True)
+                got = fn(x, *variant, mask, tail=tail, temperature=temperature)
+                (grad,) = torch.autograd.grad(got.sum(), x)
+                torch.testing.assert_close(got, want, msg=f"{name} tail={tail}")
+                torch.testing.assert_close(grad, want_grad, msg=f"{name} tail={tail}")
+    # Bins of repeated ids are empty on both sides, so the distributions still sum to 1.
+    log_s, log_t = _topk_bins(s, *repeated, mask, True, 1.0)
+    torch.testing.assert_close(
+        log_s.exp().sum(-1)[mask], torch.ones(int(mask.sum()), dtype=s.dtype)
+    )
+    torch.testing.assert_close(
+        log_t.exp().sum(-1)[mask], torch.ones(int(mask.sum()), dtype=s.dtype)
+    )
+
+
+def test_batch_loss_over_a_union_support() -> None:
+    # teacher.support=union: the student's top-2 plus the teacher's top-2 among the other ids,
+    # sorted by the teacher's log-prob, as HFScorer.score_ids builds it.
+    s, t = _logits(46, (1, 4, V)), _logits(47, (1, 4, V))
+    student_ids = s[0].topk(2, dim=-1).indices
+    logp = t[0].log_softmax(-1)
+    others = logp.scatter(-1, student_ids, float("-inf")).topk(2, dim=-1).indices
+    support = torch.cat([student_ids, others], -1)
+    lp, order = logp.gather(-1, support).sort(-1, descending=True)
+    score = TeacherScore(logp[:, 0].float(), support.gather(-1, order), lp.float())
+    sample = Sample([1], [0, 0, 0, 0], [-1.0] * 4, prompt_index=0)
+    batch = collate([sample], [score], pad_id=0)
+    logits = s.float()  # [1, L-1 = 4, V]: prompt of 1 token, completion of 4
+    loss, _ = batch_loss(logits, batch, LossSpec("reverse_kl"))
+    want = topk_reverse_kl(
+        logits, support[None].gather(-1, order[None]), lp[None].float(), batch.loss_mask
+    )
+    torch.testing.assert_close(loss, want)
+    # Four distinct ids hold the student's top-2 and more: at least as close to the exact value.
+    exact = reverse_kl(logits.double(), t, batch.loss_mask)
+    ids_s, lp_s = _student_support(logits.double(), t, 2)
+    alone = topk_reverse_kl(logits.double(), ids_s, lp_s, batch.loss_mask)
+    assert (alone <= loss.double() + 1e-6).all() and (loss.double() <= exact + 1e-5).all()
+
+
+# ---------------------------------------------------------------------------------------------
 # Sampled-token reverse-KL policy gradient
 
 

@@ -1,0 +1,361 @@
+"""`rayd score CONFIG [key=value ...] [--out DIR]`: the teacher's sparse top-k, computed once.
+
+logit_kd compares the student with the teacher's top-k log-probs at every completion token of a
+dataset. Those never change during training, so rather than keeping teacher actors beside the
+learners for a whole run (the teacher's memory, a teacher forward pass per step, every epoch),
+this command has the teacher actors of a logit_kd run config score every row of its
+`data.train_dataset` once and writes a copy of the dataset with the signal as ragged columns:
+    prompt_ids, completion_ids  [P], [T]  the tokens scored, encoded exactly as training does
+    teacher_token_logprobs      [T]       log p_teacher(completion token | prefix)
+    teacher_topk_ids            [T][k]    the teacher's top-k at each completion position
+    teacher_topk_logprobs       [T][k]    their log-probs, descending, temperature 1
+(rows that training would drop, or without a completion, get empty lists) and
+`teacher_signal.json` in the same folder: teacher path and weight hash, tokenizer hash, k,
+backend, rayd version, date. The copy is written to a temporary folder and renamed into
+place, so an interrupted job leaves no half-written dataset (it is redone whole).
+
+A logit_kd run whose `data.train_dataset` is such a folder reads the columns and starts no
+teacher actor. `load_stored_signal` first refuses a signal with another k than `teacher.top_k`,
+another tokenizer, or another teacher than `models.teacher.path` (by the hash of its weights),
+naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import rayd
+from rayd.config import ConfigError, RunConfig, load_config
+from rayd.data.prompts import PromptSet, encode_row, read_dataset_dir
+from rayd.teacher.scorer import Pair, TeacherSignalError, check_scores
+from rayd.types import TeacherScore
+
+SIGNAL_FILE = "teacher_signal.json"
+SIGNAL_COLUMNS = (
+    "prompt_ids",
+    "completion_ids",
+    "teacher_token_logprobs",
+    "teacher_topk_ids",
+    "teacher_topk_logprobs",
+)
+BLOCK = 512  # rows per round of teacher calls: bounds the scores held in flight
+
+
+def tokenizer_sha256(tokenizer: Any) -> str:
+    """One hash over the vocabulary and the eos id (which training appends to completions)."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps([vocab, tokenizer.eos_token_id]).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: `rayd score`
+
+
+def score_dataset(cfg: RunConfig, out: str | Path | None = None) -> dict[str, Any]:
+    """Score every row of `cfg.data.train_dataset` with the teacher actors; returns a summary."""
+    from rayd.generate import weights_sha256
+    from rayd.workers import check_models
+
+    if cfg.algorithm.name != "logit_kd":
+        raise ConfigError(
+            "config error: algorithm.name: rayd score stores the teacher signal that logit_kd "
+            f"reads; the config has algorithm.name={cfg.algorithm.name}"
+        )
+    if cfg.data.train_dataset is None:
+        raise ConfigError(
+            "config error: data.train_dataset: rayd score scores the completions of a datasets "
+            "folder (e.g. rayd generate's dataset/); set it"
+        )
+    source = Path(cfg.data.train_dataset)
+    target = Path(out) if out is not None else source.with_name(source.name + "-scored")
+    if target.resolve() == source.resolve():
+        raise ConfigError(f"config error: --out {target}: must differ from data.train_dataset")
+    _, teacher_path, tokenizer = check_models(cfg)
+    assert teacher_path is not None and cfg.models.teacher is not None  # logit_kd needs one
+    rows = read_dataset_dir(source, cfg.data)
+    max_prompt_len = cfg.rollout.max_model_len - cfg.rollout.max_new_tokens
+    encoded = [
+        encode_row(tokenizer, prompt, completion, max_prompt_len, cfg.data, "train")
+        for prompt, completion, _, _ in rows
+    ]
+    pairs: dict[int, Pair] = {
+        i: (e[0], e[1]) for i, e in enumerate(encoded) if e is not None and e[1] is not None
+    }
+    if not pairs:
+        raise ConfigError(f"data error: {source}: no row has a completion to score")
+    limit = cfg.teacher.max_model_len - 1  # the teacher needs one slot after the sequence
+    for i, (prompt, completion) in pairs.items():
+        if len(prompt) + len(completion) > limit:
+            raise ConfigError(
+                f"data error: {source}: row {i} has {len(prompt) + len(completion)} tokens; at "
+                f"most {limit} fit in teacher.max_model_len={cfg.teacher.max_model_len}"
+            )
+    info = {
+        "format": 1,
+        "source_dataset": str(source),
+        "rows": len(rows),
+        "scored_rows": len(pairs),
+        "top_k": cfg.teacher.top_k,
+        "teacher": {
+            "path": cfg.models.teacher.path,
+            "resolved": teacher_path,
+            "backend": cfg.teacher.backend,
+            "dtype": cfg.models.teacher.dtype,
+        },
+        "teacher_weights_sha256": weights_sha256(teacher_path),
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "encoding": {
+            "prompt_field": cfg.data.prompt_field,
+            "completion_field": cfg.data.completion_field,
+            "max_prompt_len": max_prompt_len,
+            "long_prompts": cfg.data.long_prompts,
+        },
+        "rayd_version": rayd.__version__,
+    }
+    scores = _score_pairs(cfg, teacher_path, pairs)
+    info["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    _write(source, target, len(rows), pairs, scores, info)
+    return {
+        "dataset": str(target),
+        "rows": len(rows),
+        "scored_rows": len(pairs),
+        "top_k": info["top_k"],
+    }
+
+
+def _score_pairs(
+    cfg: RunConfig, teacher_path: str, pairs: dict[int, Pair]
+) -> dict[int, TeacherScore]:
+    import ray
+
+    from rayd import cluster
+    from rayd.workers import start_teachers
+
+    cluster.connect()
+    t, have = cfg.teacher, ray.cluster_resources()
+    for res, want in (("CPU", t.cpus_per_worker), ("GPU", t.gpus_per_worker)):
+        if t.num_workers * want > have.get(res, 0.0) + 1e-9:
+            raise ConfigError(
+                f"config error: teacher.num_workers * teacher.{res.lower()}s_per_worker = "
+                f"{t.num_workers * want:g} {res}s but the Ray cluster has {have.get(res, 0.0):g}"
+            )
+    pool = start_teachers(cfg, teacher_path)
+    try:
+        pool.call_all("ready")
+        order = list(pairs)
+        out: dict[int, TeacherScore] = {}
+        for lo in range(0, len(order), BLOCK):
+            block = order[lo : lo + BLOCK]
+            got = pool.map_chunks("score", [pairs[i] for i in block], top_k=cfg.teacher.top_k)
+            out.update(zip(block, got, strict=True))
+            print(f"rayd score: {len(out)}/{len(order)} rows scored", file=sys.stderr)
+        return out
+    finally:
+        pool.shutdown()
+
+
+def _write(
+    source: Path,
+    target: Path,
+    num_rows: int,
+    pairs: dict[int, Pair],
+    scores: dict[int, TeacherScore],
+    info: dict[str, Any],
+) -> None:
+    from datasets import List, Value, disable_progress_bars, load_from_disk
+
+    disable_progress_bars()
+    ids, floats = List(Value("int64")), List(Value("float32"))
+    features = {
+        "prompt_ids": ids,
+        "completion_ids": ids,
+        "teacher_token_logprobs": floats,
+        "teacher_topk_ids": List(ids),
+        "teacher_topk_logprobs": List(floats),
+    }
+    columns: dict[str, list[Any]] = {name: [] for name in SIGNAL_COLUMNS}
+    for i in range(num_rows):
+        score = scores.get(i)
+        prompt, completion = pairs[i] if score is not None else ([], [])
+        columns["prompt_ids"].append(list(prompt))
+        columns["completion_ids"].append(list(completion))
+        columns["teacher_token_logprobs"].append(
+            score.token_logprobs.tolist() if score is not None else []
+        )
+        columns["teacher_topk_ids"].append(score.topk_ids.tolist() if score is not None else [])
+        columns["teacher_topk_logprobs"].append(
+            score.topk_logprobs.tolist() if score is not None else []
+        )
+    ds = load_from_disk(str(source))
+    # Scoring a scored dataset again (another teacher, another k) replaces its signal.
+    ds = ds.remove_columns([c for c in SIGNAL_COLUMNS if c in ds.column_names])
+    for name in SIGNAL_COLUMNS:
+        ds = ds.add_column(name, columns[name], feature=features[name])
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.save_to_disk(str(tmp))
+    (tmp / SIGNAL_FILE).write_text(json.dumps(info, indent=2))
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: logit_kd from stored signal
+
+
+class StoredSignal:
+    """The stored teacher signal of the training prompts, read from disk per step."""
+
+    def __init__(self, folder: Path, ds: Any, rows: list[int], pairs: list[Pair], k: int) -> None:
+        self.folder, self.ds, self.k = folder, ds, k
+        self.rows = rows  # training prompt index -> dataset row
+        self.pairs = pairs  # training prompt index -> the tokens that row scored
+
+    def scores(self, prompt_indices: list[int]) -> list[TeacherScore]:
+        """The teacher's signal for these training prompts, checked like a live teacher's."""
+        got = self.ds[[self.rows[i] for i in prompt_indices]]
+        scores = []
+        for tok, ids, lps in zip(
+            got["teacher_token_logprobs"],
+            got["teacher_topk_ids"],
+            got["teacher_topk_logprobs"],
+            strict=True,
+        ):
+            scores.append(
+                TeacherScore(
+                    token_logprobs=torch.tensor(tok, dtype=torch.float32),
+                    topk_ids=torch.tensor(ids, dtype=torch.long).reshape(len(tok), -1),
+                    topk_logprobs=torch.tensor(lps, dtype=torch.float32).reshape(len(tok), -1),
+                )
+            )
+        try:
+            check_scores([self.pairs[i] for i in prompt_indices], scores, self.k)
+        except TeacherSignalError as exc:
+            raise TeacherSignalError(
+                f"{self.folder}: the stored signal is damaged: {exc}"
+            ) from None
+        return scores
+
+
+def load_stored_signal(
+    cfg: RunConfig, prompts: PromptSet, teacher_path: str | None, tokenizer: Any
+) -> StoredSignal | None:
+    """The stored signal when a logit_kd run's `data.train_dataset` was written by `rayd score`
+    (checked against this run's teacher, tokenizer, k and tokens); None means score online."""
+    if cfg.algorithm.name != "logit_kd" or cfg.data.train_dataset is None:
+        return None
+    folder = Path(cfg.data.train_dataset)
+    marker = folder / SIGNAL_FILE
+    if not marker.is_file():
+        return None
+    from datasets import load_from_disk
+
+    from rayd.generate import weights_sha256
+
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise ConfigError(f"data error: {marker}: not valid JSON; run rayd score again") from None
+    for key in ("top_k", "tokenizer_sha256", "teacher_weights_sha256"):
+        if not isinstance(info, dict) or key not in info:
+            raise ConfigError(f"data error: {marker}: no {key!r} field; run rayd score again")
+    k = info["top_k"]
+    if k != cfg.teacher.top_k:
+        raise ConfigError(
+            f"data error: {marker}: top_k: the stored teacher signal has k={k} but "
+            f"teacher.top_k={cfg.teacher.top_k}; set teacher.top_k={k} or score again "
+            "(rayd score)"
+        )
+    if info["tokenizer_sha256"] != tokenizer_sha256(tokenizer):
+        raise ConfigError(
+            f"data error: {marker}: tokenizer_sha256: the signal was scored with another "
+            "tokenizer than models.student.path's; score again with this run's models"
+        )
+    assert teacher_path is not None and cfg.models.teacher is not None  # logit_kd needs one
+    sha = weights_sha256(teacher_path)
+    if info["teacher_weights_sha256"] != sha:
+        scored_by = info.get("teacher", {}).get("path", "?")
+        raise ConfigError(
+            f"data error: {marker}: teacher_weights_sha256: the signal was scored by teacher "
+            f"{scored_by!r} (weights {info['teacher_weights_sha256'][:12]}), but "
+            f"models.teacher.path={cfg.models.teacher.path!r} has weights {sha[:12]}; score "
+            "again with this teacher"
+        )
+    ds = load_from_disk(str(folder))
+    missing = [c for c in SIGNAL_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise ConfigError(
+            f"data error: {folder}: {SIGNAL_FILE} is there but columns {missing} are not"
+        )
+    index: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    for row, (p, c) in enumerate(zip(ds["prompt_ids"], ds["completion_ids"], strict=True)):
+        if c:
+            index.setdefault((tuple(p), tuple(c)), row)
+    rows, pairs = [], []
+    for prompt in prompts.train:
+        assert prompt.completion_ids is not None  # check_offline_data ran first
+        row = index.get((tuple(prompt.ids), tuple(prompt.completion_ids)))
+        if row is None:
+            raise ConfigError(
+                f"data error: {folder}: training row {prompt.index} has no stored teacher "
+                "signal for its tokens (the data settings changed since rayd score: "
+                "data.long_prompts, rollout.max_model_len, the fields?); score again"
+            )
+        rows.append(row)
+        pairs.append((prompt.ids, prompt.completion_ids))
+    stored = StoredSignal(folder, ds.select_columns(list(SIGNAL_COLUMNS[2:])), rows, pairs, k)
+    # Every row training will read is checked now, so a damaged file fails before any actor
+    # starts rather than at some step.
+    everything = list(range(len(rows)))
+    for lo in range(0, len(everything), BLOCK):
+        try:
+            stored.scores(everything[lo : lo + BLOCK])
+        except (TeacherSignalError, RuntimeError, ValueError) as exc:
+            raise ConfigError(f"data error: {exc}") from None
+    print(
+        f"rayd: logit_kd reads the teacher signal stored in {folder} (k={k}, teacher "
+        f"{info.get('teacher', {}).get('path', '?')}); no teacher actor starts",
+        file=sys.stderr,
+    )
+    return stored
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rayd import cluster
+
+    parser = argparse.ArgumentParser(prog="rayd score", description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="YAML config of the logit_kd run")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    parser.add_argument(
+        "--out", default=None, help="output folder (default: data.train_dataset + '-scored')"
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = score_dataset(cfg, args.out)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except (cluster.WorkerLost, cluster.RemoteCallTimeout, TeacherSignalError) as exc:
+        print(f"rayd score: stopped: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
