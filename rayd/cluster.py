@@ -11,10 +11,14 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from typing import Any, TypeVar
 
 import ray
+
+T = TypeVar("T")
 
 
 class RemoteCallTimeout(TimeoutError):
@@ -185,3 +189,20 @@ class WorkerPool:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
+
+
+def side_by_side(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """Run blocking calls on *different* pools at once (`WorkerPool.map_chunks` blocks until its
+    chunks are back), so several teacher pools score in parallel; results in order.
+
+    One thread per call, and each pool is touched by its own thread only (its fault count and
+    restore state are not shared), so the pools need no locks; Ray's driver API is thread-safe.
+    Every call is waited for before the first error is raised: a pool must not keep working
+    behind the driver's back while the caller shuts the actors down.
+    """
+    if len(calls) <= 1:
+        return [call() for call in calls]
+    with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="rayd-pool") as threads:
+        futures = [threads.submit(call) for call in calls]
+        wait_futures(futures)
+    return [f.result() for f in futures]

@@ -32,11 +32,41 @@ class ModelSpec(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
+class TeacherSpec(ModelSpec):
+    # One of several teachers. The name keys the routing field's values and the per-teacher
+    # metrics (teacher/<name>/reverse_kl), so it is kept to characters safe in both.
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description="ensemble: mixture weight; route: share of the prompts routed by hash "
+        "(normalised over the teachers)",
+    )
+
+
 class ModelsConfig(_Strict):
     student: ModelSpec
     # Needed by every mode that asks a teacher for scores; sft and step_by_step train on a
     # dataset's completions (often teacher-written by `rayd generate`) and start no teacher.
     teacher: ModelSpec | None = None
+    # Several teachers instead of one (each its own actor pool, sharing the `teacher:` section's
+    # settings), combined as `teacher.combine` says. Give `teacher` or `teachers`, not both.
+    teachers: list[TeacherSpec] | None = None
+
+    @property
+    def teacher_list(self) -> list[TeacherSpec]:
+        """Every teacher, one or several, as (name, path, dtype, weight); [] for none."""
+        if self.teachers is not None:
+            return list(self.teachers)
+        if self.teacher is None:
+            return []
+        return [TeacherSpec(name="teacher", path=self.teacher.path, dtype=self.teacher.dtype)]
+
+    def teacher_key(self, index: int) -> str:
+        """The config key of a teacher's path, for error messages."""
+        if self.teachers is None:
+            return "models.teacher.path"
+        return f"models.teachers[{index}].path"
 
 
 class RolloutConfig(_Strict):
@@ -65,6 +95,19 @@ class TeacherConfig(_Strict):
     # union: the student's top_k plus the teacher's top_k most likely among the other ids
     #      (2 * top_k distinct ids holding both lists; hf backend).
     support: Literal["teacher_topk", "student_topk", "union"] = "teacher_topk"
+    # Several teachers (models.teachers), see README "Several teachers":
+    # ensemble: every sample gets the mixture sum_i w_i p_i, over the union of the teachers'
+    #      supports (exact with the hf backend; vLLM: a teacher's mass outside its own top-k is
+    #      spread evenly over the rest of the vocabulary);
+    # route: every sample gets one teacher's signal, chosen by its prompt's `route_field`, or
+    #      for rows without that field by a hash of the prompt index (weights as proportions).
+    combine: Literal["ensemble", "route"] = "ensemble"
+    route_field: str | None = Field(
+        None,
+        min_length=1,
+        description="route: the JSONL / dataset column naming each row's teacher "
+        "(rows without it are routed by hash)",
+    )
     max_model_len: int = Field(512, ge=8)
     kv_cache_gib: float = Field(1.0, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -257,6 +300,7 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _combinations(self) -> RunConfig:
         algo = self.algorithm
+        self._check_teacher_list()
         # Before the sample count, which these options change: name the option, not the count.
         if algo.offline and algo.step_weighting != "none":
             raise ValueError(
@@ -289,8 +333,9 @@ class RunConfig(_Strict):
             )
         if algo.name == "step_by_step" and not self.data.rationales:
             raise ValueError("algorithm.name=step_by_step needs data.rationales=true")
-        if self.models.teacher is None and algo.needs_teacher:
+        if not self.models.teacher_list and algo.needs_teacher:
             raise ValueError(f"models.teacher: algorithm.name={algo.name} needs a teacher model")
+        self._check_teachers()
         if self.data.train_dataset is not None and not (algo.offline or algo.name == "gkd"):
             raise ValueError(
                 "data.train_dataset holds completions for the offline modes and gkd; "
@@ -322,6 +367,40 @@ class RunConfig(_Strict):
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ValueError("rollout.max_new_tokens must be smaller than rollout.max_model_len")
         return self
+
+    def _check_teacher_list(self) -> None:
+        # Here rather than on ModelsConfig: its errors would print the whole models section.
+        listed = self.models.teachers
+        if listed is None:
+            return
+        if self.models.teacher is not None:
+            raise ValueError(
+                "give models.teacher (one teacher) or models.teachers (several), not both"
+            )
+        if len(listed) < 2:
+            raise ValueError(
+                "models.teachers lists two or more teachers; for one, use models.teacher"
+            )
+        names = [t.name for t in listed]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"models.teachers: names must differ ({', '.join(twice)} repeated)")
+
+    def _check_teachers(self) -> None:
+        t = self.teacher
+        if self.models.teachers is None:
+            if t.combine == "route":
+                raise ValueError("teacher.combine=route needs several teachers (models.teachers)")
+            if t.route_field is not None:
+                raise ValueError("teacher.route_field needs several teachers (models.teachers)")
+            return
+        if t.route_field is not None and t.combine != "route":
+            raise ValueError("teacher.route_field applies to teacher.combine=route")
+        if self.algorithm.name == "feature_kd":
+            raise ValueError(
+                "algorithm.name=feature_kd matches one teacher's hidden states: use "
+                "models.teacher, not models.teachers"
+            )
 
     def _check_student_support(self) -> None:
         support, algo = self.teacher.support, self.algorithm

@@ -106,7 +106,9 @@ def load_student(run: Path, cfg: RunConfig, source: str) -> tuple[Any, Any, dict
 def provenance(run: Path, cfg: RunConfig) -> dict[str, Any]:
     """What the run's models and training data were, from the files rayd wrote beside them."""
     out: dict[str, Any] = {"rayd_version": _rayd_version(), "rayd_commit": _git_commit()}
-    for role, spec in (("student_init", cfg.models.student), ("teacher", cfg.models.teacher)):
+    several = [(f"teacher:{t.name}", t) for t in cfg.models.teachers or []]
+    roles = [("student_init", cfg.models.student), ("teacher", cfg.models.teacher), *several]
+    for role, spec in roles:
         if spec is None:
             continue
         entry: dict[str, Any] = {"path": spec.path}
@@ -246,6 +248,9 @@ def _quantize_int8(folder: Path) -> None:
 
 def model_card(record: dict[str, Any], cfg: RunConfig) -> str:
     teacher = cfg.models.teacher.path if cfg.models.teacher else "none (trained on a dataset)"
+    if cfg.models.teachers:  # several: name=path (weight), combined per teacher.combine
+        listed = ", ".join(f"{t.name}={t.path} ({t.weight:g})" for t in cfg.models.teachers)
+        teacher = f"{cfg.teacher.combine} of {listed}"
     weights = record["weights"]
     lines = [
         "---",

@@ -76,17 +76,22 @@ def score_dataset(cfg: RunConfig, out: str | Path | None = None) -> dict[str, An
             "config error: data.train_dataset: rayd score scores the completions of a datasets "
             "folder (e.g. rayd generate's dataset/); set it"
         )
+    if cfg.models.teachers is not None:
+        raise ConfigError(
+            "config error: models.teachers: rayd score stores one teacher's top-k; a run with "
+            "several teachers scores online (give models.teacher to store one)"
+        )
     source = Path(cfg.data.train_dataset)
     target = Path(out) if out is not None else source.with_name(source.name + "-scored")
     if target.resolve() == source.resolve():
         raise ConfigError(f"config error: --out {target}: must differ from data.train_dataset")
-    _, teacher_path, tokenizer = check_models(cfg)
-    assert teacher_path is not None and cfg.models.teacher is not None  # logit_kd needs one
+    _, (teacher_path,), tokenizer = check_models(cfg)  # logit_kd needs its one teacher
+    assert cfg.models.teacher is not None
     rows = read_dataset_dir(source, cfg.data)
     max_prompt_len = cfg.rollout.max_model_len - cfg.rollout.max_new_tokens
     encoded = [
         encode_row(tokenizer, prompt, completion, max_prompt_len, cfg.data, "train")
-        for prompt, completion, _, _ in rows
+        for prompt, completion, *_ in rows
     ]
     pairs: dict[int, Pair] = {
         i: (e[0], e[1]) for i, e in enumerate(encoded) if e is not None and e[1] is not None
@@ -262,6 +267,11 @@ def load_stored_signal(
     marker = folder / SIGNAL_FILE
     if not marker.is_file():
         return None
+    if cfg.models.teachers is not None:
+        raise ConfigError(
+            f"data error: {marker}: the stored signal is one teacher's (rayd score), but the "
+            "run has several (models.teachers), which score online: train on the unscored dataset"
+        )
     from datasets import load_from_disk
 
     from rayd.generate import weights_sha256

@@ -33,6 +33,7 @@ from rayd.metrics import MetricsLogger, StageTimer
 from rayd.score import StoredSignal, load_stored_signal
 from rayd.steps import weigh_steps
 from rayd.tasks.base import Task
+from rayd.teachers import Teachers, check_routes
 from rayd.types import Sample, TeacherScore, collate
 from rayd.workers import (
     check_models,
@@ -102,21 +103,30 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
     driver_state = resume_from.driver_state() if resume_from else {}
     check_resume_compatible(cfg, driver_state)
     save_config(cfg, run_dir / "config.yaml")
-    student_path, teacher_path, tokenizer = check_models(cfg)
+    student_path, teacher_paths, tokenizer = check_models(cfg)
+    # feature_kd and stored signal take one teacher (the config refuses several for them)
+    teacher_path = teacher_paths[0] if teacher_paths else None
     features = feature_pairs(cfg, student_path, teacher_path)  # feature_kd's layer map, else []
     prompts = load_prompts(
         cfg.data,
         tokenizer,
         cfg.rollout.max_model_len - cfg.rollout.max_new_tokens,
         cfg.trainer.seed,
+        route_field=cfg.teacher.route_field,
     )
     check_offline_data(cfg, prompts)
+    check_routes(cfg, prompts)
     # logit_kd over a `rayd score` dataset reads the teacher's top-k from disk: no teacher actor.
     stored = load_stored_signal(cfg, prompts, teacher_path, tokenizer)
     cluster.connect()
     check_resources(cfg, ray.cluster_resources(), with_teacher=stored is None)
+    # One actor pool per teacher; several are combined per teacher.combine (rayd/teachers.py).
     rollout, teacher, learners = start_workers(
-        cfg, student_path, teacher_path if stored is None else None, features
+        cfg,
+        student_path,
+        teacher_paths if stored is None else None,
+        features,
+        vocab_size=len(tokenizer),
     )
     sampler = PromptSampler(len(prompts.train), cfg.trainer.seed)
     rng = random.Random(cfg.trainer.seed)
@@ -235,9 +245,13 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             # 3. Teacher signal on every completion token: its log-prob and its log-probs over
             #    the support (its top-k, or the student's: teacher.support), from the teacher
             #    actors or stored with the dataset.
+            #    Several teachers: their mixture, or each sample's routed teacher.
+            teacher_stats: dict[str, float] = {}
             if teacher is not None or stored is not None:
                 with timer("teacher"):
-                    scores = teacher_scores(cfg, teacher, stored, samples, features)
+                    scores, teacher_stats = teacher_scores(
+                        cfg, teacher, stored, samples, features, prompts.train
+                    )
             else:  # sft / step_by_step: cross-entropy on the completions, no teacher signal
                 scores = [TeacherScore.empty(len(s.completion_ids)) for s in samples]
 
@@ -260,6 +274,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                 metrics.pop("reverse_kl", None)
             per_own_tokens(metrics)
             metrics.update(step_stats)
+            metrics.update(teacher_stats)
             metrics.update(step_metrics(samples, tokens, timer.seconds, step_time, version))
             metrics.update(
                 {
@@ -345,24 +360,28 @@ def to_rng_state(saved: list[Any]) -> tuple[Any, ...]:
 
 def teacher_scores(
     cfg: RunConfig,
-    teacher: cluster.WorkerPool | None,
+    teacher: Teachers | None,
     stored: StoredSignal | None,
     samples: list[Sample],
     features: Sequence[tuple[int, int]] = (),
-) -> list[TeacherScore]:
-    """Per sample, the teacher's signal on its completion (see rayd.types.TeacherScore): read
+    prompts: Sequence[Prompt] = (),
+) -> tuple[list[TeacherScore], dict[str, float]]:
+    """Per sample, the teacher signal on its completion (see rayd.types.TeacherScore): read
     from a `rayd score` dataset, or asked of the teacher actors (with hidden states of the
-    feature_kd layers). The label task's samples (cross-entropy on gold answers) get empty
-    scores without a teacher call."""
+    feature_kd layers); with several teachers their combination (`prompts`, indexed by the
+    samples' prompt_index, pick routed teachers). The label task's samples (cross-entropy on
+    gold answers) get empty scores without a teacher call. Also returns the per-teacher
+    metrics (several teachers only)."""
     if stored is not None:
-        return stored.scores([s.prompt_index for s in samples])
+        return stored.scores([s.prompt_index for s in samples]), {}
     assert teacher is not None
     t = cfg.teacher
     scored = [s for s in samples if not s.hard_target]
     pairs = [(s.prompt_ids, s.completion_ids) for s in scored]
+    routing = [prompts[s.prompt_index] for s in scored] if t.combine == "route" else []
     if t.support == "teacher_topk":
         extra = {"hidden_layers": [layer for _, layer in features]} if features else {}
-        got = teacher.map_chunks("score", pairs, top_k=t.top_k, **extra)
+        result = teacher.score("score", pairs, prompts=routing, top_k=t.top_k, **extra)
     else:
         # The student's top-k came with its rollouts (config: every sample is on-policy); the
         # teacher's exact log-probs at them make the top-k losses compare over the student's
@@ -373,15 +392,16 @@ def teacher_scores(
                 f"teacher.support={t.support}: a sample came without the student's ids"
             )
         add = t.top_k if t.support == "union" else 0
-        got = teacher.map_chunks("score_ids", pairs, ids, add_top_k=add)
+        result = teacher.score("score_ids", pairs, ids, prompts=routing, add_top_k=add)
+    got, stats = result.scores, teacher.metrics(scored, result, "teacher/")
     if len(scored) == len(samples):
-        return got
+        return got, stats
     width = got[0].topk_ids.shape[1] if got else t.top_k
     it = iter(got)
     return [
         TeacherScore.empty(len(s.completion_ids), width) if s.hard_target else next(it)
         for s in samples
-    ]
+    ], stats
 
 
 def split_by_lambda(prompts: list[Prompt], lmbda: float, rng: random.Random):

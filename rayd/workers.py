@@ -16,6 +16,7 @@ from rayd.learner.group import LearnerGroup
 from rayd.losses import LossSpec
 from rayd.rollout.worker import RolloutWorker
 from rayd.teacher.worker import TeacherWorker
+from rayd.teachers import Teachers
 from rayd.weight_sync import deserialize_state_dict
 from rayd.zoo import resolve_model_path
 
@@ -48,8 +49,10 @@ def _tokenizer(key: str, path: str):
         ) from None
 
 
-def check_models(cfg: RunConfig):
-    """Resolve both model paths and refuse token-level distillation across different tokenizers.
+def check_models(cfg: RunConfig) -> tuple[str, list[str], Any]:
+    """Resolve the student's and every teacher's path and refuse token-level distillation
+    across different tokenizers; returns (student path, teacher paths, student tokenizer).
+    The teacher paths are empty when no teacher actor will start.
 
     Equal `vocab_size` does not mean the same tokenizer, and the same tokenizer can come with
     different padded `vocab_size` (Qwen2.5-0.5B 151936 vs 7B 152064): compare the vocabularies.
@@ -58,25 +61,35 @@ def check_models(cfg: RunConfig):
     s_tok = _tokenizer("models.student.path", student)
     if s_tok.pad_token_id is None:
         raise ConfigError("config error: models.student.path: the tokenizer has no pad token")
-    if not cfg.algorithm.needs_teacher or cfg.models.teacher is None:
-        return student, None, s_tok  # no teacher actor starts, so none is loaded or checked
-    teacher = _resolve("models.teacher.path", cfg.models.teacher.path, cfg.trainer.seed)
-    t_tok = _tokenizer("models.teacher.path", teacher)
+    if not cfg.algorithm.needs_teacher:
+        return student, [], s_tok  # no teacher actor starts, so none is loaded or checked
+    if AutoConfig.from_pretrained(student).vocab_size < len(s_tok):
+        raise ConfigError(
+            "config error: models.student.path: model vocab_size is smaller than its tokenizer"
+        )
+    teachers = []
+    for i, spec in enumerate(cfg.models.teacher_list):
+        teachers.append(check_teacher(cfg, cfg.models.teacher_key(i), spec.path, student, s_tok))
+    return student, teachers, s_tok
+
+
+def check_teacher(cfg: RunConfig, key: str, path: str, student: str, s_tok: Any) -> str:
+    """One teacher against the student: same tokenizer, same stop tokens and chat template;
+    errors name the teacher's config key (models.teacher.path, models.teachers[1].path)."""
+    teacher = _resolve(key, path, cfg.trainer.seed)
+    t_tok = _tokenizer(key, teacher)
     s_vocab, t_vocab = s_tok.get_vocab(), t_tok.get_vocab()
     if s_vocab != t_vocab:
         differ = len(set(s_vocab.items()) ^ set(t_vocab.items()))
         raise ConfigError(
-            f"config error: models.teacher.path: the teacher's tokenizer differs from the "
+            f"config error: {key}: the teacher's tokenizer differs from the "
             f"student's ({len(t_vocab)} vs {len(s_vocab)} tokens, {differ} entries differ); "
             "token-level distillation needs the same tokenizer"
         )
-    check_same_turn_format(cfg, student, s_tok, teacher, t_tok)
-    for key, path in (("models.student.path", student), ("models.teacher.path", teacher)):
-        if AutoConfig.from_pretrained(path).vocab_size < len(s_tok):
-            raise ConfigError(
-                f"config error: {key}: model vocab_size is smaller than its tokenizer"
-            )
-    return student, teacher, s_tok
+    check_same_turn_format(cfg, student, s_tok, teacher, t_tok, key)
+    if AutoConfig.from_pretrained(teacher).vocab_size < len(s_tok):
+        raise ConfigError(f"config error: {key}: model vocab_size is smaller than its tokenizer")
+    return teacher
 
 
 def feature_pairs(cfg: RunConfig, student: str, teacher: str | None) -> list[tuple[int, int]]:
@@ -116,7 +129,9 @@ def stop_token_ids(path: str, tokenizer) -> set[int]:
     return ids
 
 
-def check_same_turn_format(cfg: RunConfig, student: str, s_tok, teacher: str, t_tok) -> None:
+def check_same_turn_format(
+    cfg: RunConfig, student: str, s_tok, teacher: str, t_tok, key: str = "models.teacher.path"
+) -> None:
     """The teacher must score the student's text in the format it was tuned on, and agree on
     where a completion ends.
 
@@ -129,7 +144,7 @@ def check_same_turn_format(cfg: RunConfig, student: str, s_tok, teacher: str, t_
         student_names = s_tok.convert_ids_to_tokens(sorted(s_stop))
         teacher_names = t_tok.convert_ids_to_tokens(sorted(t_stop))
         raise ConfigError(
-            "config error: models: teacher and student end completions on different tokens "
+            f"config error: {key}: teacher and student end completions on different tokens "
             f"(student {student_names}, teacher {teacher_names}; tokenizer eos and "
             "generation_config.json eos_token_id); a teacher that does not stop where the "
             "student stops teaches it never to stop"
@@ -138,7 +153,7 @@ def check_same_turn_format(cfg: RunConfig, student: str, s_tok, teacher: str, t_
     if cfg.data.chat_template == "auto" and s_tpl != t_tpl:
         which = "only the student has" if not t_tpl else "only the teacher has" if not s_tpl else ""
         raise ConfigError(
-            "config error: models: teacher and student chat templates differ"
+            f"config error: {key}: teacher and student chat templates differ"
             + (f" ({which} one)" if which else "")
             + "; the teacher would score prompts in the student's template. Use models with "
             "the same template, or data.chat_template=never for plain-text prompts"
@@ -153,14 +168,15 @@ def check_resources(
     r, t, ln = cfg.rollout, cfg.teacher, cfg.learner
     if with_teacher is None:
         with_teacher = cfg.algorithm.needs_teacher
-    teachers = t.num_workers if with_teacher else 0
+    # Every teacher is a pool of its own with the `teacher:` section's settings.
+    teachers = t.num_workers * len(cfg.models.teacher_list) if with_teacher else 0
     for res, want, how in (
         (
             "GPU",
             r.num_workers * r.gpus_per_worker
             + teachers * t.gpus_per_worker
             + ln.num_learners * ln.gpus_per_learner,
-            "rollout.num_workers*gpus_per_worker + teacher.num_workers*gpus_per_worker + "
+            "rollout.num_workers*gpus_per_worker + teachers*teacher.num_workers*gpus_per_worker + "
             "learner.num_learners*gpus_per_learner",
         ),
         (
@@ -199,10 +215,17 @@ def engine_options(cfg: RunConfig, cpus: float, gpus: float) -> dict[str, Any]:
 
 
 def start_workers(
-    cfg: RunConfig, student: str, teacher: str | None, features: list[tuple[int, int]]
+    cfg: RunConfig,
+    student: str,
+    teachers: list[str] | None,
+    features: list[tuple[int, int]],
+    *,
+    vocab_size: int,
 ):
-    """(rollout pool, teacher pool or None when no teacher is needed, learner group);
-    `features` are feature_kd's layer pairs (empty otherwise)."""
+    """(rollout pool, `Teachers` or None when no teacher actor starts, learner group).
+    `teachers`: the resolved teacher paths, one pool each; `features` are feature_kd's layer
+    pairs (empty otherwise); `vocab_size`: the shared tokenizer's (an ensemble's tail estimate).
+    """
     r = cfg.rollout
     timeout = cfg.trainer.call_timeout_s
     rollout_cls = ray.remote(RolloutWorker)
@@ -224,28 +247,43 @@ def start_workers(
         timeout,
         max_reissues=cfg.trainer.actor_restarts,
     )
-    teachers = None if teacher is None else start_teachers(cfg, teacher)
+    pools: list[WorkerPool] = []
     try:
-        learners = _learner_group(cfg, student, teacher, features)
+        for i, path in enumerate(teachers or []):
+            pools.append(start_teachers(cfg, path, i))
+        group = None
+        if pools:
+            specs = cfg.models.teacher_list
+            group = Teachers(
+                pools,
+                [t.name for t in specs],
+                [t.weight for t in specs],
+                combine=cfg.teacher.combine,
+                backend=cfg.teacher.backend,
+                vocab_size=vocab_size,
+            )
+        first_teacher = teachers[0] if teachers else None
+        learners = _learner_group(cfg, student, first_teacher, features)
         # Engines load in parallel; wait for all of them here so start-up errors surface at once.
         rollout.call_all("ready")
-        if teachers is not None:
-            teachers.call_all("ready")
+        if group is not None:
+            group.ready()
     except BaseException:
         # A failed start must not leave engines holding CPUs/GPUs (a restart would need them).
         rollout.shutdown()
-        if teachers is not None:
-            teachers.shutdown()
+        for pool in pools:
+            pool.shutdown()
         if "learners" in locals():
             learners.shutdown()
         raise
-    return rollout, teachers, learners
+    return rollout, group, learners
 
 
-def start_teachers(cfg: RunConfig, teacher: str) -> WorkerPool:
-    """The teacher actors (not yet waited for: `call_all("ready")`)."""
+def start_teachers(cfg: RunConfig, teacher: str, index: int = 0) -> WorkerPool:
+    """The actors of teacher `index` of models.teacher(s), at the resolved path `teacher`
+    (not yet waited for: `call_all("ready")`)."""
     t = cfg.teacher
-    assert cfg.models.teacher is not None
+    spec = cfg.models.teacher_list[index]
     teacher_cls = ray.remote(TeacherWorker)
     return WorkerPool(
         [
@@ -255,12 +293,12 @@ def start_teachers(cfg: RunConfig, teacher: str) -> WorkerPool:
                 threads=t.threads,
                 max_model_len=t.max_model_len,
                 kv_cache_gib=t.kv_cache_gib,
-                dtype=cfg.models.teacher.dtype,
+                dtype=spec.dtype,
                 max_top_k=max(20, t.top_k),
             )
             for _ in range(t.num_workers)
         ],
-        "teacher",
+        "teacher" if cfg.models.teachers is None else f"teacher[{spec.name}]",
         cfg.trainer.call_timeout_s,
         max_reissues=cfg.trainer.actor_restarts,
     )

@@ -25,6 +25,9 @@ class Prompt:
     completion_ids: list[int] | None  # a reference completion (for off-policy mixing), eos included
     answer: str | None  # for tasks with a verifier
     rationale: str | None = None  # the reasoning part of the completion (step_by_step)
+    # The teacher this row names in teacher.route_field (several teachers, combine=route);
+    # None: routed by hash
+    route: str | None = None
 
 
 @dataclass
@@ -35,12 +38,16 @@ class PromptSet:
     dropped_long: int = 0
 
 
-def load_prompts(cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int) -> PromptSet:
+def load_prompts(
+    cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int, route_field: str | None = None
+) -> PromptSet:
     """Train and eval prompts (with reference completions) from the configured sources.
 
-    Rows are (prompt, completion, answer, rationale). `data.train_dataset` replaces the training
-    rows (e.g. teacher-written rationales from `rayd generate`); eval rows always come from
-    `data.source`, so runs trained on different data are scored on the same held-out prompts.
+    Rows are (prompt, completion, answer, rationale, route). `data.train_dataset` replaces the
+    training rows (e.g. teacher-written rationales from `rayd generate`); eval rows always come
+    from `data.source`, so runs trained on different data are scored on the same held-out
+    prompts. `route_field` (teacher.route_field): the column naming each row's teacher; task
+    rows have none.
     """
     if cfg.source.startswith("task:"):
         name = cfg.source.removeprefix("task:")
@@ -54,14 +61,18 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int) -> 
             out = []
             for e in task.examples(split, count):
                 completion = e.completion if cfg.rationales else task.answer_text(e.answer)
-                out.append((e.prompt, completion, e.answer, e.rationale))
+                out.append((e.prompt, completion, e.answer, e.rationale, None))
             return out
 
         train_rows, eval_rows = rows_of("train", cfg.train_size), rows_of("eval", cfg.eval_size)
     else:
         task = None
         rows = _read_jsonl(
-            Path(cfg.source), cfg.prompt_field, cfg.completion_field, cfg.bad_lines == "skip"
+            Path(cfg.source),
+            cfg.prompt_field,
+            cfg.completion_field,
+            cfg.bad_lines == "skip",
+            route_field,
         )
         if len(rows) < cfg.eval_size + 1:
             raise ConfigError(
@@ -71,27 +82,28 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int) -> 
         random.Random(seed).shuffle(rows)
         eval_rows, train_rows = rows[: cfg.eval_size], rows[cfg.eval_size :][: cfg.train_size]
     if cfg.train_dataset is not None:
-        train_rows = read_dataset_dir(Path(cfg.train_dataset), cfg)[: cfg.train_size]
+        train_rows = read_dataset_dir(Path(cfg.train_dataset), cfg, route_field)[: cfg.train_size]
     if cfg.train_fraction < 1.0:
         train_rows = train_rows[: max(1, math.ceil(cfg.train_fraction * len(train_rows)))]
     dropped = 0
     out: dict[str, list[Prompt]] = {}
     for split, rows in (("train", train_rows), ("eval", eval_rows)):
         prompts = []
-        for prompt, completion, answer, rationale in rows:
+        for prompt, completion, answer, rationale, route in rows:
             encoded = encode_row(tokenizer, prompt, completion, max_prompt_len, cfg, split)
             if encoded is None:
                 dropped += 1
                 continue
             ids, completion_ids = encoded
-            prompts.append(Prompt(len(prompts), ids, completion_ids, answer, rationale))
+            prompts.append(Prompt(len(prompts), ids, completion_ids, answer, rationale, route))
         out[split] = prompts
     if not out["train"]:
         raise ConfigError(f"data error: {cfg.source}: no training prompts left")
     return PromptSet(out["train"], out["eval"], task, dropped)
 
 
-Row = tuple[str, str | None, str | None, str | None]  # prompt, completion, answer, rationale
+# prompt, completion, answer, rationale, route (the teacher's name from teacher.route_field)
+Row = tuple[str, str | None, str | None, str | None, str | None]
 
 
 def encode_prompt(tokenizer, text: str, chat_template: bool = True) -> list[int]:
@@ -134,7 +146,7 @@ def encode_row(
     return ids, completion_ids
 
 
-def read_dataset_dir(path: Path, cfg: DataConfig) -> list[Row]:
+def read_dataset_dir(path: Path, cfg: DataConfig, route_field: str | None = None) -> list[Row]:
     """Rows of a `datasets` folder saved with save_to_disk (what `rayd generate` writes)."""
     if not path.is_dir():
         raise ConfigError(f"data error: data.train_dataset {str(path)!r} is not a folder")
@@ -162,21 +174,34 @@ def read_dataset_dir(path: Path, cfg: DataConfig) -> list[Row]:
         raise ConfigError(f"data error: data.train_dataset {str(path)!r} has no rows")
     columns = ds.column_names
     rows: list[Row] = []
-    for row in ds:
+    for i, row in enumerate(ds):
         answer = row.get("answer") if "answer" in columns else None
         rationale = row.get("rationale") if "rationale" in columns else None
+        route = row.get(route_field) if route_field in columns else None
+        if route is not None and not isinstance(route, str):
+            raise ConfigError(
+                f"data error: data.train_dataset {str(path)!r} row {i}: {route_field!r} "
+                f"(teacher.route_field) must name a teacher, got {type(route).__name__}"
+            )
         rows.append(
             (
                 row[cfg.prompt_field],
                 row[cfg.completion_field],
                 None if answer is None else str(answer),
                 rationale,
+                route,
             )
         )
     return rows
 
 
-def _read_jsonl(path: Path, prompt_field: str, completion_field: str, skip_bad: bool = False):
+def _read_jsonl(
+    path: Path,
+    prompt_field: str,
+    completion_field: str,
+    skip_bad: bool = False,
+    route_field: str | None = None,
+) -> list[Row]:
     if not path.is_file():
         raise ConfigError(f"data error: data.source {str(path)!r} does not exist")
     rows, skipped = [], []
@@ -193,7 +218,7 @@ def _read_jsonl(path: Path, prompt_field: str, completion_field: str, skip_bad: 
         except json.JSONDecodeError:
             problem, row = "not valid JSON", None
         if problem is None:
-            problem = _row_problem(row, prompt_field, completion_field)
+            problem = _row_problem(row, prompt_field, completion_field, route_field)
         if problem is not None:
             if not skip_bad:
                 raise ConfigError(
@@ -210,6 +235,7 @@ def _read_jsonl(path: Path, prompt_field: str, completion_field: str, skip_bad: 
                 completion,
                 None if answer is None else str(answer),
                 rationale if isinstance(rationale, str) else None,
+                row.get(route_field) if route_field else None,
             )
         )
     if skipped:
@@ -220,7 +246,9 @@ def _read_jsonl(path: Path, prompt_field: str, completion_field: str, skip_bad: 
     return rows
 
 
-def _row_problem(row: object, prompt_field: str, completion_field: str) -> str | None:
+def _row_problem(
+    row: object, prompt_field: str, completion_field: str, route_field: str | None = None
+) -> str | None:
     if not isinstance(row, dict) or prompt_field not in row:
         return f"missing field {prompt_field!r} (data.prompt_field)"
     if not isinstance(row[prompt_field], str):
@@ -230,6 +258,12 @@ def _row_problem(row: object, prompt_field: str, completion_field: str) -> str |
     completion = row.get(completion_field)
     if completion is not None and not isinstance(completion, str):
         return f"field {completion_field!r} must be a string, got {type(completion).__name__}"
+    route = row.get(route_field) if route_field else None
+    if route is not None and not isinstance(route, str):
+        return (
+            f"field {route_field!r} (teacher.route_field) must name a teacher, got "
+            f"{type(route).__name__}"
+        )
     return None
 
 

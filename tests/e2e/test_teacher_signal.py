@@ -134,9 +134,9 @@ def test_logit_kd_from_stored_teacher_signal(local_ray, tmp_path, gold_dataset, 
     # Training reads it: no teacher actor starts, and the loss falls.
     started = []
 
-    def recording_start(cfg, student, teacher):
+    def recording_start(cfg, student, teacher, *rest, **kw):
         started.append(teacher)
-        return start_workers(cfg, student, teacher)
+        return start_workers(cfg, student, teacher, *rest, **kw)
 
     start_workers = train_module.start_workers
     monkeypatch.setattr(train_module, "start_workers", recording_start)

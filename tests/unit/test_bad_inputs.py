@@ -139,6 +139,16 @@ def stored(wrong: str):
     )
 
 
+def teachers(*paths: str) -> str:
+    """A models.teachers override value: teachers t0, t1, ... at `paths`."""
+    return "[" + ", ".join(f"{{name: t{i}, path: '{p}'}}" for i, p in enumerate(paths)) + "]"
+
+
+def beside_the_test_teacher(path: str) -> list[str]:
+    """Overrides for two teachers, the test teacher and `path` (models.teachers[1])."""
+    return ["models.teacher=null", f"models.teachers={teachers('tiny:test-teacher', path)}"]
+
+
 def rows(n: int, **extra) -> list[dict]:
     return [{"prompt": f"{i}+{i}=", "completion": f"A={2 * i}", **extra} for i in range(n)]
 
@@ -353,6 +363,97 @@ CASES = {
         lambda t: (None, [f"models.teacher.path={other_tokenizer_model(t)}"]),
         2,
         "the teacher's tokenizer differs from the student's",
+    ),
+    # --- several teachers (models.teachers) ---
+    "teacher and teachers both": (
+        lambda t: (
+            None,
+            [f"models.teachers={teachers('tiny:test-teacher', 'tiny:test-reasoner')}"],
+        ),
+        2,
+        "config error: give models.teacher (one teacher) or models.teachers (several), not both",
+    ),
+    "one teacher listed in teachers": (
+        lambda t: (
+            None,
+            ["models.teacher=null", f"models.teachers={teachers('tiny:test-teacher')}"],
+        ),
+        2,
+        "models.teachers lists two or more teachers; for one, use models.teacher",
+    ),
+    "two teachers of one name": (
+        lambda t: (
+            None,
+            [
+                "models.teacher=null",
+                "models.teachers=[{name: a, path: tiny:test-teacher}, "
+                "{name: a, path: tiny:test-reasoner}]",
+            ],
+        ),
+        2,
+        "models.teachers: names must differ (a repeated)",
+    ),
+    "second teacher with another tokenizer": (
+        lambda t: (
+            None,
+            beside_the_test_teacher(other_tokenizer_model(t)),
+        ),
+        2,
+        "models.teachers[1].path: the teacher's tokenizer differs from the student's",
+    ),
+    "second teacher stops elsewhere": (
+        lambda t: (
+            None,
+            beside_the_test_teacher(teacher_variant(t, extra_stop=5)),
+        ),
+        2,
+        "models.teachers[1].path: teacher and student end completions on different tokens",
+    ),
+    "routing with one teacher": (
+        lambda t: (None, ["teacher.combine=route"]),
+        2,
+        "teacher.combine=route needs several teachers (models.teachers)",
+    ),
+    "route field naming no teacher": (
+        lambda t: (
+            None,
+            [
+                "models.teacher=null",
+                f"models.teachers={teachers('tiny:test-teacher', 'tiny:test-reasoner')}",
+                "teacher.combine=route",
+                "teacher.route_field=source",
+                f"data.source={jsonl(t / 'd.jsonl', rows(40, source='t3'))}",
+            ],
+        ),
+        2,
+        "a train row has source='t3', which names no teacher (models.teachers: t0, t1)",
+    ),
+    "route field in no row": (
+        lambda t: (
+            None,
+            [
+                "models.teacher=null",
+                f"models.teachers={teachers('tiny:test-teacher', 'tiny:test-reasoner')}",
+                "teacher.combine=route",
+                "teacher.route_field=sourse",
+                f"data.source={jsonl(t / 'd.jsonl', rows(40, source='t1'))}",
+            ],
+        ),
+        2,
+        "no training row has the field 'sourse' (teacher.route_field)",
+    ),
+    "stored signal with several teachers": (
+        lambda t: (
+            None,
+            [
+                "models.teacher=null",
+                f"models.teachers={teachers('tiny:test-teacher', 'tiny:test-reasoner')}",
+                "algorithm.name=logit_kd",
+                f"data.train_dataset={scored_dataset(t)}",
+            ],
+        ),
+        2,
+        "the stored signal is one teacher's (rayd score), but the run has several",
     ),
     # --- data ---
     "dataset missing": (lambda t: (None, [f"data.source={t}/none.jsonl"]), 2, "does not exist"),
@@ -599,6 +700,15 @@ def _quiet_warnings(recwarn):
     [
         (["algorithm.name=sft"], "algorithm.name: rayd score stores the teacher signal"),
         (["algorithm.name=logit_kd"], "data.train_dataset: rayd score scores the completions"),
+        (
+            [
+                "algorithm.name=logit_kd",
+                "data.train_dataset=d",
+                "models.teacher=null",
+                "models.teachers=[{name: a, path: x}, {name: b, path: y}]",
+            ],
+            "models.teachers: rayd score stores one teacher's top-k",
+        ),
     ],
 )
 def test_rayd_score_refuses_configs_it_cannot_serve(tmp_path, capsys, overrides, needle):

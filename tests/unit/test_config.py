@@ -132,8 +132,10 @@ def test_teacher_support_asks_the_rollouts_and_the_teacher_for_the_right_ids(
             self.call = (name, inputs, kw)
             return []
 
+    from rayd.teachers import Teachers
+
     pool = RecordingPool()
-    teacher_scores(cfg, pool, None, samples)  # type: ignore[arg-type]
+    teacher_scores(cfg, Teachers.single(pool), None, samples)  # type: ignore[arg-type]
     name, inputs, kw = pool.call
     assert (name, kw) == (method, kwargs)
     assert inputs[0] == [([1], [2, 3])]
