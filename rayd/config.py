@@ -280,9 +280,22 @@ class TrainerConfig(_Strict):
     call_timeout_s: float = Field(600.0, gt=0)
 
 
+class WandbConfig(_Strict):
+    project: str = Field(min_length=1)
+    entity: str | None = None
+    mode: Literal["online", "offline"] = Field(
+        "online", description="offline: write the run under <run>/wandb, `wandb sync` it later"
+    )
+    tags: list[str] = Field(default_factory=list)
+
+
 class LoggingConfig(_Strict):
     tensorboard: bool = True
     progress: bool = True
+    # Weights & Biases (`pip install 'rayd[tracking]'`): the run's config once, every step's
+    # metrics; a resumed run continues the same W&B run. (No MLflow: mlflow-skinny pins
+    # cachetools<8, vllm 0.32 needs cachetools>=8, so they cannot share an environment.)
+    wandb: WandbConfig | None = None
 
 
 class RunConfig(_Strict):

@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from rayd.config import LoggingConfig
+from rayd.config import ConfigError, LoggingConfig, RunConfig
 
 
 class StageTimer:
@@ -29,12 +29,98 @@ class StageTimer:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
+def start_trackers(run_dir: Path, cfg: RunConfig) -> Trackers | None:
+    """The enabled trackers' runs, or None. A missing package, or a tracker that cannot start
+    (not logged in, no network in online mode), stops the run with one line before any actor
+    starts."""
+    import importlib.util
+
+    if cfg.logging.wandb is None:
+        return None
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "config error: logging.wandb is set but the wandb package is not installed "
+            "(pip install 'rayd[tracking]', or remove logging.wandb)"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Trackers(run_dir, cfg)
+
+
+@contextmanager
+def _starting(key: str):
+    """A tracker that cannot start (not logged in, server unreachable, bad URI): one line."""
+    try:
+        yield
+    except Exception as exc:  # each library has its own error types for this
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(
+            f"config error: logging.{key}: the tracker did not start ({reason[:200]})"
+        ) from None
+
+
+class Trackers:
+    """A Weights & Biases run mirroring metrics.jsonl. Its id is kept in the run folder, so a
+    resumed rayd run logs into the same W&B run."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
+        self.run_dir = run_dir
+        self._wandb: Any = None
+        params = cfg.model_dump(mode="json")
+        if cfg.logging.wandb is not None:
+            with _starting("wandb"):
+                self._start_wandb(cfg, params)
+
+    def _start_wandb(self, cfg: RunConfig, params: dict[str, Any]) -> None:
+        import wandb
+
+        log = cfg.logging
+        assert log.wandb is not None
+        self._wandb = wandb.init(
+            project=log.wandb.project,
+            entity=log.wandb.entity,
+            mode=log.wandb.mode,
+            tags=log.wandb.tags,
+            name=cfg.name,
+            id=self._run_id("wandb", wandb.util.generate_id),
+            resume="allow",
+            dir=str(self.run_dir),
+            config=params,
+        )
+        # Steps follow rayd's counter, which goes back after a resume from a checkpoint:
+        # W&B drops a step lower than one it has seen unless steps are a metric of their own.
+        self._wandb.define_metric("trainer/step")
+        self._wandb.define_metric("*", step_metric="trainer/step")
+
+    def _run_id(self, name: str, new: Any) -> str:
+        saved = self.run_dir / f"{name}_run_id"
+        if not saved.is_file():
+            saved.write_text(new())
+        return saved.read_text().strip()
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        if self._wandb is not None:
+            self._wandb.log({"trainer/step": step, **numbers})
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
 class MetricsLogger:
     """`start_step` > 0 resumes a run: records after that step (work the checkpoint does not
     hold, which will be redone) are dropped from metrics.jsonl and TensorBoard."""
 
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, total_steps: int, start_step: int = 0):
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: LoggingConfig,
+        total_steps: int,
+        start_step: int = 0,
+        trackers: Trackers | None = None,
+    ):
         run_dir.mkdir(parents=True, exist_ok=True)
+        self._trackers = trackers
         self.path = run_dir / "metrics.jsonl"
         if start_step and self.path.exists():
             self._truncate_after(start_step)
@@ -76,6 +162,8 @@ class MetricsLogger:
             for key, value in metrics.items():
                 if isinstance(value, int | float):
                     self._tb.add_scalar(key, value, step)
+        if self._trackers is not None:
+            self._trackers.log(step, metrics)
         if advance:
             self._bar.update(1)
         shown = {k: metrics[k] for k in ("loss", "reverse_kl", "eval/reverse_kl") if k in metrics}
@@ -89,3 +177,5 @@ class MetricsLogger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._trackers is not None:
+            self._trackers.close()

@@ -29,7 +29,7 @@ from rayd.config import AlgorithmConfig, ConfigError, RunConfig, load_config, sa
 from rayd.data.prompts import Prompt, PromptSampler, PromptSet, load_prompts
 from rayd.evaluate import heldout_metrics
 from rayd.learner.group import LearnerFailure
-from rayd.metrics import MetricsLogger, StageTimer
+from rayd.metrics import MetricsLogger, StageTimer, start_trackers
 from rayd.score import StoredSignal, load_stored_signal
 from rayd.steps import weigh_steps
 from rayd.tasks.base import Task
@@ -115,6 +115,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
         route_field=cfg.teacher.route_field,
     )
     check_offline_data(cfg, prompts)
+    trackers = start_trackers(run_dir, cfg)  # W&B / MLflow when enabled, before any actor
     check_routes(cfg, prompts)
     # logit_kd over a `rayd score` dataset reads the teacher's top-k from disk: no teacher actor.
     stored = load_stored_signal(cfg, prompts, teacher_path, tokenizer)
@@ -131,7 +132,9 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
     sampler = PromptSampler(len(prompts.train), cfg.trainer.seed)
     rng = random.Random(cfg.trainer.seed)
     start_step = driver_state.get("step", 0)
-    log = MetricsLogger(run_dir, cfg.logging, cfg.trainer.max_steps, start_step=start_step)
+    log = MetricsLogger(
+        run_dir, cfg.logging, cfg.trainer.max_steps, start_step=start_step, trackers=trackers
+    )
     version = 0  # the learners' weights: one version per step
     served = 0  # the version the rollout engines hold
     nonfinite_in_row = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +21,43 @@ from rayd.teachers import Teachers
 from rayd.weight_sync import deserialize_state_dict
 from rayd.zoo import resolve_model_path
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
 
 def _resolve(key: str, path: str, seed: int) -> str:
+    """A local checkpoint folder, `tiny:<preset>` (built and cached), or a hub id
+    (`Qwen/Qwen2.5-0.5B-Instruct`) fetched into the Hugging Face cache where the hub is
+    reachable. Actors get the local folder, so on several nodes the HF cache (HF_HOME) must be
+    shared storage, like the run folder."""
     try:
         resolved = resolve_model_path(path, seed=seed)
     except ValueError as exc:
         raise ConfigError(f"config error: {key}: {exc}") from None
+    if not Path(resolved).exists() and _HUB_ID.match(path):
+        resolved = _from_hub(key, path)
     if not (Path(resolved) / "config.json").is_file():
         raise ConfigError(
             f"config error: {key}: {path!r} is not a model folder (no config.json there); "
-            "give a local Hugging Face checkpoint or tiny:<preset>"
+            "give a local Hugging Face checkpoint, tiny:<preset> or a hub id"
         )
     return resolved
+
+
+def _from_hub(key: str, repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        # Weights in safetensors only: the .bin/.pth copies many repos also carry are not read.
+        return snapshot_download(
+            repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        )
+    except Exception as exc:  # offline, unknown repo, gated, network: all end the run here
+        reason = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        where = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else "the hub"
+        raise ConfigError(
+            f"config error: {key}: {repo_id!r} is not a local folder, and no copy came from "
+            f"the Hugging Face cache or {where} ({exc.__class__.__name__}: {reason[:200]})"
+        ) from None
 
 
 def _tokenizer(key: str, path: str):

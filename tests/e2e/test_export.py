@@ -73,8 +73,12 @@ def test_export_loads_in_transformers_and_vllm_with_the_learners_greedy_output(r
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
     learner = greedy_hf(run / "student", tokenizer)
     assert greedy_hf(tmp_path / "ckpt", tokenizer) == learner
-    engine = ray.remote(RolloutWorker).options(num_cpus=1).remote(
-        str(tmp_path / "ckpt"), "vllm", seed=0, max_model_len=64, kv_cache_gib=0.25, threads=1
+    engine = (
+        ray.remote(RolloutWorker)
+        .options(num_cpus=1)
+        .remote(
+            str(tmp_path / "ckpt"), "vllm", seed=0, max_model_len=64, kv_cache_gib=0.25, threads=1
+        )
     )
     try:
         ids = [tokenizer(t, add_special_tokens=False).input_ids for t in PROMPTS]

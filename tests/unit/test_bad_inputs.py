@@ -328,6 +328,16 @@ CASES = {
         2,
         "is not a model folder (no config.json there)",
     ),
+    "hub model id, hub unreachable": (
+        lambda t: (None, ["models.teacher.path=rayd-test/no-such-model"]),
+        2,
+        "'rayd-test/no-such-model' is not a local folder, and no copy came from the Hugging Face",
+    ),
+    "W&B enabled without a project": (
+        lambda t: (None, ["logging.wandb.mode=offline"]),
+        2,
+        "logging.wandb.project: required key is missing",
+    ),
     "model without tokenizer": (
         lambda t: (None, [f"models.teacher.path={no_tokenizer_model(t)}"]),
         2,
