@@ -224,8 +224,11 @@ class AlgorithmConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    # "task:<name>" for a built-in task (rayd/tasks), or a JSONL file with prompt/completion.
+    # "task:<name>" for a built-in task (rayd/tasks), a JSONL file with prompt/completion, or
+    # "hub:<dataset>" (a Hugging Face datasets name, with hub_config and hub_split).
     source: str = "task:addition"
+    hub_config: str | None = Field(None, description="hub: sources: the dataset's config name")
+    hub_split: str = Field("train", description="hub: sources: the split read")
     task_options: dict[str, Any] = Field(default_factory=dict)
     prompt_field: str = "prompt"
     completion_field: str = "completion"

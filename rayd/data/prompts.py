@@ -67,12 +67,16 @@ def load_prompts(
         train_rows, eval_rows = rows_of("train", cfg.train_size), rows_of("eval", cfg.eval_size)
     else:
         task = None
-        rows = _read_jsonl(
-            Path(cfg.source),
-            cfg.prompt_field,
-            cfg.completion_field,
-            cfg.bad_lines == "skip",
-            route_field,
+        rows = (
+            _read_hub(cfg, route_field)
+            if cfg.source.startswith("hub:")
+            else _read_jsonl(
+                Path(cfg.source),
+                cfg.prompt_field,
+                cfg.completion_field,
+                cfg.bad_lines == "skip",
+                route_field,
+            )
         )
         if len(rows) < cfg.eval_size + 1:
             raise ConfigError(
@@ -192,6 +196,47 @@ def read_dataset_dir(path: Path, cfg: DataConfig, route_field: str | None = None
                 route,
             )
         )
+    return rows
+
+
+def _read_hub(cfg: DataConfig, route_field: str | None) -> list[Row]:
+    """Rows of a hub dataset (`data.source: hub:NAME`, `data.hub_config`, `data.hub_split`),
+    fetched into the Hugging Face cache where the hub is reachable, checked like JSONL rows."""
+    import os
+
+    from datasets import load_dataset
+
+    name = cfg.source.removeprefix("hub:")
+    try:
+        ds = load_dataset(name, cfg.hub_config, split=cfg.hub_split)
+    except Exception as exc:  # offline, unknown name, bad config or split: all stop here
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        where = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else "the hub"
+        raise ConfigError(
+            f"data error: data.source {cfg.source!r}: not in the Hugging Face cache, and {where} "
+            f"did not provide it ({type(exc).__name__}: {reason[:200]})"
+        ) from None
+    rows: list[Row] = []
+    for i, row in enumerate(ds):
+        problem = _row_problem(row, cfg.prompt_field, cfg.completion_field, route_field)
+        if problem is not None:
+            if cfg.bad_lines == "skip":
+                continue
+            raise ConfigError(
+                f"data error: {cfg.source} row {i}: {problem} (or set data.bad_lines=skip)"
+            )
+        answer, rationale = row.get("answer"), row.get("rationale")
+        rows.append(
+            (
+                row[cfg.prompt_field],
+                row.get(cfg.completion_field),
+                None if answer is None else str(answer),
+                rationale if isinstance(rationale, str) else None,
+                row.get(route_field) if route_field else None,
+            )
+        )
+    if not rows:
+        raise ConfigError(f"data error: {cfg.source}: no rows")
     return rows
 
 

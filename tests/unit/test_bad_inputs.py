@@ -333,6 +333,11 @@ CASES = {
         2,
         "'rayd-test/no-such-model' is not a local folder, and no copy came from the Hugging Face",
     ),
+    "hub dataset, hub unreachable": (
+        lambda t: (None, ["data.source=hub:rayd-test/no-such-dataset"]),
+        2,
+        "data.source 'hub:rayd-test/no-such-dataset': not in the Hugging Face cache",
+    ),
     "W&B enabled without a project": (
         lambda t: (None, ["logging.wandb.mode=offline"]),
         2,
