@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ class Trackers:
             mode=log.wandb.mode,
             tags=log.wandb.tags,
             name=cfg.name,
-            id=self._run_id("wandb", wandb.util.generate_id),
+            id=self._run_id("wandb"),
             resume="allow",
             dir=str(self.run_dir),
             config=params,
@@ -91,10 +92,16 @@ class Trackers:
         self._wandb.define_metric("trainer/step")
         self._wandb.define_metric("*", step_metric="trainer/step")
 
-    def _run_id(self, name: str, new: Any) -> str:
+    @property
+    def wandb_run(self) -> Any:
+        """The live W&B run (None when W&B is off): its config and summary, for checks."""
+        return self._wandb
+
+    def _run_id(self, name: str) -> str:
+        """The tracker run of this rayd run: made once, kept in the run folder for resumes."""
         saved = self.run_dir / f"{name}_run_id"
         if not saved.is_file():
-            saved.write_text(new())
+            saved.write_text(uuid.uuid4().hex[:12])
         return saved.read_text().strip()
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

@@ -3,7 +3,6 @@ the run folder gets a W&B run holding the config and every step, a resumed rayd 
 same W&B run, and a missing package is one clear error."""
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -28,13 +27,18 @@ def wandb_config(run: Path):
     )
 
 
-def log_steps(run: Path, cfg, steps: range, start_step: int = 0) -> None:
+def log_steps(run: Path, cfg, steps: range, start_step: int = 0) -> dict:
+    """Log `steps` (and an eval) the way the training loop does; returns what the live W&B run
+    held before it finished: its id, config and summary."""
     trackers = start_trackers(run, cfg)
     log = MetricsLogger(run, cfg.logging, 10, start_step=start_step, trackers=trackers)
     for step in steps:
         log.log(step, {"loss": 1.0 / step, "reverse_kl": 2.0 / step, "skipped": 0.0})
     log.log(steps[-1], {"eval/accuracy": 0.5}, advance=False)
+    live = trackers.wandb_run
+    seen = {"id": live.id, "config": dict(live.config), "summary": dict(live.summary)}
     log.close()
+    return seen
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
@@ -42,23 +46,21 @@ def test_wandb_offline_run_holds_config_and_steps_and_resumes(tmp_path, monkeypa
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
     cfg = wandb_config(run)
-    log_steps(run, cfg, range(1, 4))
-    run_id = (run / "wandb_run_id").read_text().strip()
-    folders = list((run / "wandb").glob(f"offline-run-*-{run_id}"))
-    assert len(folders) == 1, list((run / "wandb").iterdir())
-    files = folders[0] / "files"
-    config = (files / "config.yaml").read_text()
-    assert "rayd-tests" in config and "tiny:test-student" in config
-    summary = json.loads((files / "wandb-summary.json").read_text())
+    first = log_steps(run, cfg, range(1, 4))
+    assert first["id"] == (run / "wandb_run_id").read_text().strip()
+    assert first["config"]["models"]["student"]["path"] == "tiny:test-student"
+    assert first["config"]["logging"]["wandb"]["project"] == "rayd-tests"
+    summary = first["summary"]
     assert summary["trainer/step"] == 3 and summary["loss"] == pytest.approx(1 / 3)
     assert summary["eval/accuracy"] == 0.5
+    # The offline run is on disk, under the run folder, for `wandb sync`.
+    (folder,) = (run / "wandb").glob(f"offline-run-*-{first['id']}")
+    assert (folder / f"run-{first['id']}.wandb").stat().st_size > 0
 
-    # Resumed from a checkpoint at step 2: the same W&B run id, steps 3.. logged again.
-    log_steps(run, cfg, range(3, 6), start_step=2)
-    assert (run / "wandb_run_id").read_text().strip() == run_id
-    resumed = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))
-    summary = json.loads((resumed[-1] / "files" / "wandb-summary.json").read_text())
-    assert summary["trainer/step"] == 5
+    # Resumed from a checkpoint at step 2: the same W&B run, steps 3.. logged again.
+    again = log_steps(run, cfg, range(3, 6), start_step=2)
+    assert again["id"] == first["id"]
+    assert again["summary"]["trainer/step"] == 5
 
 
 def test_missing_wandb_is_one_clear_error(tmp_path, monkeypatch):
