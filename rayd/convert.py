@@ -29,6 +29,7 @@ from typing import Any
 
 from rayd.checkpoint import file_sha256
 from rayd.config import ConfigError
+from rayd.weight_sync import load_whole_state_dict
 
 _LAYER_KEY = re.compile(r"^(model\.layers\.)(\d+)(\..*)$")
 
@@ -197,17 +198,13 @@ def convert(
             config.layer_types = [config.layer_types[i] for i in keep]
         generation_config = model.generation_config
         model = type(model)(config)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-        if set(missing) - tied or unexpected:
+        misfit = load_whole_state_dict(model, state)
+        if misfit:
             raise ConfigError(
-                f"convert error: {source}: layer subset does not fit the model (missing "
-                f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}); only models "
-                "whose layers are named model.layers.N can be cut"
+                f"convert error: {source}: layer subset does not fit the model ({misfit}); only "
+                "models whose layers are named model.layers.N can be cut"
             )
         model.generation_config = generation_config
-        if config.tie_word_embeddings:
-            model.tie_weights()
     model = model.to(getattr(torch, dtype))
     record = {
         **provenance,

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from rayd.config import ConfigError, RunConfig
+from rayd.weight_sync import load_whole_state_dict
 
 _FEATURE_PROJ = "rayd_feature_proj."  # feature_kd's training-only projections
 
@@ -88,15 +89,9 @@ def load_student(run: Path, cfg: RunConfig, source: str) -> tuple[Any, Any, dict
     init = resolve_model_path(cfg.models.student.path, seed=cfg.trainer.seed)
     state, step, last_eval = checkpoint_state(run)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(init), dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise ConfigError(
-            f"export error: the checkpoint does not fit {init} (missing "
-            f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})"
-        )
-    if tied:
-        model.tie_weights()
+    misfit = load_whole_state_dict(model, state)
+    if misfit:
+        raise ConfigError(f"export error: the checkpoint does not fit {init} ({misfit})")
     with contextlib.suppress(OSError):  # without one, export() builds it from the tokenizer
         model.generation_config = GenerationConfig.from_pretrained(init)
     origin = {"from": "checkpoint", "step": step, "eval": last_eval}

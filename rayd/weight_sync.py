@@ -28,3 +28,19 @@ def serialize_state_dict(state_dict: dict[str, torch.Tensor]) -> bytes:
 
 def deserialize_state_dict(blob: bytes) -> dict[str, torch.Tensor]:
     return st_load(blob)
+
+
+def load_whole_state_dict(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
+) -> str | None:
+    """Load a full state dict into a model of the same architecture; returns what did not fit
+    (None when all did). A tied LM head may be absent: serialize_state_dict drops it, and it
+    follows the embedding, re-tied here."""
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    missing = sorted(set(missing) - ({"lm_head.weight"} if tied else set()))
+    if tied:
+        model.tie_weights()
+    if missing or unexpected:
+        return f"missing {missing[:3]}, unexpected {sorted(unexpected)[:3]}"
+    return None

@@ -18,7 +18,7 @@ from rayd.losses import LossSpec
 from rayd.rollout.worker import RolloutWorker
 from rayd.teacher.worker import TeacherWorker
 from rayd.teachers import Teachers
-from rayd.weight_sync import deserialize_state_dict
+from rayd.weight_sync import deserialize_state_dict, load_whole_state_dict
 from rayd.zoo import resolve_model_path
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -375,10 +375,8 @@ def export_student(learners: LearnerGroup, student_path: str, tokenizer: Any, ou
     blob = get(learners.publish_weights(), 600, "learners.publish_weights")
     config = AutoConfig.from_pretrained(student_path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = deserialize_state_dict(blob)
-    model.load_state_dict(state, strict=False)
-    missing = set(model.state_dict()) - set(state)
-    if missing - {"lm_head.weight"}:  # a tied lm_head is dropped on the wire and re-tied here
-        raise RuntimeError(f"exported weights miss {sorted(missing)[:5]}")
+    misfit = load_whole_state_dict(model, deserialize_state_dict(blob))
+    if misfit:
+        raise RuntimeError(f"exported weights do not fit the student: {misfit}")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
