@@ -669,7 +669,13 @@ CASES = {
 
 
 def test_every_bad_input_gets_one_clear_line(tmp_path, capsys):
+    import ray
+
     assert len(CASES) >= 40
+    # A Ray left running by an earlier in-process test forwards its dying actors' log lines
+    # (resource_tracker warnings) into this test's stderr; every case here must fail before
+    # Ray starts, which the loop checks.
+    ray.shutdown()
     table, failures = [], []
     for i, (kind, (setup, code, needle)) in enumerate(CASES.items()):
         case_dir = tmp_path / f"case{i}"
@@ -689,6 +695,9 @@ def test_every_bad_input_gets_one_clear_line(tmp_path, capsys):
         noise = [line for line in lines[:-1] if not line.startswith("rayd: ")]
         if exit_code != code or needle not in message or noise or "Traceback" in err:
             failures.append(f"{kind}: exit {exit_code}, stderr {err!r}")
+        if ray.is_initialized():
+            failures.append(f"{kind}: Ray started before the error")
+            ray.shutdown()
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(
         "| bad input | exit | message |\n|---|---|---|\n"
