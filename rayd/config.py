@@ -135,6 +135,10 @@ class LearnerConfig(_Strict):
     cpus_per_learner: float = Field(0.5, gt=0)
     gpus_per_learner: float = Field(0.0, ge=0)
     threads: int = Field(1, ge=1)
+    length_bucketing: bool = Field(
+        True,
+        description="order each step's rows by length so micro-batches carry little padding",
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig)
 
 

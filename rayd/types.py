@@ -104,6 +104,17 @@ class TrainBatch:
             ]
         return TrainBatch(**rows)
 
+    def take(self, rows: list[int]) -> TrainBatch:
+        """These rows, in this order (columns untouched)."""
+        index = torch.tensor(rows, dtype=torch.long)
+        return TrainBatch(
+            **{
+                f.name: value if value.numel() == 0 else value[index]
+                for f in fields(self)
+                for value in [getattr(self, f.name)]
+            }
+        )
+
     def split(self, parts: int) -> list[TrainBatch]:
         """`parts` consecutive equal slices (the caller guarantees divisibility)."""
         if len(self) % parts:
@@ -179,3 +190,33 @@ def _collate_hidden(samples: list[Sample], scores: list[TeacherScore], length: i
         p, t = len(sample.prompt_ids), len(sample.completion_ids)
         out[i, p - 1 : p - 1 + t] = score.hidden.float()  # type: ignore[union-attr]
     return out
+
+
+def length_buckets(lengths: list[int], ranks: int, micro_batches: int) -> list[int]:
+    """A row order that gives every micro-batch rows of similar length and every rank a similar
+    share of tokens, for a batch split into `ranks` consecutive shards of `micro_batches`
+    consecutive micro-batches (TrainBatch.split, which trims each micro-batch's padding).
+
+    Rows sorted longest first are cut into ranks x micro_batches groups; round r of groups goes
+    to the ranks in snake order (0..R-1, then R-1..0), so no rank always gets the longest group.
+    Only the order changes: the loss is a sum over tokens divided by the global token count.
+    """
+    groups = ranks * micro_batches
+    if len(lengths) % groups:
+        raise ValueError(f"{len(lengths)} rows do not split into {ranks} x {micro_batches} parts")
+    size = len(lengths) // groups
+    by_length = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    shards: list[list[int]] = [[] for _ in range(ranks)]
+    for g in range(groups):
+        round_, pos = divmod(g, ranks)
+        rank = pos if round_ % 2 == 0 else ranks - 1 - pos
+        shards[rank].extend(by_length[g * size : (g + 1) * size])
+    return [row for shard in shards for row in shard]
+
+
+def padded_cells(lengths: list[int], ranks: int, micro_batches: int) -> int:
+    """Token positions the learners compute when the batch, in this row order, is split into
+    ranks x micro_batches consecutive micro-batches each trimmed to its longest row."""
+    groups = ranks * micro_batches
+    size = len(lengths) // groups
+    return sum(max(lengths[g * size : (g + 1) * size]) * size for g in range(groups))

@@ -352,6 +352,7 @@ def _learner_group(
         cpus_per_learner=ln.cpus_per_learner,
         gpus_per_learner=ln.gpus_per_learner,
         call_timeout_s=cfg.trainer.call_timeout_s,
+        length_bucketing=ln.length_bucketing,
         zero_stage=ln.zero_stage,
         micro_batch_size=ln.micro_batch_size,
         grad_accum=ln.grad_accum,

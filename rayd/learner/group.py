@@ -17,7 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayd import cluster
 from rayd.learner.worker import LearnerWorker
-from rayd.types import TrainBatch
+from rayd.types import TrainBatch, length_buckets, padded_cells
 
 
 class LearnerFailure(RuntimeError):
@@ -41,6 +41,7 @@ class LearnerGroup:
         cpus_per_learner: float = 0.5,
         gpus_per_learner: float = 0,
         call_timeout_s: float = 600,
+        length_bucketing: bool = True,
         **learner_kwargs: Any,
     ) -> None:
         if num_learners < 1:
@@ -52,6 +53,8 @@ class LearnerGroup:
         self.rows_per_step = (
             num_learners * learner_kwargs["micro_batch_size"] * learner_kwargs["grad_accum"]
         )
+        self.grad_accum = learner_kwargs["grad_accum"]
+        self.length_bucketing = length_bucketing
         self.timeout_s = call_timeout_s
         self._actors: list[Any] = []
         self._pg: PlacementGroup | None = None
@@ -109,11 +112,19 @@ class LearnerGroup:
             )
         # The loss is normalised by the token count of the whole batch, not of each shard.
         global_tokens = batch.num_tokens
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        if self.length_bucketing:  # similar lengths per micro-batch: less padding computed
+            order = length_buckets(lengths, self.num_learners, self.grad_accum)
+            batch = batch.take(order)
+            lengths = [lengths[i] for i in order]
+        cells = padded_cells(lengths, self.num_learners, self.grad_accum)
         refs = [
             actor.train_step.remote(shard, global_tokens)
             for actor, shard in zip(self._actors, batch.split(self.num_learners), strict=True)
         ]
-        return self._collect(refs, self.timeout_s, "learner train_step")[0]
+        metrics = self._collect(refs, self.timeout_s, "learner train_step")[0]
+        metrics["learner/pad_fraction"] = 1.0 - sum(lengths) / max(cells, 1)
+        return metrics
 
     def publish_weights(self) -> ray.ObjectRef:
         """Reference to the current weights as a safetensors blob, owned by rank 0.

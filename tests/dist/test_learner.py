@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from rayd.learner.group import LearnerGroup
 from rayd.losses import LossSpec, batch_loss
-from rayd.types import Sample, TeacherScore, TrainBatch, collate
+from rayd.types import Sample, TeacherScore, TrainBatch, collate, padded_cells
 from rayd.weight_sync import deserialize_state_dict
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -171,6 +171,10 @@ def test_learner_group(stage: int, student_path: Path, teacher_path: Path, tmp_p
         assert first["loss"] == pytest.approx(ref_loss, rel=1e-5)
         assert first["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
         assert {"reverse_kl", "student_logprob"} <= first.keys()
+        # ... and its rows were reordered by length (learner.length_bucketing) to cut padding.
+        lengths = batch.attention_mask.sum(1).tolist()
+        as_given = 1 - sum(lengths) / padded_cells(lengths, 2, 2)
+        assert first["learner/pad_fraction"] < as_given
 
         losses = [first["loss"]] + [learners.train_step(batch)["loss"] for _ in range(4)]
         assert losses[-1] < 0.8 * losses[0], losses

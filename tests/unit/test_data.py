@@ -3,7 +3,7 @@ import torch
 
 from rayd.data.prompts import PromptSampler
 from rayd.tasks import AdditionTask
-from rayd.types import Sample, TeacherScore, collate
+from rayd.types import Sample, TeacherScore, collate, length_buckets, padded_cells
 
 
 def test_collate_aligns_targets_with_completion_tokens():
@@ -33,6 +33,39 @@ def test_collate_aligns_targets_with_completion_tokens():
     halves = b.split(2)
     assert halves[1].input_ids.tolist() == [[5, 9]]  # padding-only columns trimmed
     assert halves[1].loss_mask.tolist() == [[True]]
+
+
+def test_length_buckets_cut_padding_and_balance_the_ranks():
+    lengths = [3, 40, 7, 38, 12, 5, 33, 9, 41, 4, 36, 8, 10, 39, 6, 35]
+    ranks, micro = 2, 2
+    order = length_buckets(lengths, ranks, micro)
+    assert sorted(order) == list(range(len(lengths)))  # every row once
+    bucketed = [lengths[i] for i in order]
+    assert padded_cells(bucketed, ranks, micro) < 0.7 * padded_cells(lengths, ranks, micro)
+    shard = len(lengths) // ranks
+    per_rank = [sum(bucketed[r * shard : (r + 1) * shard]) for r in range(ranks)]
+    assert max(per_rank) - min(per_rank) <= max(lengths) - min(lengths)
+    # each micro-batch holds neighbours in length order
+    size = len(lengths) // (ranks * micro)
+    groups = [sorted(bucketed[g * size : (g + 1) * size]) for g in range(ranks * micro)]
+    assert sorted(groups) == [sorted(lengths)[i * size : (i + 1) * size] for i in range(4)]
+    with pytest.raises(ValueError, match="do not split"):
+        length_buckets(lengths[:-1], ranks, micro)
+
+
+def test_take_reorders_every_per_row_field_and_keeps_absent_ones():
+    samples = [
+        Sample(prompt_ids=[5], completion_ids=[7] * n, logprobs=[-0.1] * n, prompt_index=i)
+        for i, n in enumerate([1, 3, 2])
+    ]
+    samples[1].on_policy = False
+    scores = [TeacherScore.empty(len(s.completion_ids)) for s in samples]
+    b = collate(samples, scores, pad_id=0)
+    t = b.take([1, 2, 0])
+    assert t.attention_mask.sum(1).tolist() == [4, 3, 2]
+    assert t.on_policy.tolist() == [False, True, True]
+    assert t.loss_mask.sum().item() == b.loss_mask.sum().item()
+    assert t.hard_target.numel() == 0 and t.teacher_hidden.numel() == 0
 
 
 def test_collate_rejects_length_mismatch():
