@@ -43,7 +43,7 @@ def run_config(run: Path) -> RunConfig:
 def checkpoint_state(run: Path) -> tuple[dict[str, Any], int, dict[str, Any] | None]:
     """(fp32 state dict, step, the run's last eval before it) from the newest checkpoint that
     verifies."""
-    from rayd.checkpoint import LEARNER_TAG, CheckpointStore
+    from rayd.checkpoint import CheckpointStore
 
     ckpt, rejected = CheckpointStore(run / "checkpoints").latest_valid()
     for line in rejected:
@@ -53,7 +53,15 @@ def checkpoint_state(run: Path) -> tuple[dict[str, Any], int, dict[str, Any] | N
             f"export error: {run} has neither a final student/ folder nor a checkpoint that "
             "verifies (set trainer.save_every to checkpoint runs)"
         )
-    learner = Path(ckpt.learner_dir)
+    student = learner_state_dict(Path(ckpt.learner_dir))
+    return student, ckpt.step, ckpt.driver_state().get("last_eval")
+
+
+def learner_state_dict(learner: Path) -> dict[str, Any]:
+    """The student's fp32 state dict from one checkpoint's learner folder (any ZeRO stage),
+    without feature_kd's projections."""
+    from rayd.checkpoint import LEARNER_TAG
+
     tag_dir = learner / LEARNER_TAG
     if any(tag_dir.glob("*optim_states.pt")) and any("zero" in p.name for p in tag_dir.iterdir()):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -66,8 +74,7 @@ def checkpoint_state(run: Path) -> tuple[dict[str, Any], int, dict[str, Any] | N
         if not files:
             raise ConfigError(f"export error: {tag_dir}: no DeepSpeed model states in it")
         state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    student = {k: v for k, v in state.items() if not k.startswith(_FEATURE_PROJ)}
-    return student, ckpt.step, ckpt.driver_state().get("last_eval")
+    return {k: v for k, v in state.items() if not k.startswith(_FEATURE_PROJ)}
 
 
 def load_student(run: Path, cfg: RunConfig, source: str) -> tuple[Any, Any, dict[str, Any]]:

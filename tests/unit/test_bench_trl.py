@@ -1,0 +1,83 @@
+"""The rayd-vs-TRL benchmark compares like with like: one settings object builds both configs."""
+
+import dataclasses
+
+import pytest
+
+from rayd.bench.trl import (
+    FULL,
+    QUICK,
+    SMOLLM2,
+    ordered_train_prompts,
+    rayd_config,
+    time_to_reach,
+    trl_config_kwargs,
+)
+
+
+@pytest.mark.parametrize("settings", [QUICK, FULL, SMOLLM2], ids=["quick", "full", "smollm2"])
+def test_trl_and_rayd_configs_share_loss_batch_steps_and_optimizer(settings, tmp_path):
+    trl = pytest.importorskip("trl")  # the `bench` extra
+    s = dataclasses.replace(settings, beta=0.3)  # not TRL's default, so a dropped value shows
+    cfg = rayd_config(s, tmp_path / "rayd")
+    args = trl.DistillationConfig(**trl_config_kwargs(s, tmp_path / "trl"))
+
+    # the loss: generalized JSD with the same beta (both: 0 = forward KL, 1 = reverse KL),
+    # every completion sampled by the student (TRL's trainer is on-policy only)
+    assert (cfg.algorithm.name, cfg.algorithm.resolved_loss, cfg.algorithm.lmbda) == (
+        "on_policy",
+        "jsd",
+        1.0,
+    )
+    assert args.beta == cfg.algorithm.beta == 0.3
+    assert args.temperature == cfg.algorithm.temperature == cfg.rollout.temperature
+    assert (args.top_p, args.top_k) == (cfg.rollout.top_p, 0)
+    assert args.max_completion_length == cfg.rollout.max_new_tokens
+    # the batch: prompts per optimizer step, one completion each
+    assert cfg.rollout.n == 1
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == (
+        cfg.trainer.prompts_per_step
+    )
+    assert args.max_steps == cfg.trainer.max_steps
+    assert args.seed == cfg.trainer.seed
+    # the optimizer: AdamW, no warmup, constant learning rate, same clipping
+    optim = cfg.learner.optim
+    assert args.learning_rate == optim.lr
+    assert (args.adam_beta1, args.adam_beta2) == optim.betas
+    assert (args.adam_epsilon, args.weight_decay, args.max_grad_norm) == (
+        optim.eps,
+        optim.weight_decay,
+        optim.grad_clip,
+    )
+    assert (args.warmup_steps, optim.warmup_steps) == (0, 0)
+    assert args.lr_scheduler_type == "constant" and optim.schedule == "constant"
+    assert not args.bf16 and not args.fp16 and not args.gradient_checkpointing
+    # rayd's own choices for the pair (its actors), not shared with TRL
+    assert cfg.teacher.backend == s.teacher_backend
+    assert cfg.rollout.threads == cfg.teacher.threads == s.actor_threads
+    # snapshots for the shared evaluator at the same steps
+    assert cfg.trainer.save_every == s.eval_every
+    assert cfg.trainer.keep_checkpoints * s.eval_every == s.steps
+
+
+def test_trl_reads_the_prompts_rayd_trains_on_in_the_same_order(tmp_path):
+    from transformers import AutoTokenizer
+
+    from rayd.data.prompts import PromptSampler, load_prompts
+    from rayd.zoo import resolve_model_path
+
+    s = dataclasses.replace(QUICK, steps=2, eval_every=1)
+    cfg = rayd_config(s, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(s.student))
+    prompts = load_prompts(cfg.data, tokenizer, 64, cfg.trainer.seed)
+    sampler = PromptSampler(len(prompts.train), cfg.trainer.seed)
+    rayd_ids = [prompts.train[i].ids for i in sampler.next(s.steps * s.prompts_per_step)]
+    texts = ordered_train_prompts(s)
+    assert [tokenizer(t, add_special_tokens=False).input_ids for t in texts] == rayd_ids
+
+
+def test_time_to_reach_interpolates_between_evaluations():
+    points = [(0.0, 4.0), (10.0, 3.0), (20.0, 1.0)]
+    assert time_to_reach(points, 2.0) == pytest.approx(15.0)
+    assert time_to_reach(points, 4.0) == 0.0
+    assert time_to_reach(points, 0.5) is None
