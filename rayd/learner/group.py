@@ -101,6 +101,11 @@ class LearnerGroup:
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step on `batch`; rank 0's metrics (all-reduced, so global)."""
+        return self.finish_train_step(self.start_train_step(batch))
+
+    def start_train_step(self, batch: TrainBatch) -> list[ray.ObjectRef]:
+        """Starts the step and returns at once (the driver rolls out meanwhile); pass the refs
+        to `finish_train_step`, which waits with the usual deadline."""
         if len(batch) != self.rows_per_step:
             raise ValueError(
                 f"learner batch has {len(batch)} rows but num_learners x micro_batch_size x "
@@ -109,10 +114,12 @@ class LearnerGroup:
             )
         # The loss is normalised by the token count of the whole batch, not of each shard.
         global_tokens = batch.num_tokens
-        refs = [
+        return [
             actor.train_step.remote(shard, global_tokens)
             for actor, shard in zip(self._actors, batch.split(self.num_learners), strict=True)
         ]
+
+    def finish_train_step(self, refs: list[ray.ObjectRef]) -> dict[str, float]:
         return self._collect(refs, self.timeout_s, "learner train_step")[0]
 
     def publish_weights(self) -> ray.ObjectRef:

@@ -1,0 +1,62 @@
+"""The pipelined loop's pieces without Ray: the saved prefetched step, staleness, the stream."""
+
+import json
+
+import pytest
+import torch
+
+from rayd.pipeline import Prepared, TeacherStream, check_staleness, staleness_metrics
+from rayd.teachers import Scored
+from rayd.types import Sample, TeacherScore
+
+
+def _sample(index: int, version: int = 0, **kw) -> Sample:
+    return Sample(
+        [1, 2], [3, 4, 5], [-0.5, -1.25, -3.0e-8], prompt_index=index, weight_version=version, **kw
+    )
+
+
+def test_a_prefetched_step_survives_the_json_of_a_checkpoint() -> None:
+    ids = torch.tensor([[3, 7], [4, 8], [5, 9]])
+    step = Prepared(
+        4, [[_sample(0, 2, student_topk_ids=ids)], [_sample(1, 2, finish_reason="length")]]
+    )
+    back = Prepared.from_state(json.loads(json.dumps(step.to_state())))
+    assert back.step == 4 and [len(c) for c in back.chunks] == [1, 1]
+    for got, want in zip(back.samples, step.samples, strict=True):
+        assert (
+            torch.equal(got.student_topk_ids, want.student_topk_ids)
+            if want.student_topk_ids is not None
+            else got.student_topk_ids is None
+        )
+        got.student_topk_ids = want.student_topk_ids
+        assert got == want  # log-probs bit for bit (JSON floats round-trip)
+
+
+def test_staleness_is_checked_against_max_staleness() -> None:
+    samples = [_sample(0, 4), _sample(1, 3), _sample(2, 1, on_policy=False)]
+    check_staleness(samples, 4, 1)
+    assert staleness_metrics(samples, 4) == {"staleness/mean": 0.5, "staleness/max": 1.0}
+    with pytest.raises(RuntimeError, match="max_staleness=0"):
+        check_staleness(samples, 4, 0)
+    with pytest.raises(RuntimeError, match=r"versions \[4\]"):
+        check_staleness(samples, 3, 2)  # from the future
+
+
+def test_the_stream_returns_chunks_and_scores_in_key_order_whatever_the_arrival() -> None:
+    def score(samples):
+        got = [TeacherScore.empty(3) for _ in samples]
+        for s, g in zip(samples, got, strict=True):
+            g.token_logprobs[:] = s.prompt_index
+        return Scored(got, [(list(range(len(got))), [g.token_logprobs for g in got])])
+
+    stream = TeacherStream(score)
+    label = _sample(9, hard_target=True)
+    stream.add(2, [_sample(4), label])
+    stream.add(0, [_sample(0), _sample(1)])
+    stream.add(1, [_sample(2)])
+    chunks, scored = stream.finish()
+    assert [[s.prompt_index for s in c] for c in chunks] == [[0, 1], [2], [4, 9]]
+    assert [int(s.token_logprobs[0]) for s in scored.scores] == [0, 1, 2, 4]  # no hard target
+    rows, logprobs = scored.own[0]
+    assert rows == [0, 1, 2, 3] and [int(lp[0]) for lp in logprobs] == [0, 1, 2, 4]
