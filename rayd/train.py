@@ -3,6 +3,8 @@
 One step of the loop:
     prompts -> weight sync to the rollout engines -> student rollouts (vLLM) -> teacher scores
     (top-k log-probs) -> learner step (DeepSpeed ZeRO) -> periodic eval / checkpoint.
+With trainer.max_staleness >= 1 the next step's rollouts and teacher scores are made while the
+learners train this step (from weights at most that many versions behind: rayd/pipeline.py).
 The offline modes (sft, step_by_step, logit_kd) take the dataset's completions instead of
 rollouts; the engines then get new weights only when an eval needs them. logit_kd over a
 dataset written by `rayd score` reads the teacher's top-k from it and starts no teacher.
@@ -304,7 +306,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                 batch.token_weight, step_stats = weigh_steps(
                     batch, samples, tokenizer, algo, marker
                 )
-            pipelined = lag > 0 and not algo.offline and step < cfg.trainer.max_steps
+            pipelined = lag > 0 and step < cfg.trainer.max_steps
             if pipelined and version + 1 - served > lag:  # the next step's rollouts would lag
                 with timer("sync"):
                     sync_weights()
