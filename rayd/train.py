@@ -214,7 +214,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             else:
                 on_policy, off_policy = split_by_lambda(batch_prompts, algo.lmbda, rng)
             with timer("rollout"), stream.cancel_on_error():
-                chunks = rollout.map_chunks_as_completed(
+                arriving = rollout.map_chunks_as_completed(
                     "generate",
                     [p.ids for p in on_policy],
                     [p.index for p in on_policy],
@@ -226,7 +226,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                     expect_version=served,
                     return_topk=cfg.student_topk,  # teacher.support: the student's ids
                 )
-                for key, chunk in chunks if on_policy else ():
+                for key, chunk in arriving:  # none without on-policy prompts
                     stream.add(key, chunk)
             extra: list[Sample] = []
             if algo.name == "step_by_step":

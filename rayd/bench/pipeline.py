@@ -14,6 +14,7 @@ the next step's rollouts and teacher scoring running inside it.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,12 @@ STAGES = ("rollout", "teacher", "learner", "sync")
 
 
 def run(quick: bool, workdir: Path) -> dict[str, Any]:
+    import ray
+
+    if not ray.is_initialized():
+        # A Ray of this machine's own (not one another process started), with the logical
+        # CPUs a local run gets (rayd.cluster.connect): both loops share it.
+        ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False)
     steps = 6 if quick else 20
     sync = _train(workdir, "sync", 0, steps)
     pipelined = _train(workdir, "async", 1, steps)

@@ -24,12 +24,9 @@ def test_a_prefetched_step_survives_the_json_of_a_checkpoint() -> None:
     back = Prepared.from_state(json.loads(json.dumps(step.to_state())))
     assert back.step == 4 and [len(c) for c in back.chunks] == [1, 1]
     for got, want in zip(back.samples, step.samples, strict=True):
-        assert (
-            torch.equal(got.student_topk_ids, want.student_topk_ids)
-            if want.student_topk_ids is not None
-            else got.student_topk_ids is None
-        )
-        got.student_topk_ids = want.student_topk_ids
+        if want.student_topk_ids is not None:
+            assert torch.equal(got.student_topk_ids, want.student_topk_ids)
+            got.student_topk_ids = want.student_topk_ids
         assert got == want  # log-probs bit for bit (JSON floats round-trip)
 
 
@@ -60,3 +57,16 @@ def test_the_stream_returns_chunks_and_scores_in_key_order_whatever_the_arrival(
     assert [int(s.token_logprobs[0]) for s in scored.scores] == [0, 1, 2, 4]  # no hard target
     rows, logprobs = scored.own[0]
     assert rows == [0, 1, 2, 3] and [int(lp[0]) for lp in logprobs] == [0, 1, 2, 4]
+
+
+def test_config_defaults_keep_the_synchronous_loop_and_offline_modes_refuse_a_pipeline() -> None:
+    from rayd.config import ConfigError, load_config
+
+    base = ["models.student.path=s", "models.teacher.path=t"]
+    cfg = load_config(None, base)
+    assert cfg.trainer.max_staleness == 0 and cfg.rollout.truncated == "keep"
+    assert load_config(None, [*base, "trainer.max_staleness=2"]).trainer.max_staleness == 2
+    with pytest.raises(ConfigError, match=r"trainer\.max_staleness > 0 overlaps rollouts"):
+        load_config(None, [*base, "algorithm.name=sft", "trainer.max_staleness=1"])
+    with pytest.raises(ConfigError, match=r"rollout\.truncated"):
+        load_config(None, [*base, "rollout.truncated=cut"])
