@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,9 @@ def run(quick: bool, workdir: Path) -> dict[str, Any]:
     }
 
 
-def _train(workdir: Path, name: str, max_staleness: int, steps: int) -> dict[str, Any]:
+def _train(
+    workdir: Path, name: str, max_staleness: int, steps: int, extra: Sequence[str] = ()
+) -> dict[str, Any]:
     from rayd.config import load_config
     from rayd.train import train
 
@@ -62,6 +65,7 @@ def _train(workdir: Path, name: str, max_staleness: int, steps: int) -> dict[str
             "data.eval_size=8",
             "logging.progress=false",
             "logging.tensorboard=false",
+            *extra,
         ],
     )
     train(cfg)

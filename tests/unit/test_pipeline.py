@@ -70,3 +70,15 @@ def test_config_defaults_keep_the_synchronous_loop_and_offline_modes_refuse_a_pi
         load_config(None, [*base, "algorithm.name=sft", "trainer.max_staleness=1"])
     with pytest.raises(ConfigError, match=r"rollout\.truncated"):
         load_config(None, [*base, "rollout.truncated=cut"])
+
+
+def test_dropped_truncated_completions_leave_the_loss_but_keep_their_row() -> None:
+    from rayd.train import drop_truncated
+    from rayd.types import collate
+
+    samples = [_sample(0), _sample(1, finish_reason="length"), _sample(2, on_policy=False)]
+    samples[2].finish_reason = "length"  # a dataset completion is never "truncated" by rollout
+    batch = collate(samples, [TeacherScore.empty(3) for _ in samples], pad_id=0)
+    drop_truncated(batch, samples)
+    assert len(batch) == 3
+    assert batch.loss_mask.sum(1).tolist() == [3, 0, 3]
