@@ -11,7 +11,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from typing import Any, TypeVar
@@ -111,26 +111,38 @@ class WorkerPool:
 
     def map_chunks(self, method: str, *inputs: list[Any], **kwargs: Any) -> list[Any]:
         """Call `method(chunk_of_each_input..., **kwargs)` on each actor; concatenate in order."""
+        chunks = dict(self.map_chunks_as_completed(method, *inputs, **kwargs))
+        return [item for i in sorted(chunks) for item in chunks[i]]
+
+    def map_chunks_as_completed(
+        self, method: str, *inputs: list[Any], **kwargs: Any
+    ) -> Iterator[tuple[int, list[Any]]]:
+        """As `map_chunks`, but yields `(chunk_index, chunk_result)` as each actor finishes, so
+        the caller can pass a chunk on (to the teacher) while the others still run. Chunk i is
+        always the same contiguous slice of the inputs: sorting by index restores the order."""
         total = len(inputs[0])
         bounds = [round(i * total / len(self.actors)) for i in range(len(self.actors) + 1)]
         jobs = []
         for actor, lo, hi in zip(self.actors, bounds, bounds[1:], strict=False):
             if hi > lo:
                 jobs.append((actor, method, tuple(items[lo:hi] for items in inputs), kwargs))
-        results = self._gather(jobs)
-        return [item for chunk in results for item in chunk]
+        return self._as_completed(jobs)
 
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        return self._gather([(actor, method, args, kwargs) for actor in self.actors])
+        jobs = [(actor, method, args, kwargs) for actor in self.actors]
+        results = dict(self._as_completed(jobs))
+        return [results[i] for i in range(len(jobs))]
 
-    def _gather(self, jobs: list[tuple[Any, str, tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
-        """Results of every job in order; a job whose actor died is re-issued after a restore."""
+    def _as_completed(
+        self, jobs: list[tuple[Any, str, tuple[Any, ...], dict[str, Any]]]
+    ) -> Iterator[tuple[int, Any]]:
+        """`(job index, result)` of every job as it arrives; a job whose actor died is re-issued
+        after a restore (and arrives later)."""
 
         def submit(job: tuple[Any, str, tuple[Any, ...], dict[str, Any]]) -> Any:
             actor, method, args, kwargs = job
             return getattr(actor, method).remote(*args, **kwargs)
 
-        results: list[Any] = [None] * len(jobs)
         pending = {i: submit(job) for i, job in enumerate(jobs)}
         deadlines = dict.fromkeys(pending, time.monotonic() + self.timeout_s)
         attempts = dict.fromkeys(pending, 0)
@@ -143,8 +155,7 @@ class WorkerPool:
                 raise RemoteCallTimeout(f"{what} did not finish within {self.timeout_s:.0f}s")
             i = next(k for k, ref in pending.items() if ref == done[0])
             try:
-                results[i] = ray.get(done[0])
-                del pending[i]
+                result = ray.get(done[0])
             except (ray.exceptions.RayActorError, NeedsRestore) as exc:
                 attempts[i] += 1
                 what = f"{self.name}.{jobs[i][1]}"
@@ -163,7 +174,9 @@ class WorkerPool:
                     self._restore(jobs[i][0])
                 pending[i] = submit(jobs[i])
                 deadlines[i] = time.monotonic() + self.timeout_s
-        return results
+                continue
+            del pending[i]
+            yield i, result
 
     def _restore(self, actor: Any) -> None:
         """Waits for Ray to restart `actor`, then replays the remembered state-setting calls."""

@@ -81,6 +81,11 @@ class RolloutConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     threads: int = Field(1, ge=1)
+    truncated: Literal["keep", "drop"] = Field(
+        "keep",
+        description="completions cut at max_new_tokens: keep = train on them; drop = leave "
+        "them out of the loss (the row stays in the batch; truncated_fraction counts them)",
+    )
 
 
 class TeacherConfig(_Strict):
@@ -283,6 +288,12 @@ class TrainerConfig(_Strict):
     learner_restarts: int = Field(
         2, ge=0, description="rebuilds of the learner group from the last checkpoint"
     )
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        description="0 = synchronous; k >= 1: the next step's rollouts are generated while "
+        "the learners train, from weights at most k versions behind the ones they train",
+    )
     seed: int = 0
     call_timeout_s: float = Field(600.0, gt=0)
 
@@ -386,6 +397,11 @@ class RunConfig(_Strict):
             )
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ValueError("rollout.max_new_tokens must be smaller than rollout.max_model_len")
+        if self.trainer.max_staleness > 0 and algo.offline:
+            raise ValueError(
+                f"trainer.max_staleness > 0 overlaps rollouts with learner steps; {algo.name} "
+                "trains on dataset completions and has none (set trainer.max_staleness=0)"
+            )
         return self
 
     def _check_teacher_list(self) -> None:

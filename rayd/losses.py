@@ -466,6 +466,45 @@ def token_reverse_kl_pg(
     return _per_token(-ratio * advantage, mask)
 
 
+# Truncation of the stale-row importance weight when algorithm.is_clip is unset: the cap of
+# truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings
+# you off-policy RL training"; verl's rollout IS threshold defaults to 2): one step of lag moves
+# few tokens' ratios far from 1, and a cap of 2 bounds the variance a rare token can add while
+# leaving the typical ratio (close to 1) untouched.
+STALE_IS_CLIP = 2.0
+
+
+def stale_importance_weight(
+    student_logprobs: Tensor,
+    behavior_logprobs: Tensor,
+    stale: Tensor,
+    mask: Tensor,
+    clip: float = STALE_IS_CLIP,
+) -> Tensor:
+    """Per-token truncated importance weight min(exp(student_lp - behavior_lp), clip) for the
+    rows sampled by older weights than the learner's. [B, T], [B, T], stale [B] bool,
+    mask [B, T] -> [B, T] float32, detached.
+
+    A top-k loss at a position of a stale rollout is a divergence at a prefix the current
+    student would have drawn with a different probability; the per-token ratio of the sampled
+    token corrects for that to first order (token-level IS, as in PPO-style objectives), and
+    the truncation keeps a token whose probability rose sharply from dominating the step.
+    The weight is detached: it scales the loss's gradient and nothing flows through it, so the
+    gradient of w * loss is w * d(loss). Fresh rows (stale False), and masked positions, get
+    exactly 1, so a batch without stale rows is trained as before.
+    """
+    if not clip > 0.0:
+        raise ValueError(f"importance weight clip must be > 0, got {clip}")
+    if stale.shape != mask.shape[:1]:
+        raise ValueError(f"stale flags {tuple(stale.shape)} do not match {mask.shape[0]} rows")
+    zero = torch.zeros((), dtype=student_logprobs.dtype, device=student_logprobs.device)
+    log_ratio = torch.where(mask, student_logprobs.detach() - behavior_logprobs.detach(), zero)
+    # Clamping in log space first: a wildly stale token cannot overflow exp().
+    weight = log_ratio.clamp(max=math.log(clip)).exp().float()
+    use = stale.to(mask.device).unsqueeze(-1) & mask
+    return torch.where(use, weight, torch.ones_like(weight))
+
+
 def cross_entropy(student_logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     """-log p_S(target) per token. logits [B, T, V], targets [B, T], mask [B, T] -> [B, T]."""
     return -token_logprobs(student_logits, targets, mask)
@@ -613,6 +652,8 @@ def batch_loss(
       "reverse_kl":      behavior_lp - teacher_lp, the sampled-token reverse-KL estimate
       "student_logprob": log p_S(target) at `spec.temperature` (1 for sft)
       "ratio":           exp(student_lp - behavior_lp) (on_policy_pg only)
+      "is_weight":       the top-k losses' stale-row importance weight (only when some row of
+                         the batch is stale: `stale_importance_weight`)
 
     Kinds: "on_policy_pg" uses teacher/behavior log-probs of the sampled tokens
     (`token_reverse_kl_pg`); "forward_kl" / "reverse_kl" / "jsd" use the sparse teacher top-k
@@ -702,6 +743,14 @@ def batch_loss(
         loss = _per_token(_kl(log_s, log_t), mask)
     else:
         loss = _per_token(_generalized_jsd_lp(log_s, log_t, spec.beta), mask)
+    if spec.kind in _TOPK_KINDS and batch.stale.numel() == mask.shape[0]:
+        # Rollouts from older weights (trainer.max_staleness >= 1): on_policy_pg has its ratio
+        # in the loss already; the top-k losses get the truncated per-token weight.
+        weight = stale_importance_weight(
+            student_lp, behavior, batch.stale, mask, spec.is_clip or STALE_IS_CLIP
+        )
+        loss = loss * weight.to(loss.dtype)
+        metrics["is_weight"] = _per_token(weight, mask)
 
     distilled = mask
     if batch.hard_target.numel() == mask.shape[0]:

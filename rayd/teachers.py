@@ -37,6 +37,20 @@ class Scored:
     # Per teacher, in config order: the pairs it scored (positions) and its token log-probs there.
     own: list[tuple[list[int], list[torch.Tensor]]]
 
+    @classmethod
+    def concat(cls, parts: Sequence[Scored]) -> Scored:
+        """The parts' pairs one after the other, as if scored in one call (positions shifted)."""
+        scores: list[TeacherScore] = []
+        own: list[tuple[list[int], list[torch.Tensor]]] = []
+        for part in parts:
+            if not own:
+                own = [([], []) for _ in part.own]
+            for (rows, logprobs), (part_rows, part_logprobs) in zip(own, part.own, strict=True):
+                rows.extend(len(scores) + j for j in part_rows)
+                logprobs.extend(part_logprobs)
+            scores.extend(part.scores)
+        return cls(scores, own)
+
 
 class Teachers:
     """The teacher pools of a run and their combination; `faults` and `shutdown` cover all."""

@@ -3,6 +3,8 @@
 One step of the loop:
     prompts -> weight sync to the rollout engines -> student rollouts (vLLM) -> teacher scores
     (top-k log-probs) -> learner step (DeepSpeed ZeRO) -> periodic eval / checkpoint.
+With trainer.max_staleness >= 1 the next step's rollouts and teacher scores are made while the
+learners train this step (from weights at most that many versions behind: rayd/pipeline.py).
 The offline modes (sft, step_by_step, logit_kd) take the dataset's completions instead of
 rollouts; the engines then get new weights only when an eval needs them. logit_kd over a
 dataset written by `rayd score` reads the teacher's top-k from it and starts no teacher.
@@ -19,6 +21,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import ray
@@ -30,11 +33,12 @@ from rayd.data.prompts import Prompt, PromptSampler, PromptSet, load_prompts
 from rayd.evaluate import heldout_metrics
 from rayd.learner.group import LearnerFailure
 from rayd.metrics import MetricsLogger, StageTimer, start_trackers
+from rayd.pipeline import Prepared, TeacherStream, check_staleness, staleness_metrics
 from rayd.score import StoredSignal, load_stored_signal
 from rayd.steps import weigh_steps
 from rayd.tasks.base import Task
-from rayd.teachers import Teachers, check_routes
-from rayd.types import Sample, TeacherScore, collate
+from rayd.teachers import Scored, Teachers, check_routes
+from rayd.types import Sample, TeacherScore, TrainBatch, collate
 from rayd.workers import (
     check_models,
     check_resources,
@@ -156,6 +160,10 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
         return metrics
 
     def save(step: int) -> None:
+        if lag > 0:
+            # The resumed run's engines start from the checkpoint's weights; the unbroken run's
+            # must hold the same from here on, or their next rollouts would differ.
+            sync_weights()
         staging = store.staging_dir(step)
         learners.save_checkpoint(str(staging / "learner"), LEARNER_TAG, {"step": step})
         store.commit(
@@ -163,8 +171,10 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             step,
             {
                 "version": version,
+                # The sampler and RNG have already drawn the prefetched step: it is saved too.
                 "sampler": sampler.state(),
                 "rng": rng.getstate(),
+                "prefetched": prefetched.to_state() if prefetched else None,
                 "nonfinite_in_row": nonfinite_in_row,
                 "first_eval": first_eval,
                 "last_eval": last_eval,
@@ -173,7 +183,82 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             },
         )
 
+    def teacher_stream(chunks: Sequence[list[Sample]] = ()) -> TeacherStream:
+        """A stream to the teacher actors (none to start for a stored signal or no teacher),
+        fed with `chunks` if given (a restored prefetched step's)."""
+        ask = None
+        if teacher is not None and stored is None:
+            ask = partial(ask_teacher, cfg, teacher, features=features, prompts=prompts.train)
+        stream = TeacherStream(ask)
+        for key, chunk in enumerate(chunks):
+            stream.add(key, chunk)
+        return stream
+
+    def prepare(step: int, stream: TeacherStream | None = None) -> Prepared:
+        """Steps 1-3 of `step` from the weights the engines hold (`served`): its prompts, the
+        student's rollouts, and the teacher's signal on them (scored as rollouts arrive).
+        `stream`: a restored step's samples, to be scored only."""
+        timer = StageTimer()
+        trains_at = step - 1  # the learner version that trains this step (dataset samples')
+        if stream is None:
+            stream = teacher_stream()
+            # 1. Prompts for this step (each training prompt once per epoch).
+            batch_prompts = [prompts.train[i] for i in sampler.next(cfg.trainer.prompts_per_step)]
+
+            # 2. Student rollouts. GKD's lambda sends a share of prompts to the dataset's own
+            #    completions instead (off-policy); on_policy keeps lambda = 1; the offline modes
+            #    take the dataset's completions only. Each rollout worker's chunk goes to the
+            #    teacher as soon as it arrives.
+            if algo.offline:
+                on_policy, off_policy = [], batch_prompts
+            else:
+                on_policy, off_policy = split_by_lambda(batch_prompts, algo.lmbda, rng)
+            with timer("rollout"), stream.cancel_on_error():
+                arriving = rollout.map_chunks_as_completed(
+                    "generate",
+                    [p.ids for p in on_policy],
+                    [p.index for p in on_policy],
+                    n=cfg.rollout.n,
+                    temperature=cfg.rollout.temperature,
+                    top_p=cfg.rollout.top_p,
+                    max_new_tokens=cfg.rollout.max_new_tokens,
+                    seed=rollout_seed(cfg.trainer.seed, step),
+                    expect_version=served,
+                    return_topk=cfg.student_topk,  # teacher.support: the student's ids
+                )
+                for key, chunk in arriving:  # none without on-policy prompts
+                    stream.add(key, chunk)
+            extra: list[Sample] = []
+            if algo.name == "step_by_step":
+                extra += [
+                    s
+                    for p in off_policy
+                    for s in step_by_step_samples(p, algo, tokenizer, prompts.task, trains_at)
+                ]
+            else:
+                copies = 1 if algo.offline else cfg.rollout.n
+                extra += [dataset_sample(p, trains_at) for p in off_policy for _ in range(copies)]
+            if algo.label_weight > 0:  # Distilling Step-by-Step's label task, on gold answers
+                extra += [
+                    label_sample(p, algo, tokenizer, prompts.task, trains_at) for p in batch_prompts
+                ]
+            if extra:
+                stream.add(len(rollout), extra)
+
+        # 3. Teacher signal on every completion token: its log-prob and its log-probs over
+        #    the support (its top-k, or the student's: teacher.support), from the teacher
+        #    actors or stored with the dataset. Several teachers: their mixture, or each
+        #    sample's routed teacher. sft / step_by_step: no teacher signal.
+        with timer("teacher"):
+            chunks, scored = stream.finish()
+            samples = [s for chunk in chunks for s in chunk]
+            scores, teacher_stats = teacher_signal(cfg, teacher, stored, samples, scored)
+        return Prepared(step, chunks, scores, teacher_stats, timer.seconds)
+
     algo = cfg.algorithm
+    lag = cfg.trainer.max_staleness
+    # max_staleness >= 1: the next step's rollouts are made while the learners train this one.
+    prefetched: Prepared | None = None
     preemption = Preemption()
     try:
         if resume_from is not None:
@@ -187,6 +272,9 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             nonfinite_in_row = driver_state["nonfinite_in_row"]
             first_eval, last_eval = driver_state["first_eval"], driver_state["last_eval"]
             sync_weights()
+            if driver_state.get("prefetched"):  # rollouts from older weights: not redone
+                restored = Prepared.from_state(driver_state["prefetched"])
+                prefetched = prepare(restored.step, teacher_stream(restored.chunks))
             print(f"rayd: resumed from {resume_from.path} (step {start_step})", file=sys.stderr)
         else:
             first_eval = evaluate(0)
@@ -195,80 +283,38 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             timer = StageTimer()
             step_start = time.perf_counter()
 
-            # 1. Prompts for this step (each training prompt once per epoch).
-            batch_prompts = [prompts.train[i] for i in sampler.next(cfg.trainer.prompts_per_step)]
-
-            # 2. Student rollouts from the current weights. GKD's lambda sends a share of prompts
-            #    to the dataset's own completions instead (off-policy); on_policy keeps lambda
-            #    = 1; the offline modes take the dataset's completions only.
-            if algo.offline:
-                on_policy, off_policy = [], batch_prompts
-            else:
-                on_policy, off_policy = split_by_lambda(batch_prompts, algo.lmbda, rng)
-                with timer("sync"):
-                    sync_weights()
-            with timer("rollout"):
-                samples = (
-                    rollout.map_chunks(
-                        "generate",
-                        [p.ids for p in on_policy],
-                        [p.index for p in on_policy],
-                        n=cfg.rollout.n,
-                        temperature=cfg.rollout.temperature,
-                        top_p=cfg.rollout.top_p,
-                        max_new_tokens=cfg.rollout.max_new_tokens,
-                        seed=rollout_seed(cfg.trainer.seed, step),
-                        expect_version=version,
-                        return_topk=cfg.student_topk,  # teacher.support: the student's ids
-                    )
-                    if on_policy
-                    else []
-                )
-            if algo.name == "step_by_step":
-                samples += [
-                    s
-                    for p in off_policy
-                    for s in step_by_step_samples(p, algo, tokenizer, prompts.task, version)
-                ]
-            else:
-                copies = 1 if algo.offline else cfg.rollout.n
-                samples += [dataset_sample(p, version) for p in off_policy for _ in range(copies)]
-            if algo.label_weight > 0:  # Distilling Step-by-Step's label task, on gold answers
-                samples += [
-                    label_sample(p, algo, tokenizer, prompts.task, version) for p in batch_prompts
-                ]
-            stale = [
-                s.weight_version for s in samples if s.on_policy and s.weight_version != version
-            ]
-            if stale:  # synchronous loop: every on-policy sample must come from current weights
-                raise RuntimeError(
-                    f"rollouts from weight versions {set(stale)}, expected {version}"
-                )
-
-            # 3. Teacher signal on every completion token: its log-prob and its log-probs over
-            #    the support (its top-k, or the student's: teacher.support), from the teacher
-            #    actors or stored with the dataset.
-            #    Several teachers: their mixture, or each sample's routed teacher.
-            teacher_stats: dict[str, float] = {}
-            if teacher is not None or stored is not None:
-                with timer("teacher"):
-                    scores, teacher_stats = teacher_scores(
-                        cfg, teacher, stored, samples, features, prompts.train
-                    )
-            else:  # sft / step_by_step: cross-entropy on the completions, no teacher signal
-                scores = [TeacherScore.empty(len(s.completion_ids)) for s in samples]
+            # 1-3. This step's prompts, rollouts and teacher signal (see `prepare`): made during
+            #      the previous learner step (max_staleness >= 1), or now from current weights.
+            if prefetched is None:
+                if not algo.offline:
+                    with timer("sync"):
+                        sync_weights()
+                prefetched = prepare(step)
+            work, prefetched = prefetched, None
+            samples, scores = work.samples, work.scores
+            check_staleness(samples, version, lag)
 
             # 4. One optimizer step on the learner group (data parallel, ZeRO). Step weighting
-            #    shares each rationale's loss among its reasoning steps (rayd/steps.py).
-            batch = collate(samples, scores, tokenizer.pad_token_id)
+            #    shares each rationale's loss among its reasoning steps (rayd/steps.py). Rows
+            #    from older weights are marked stale (importance weights in the loss).
+            batch = collate(samples, scores, tokenizer.pad_token_id, learner_version=version)
+            if cfg.rollout.truncated == "drop":
+                drop_truncated(batch, samples)
             step_stats: dict[str, float] = {}
             if algo.step_weighting != "none":
                 marker = (prompts.task or Task.default()).marker
                 batch.token_weight, step_stats = weigh_steps(
                     batch, samples, tokenizer, algo, marker
                 )
+            pipelined = lag > 0 and step < cfg.trainer.max_steps
+            if pipelined and version + 1 - served > lag:  # the next step's rollouts would lag
+                with timer("sync"):
+                    sync_weights()
             with timer("learner"):
-                metrics = learners.train_step(batch)
+                running = learners.start_train_step(batch)
+                if pipelined:  # the next step's rollouts and teacher signal meanwhile
+                    prefetched = prepare(step + 1)
+                metrics = learners.finish_train_step(running)
             version += 1
 
             tokens = sum(len(s.completion_ids) for s in samples)
@@ -277,8 +323,10 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                 metrics.pop("reverse_kl", None)
             per_own_tokens(metrics)
             metrics.update(step_stats)
-            metrics.update(teacher_stats)
-            metrics.update(step_metrics(samples, tokens, timer.seconds, step_time, version))
+            metrics.update(work.teacher_stats)
+            seconds = {**work.seconds, **timer.seconds}
+            metrics.update(step_metrics(samples, tokens, seconds, step_time, version))
+            metrics.update(staleness_metrics(samples, version - 1))
             metrics.update(
                 {
                     "faults/rollout": rollout.faults,
@@ -369,42 +417,75 @@ def teacher_scores(
     features: Sequence[tuple[int, int]] = (),
     prompts: Sequence[Prompt] = (),
 ) -> tuple[list[TeacherScore], dict[str, float]]:
-    """Per sample, the teacher signal on its completion (see rayd.types.TeacherScore): read
-    from a `rayd score` dataset, or asked of the teacher actors (with hidden states of the
-    feature_kd layers); with several teachers their combination (`prompts`, indexed by the
-    samples' prompt_index, pick routed teachers). The label task's samples (cross-entropy on
-    gold answers) get empty scores without a teacher call. Also returns the per-teacher
+    """Per sample, the teacher signal on its completion (see rayd.types.TeacherScore), all in
+    one call (the loop streams chunks through `ask_teacher` instead); also the per-teacher
     metrics (several teachers only)."""
-    if stored is not None:
-        return stored.scores([s.prompt_index for s in samples]), {}
-    assert teacher is not None
+    scored = None
+    if teacher is not None and stored is None:
+        asked = [s for s in samples if not s.hard_target]
+        scored = ask_teacher(cfg, teacher, asked, features, prompts)
+    return teacher_signal(cfg, teacher, stored, samples, scored)
+
+
+def ask_teacher(
+    cfg: RunConfig,
+    teacher: Teachers,
+    samples: list[Sample],
+    features: Sequence[tuple[int, int]] = (),
+    prompts: Sequence[Prompt] = (),
+) -> Scored:
+    """The teacher actors' signal on `samples` (none a hard target): with hidden states of the
+    feature_kd layers; with several teachers their combination (`prompts`, indexed by the
+    samples' prompt_index, pick routed teachers)."""
     t = cfg.teacher
-    scored = [s for s in samples if not s.hard_target]
-    pairs = [(s.prompt_ids, s.completion_ids) for s in scored]
-    routing = [prompts[s.prompt_index] for s in scored] if t.combine == "route" else []
+    pairs = [(s.prompt_ids, s.completion_ids) for s in samples]
+    routing = [prompts[s.prompt_index] for s in samples] if t.combine == "route" else []
     if t.support == "teacher_topk":
         extra = {"hidden_layers": [layer for _, layer in features]} if features else {}
-        result = teacher.score("score", pairs, prompts=routing, top_k=t.top_k, **extra)
-    else:
-        # The student's top-k came with its rollouts (config: every sample is on-policy); the
-        # teacher's exact log-probs at them make the top-k losses compare over the student's
-        # support.
-        ids = [s.student_topk_ids for s in scored]
-        if any(i is None for i in ids):
-            raise RuntimeError(
-                f"teacher.support={t.support}: a sample came without the student's ids"
-            )
-        add = t.top_k if t.support == "union" else 0
-        result = teacher.score("score_ids", pairs, ids, prompts=routing, add_top_k=add)
-    got, stats = result.scores, teacher.metrics(scored, result, "teacher/")
-    if len(scored) == len(samples):
+        return teacher.score("score", pairs, prompts=routing, top_k=t.top_k, **extra)
+    # The student's top-k came with its rollouts (config: every sample is on-policy); the
+    # teacher's exact log-probs at them make the top-k losses compare over the student's
+    # support.
+    ids = [s.student_topk_ids for s in samples]
+    if any(i is None for i in ids):
+        raise RuntimeError(f"teacher.support={t.support}: a sample came without the student's ids")
+    add = t.top_k if t.support == "union" else 0
+    return teacher.score("score_ids", pairs, ids, prompts=routing, add_top_k=add)
+
+
+def teacher_signal(
+    cfg: RunConfig,
+    teacher: Teachers | None,
+    stored: StoredSignal | None,
+    samples: list[Sample],
+    scored: Scored | None,
+) -> tuple[list[TeacherScore], dict[str, float]]:
+    """Per sample, its teacher signal: read from a `rayd score` dataset, or what the teacher
+    actors said (`scored`, on the samples that are not hard targets, in order); the label
+    task's samples (cross-entropy on gold answers) and the teacher-free modes get empty
+    scores. Also the per-teacher metrics (several teachers only)."""
+    if stored is not None:
+        return stored.scores([s.prompt_index for s in samples]), {}
+    if teacher is None or scored is None:
+        return [TeacherScore.empty(len(s.completion_ids)) for s in samples], {}
+    asked = [s for s in samples if not s.hard_target]
+    got, stats = scored.scores, teacher.metrics(asked, scored, "teacher/")
+    if len(asked) == len(samples):
         return got, stats
-    width = got[0].topk_ids.shape[1] if got else t.top_k
+    width = got[0].topk_ids.shape[1] if got else cfg.teacher.top_k
     it = iter(got)
     return [
         TeacherScore.empty(len(s.completion_ids), width) if s.hard_target else next(it)
         for s in samples
     ], stats
+
+
+def drop_truncated(batch: TrainBatch, samples: list[Sample]) -> None:
+    """rollout.truncated=drop: completions cut at max_new_tokens leave the loss (and its token
+    count); the row stays, since the learners expect a fixed number of rows."""
+    for row, sample in enumerate(samples):
+        if sample.on_policy and sample.finish_reason == "length":
+            batch.loss_mask[row] = False
 
 
 def split_by_lambda(prompts: list[Prompt], lmbda: float, rng: random.Random):

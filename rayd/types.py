@@ -60,7 +60,7 @@ class TeacherScore:
         return cls(torch.zeros(length), ids, torch.zeros((length, k)))
 
 
-_PER_ROW = ("on_policy", "row_weight", "hard_target")
+_PER_ROW = ("on_policy", "row_weight", "hard_target", "stale")
 
 
 @dataclass
@@ -84,6 +84,10 @@ class TrainBatch:
     token_weight: torch.Tensor = field(default_factory=lambda: torch.ones(0))
     # [B, L-1, n, D] float32 teacher hidden states (feature_kd); empty in every other mode
     teacher_hidden: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    # [B] bool: an on-policy row sampled by weights older than the learner's (trainer.
+    # max_staleness >= 1); the top-k losses weight its tokens by a truncated importance ratio.
+    # Empty when no row is stale.
+    stale: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
 
     @property
     def num_tokens(self) -> int:
@@ -123,8 +127,15 @@ class TrainBatch:
         return [self.slice(i * size, (i + 1) * size) for i in range(parts)]
 
 
-def collate(samples: list[Sample], scores: list[TeacherScore], pad_id: int) -> TrainBatch:
-    """Right-pad samples and their teacher scores into one TrainBatch."""
+def collate(
+    samples: list[Sample],
+    scores: list[TeacherScore],
+    pad_id: int,
+    learner_version: int | None = None,
+) -> TrainBatch:
+    """Right-pad samples and their teacher scores into one TrainBatch. `learner_version`: the
+    version of the weights the batch will train; on-policy rows sampled by an older one are
+    marked stale."""
     if len(samples) != len(scores):
         raise ValueError(f"{len(samples)} samples but {len(scores)} teacher scores")
     k = max((s.topk_ids.shape[1] for s in scores), default=1)
@@ -162,6 +173,15 @@ def collate(samples: list[Sample], scores: list[TeacherScore], pad_id: int) -> T
     if not hard_target.any():
         hard_target = hard_target[:0]
     hidden = _collate_hidden(samples, scores, length)
+    stale = torch.tensor(
+        [
+            s.on_policy and learner_version is not None and s.weight_version < learner_version
+            for s in samples
+        ],
+        dtype=torch.bool,
+    )
+    if not stale.any():  # as hard_target: every micro-batch then has the same fields
+        stale = stale[:0]
     return TrainBatch(
         input_ids,
         attention_mask,
@@ -174,6 +194,7 @@ def collate(samples: list[Sample], scores: list[TeacherScore], pad_id: int) -> T
         row_weight,
         hard_target=hard_target,
         teacher_hidden=hidden,
+        stale=stale,
     )
 
 

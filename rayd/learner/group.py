@@ -53,7 +53,7 @@ class LearnerGroup:
         self.rows_per_step = (
             num_learners * learner_kwargs["micro_batch_size"] * learner_kwargs["grad_accum"]
         )
-        self.grad_accum = learner_kwargs["grad_accum"]
+        self._splits = (num_learners, learner_kwargs["grad_accum"])  # ranks x micro-batches
         self.length_bucketing = length_bucketing
         self.timeout_s = call_timeout_s
         self._actors: list[Any] = []
@@ -104,6 +104,11 @@ class LearnerGroup:
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step on `batch`; rank 0's metrics (all-reduced, so global)."""
+        return self.finish_train_step(self.start_train_step(batch))
+
+    def start_train_step(self, batch: TrainBatch) -> tuple[list[ray.ObjectRef], float]:
+        """Starts the step and returns at once (the driver rolls out meanwhile); pass the refs
+        to `finish_train_step`, which waits with the usual deadline."""
         if len(batch) != self.rows_per_step:
             raise ValueError(
                 f"learner batch has {len(batch)} rows but num_learners x micro_batch_size x "
@@ -114,16 +119,20 @@ class LearnerGroup:
         global_tokens = batch.num_tokens
         lengths = batch.attention_mask.sum(dim=1).tolist()
         if self.length_bucketing:  # similar lengths per micro-batch: less padding computed
-            order = length_buckets(lengths, self.num_learners, self.grad_accum)
+            order = length_buckets(lengths, *self._splits)
             batch = batch.take(order)
             lengths = [lengths[i] for i in order]
-        cells = padded_cells(lengths, self.num_learners, self.grad_accum)
+        pad_fraction = 1.0 - sum(lengths) / max(padded_cells(lengths, *self._splits), 1)
         refs = [
             actor.train_step.remote(shard, global_tokens)
             for actor, shard in zip(self._actors, batch.split(self.num_learners), strict=True)
         ]
+        return refs, pad_fraction
+
+    def finish_train_step(self, running: tuple[list[ray.ObjectRef], float]) -> dict[str, float]:
+        refs, pad_fraction = running
         metrics = self._collect(refs, self.timeout_s, "learner train_step")[0]
-        metrics["learner/pad_fraction"] = 1.0 - sum(lengths) / max(cells, 1)
+        metrics["learner/pad_fraction"] = pad_fraction
         return metrics
 
     def publish_weights(self) -> ray.ObjectRef:

@@ -5,6 +5,9 @@ during step 3, checkpoints, stops with `preempted`, and the same call resumes it
 B's newest checkpoint is corrupted and the run is started once more: it must fall back to the
 previous checkpoint with a warning and redo the steps after it. Every time, the per-step losses
 must equal A's bit for bit (CPU, fixed seeds), and metrics.jsonl must hold each step once.
+A and B are pipelined (trainer.max_staleness=1): B's checkpoints hold the rollouts prefetched
+from older weights, which a resume cannot redo. (The synchronous loop's preemption and
+corruption are in test_random_faults.py, against its own unbroken run.)
 
 A third run has its rollout engine killed (SIGKILL) and later its teacher: Ray restarts each,
 the pool re-sends the current weights and re-issues the call, and the losses are A's again. A
@@ -24,6 +27,7 @@ import time
 import pytest
 
 from rayd.config import load_config
+from rayd.data.prompts import PromptSampler
 from rayd.train import train
 
 STEPS = 6
@@ -111,11 +115,27 @@ def expected(local_ray, tmp_path_factory):
     return losses
 
 
+@pytest.fixture(scope="module")
+def expected_pipelined(local_ray, tmp_path_factory):
+    unbroken = config(tmp_path_factory.mktemp("pipelined"), "pipelined", PIPELINED)
+    train(unbroken)
+    records = step_records(unbroken.run_dir)
+    # Step 1 is rolled out from the weights it trains; every later step one version behind.
+    assert [r["staleness/max"] for r in records] == [0.0] + [1.0] * (STEPS - 1)
+    return [{k: r[k] for k in KEYS} for r in records]
+
+
+PIPELINED = "trainer.max_staleness=1"
+
+
 @pytest.mark.faults
-def test_preempted_and_corrupted_runs_resume_to_the_same_losses(expected, tmp_path):
+def test_preempted_and_corrupted_pipelined_runs_resume_to_the_same_losses(
+    expected_pipelined, tmp_path
+):
+    expected = expected_pipelined
 
     # 1. Preemption: SIGTERM mid-run -> checkpoint, stop; the same call resumes.
-    broken = config(tmp_path, "broken", "trainer.save_every=2")
+    broken = config(tmp_path, "broken", "trainer.save_every=2", PIPELINED)
     when_step_logged(
         broken.run_dir / "metrics.jsonl", 2, lambda: os.kill(os.getpid(), signal.SIGTERM)
     )
@@ -125,6 +145,16 @@ def test_preempted_and_corrupted_runs_resume_to_the_same_losses(expected, tmp_pa
     assert 2 <= stopped_at < STEPS
     assert (broken.run_dir / "checkpoints" / f"step-{stopped_at:06d}" / "MANIFEST.json").is_file()
     assert not (broken.run_dir / "student").exists(), "an unfinished run exports no student"
+    # The checkpoint holds the next step, rolled out before the stop, and the prompt cursor
+    # after it: every prompt once per epoch, none lost or repeated across the stop.
+    checkpoint = broken.run_dir / "checkpoints" / f"step-{stopped_at:06d}"
+    state = json.loads((checkpoint / "driver.json").read_text())
+    sampler = PromptSampler(12, broken.trainer.seed)
+    drawn = sampler.next(8 * (stopped_at + 1))
+    saved = [s["prompt_index"] for chunk in state["prefetched"]["chunks"] for s in chunk]
+    assert state["prefetched"]["step"] == stopped_at + 1
+    assert saved == drawn[8 * stopped_at :]
+    assert state["sampler"] == sampler.state()
 
     second = train(broken)
     assert not second["preempted"] and second["steps"] == STEPS

@@ -21,6 +21,7 @@ from rayd.losses import (
     masked_mean,
     reverse_kl,
     skew_kl,
+    stale_importance_weight,
     step_by_step_loss,
     step_token_weights,
     token_logprobs,
@@ -887,3 +888,63 @@ def test_batch_loss_hard_target_rows_take_cross_entropy() -> None:
     # Batches without a label task leave the field (and the label metrics) out altogether.
     assert _batch().hard_target.numel() == 0
     assert "label_loss" not in batch_loss(logits, _batch(), LossSpec("sft"))[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stale rollouts (trainer.max_staleness >= 1): truncated importance weight of the top-k losses
+
+
+def test_stale_importance_weight_is_one_on_fresh_rows_and_truncated_on_stale_ones() -> None:
+    student = torch.tensor([[-1.0, -0.5, 0.0], [-1.0, -0.5, -2.0]])
+    behavior = torch.tensor([[-2.0, -0.5, -3.0], [-2.0, -0.25, -9.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    w = stale_importance_weight(student, behavior, torch.tensor([False, True]), mask, clip=2.0)
+    # Row 0 is fresh: exactly 1 everywhere, whatever the ratio. Row 1: min(ratio, 2).
+    assert w[0].tolist() == [1.0, 1.0, 1.0]
+    torch.testing.assert_close(w[1], torch.tensor([2.0, math.exp(-0.25), 2.0]))
+    # A ratio of exp(1e4) is truncated without overflowing.
+    huge = stale_importance_weight(
+        torch.tensor([[0.0]]), torch.tensor([[-1e4]]), torch.tensor([True]), mask[:1, :1]
+    )
+    assert huge.item() == 2.0
+    with pytest.raises(ValueError, match="clip"):
+        stale_importance_weight(student, behavior, torch.tensor([True, True]), mask, clip=0.0)
+
+
+def test_stale_rows_scale_the_topk_loss_and_its_gradient_by_the_detached_weight() -> None:
+    batch = _batch()
+    logits = _logits(21, (2, 3, V)).float().requires_grad_(True)
+    spec = LossSpec("reverse_kl")
+    fresh_loss, fresh_metrics = batch_loss(logits, batch, spec)
+    assert "is_weight" not in fresh_metrics  # no stale row: the loss as before, bit for bit
+
+    batch.stale = torch.tensor([False, True])
+    loss, metrics = batch_loss(logits, batch, spec)
+    targets = batch.input_ids[:, 1:]
+    student_lp = token_logprobs(logits.detach(), targets, batch.loss_mask)
+    ratio = (student_lp[1] - batch.behavior_logprobs[1]).exp()
+    weight = torch.where(batch.loss_mask[1], ratio.clamp(max=2.0), 1.0)
+    assert torch.equal(loss[0], fresh_loss[0])
+    torch.testing.assert_close(loss[1], fresh_loss[1] * weight)
+    torch.testing.assert_close(metrics["is_weight"][1], weight * batch.loss_mask[1])
+    # Gradient: the weight is a constant factor (w * d(loss)), nothing flows through it.
+    (grad,) = torch.autograd.grad(loss[1].sum(), logits)
+    (want,) = torch.autograd.grad((fresh_loss[1] * weight).sum(), logits)
+    torch.testing.assert_close(grad, want)
+    # algorithm.is_clip, when set, is the truncation.
+    clipped, _ = batch_loss(logits, batch, LossSpec("reverse_kl", is_clip=1.0))
+    torch.testing.assert_close(clipped[1], fresh_loss[1] * weight.clamp(max=1.0))
+
+
+def test_collate_marks_on_policy_rows_behind_the_learner_as_stale() -> None:
+    samples = [
+        Sample([1], [2], [-1.0], prompt_index=0, weight_version=3),
+        Sample([1], [2], [-1.0], prompt_index=1, weight_version=2),
+        Sample([1], [2], [0.0], prompt_index=2, weight_version=1, on_policy=False),
+    ]
+    scores = [TeacherScore.empty(1) for _ in samples]
+    assert collate(samples, scores, 0, learner_version=3).stale.tolist() == [False, True, False]
+    assert collate(samples, scores, 0, learner_version=2).stale.numel() == 0  # none stale
+    assert collate(samples, scores, 0).stale.numel() == 0
+    sliced = collate(samples, scores, 0, learner_version=3).slice(1, 3)
+    assert sliced.stale.tolist() == [True, False]

@@ -1,0 +1,84 @@
+"""The pipelined loop's pieces without Ray: the saved prefetched step, staleness, the stream."""
+
+import json
+
+import pytest
+import torch
+
+from rayd.pipeline import Prepared, TeacherStream, check_staleness, staleness_metrics
+from rayd.teachers import Scored
+from rayd.types import Sample, TeacherScore
+
+
+def _sample(index: int, version: int = 0, **kw) -> Sample:
+    return Sample(
+        [1, 2], [3, 4, 5], [-0.5, -1.25, -3.0e-8], prompt_index=index, weight_version=version, **kw
+    )
+
+
+def test_a_prefetched_step_survives_the_json_of_a_checkpoint() -> None:
+    ids = torch.tensor([[3, 7], [4, 8], [5, 9]])
+    step = Prepared(
+        4, [[_sample(0, 2, student_topk_ids=ids)], [_sample(1, 2, finish_reason="length")]]
+    )
+    back = Prepared.from_state(json.loads(json.dumps(step.to_state())))
+    assert back.step == 4 and [len(c) for c in back.chunks] == [1, 1]
+    for got, want in zip(back.samples, step.samples, strict=True):
+        if want.student_topk_ids is not None:
+            assert torch.equal(got.student_topk_ids, want.student_topk_ids)
+            got.student_topk_ids = want.student_topk_ids
+        assert got == want  # log-probs bit for bit (JSON floats round-trip)
+
+
+def test_staleness_is_checked_against_max_staleness() -> None:
+    samples = [_sample(0, 4), _sample(1, 3), _sample(2, 1, on_policy=False)]
+    check_staleness(samples, 4, 1)
+    assert staleness_metrics(samples, 4) == {"staleness/mean": 0.5, "staleness/max": 1.0}
+    with pytest.raises(RuntimeError, match="max_staleness=0"):
+        check_staleness(samples, 4, 0)
+    with pytest.raises(RuntimeError, match=r"versions \[4\]"):
+        check_staleness(samples, 3, 2)  # from the future
+
+
+def test_the_stream_returns_chunks_and_scores_in_key_order_whatever_the_arrival() -> None:
+    def score(samples):
+        got = [TeacherScore.empty(3) for _ in samples]
+        for s, g in zip(samples, got, strict=True):
+            g.token_logprobs[:] = s.prompt_index
+        return Scored(got, [(list(range(len(got))), [g.token_logprobs for g in got])])
+
+    stream = TeacherStream(score)
+    label = _sample(9, hard_target=True)
+    stream.add(2, [_sample(4), label])
+    stream.add(0, [_sample(0), _sample(1)])
+    stream.add(1, [_sample(2)])
+    chunks, scored = stream.finish()
+    assert [[s.prompt_index for s in c] for c in chunks] == [[0, 1], [2], [4, 9]]
+    assert [int(s.token_logprobs[0]) for s in scored.scores] == [0, 1, 2, 4]  # no hard target
+    rows, logprobs = scored.own[0]
+    assert rows == [0, 1, 2, 3] and [int(lp[0]) for lp in logprobs] == [0, 1, 2, 4]
+
+
+def test_config_defaults_keep_the_synchronous_loop_and_offline_modes_refuse_a_pipeline() -> None:
+    from rayd.config import ConfigError, load_config
+
+    base = ["models.student.path=s", "models.teacher.path=t"]
+    cfg = load_config(None, base)
+    assert cfg.trainer.max_staleness == 0 and cfg.rollout.truncated == "keep"
+    assert load_config(None, [*base, "trainer.max_staleness=2"]).trainer.max_staleness == 2
+    with pytest.raises(ConfigError, match=r"trainer\.max_staleness > 0 overlaps rollouts"):
+        load_config(None, [*base, "algorithm.name=sft", "trainer.max_staleness=1"])
+    with pytest.raises(ConfigError, match=r"rollout\.truncated"):
+        load_config(None, [*base, "rollout.truncated=cut"])
+
+
+def test_dropped_truncated_completions_leave_the_loss_but_keep_their_row() -> None:
+    from rayd.train import drop_truncated
+    from rayd.types import collate
+
+    samples = [_sample(0), _sample(1, finish_reason="length"), _sample(2, on_policy=False)]
+    samples[2].finish_reason = "length"  # a dataset completion is never "truncated" by rollout
+    batch = collate(samples, [TeacherScore.empty(3) for _ in samples], pad_id=0)
+    drop_truncated(batch, samples)
+    assert len(batch) == 3
+    assert batch.loss_mask.sum(1).tolist() == [3, 0, 3]
