@@ -151,8 +151,7 @@ def _flatten(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _is_ratio(key: str) -> bool:
-    leaf = key.rsplit(".", 1)[-1]
-    return "_over_" in leaf or "ratio" in leaf
+    return "_over_" in key or "ratio" in key
 
 
 def _cell(value: Any) -> str:

@@ -4,15 +4,15 @@ All four take the same batch (top-k reverse KL, the learner's token-sum normalis
 1.0, AdamW with the config defaults) on the same model, with the same torch thread count. The
 DeepSpeed runs use `LearnerWorker` in this process, world size 1 over gloo: the figures are the
 cost of DeepSpeed's engine and ZeRO bookkeeping on one rank, not of data parallelism (there is
-no second rank to reduce with). Each variant runs one warm-up step, then the median of a few.
+no second rank to reduce with). Each variant runs one warm-up step, then the median of a few, the variants taken in turn.
 """
 
 from __future__ import annotations
 
-import gc
 import os
 import statistics
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,17 +40,7 @@ def make_batch(vocab: int, rows: int, prompt_len: int, completion_len: int) -> T
     return collate(samples, scores, pad_id=0)
 
 
-def _median_step(step: Any, reps: int) -> tuple[float, list[float]]:
-    step()  # warm-up: allocations, DeepSpeed's lazy set-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
-
-
-def torch_step_time(model_path: str, batch: TrainBatch, reps: int) -> tuple[float, list[float]]:
+def torch_stepper(model_path: str, batch: TrainBatch) -> Callable[[], None]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).train()
@@ -71,12 +61,12 @@ def torch_step_time(model_path: str, batch: TrainBatch, reps: int) -> tuple[floa
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return _median_step(step, reps)
+    return step
 
 
-def deepspeed_step_time(
-    model_path: str, batch: TrainBatch, zero_stage: int, threads: int, reps: int
-) -> tuple[float, list[float]]:
+def deepspeed_stepper(
+    model_path: str, batch: TrainBatch, zero_stage: int, threads: int
+) -> Callable[[], Any]:
     from rayd.cluster import free_port
     from rayd.learner.worker import LearnerWorker
 
@@ -95,10 +85,21 @@ def deepspeed_step_time(
         threads=threads,
         **OPTIM,
     )
-    timing = _median_step(partial(worker.train_step, batch, batch.num_tokens), reps)
-    del worker  # its engine, before the next stage builds one
-    gc.collect()
-    return timing
+    return partial(worker.train_step, batch, batch.num_tokens)
+
+
+def interleaved_times(steps: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[float]]:
+    """Per variant, `reps` step times after one warm-up step each, taken round-robin: load from
+    other processes then falls on every variant alike instead of on whichever ran during it."""
+    for step in steps.values():
+        step()  # warm-up: allocations, DeepSpeed's lazy set-up
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def run(quick: bool, workdir: Path) -> dict[str, Any]:
@@ -111,16 +112,16 @@ def run(quick: bool, workdir: Path) -> dict[str, Any]:
     vocab = int(AutoConfig.from_pretrained(model_path).vocab_size)
     rows, completion_len = (4, 32) if quick else (8, 96)
     batch = make_batch(vocab, rows, prompt_len=16, completion_len=completion_len)
-    reps = 3 if quick else 7
+    reps = 5 if quick else 9
     threads = min(2, os.cpu_count() or 1)
     torch.set_num_threads(threads)
 
-    seconds: dict[str, float] = {}
-    raw: dict[str, list[float]] = {}
-    seconds["torch"], raw["torch"] = torch_step_time(model_path, batch, reps)
+    # All four live in this process at once (separate models and engines, one gloo group).
+    steps = {"torch": torch_stepper(model_path, batch)}
     for stage in (0, 2, 3):
-        name = f"zero{stage}"
-        seconds[name], raw[name] = deepspeed_step_time(model_path, batch, stage, threads, reps)
+        steps[f"zero{stage}"] = deepspeed_stepper(model_path, batch, stage, threads)
+    raw = interleaved_times(steps, reps)
+    seconds = {name: statistics.median(t) for name, t in raw.items()}
     tokens = batch.num_tokens
     tps = {name: tokens / s for name, s in seconds.items()}
     from transformers import AutoModelForCausalLM
@@ -140,6 +141,6 @@ def run(quick: bool, workdir: Path) -> dict[str, Any]:
         "notes": [
             "single process, world size 1 over gloo: DeepSpeed's per-rank overhead, no "
             "data-parallel reduction; tokens/s = loss tokens / median step time "
-            f"({reps} steps after one warm-up)",
+            f"({reps} steps each after one warm-up, the four variants taken in turn)",
         ],
     }
