@@ -4,7 +4,8 @@ All four take the same batch (top-k reverse KL, the learner's token-sum normalis
 1.0, AdamW with the config defaults) on the same model, with the same torch thread count. The
 DeepSpeed runs use `LearnerWorker` in this process, world size 1 over gloo: the figures are the
 cost of DeepSpeed's engine and ZeRO bookkeeping on one rank, not of data parallelism (there is
-no second rank to reduce with). Each variant runs one warm-up step, then the median of a few, the variants taken in turn.
+no second rank to reduce with). Each variant runs one warm-up step, then the median of a few
+steps, the variants taken in turn.
 """
 
 from __future__ import annotations
