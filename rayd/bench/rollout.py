@@ -5,8 +5,8 @@ on the same prompts with the same sampling (temperature 1, top-p 1, no top-k, th
 max_new_tokens, one sample per prompt), timed at the driver around the whole call:
 - rayd: `RolloutWorker` with the vllm backend, exactly the actor a run starts (rayd/workers.py),
   so its figure includes what users pay: input checks, Sample objects, decoding for the text.
-- transformers: one batched `generate` over all prompts (left padding, KV cache on, greedy
-  search off, no scores kept), the fair plain baseline; not rayd's hf backend, which also keeps
+- transformers: one batched `generate` over all prompts (left padding, KV cache on, sampling,
+  no scores kept), the fair plain baseline; not rayd's hf backend, which also keeps
   the processed scores for log-probs.
 tokens/s = completion tokens generated / seconds, the median of a few calls after a warm-up call.
 Sampled completions end at eos at different points in the two systems; tokens/s counts what each

@@ -238,6 +238,7 @@ def run(quick: bool, workdir: Path) -> dict[str, Any]:
             f"{cores} busy workers at most run at once, so throughput cannot grow past "
             f"{cores} workers here",
             "weight sync: publisher on the head node, one engine per node; sync_grows_with says "
-            "'size' when two engines take under 1.5x one engine's time (mean over sizes)",
+            "'size' when two engines take under 1.5x one engine's time (mean over sizes); "
+            "mb_per_s = blob MB / (publish + load) seconds",
         ],
     }
