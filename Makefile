@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo smollm2 test test-fast lint clean
+.PHONY: install demo smollm2 bench test test-fast lint clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ smollm2: $(STAMP)
 	test -d models/smollm2-135m-10l || \
 	  $(VENV)/bin/rayd convert models/smollm2-135m-instruct --layers 10 --out models/smollm2-135m-10l
 	$(VENV)/bin/rayd train configs/smollm2/onpolicy.yaml
+
+# rayd against its baselines on this machine -> bench/results.json, bench/results.md (README
+# "Benchmarks"); `$(VENV)/bin/rayd bench --quick` is the few-minute version.
+bench: $(STAMP)
+	$(VENV)/bin/rayd bench
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check rayd tests

