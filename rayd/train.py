@@ -279,6 +279,9 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             metrics.update(step_stats)
             metrics.update(teacher_stats)
             metrics.update(step_metrics(samples, tokens, timer.seconds, step_time, version))
+            # What this step trained on: with the step number, exactly-once is checkable from
+            # metrics.jsonl (non-numbers stay out of TensorBoard and W&B).
+            metrics["prompt_indices"] = [p.index for p in batch_prompts]
             metrics.update(
                 {
                     "faults/rollout": rollout.faults,
