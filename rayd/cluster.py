@@ -66,7 +66,13 @@ def connect(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS") or _inside_ray_job():
         ray.init(address="auto", log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), log_to_driver=True)
+        # "local": without it ray.init joins a `ray start` cluster found on this machine, and
+        # then refuses num_cpus (ValueError) instead of starting the local Ray promised here.
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or max(8, os.cpu_count() or 1),
+            log_to_driver=True,
+        )
 
 
 def _inside_ray_job() -> bool:

@@ -81,6 +81,7 @@ class Prepared:
 
     step: int
     chunks: list[list[Sample]]  # as the teacher scored them (one per rollout worker, then extras)
+    prompt_indices: list[int] = field(default_factory=list)  # the sampler's draw for this step
     scores: list[TeacherScore] = field(default_factory=list)
     teacher_stats: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # rollout / teacher / sync times
@@ -92,12 +93,16 @@ class Prepared:
     def to_state(self) -> dict[str, Any]:
         """JSON for a checkpoint's driver state: the samples only (the teacher signal is
         recomputed from them on resume; it is large and deterministic)."""
-        return {"step": self.step, "chunks": [[_sample_state(s) for s in c] for c in self.chunks]}
+        return {
+            "step": self.step,
+            "chunks": [[_sample_state(s) for s in c] for c in self.chunks],
+            "prompt_indices": self.prompt_indices,
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Prepared:
         chunks = [[_sample_from_state(s) for s in c] for c in state["chunks"]]
-        return cls(step=state["step"], chunks=chunks)
+        return cls(step=state["step"], chunks=chunks, prompt_indices=state["prompt_indices"])
 
 
 def _sample_state(sample: Sample) -> dict[str, Any]:

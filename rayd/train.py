@@ -194,16 +194,19 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             stream.add(key, chunk)
         return stream
 
-    def prepare(step: int, stream: TeacherStream | None = None) -> Prepared:
+    def prepare(step: int, restored: Prepared | None = None) -> Prepared:
         """Steps 1-3 of `step` from the weights the engines hold (`served`): its prompts, the
         student's rollouts, and the teacher's signal on them (scored as rollouts arrive).
-        `stream`: a restored step's samples, to be scored only."""
+        `restored`: a checkpoint's prefetched step, whose samples are only scored."""
         timer = StageTimer()
         trains_at = step - 1  # the learner version that trains this step (dataset samples')
-        if stream is None:
+        if restored is not None:
+            stream, drawn = teacher_stream(restored.chunks), restored.prompt_indices
+        else:
             stream = teacher_stream()
             # 1. Prompts for this step (each training prompt once per epoch).
-            batch_prompts = [prompts.train[i] for i in sampler.next(cfg.trainer.prompts_per_step)]
+            drawn = sampler.next(cfg.trainer.prompts_per_step)
+            batch_prompts = [prompts.train[i] for i in drawn]
 
             # 2. Student rollouts. GKD's lambda sends a share of prompts to the dataset's own
             #    completions instead (off-policy); on_policy keeps lambda = 1; the offline modes
@@ -253,7 +256,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             chunks, scored = stream.finish()
             samples = [s for chunk in chunks for s in chunk]
             scores, teacher_stats = teacher_signal(cfg, teacher, stored, samples, scored)
-        return Prepared(step, chunks, scores, teacher_stats, timer.seconds)
+        return Prepared(step, chunks, list(drawn), scores, teacher_stats, timer.seconds)
 
     algo = cfg.algorithm
     lag = cfg.trainer.max_staleness
@@ -274,7 +277,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             sync_weights()
             if driver_state.get("prefetched"):  # rollouts from older weights: not redone
                 restored = Prepared.from_state(driver_state["prefetched"])
-                prefetched = prepare(restored.step, teacher_stream(restored.chunks))
+                prefetched = prepare(restored.step, restored)
             print(f"rayd: resumed from {resume_from.path} (step {start_step})", file=sys.stderr)
         else:
             first_eval = evaluate(0)
@@ -327,6 +330,9 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             seconds = {**work.seconds, **timer.seconds}
             metrics.update(step_metrics(samples, tokens, seconds, step_time, version))
             metrics.update(staleness_metrics(samples, version - 1))
+            # What this step trained on: with the step number, exactly-once is checkable from
+            # metrics.jsonl (non-numbers stay out of TensorBoard and W&B).
+            metrics["prompt_indices"] = work.prompt_indices
             metrics.update(
                 {
                     "faults/rollout": rollout.faults,

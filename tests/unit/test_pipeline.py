@@ -19,10 +19,13 @@ def _sample(index: int, version: int = 0, **kw) -> Sample:
 def test_a_prefetched_step_survives_the_json_of_a_checkpoint() -> None:
     ids = torch.tensor([[3, 7], [4, 8], [5, 9]])
     step = Prepared(
-        4, [[_sample(0, 2, student_topk_ids=ids)], [_sample(1, 2, finish_reason="length")]]
+        4,
+        [[_sample(0, 2, student_topk_ids=ids)], [_sample(1, 2, finish_reason="length")]],
+        prompt_indices=[0, 1],
     )
     back = Prepared.from_state(json.loads(json.dumps(step.to_state())))
     assert back.step == 4 and [len(c) for c in back.chunks] == [1, 1]
+    assert back.prompt_indices == [0, 1]
     for got, want in zip(back.samples, step.samples, strict=True):
         if want.student_topk_ids is not None:
             assert torch.equal(got.student_topk_ids, want.student_topk_ids)
