@@ -83,6 +83,7 @@ class BenchSettings:
     num_learners: int = 2  # rayd's DeepSpeed data-parallel ranks
     teacher_backend: str = "vllm"  # rayd's teacher actor: vLLM prompt log-probs, or "hf"
     actor_threads: int = 1  # torch threads of each rayd rollout / teacher actor
+    max_staleness: int = 0  # rayd's pipelined loop (trainer.max_staleness); TRL has none
     eval_prompts: int = 128  # held-out prompts for the shared evaluator
 
     def __post_init__(self) -> None:
@@ -167,6 +168,7 @@ def rayd_config(s: BenchSettings, run_dir: Path) -> Any:
             "prompts_per_step": s.prompts_per_step,
             "seed": s.seed,
             "eval_every": 0,
+            "max_staleness": s.max_staleness,
             "save_every": s.eval_every,
             "keep_checkpoints": s.steps // s.eval_every,
             "resume": "never",

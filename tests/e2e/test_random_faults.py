@@ -6,7 +6,7 @@ starts it again, as a scheduler would), or SIGTERM plus a corrupted newest check
 must fall back to the one before). The run must end at the planned step count with every step
 logged once and per-step losses equal to the unbroken run's, bit for bit.
 
-N is RAYD_FAULTS (default 4, to keep `make test` short); the README's figures come from
+N is RAYD_FAULTS (default 3, to keep `make test` short); the README's figures come from
 `RAYD_FAULTS=20 .venv/bin/pytest -m faults tests/e2e/test_random_faults.py`.
 """
 
@@ -22,7 +22,7 @@ from test_resume import KEYS, actor_pids, config, step_records  # same folder, r
 
 from rayd.train import train
 
-N = int(os.environ.get("RAYD_FAULTS", "4"))
+N = int(os.environ.get("RAYD_FAULTS", "3"))
 STEPS = max(8, 2 * N + 2)
 KINDS = ("rollout", "teacher", "learner", "sigterm", "sigterm+corrupt")
 
