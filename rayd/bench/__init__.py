@@ -34,7 +34,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-# Section name -> module; trl and pipeline are written alongside other work and may be absent.
+# Section name -> module, in the order they run.
 SECTIONS: dict[str, str] = {
     "rollout": "rayd.bench.rollout",
     "trl": "rayd.bench.trl",
@@ -198,7 +198,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines += [
                 f"| {'**' + k + '**' if k in ratios else k} | {_cell(flat[k])} |" for k in rows
             ]
-        for note in section.get("notes", []):
+        notes = section.get("notes", [])
+        for note in [notes] if isinstance(notes, str) else notes:
             lines.append(f"- {note}")
         lines.append(f"\n({section.get('elapsed_s', '?')} s)")
     return "\n".join(lines) + "\n"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -459,6 +460,9 @@ class DeepSpeedLearner:
         # Under one key: DeepSpeed hands back its own entries (ds_config, ds_version, ...) mixed
         # into the client state it returns on load.
         self.engine.save_checkpoint(directory, tag=tag, client_state={_CLIENT_KEY: client_state})
+        # Each rank's own RNG streams (dropout, sampling in a loss): DeepSpeed keeps rank 0's
+        # client state only, so every rank writes its file beside the shards.
+        torch.save(rng_state(), self._rng_path(directory, tag))
 
     def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any]:
         """Weights, optimizer, LR schedule and client_state; raises when nothing loads.
@@ -477,7 +481,14 @@ class DeepSpeedLearner:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
         # ZeRO restores its optimizer's param_groups (old lr included) after the scheduler.
         self.schedule.apply()
+        rng_file = self._rng_path(directory, tag)
+        if os.path.isfile(rng_file):  # checkpoints written before rayd saved it have none
+            set_rng_state(torch.load(rng_file, weights_only=False))
         return (client_state or {}).get(_CLIENT_KEY, {})
+
+    def _rng_path(self, directory: str, tag: str) -> str:
+        os.makedirs(os.path.join(directory, tag), exist_ok=True)
+        return os.path.join(directory, tag, f"rng_rank{self.rank}.pt")
 
     # ---------------------------------------------------------------------------------------
 
@@ -490,3 +501,18 @@ class DeepSpeedLearner:
                 for name, value in vars(batch).items()
             }
         )
+
+
+def rng_state() -> dict[str, Any]:
+    """The random streams a learner process draws from: Python's, torch's CPU and CUDA ones."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -99,6 +99,11 @@ def poison_gradients(learners: LearnerGroup, rank: int, on: bool) -> None:
     ray.get(actor.__ray_call__.remote(toggle, on), timeout=TIMEOUT_S)
 
 
+def draw(worker: Any) -> float:
+    """One number from the rank's torch RNG (moves it on)."""
+    return float(torch.rand(()))
+
+
 def param_sizes(worker: Any) -> tuple[int, int]:
     """(elements held as full tensors, elements in total) of a rank's module parameters."""
     params = list(worker.learner.engine.module.parameters())
@@ -191,7 +196,10 @@ def test_learner_group(stage: int, student_path: Path, teacher_path: Path, tmp_p
         torch.testing.assert_close(hf_logprobs(fresh.eval(), batch), group_lp, atol=1e-5, rtol=0)
         assert (hf_logprobs(initial, batch) - group_lp).abs().max() > 1e-3
 
+        # Rank 1's RNG moved on (as dropout would move it): the checkpoint keeps where it is.
+        ray.get(learners._actors[1].__ray_call__.remote(draw), timeout=TIMEOUT_S)
         learners.save_checkpoint(ckpt, "step5", {"step": 5})
+        draw_after_save = ray.get(learners._actors[1].__ray_call__.remote(draw), timeout=TIMEOUT_S)
 
         # NaN on rank 1's second micro-batch (found by the no-grad pre-check) and on rank 0's
         # first (found before its backward): both skip on every rank, nothing changes.
@@ -218,6 +226,10 @@ def test_learner_group(stage: int, student_path: Path, teacher_path: Path, tmp_p
 
     with group(student_path, stage, num_learners=2, **schedule) as restored:
         assert restored.load_checkpoint(ckpt, "step5") == {"step": 5}
+        # the draw after the restore is the one the original made after saving (a rank that
+        # only re-seeded would repeat the first draw instead)
+        got = ray.get(restored._actors[1].__ray_call__.remote(draw), timeout=TIMEOUT_S)
+        assert got == draw_after_save
         assert_same_weights(weights(restored.publish_weights()), published, atol=0)
         resumed = restored.train_step(batch)
         assert resumed["lr"] == after["lr"] == pytest.approx(1e-2 * (20 - 5) / (20 - 2))

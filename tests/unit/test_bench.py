@@ -63,7 +63,12 @@ def test_failing_and_missing_sections_are_recorded(
 
     broken.run = fail  # type: ignore[attr-defined]
     fine = types.ModuleType("bench_test_fine")
-    fine.run = lambda quick, workdir: {"absolute": 3.0, "a_over_b": 1.5, "per": {"x": 1}}  # type: ignore[attr-defined]
+    fine.run = lambda quick, workdir: {  # type: ignore[attr-defined]
+        "absolute": 3.0,
+        "a_over_b": 1.5,
+        "per": {"x": 1},
+        "notes": "one note as a string",
+    }
     monkeypatch.setitem(sys.modules, broken.__name__, broken)
     monkeypatch.setitem(sys.modules, fine.__name__, fine)
     monkeypatch.setitem(bench.SECTIONS, "broken", broken.__name__)
@@ -84,6 +89,7 @@ def test_failing_and_missing_sections_are_recorded(
     # Ratios first, then the absolute figures (nested keys flattened).
     assert fine_table.index("**a_over_b**") < fine_table.index("absolute")
     assert "| per.x | 1 |" in fine_table
+    assert "\n- one note as a string\n" in fine_table  # a string note is one line
 
 
 def test_unknown_section_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
