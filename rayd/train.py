@@ -256,7 +256,10 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             chunks, scored = stream.finish()
             samples = [s for chunk in chunks for s in chunk]
             scores, teacher_stats = teacher_signal(cfg, teacher, stored, samples, scored)
-        return Prepared(step, chunks, list(drawn), scores, teacher_stats, timer.seconds)
+        seconds = timer.seconds
+        if teacher is None and stored is None:  # no teacher stage to report
+            seconds.pop("teacher", None)
+        return Prepared(step, chunks, list(drawn), scores, teacher_stats, seconds)
 
     algo = cfg.algorithm
     lag = cfg.trainer.max_staleness
