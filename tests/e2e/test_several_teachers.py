@@ -65,10 +65,10 @@ def recording(monkeypatch, steps: int) -> list:
     seen = []
     collate = train_module.collate
 
-    def record(samples, scores, pad_id):
+    def record(samples, scores, pad_id, **kwargs):
         if len(seen) < steps:
             seen.append((samples, scores))
-        return collate(samples, scores, pad_id)
+        return collate(samples, scores, pad_id, **kwargs)
 
     monkeypatch.setattr(train_module, "collate", record)
     return seen

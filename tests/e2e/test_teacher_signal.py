@@ -34,10 +34,10 @@ def step_records(summary) -> list[dict]:
 def test_on_policy_reverse_kl_over_the_students_top_k(local_ray, tmp_path, monkeypatch):
     seen = []  # (samples, scores) of the first steps, as the driver hands them to the learners
 
-    def recording_collate(samples, scores, pad_id):
+    def recording_collate(samples, scores, pad_id, **kwargs):
         if len(seen) < 2:
             seen.append((samples, scores))
-        return collate(samples, scores, pad_id)
+        return collate(samples, scores, pad_id, **kwargs)
 
     collate = train_module.collate
     monkeypatch.setattr(train_module, "collate", recording_collate)
