@@ -81,11 +81,16 @@ class BenchSettings:
     teacher_backend: str = "vllm"  # rayd's teacher actor: vLLM prompt log-probs, or "hf"
     actor_threads: int = 1  # torch threads of each rayd rollout / teacher actor
     max_staleness: int = 0  # rayd's pipelined loop (trainer.max_staleness); TRL has none
+    # rayd's teacher.top_k, one rayd run each: the first is the headline ("rayd"), the others
+    # ("rayd_top{k}") show what a wider teacher signal buys against TRL's full vocabulary
+    top_k: tuple[int, ...] = (8,)
     eval_prompts: int = 128  # held-out prompts for the shared evaluator
 
     def __post_init__(self) -> None:
         if self.prompts_per_step % self.num_learners:
             raise ValueError("prompts_per_step must be a multiple of num_learners")
+        if not self.top_k or len(set(self.top_k)) != len(self.top_k):
+            raise ValueError("top_k must list distinct teacher.top_k values")
         if self.steps % self.eval_every:
             raise ValueError("steps must be a multiple of eval_every (the last step is evaluated)")
 
@@ -113,9 +118,9 @@ SMOLLM2 = BenchSettings(
 )
 
 
-def rayd_config(s: BenchSettings, run_dir: Path) -> Any:
-    """The rayd RunConfig for these settings (defaults elsewhere: vLLM rollout and teacher,
-    teacher.top_k, algorithm.tail, ZeRO stage)."""
+def rayd_config(s: BenchSettings, run_dir: Path, top_k: int | None = None) -> Any:
+    """The rayd RunConfig for these settings, with teacher.top_k = `top_k` (default: the first
+    of `s.top_k`); defaults elsewhere: algorithm.tail, ZeRO stage."""
     from rayd.config import RunConfig, validate
 
     tree = {
@@ -132,6 +137,7 @@ def rayd_config(s: BenchSettings, run_dir: Path) -> Any:
         },
         "teacher": {
             "backend": s.teacher_backend,
+            "top_k": top_k or s.top_k[0],
             "max_model_len": 2 * s.max_new_tokens,
             "threads": s.actor_threads,
         },
@@ -324,10 +330,10 @@ def run_trl(s: BenchSettings, out: Path, threads: int) -> dict[str, Any]:
 # --- the rayd run (its own process) --------------------------------------------------------------
 
 
-def run_rayd(s: BenchSettings, out: Path) -> dict[str, Any]:
+def run_rayd(s: BenchSettings, out: Path, top_k: int) -> dict[str, Any]:
     from rayd.config import save_config
 
-    cfg = rayd_config(s, out / "run")
+    cfg = rayd_config(s, out / "run", top_k)
     save_config(cfg, out / "config.yaml")
     cmd = [sys.executable, "-m", "rayd.train", str(out / "config.yaml")]
     started = time.time()
@@ -498,6 +504,10 @@ def run_figures(run: dict[str, Any], curve: list[tuple[int, float]]) -> dict[str
     return figures
 
 
+def rayd_run_name(s: BenchSettings, top_k: int) -> str:
+    return "rayd" if top_k == s.top_k[0] else f"rayd_top{top_k}"
+
+
 def summarize(
     s: BenchSettings, runs: dict[str, dict[str, Any]], evals: dict[str, Any]
 ) -> dict[str, Any]:
@@ -512,6 +522,21 @@ def summarize(
         points = [(p["train_s"], p["kl"]) for p in figures["kl_curve"]]
         figures["seconds_to_kl"] = time_to_reach(points, target)
     both = rayd["seconds_to_kl"] is not None and trl["seconds_to_kl"] is not None
+    # each teacher.top_k against TRL on the KL both of that pair reach
+    top_k_runs = {}
+    for k in s.top_k:
+        run = out[rayd_run_name(s, k)]
+        pair_target = max(run["final_kl"], trl["final_kl"])
+        times = [
+            time_to_reach([(p["train_s"], p["kl"]) for p in f["kl_curve"]], pair_target)
+            for f in (run, trl)
+        ]
+        top_k_runs[str(k)] = {
+            "tokens_per_s_ratio": run["tokens_per_s"] / trl["tokens_per_s"],
+            "time_to_kl_ratio": times[0] / times[1] if None not in times else None,
+            "target_kl": pair_target,
+            "final_kl": run["final_kl"],
+        }
     return {
         "tokens_per_s_ratio": rayd["tokens_per_s"] / trl["tokens_per_s"],
         "time_to_kl_ratio": rayd["seconds_to_kl"] / trl["seconds_to_kl"] if both else None,
@@ -523,6 +548,7 @@ def summarize(
         ),
         "target_kl": target,
         "initial_kl": evals["initial"],
+        "teacher_top_k": top_k_runs,
         "rayd": rayd,
         "trl": trl,
         "trl_runs": trl_runs,
@@ -540,7 +566,9 @@ def run(quick: bool, workdir: Path, settings: BenchSettings | None = None) -> di
         f"trl_{threads}_threads": run_trl(s, workdir / f"trl-{threads}", threads)
         for threads in s.trl_threads
     }
-    runs["rayd"] = run_rayd(s, workdir / "rayd")
+    for k in s.top_k:
+        name = rayd_run_name(s, k)
+        runs[name] = run_rayd(s, workdir / name.replace("_", "-"), k)
     result = summarize(s, runs, evaluate_snapshots(s, runs))
     (workdir / "trl-bench.json").write_text(json.dumps(result, indent=2))
     return result
@@ -574,6 +602,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="SmolLM2-135M teaches its 10-layer cut (make smollm2)",
     )
+    parser.add_argument(
+        "--top-k",
+        metavar="K[,K...]",
+        help="rayd's teacher.top_k, one rayd run each (the first is the headline)",
+    )
     parser.add_argument("--workdir", default="runs/bench-trl")
     parser.add_argument("--trl-worker", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -583,9 +616,13 @@ def main(argv: list[str] | None = None) -> int:
         settings = json.loads((out / "settings.json").read_text())
         settings["adam_betas"] = tuple(settings["adam_betas"])
         settings["trl_threads"] = tuple(settings["trl_threads"])
+        settings["top_k"] = tuple(settings["top_k"])
         trl_worker(BenchSettings(**settings), out, args.threads)
         return 0
-    settings = SMOLLM2 if args.smollm2 else None
+    settings = SMOLLM2 if args.smollm2 else (QUICK if args.quick else FULL)
+    if args.top_k:
+        top_k = tuple(int(k) for k in args.top_k.split(","))
+        settings = dataclasses.replace(settings, top_k=top_k)
     print(json.dumps(run(args.quick, Path(args.workdir), settings), indent=2))
     return 0
 

@@ -10,6 +10,7 @@ from rayd.bench.trl import (
     SMOLLM2,
     ordered_train_prompts,
     rayd_config,
+    summarize,
     time_to_reach,
     trl_config_kwargs,
 )
@@ -81,3 +82,40 @@ def test_time_to_reach_interpolates_between_evaluations():
     assert time_to_reach(points, 2.0) == pytest.approx(15.0)
     assert time_to_reach(points, 4.0) == 0.0
     assert time_to_reach(points, 0.5) is None
+
+
+def test_each_teacher_top_k_is_a_rayd_run_compared_with_trl(tmp_path):
+    s = dataclasses.replace(QUICK, top_k=(8, 64))
+    assert rayd_config(s, tmp_path).teacher.top_k == 8  # the headline run
+    assert rayd_config(s, tmp_path, 64).teacher.top_k == 64
+    with pytest.raises(ValueError, match="top_k"):
+        dataclasses.replace(QUICK, top_k=(8, 8))
+
+    def run(seconds_per_step):
+        n = s.steps
+        return {
+            "step_seconds": [seconds_per_step] * n,
+            "step_tokens": [100] * n,
+            "stage_seconds": {},
+            "startup_s": 0.0,
+            "process_s": 0.0,
+        }
+
+    runs = {"trl_1_threads": run(1.0), "rayd": run(2.0), "rayd_top64": run(2.0)}
+    # TRL ends at KL 1; rayd top-8 at 2 (TRL passes 2 at step 5), top-64 at 1 (step 10)
+    curves = {
+        "trl_1_threads": [(0, 4.0), (5, 2.0), (10, 1.0)],
+        "rayd": [(0, 4.0), (5, 3.0), (10, 2.0)],
+        "rayd_top64": [(0, 4.0), (5, 2.5), (10, 1.0)],
+    }
+    result = summarize(s, runs, {"initial": 4.0, "curves": curves})
+    assert result["tokens_per_s_ratio"] == pytest.approx(0.5)
+    assert result["time_to_kl_ratio"] == pytest.approx(20.0 / 5.0)
+    by_k = result["teacher_top_k"]
+    assert by_k["8"]["time_to_kl_ratio"] == pytest.approx(4.0)
+    assert by_k["64"] == {
+        "tokens_per_s_ratio": pytest.approx(0.5),
+        "time_to_kl_ratio": pytest.approx(2.0),
+        "target_kl": 1.0,
+        "final_kl": 1.0,
+    }
