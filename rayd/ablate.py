@@ -568,12 +568,10 @@ def _cluster_for_cells(concurrency: int) -> Iterator[dict[str, str]]:
     before = dict(os.environ)
     started = not ray.is_initialized()
     if started:
-        # The same per-cell logical CPU count as rayd.cluster.connect's local Ray.
-        ray.init(
-            num_cpus=concurrency * max(8, os.cpu_count() or 1),
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+        from rayd.cluster import connect
+
+        # The cluster this runs in, or a local Ray with connect's logical CPUs per cell.
+        connect(num_cpus=concurrency * max(8, os.cpu_count() or 1), log_to_driver=False)
     try:
         # ray.init switches this process to token auth (RAY_AUTH_MODE=token): without the same
         # setting the cells are refused by the cluster.

@@ -55,7 +55,7 @@ def get(refs: Any, timeout_s: float, what: str) -> Any:
         raise RemoteCallTimeout(f"{what} did not finish within {timeout_s:.0f}s") from exc
 
 
-def connect(num_cpus: int | None = None) -> None:
+def connect(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """Join the cluster this process runs in (`ray job submit`, RAY_ADDRESS) or start a local one.
 
     A local Ray counts logical CPUs: on a 2-core machine we ask for more so rollout, teacher and
@@ -64,14 +64,14 @@ def connect(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS") or _inside_ray_job():
-        ray.init(address="auto", log_to_driver=True)
+        ray.init(address="auto", log_to_driver=log_to_driver)
     else:
         # "local": without it ray.init joins a `ray start` cluster found on this machine, and
         # then refuses num_cpus (ValueError) instead of starting the local Ray promised here.
         ray.init(
             address="local",
             num_cpus=num_cpus or max(8, os.cpu_count() or 1),
-            log_to_driver=True,
+            log_to_driver=log_to_driver,
         )
 
 

@@ -266,6 +266,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
     # max_staleness >= 1: the next step's rollouts are made while the learners train this one.
     prefetched: Prepared | None = None
     preemption = Preemption()
+    preempted = False
     try:
         if resume_from is not None:
             # Learners restore weights, optimizer/ZeRO state and LR schedule; the driver its
@@ -355,19 +356,22 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                     "the weights are those of the last finite step"
                 )
 
-            # 6. Periodic held-out eval and checkpoint; SIGTERM checkpoints and stops here.
+            # 6. Periodic held-out eval and checkpoint; SIGTERM checkpoints and stops here,
+            #    unless it came during the last step: then the run finishes (the export costs
+            #    about what a stop would, and the checkpoint covers a kill during it).
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
                 last_eval = evaluate(step)
             if preemption.requested or (
                 cfg.trainer.save_every and step % cfg.trainer.save_every == 0
             ):
                 save(step)
-            if preemption.requested:
+            if preemption.requested and step < cfg.trainer.max_steps:
                 print(
                     f"rayd: SIGTERM: checkpoint of step {step} saved in {store.root}; "
                     "run the same command again to resume",
                     file=sys.stderr,
                 )
+                preempted = True
                 break
         else:
             if not cfg.trainer.eval_every or cfg.trainer.max_steps % cfg.trainer.eval_every:
@@ -383,8 +387,8 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
         preemption.restore()
 
     summary = {
-        "steps": step if preemption.requested else cfg.trainer.max_steps,
-        "preempted": preemption.requested,
+        "steps": step if preempted else cfg.trainer.max_steps,
+        "preempted": preempted,
         "initial": first_eval,
         "final": last_eval,
         "student": str(run_dir / "student"),

@@ -98,6 +98,7 @@ def local_ray(num_cpus: int = 8) -> Iterator[None]:
     import ray
 
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         log_to_driver=False,

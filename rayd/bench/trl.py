@@ -84,6 +84,9 @@ class BenchSettings:
     # rayd's teacher.top_k, one rayd run each: the first is the headline ("rayd"), the others
     # ("rayd_top{k}") show what a wider teacher signal buys against TRL's full vocabulary
     top_k: tuple[int, ...] = (8,)
+    # rayd's teacher.support: teacher_topk (any backend), or student_topk / union (the student's
+    # own top-k ids scored exactly by an hf teacher; reverse KL then sees the student's mass)
+    support: str = "teacher_topk"
     eval_prompts: int = 128  # held-out prompts for the shared evaluator
 
     def __post_init__(self) -> None:
@@ -138,6 +141,7 @@ def rayd_config(s: BenchSettings, run_dir: Path, top_k: int | None = None) -> An
         "teacher": {
             "backend": s.teacher_backend,
             "top_k": top_k or s.top_k[0],
+            "support": s.support,
             "max_model_len": 2 * s.max_new_tokens,
             "threads": s.actor_threads,
         },
@@ -607,6 +611,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="K[,K...]",
         help="rayd's teacher.top_k, one rayd run each (the first is the headline)",
     )
+    parser.add_argument(
+        "--support",
+        choices=("teacher_topk", "student_topk", "union"),
+        help="rayd's teacher.support (student_topk and union need teacher_backend=hf)",
+    )
     parser.add_argument("--workdir", default="runs/bench-trl")
     parser.add_argument("--trl-worker", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -623,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k:
         top_k = tuple(int(k) for k in args.top_k.split(","))
         settings = dataclasses.replace(settings, top_k=top_k)
+    if args.support:
+        settings = dataclasses.replace(settings, support=args.support)
     print(json.dumps(run(args.quick, Path(args.workdir), settings), indent=2))
     return 0
 

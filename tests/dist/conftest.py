@@ -23,6 +23,7 @@ def ray_local() -> Iterator[None]:
     # Actors must import rayd however pytest found it (rootdir, not PYTHONPATH).
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     ray.init(
+        address="local",  # never a `ray start` cluster that happens to run on this machine
         num_cpus=8,
         include_dashboard=False,
         runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}},

@@ -6,6 +6,7 @@ import ray
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False)
+    # "local": never a `ray start` cluster that happens to run on this machine
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
     yield
     ray.shutdown()

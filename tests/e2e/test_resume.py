@@ -156,8 +156,16 @@ def test_preempted_and_corrupted_pipelined_runs_resume_to_the_same_losses(
     assert saved == drawn[8 * stopped_at :]
     assert state["sampler"] == sampler.state()
 
+    # A SIGTERM during the last step finishes the run (checkpoint, eval, student).
+    assert stopped_at < STEPS - 1, "the first stop came too late to test a last-step SIGTERM"
+    when_step_logged(
+        broken.run_dir / "metrics.jsonl",
+        STEPS - 1,
+        lambda: os.kill(os.getpid(), signal.SIGTERM),
+    )
     second = train(broken)
     assert not second["preempted"] and second["steps"] == STEPS
+    assert (broken.run_dir / "student" / "config.json").is_file()
     got = step_records(broken.run_dir)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [{k: r[k] for k in KEYS} for r in got] == expected

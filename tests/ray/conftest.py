@@ -27,6 +27,7 @@ def ray_local():
     # through its rootdir (no PYTHONPATH, no install).
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     ray.init(
+        address="local",  # never a `ray start` cluster that happens to run on this machine
         num_cpus=8,
         include_dashboard=False,
         runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}},

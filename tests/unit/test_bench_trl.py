@@ -88,6 +88,8 @@ def test_each_teacher_top_k_is_a_rayd_run_compared_with_trl(tmp_path):
     s = dataclasses.replace(QUICK, top_k=(8, 64))
     assert rayd_config(s, tmp_path).teacher.top_k == 8  # the headline run
     assert rayd_config(s, tmp_path, 64).teacher.top_k == 64
+    union = dataclasses.replace(SMOLLM2, support="union")  # an hf teacher: exact at any id
+    assert rayd_config(union, tmp_path).teacher.support == "union"
     with pytest.raises(ValueError, match="top_k"):
         dataclasses.replace(QUICK, top_k=(8, 8))
 
