@@ -110,6 +110,20 @@ def local_ray(num_cpus: int = 8) -> Iterator[None]:
         ray.shutdown()
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """Prompts as one batch for transformers `generate`: (input_ids, attention_mask), padded on
+    the left so every completion starts at the same column."""
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on: CPU, cores, memory, GPU, library versions."""
     cpu = platform.processor() or platform.machine()

@@ -58,13 +58,11 @@ class HFGenerator:
         """Completion lengths (tokens up to and including the first eos)."""
         import torch
 
+        from rayd.bench import left_padded
+
         torch.manual_seed(seed)
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
+        ids, mask = left_padded(prompts, self.pad)
+        width = ids.shape[1]
         with torch.no_grad():
             out = self.model.generate(
                 input_ids=ids,

@@ -73,13 +73,11 @@ def _student_batch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The student's own samples (temperature 1), left-padded prompts: (input_ids [B, L],
     attention_mask [B, L], loss_mask [B, L-1])."""
+    from rayd.bench import left_padded
+
     torch.manual_seed(0)
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id)
-    attn = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        attn[i, width - len(p) :] = 1
+    ids, attn = left_padded(prompts, pad_id)
+    width = ids.shape[1]
     out = student.generate(
         input_ids=ids,
         attention_mask=attn,

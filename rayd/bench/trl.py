@@ -400,10 +400,11 @@ def heldout_reverse_kl(
     every snapshot is scored on the same random stream); the eos token counts, padding not."""
     import torch
 
+    from rayd.bench import left_padded
+
     student.eval()
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    ids, mask = left_padded(prompts, pad_id)
+    width = ids.shape[1]
     torch.manual_seed(s.seed)
     with torch.no_grad():
         full = student.generate(

@@ -96,3 +96,11 @@ def test_unknown_section_is_refused(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert bench.main(["--only", "rollout,nope", "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_left_padded_prompts_end_in_the_same_column():
+    from rayd.bench import left_padded
+
+    ids, mask = left_padded([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
