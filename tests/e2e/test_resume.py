@@ -156,16 +156,30 @@ def test_preempted_and_corrupted_pipelined_runs_resume_to_the_same_losses(
     assert saved == drawn[8 * stopped_at :]
     assert state["sampler"] == sampler.state()
 
-    # A SIGTERM during the last step finishes the run (checkpoint, eval, student).
-    assert stopped_at < STEPS - 1, "the first stop came too late to test a last-step SIGTERM"
-    when_step_logged(
-        broken.run_dir / "metrics.jsonl",
-        STEPS - 1,
-        lambda: os.kill(os.getpid(), signal.SIGTERM),
-    )
-    second = train(broken)
+    # A SIGTERM once the last step has begun finishes the run (checkpoint, eval, student)
+    # instead of reporting it preempted. Sent when the student export starts: a signal sent
+    # after step 5 is logged may still land before step 5's own stop check.
+    student_config = broken.run_dir / "student" / "config.json"
+
+    def when_exporting():
+        deadline = time.time() + 600
+        while time.time() < deadline and not student_config.exists():
+            time.sleep(0.01)
+        if student_config.exists():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    # The driver installs its handler over this one; a signal that came after it returned
+    # must not end pytest.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        sender = threading.Thread(target=when_exporting, daemon=True)
+        sender.start()
+        second = train(broken)
+        sender.join(timeout=30)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert not second["preempted"] and second["steps"] == STEPS
-    assert (broken.run_dir / "student" / "config.json").is_file()
+    assert student_config.is_file()
     got = step_records(broken.run_dir)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [{k: r[k] for k in KEYS} for r in got] == expected
