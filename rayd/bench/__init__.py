@@ -124,6 +124,40 @@ def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
     return ids, mask
 
 
+def sample_completions(
+    model: Any,
+    prompts: list[list[int]],
+    *,
+    pad_id: int,
+    eos: int | list[int],
+    max_new_tokens: int,
+    seed: int,
+    temperature: float = 1.0,
+    min_new_tokens: int = 0,
+) -> tuple[Any, Any]:
+    """The model's own samples from the whole distribution (no top-k / top-p cut; transformers'
+    default top_k=50 would cut it), seeded: (prompt + completion ids [B, W + new], the prompts'
+    attention mask [B, W]); the completions start at column W."""
+    import torch
+
+    ids, mask = left_padded(prompts, pad_id)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        full = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=temperature,
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad_id,
+        )
+    return full, mask
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on: CPU, cores, memory, GPU, library versions."""
     cpu = platform.processor() or platform.machine()

@@ -58,27 +58,19 @@ class HFGenerator:
         """Completion lengths (tokens up to and including the first eos)."""
         import torch
 
-        from rayd.bench import left_padded
+        from rayd.bench import sample_completions
 
-        torch.manual_seed(seed)
-        ids, mask = left_padded(prompts, self.pad)
-        width = ids.shape[1]
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=True,
-                temperature=1.0,
-                top_p=1.0,
-                top_k=0,
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=1,
-                eos_token_id=self.eos,
-                pad_token_id=self.pad,
-                use_cache=True,
-            )
+        out, mask = sample_completions(
+            self.model,
+            prompts,
+            pad_id=self.pad,
+            eos=self.eos,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            min_new_tokens=1,
+        )
         lengths = []
-        for row in out[:, width:]:
+        for row in out[:, mask.shape[1] :]:
             hits = torch.isin(row, torch.tensor(self.eos)).nonzero()
             lengths.append(int(hits[0]) + 1 if len(hits) else row.shape[0])
         return lengths

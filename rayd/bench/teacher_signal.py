@@ -73,23 +73,18 @@ def _student_batch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The student's own samples (temperature 1), left-padded prompts: (input_ids [B, L],
     attention_mask [B, L], loss_mask [B, L-1])."""
-    from rayd.bench import left_padded
+    from rayd.bench import sample_completions
 
-    torch.manual_seed(0)
-    ids, attn = left_padded(prompts, pad_id)
-    width = ids.shape[1]
-    out = student.generate(
-        input_ids=ids,
-        attention_mask=attn,
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
+    out, attn = sample_completions(
+        student,
+        prompts,
+        pad_id=pad_id,
+        eos=eos_id,
         max_new_tokens=max_new_tokens,
+        seed=0,
         min_new_tokens=1,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
     )
+    width = attn.shape[1]
     new = out[:, width:]
     # A completion ends at (and includes) its first eos; generate pads after it.
     is_eos = (new == eos_id).long()

@@ -400,24 +400,20 @@ def heldout_reverse_kl(
     every snapshot is scored on the same random stream); the eos token counts, padding not."""
     import torch
 
-    from rayd.bench import left_padded
+    from rayd.bench import sample_completions
 
     student.eval()
-    ids, mask = left_padded(prompts, pad_id)
-    width = ids.shape[1]
-    torch.manual_seed(s.seed)
+    full, mask = sample_completions(
+        student,
+        prompts,
+        pad_id=pad_id,
+        eos=eos_id,
+        max_new_tokens=s.max_new_tokens,
+        seed=s.seed,
+        temperature=s.temperature,
+    )
+    width = mask.shape[1]
     with torch.no_grad():
-        full = student.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=True,
-            temperature=s.temperature,
-            top_k=0,  # transformers' default 50 would cut the distribution
-            top_p=1.0,
-            max_new_tokens=s.max_new_tokens,
-            eos_token_id=eos_id,
-            pad_token_id=pad_id,
-        )
         completion = full[:, width:]
         is_eos = completion == eos_id
         # keep tokens up to and including the first eos
