@@ -99,7 +99,12 @@ class TeacherConfig(_Strict):
     #      the tokens the student puts mass on, which the teacher's top-k may miss;
     # union: the student's top_k plus the teacher's top_k most likely among the other ids
     #      (2 * top_k distinct ids holding both lists; hf backend).
-    support: Literal["teacher_topk", "student_topk", "union"] = "teacher_topk"
+    # full: the whole vocabulary, exact at any temperature: each learner holds a frozen copy of
+    #      the teacher (transformers, models.teacher.dtype) and runs its forward beside the
+    #      student's, so no [tokens, vocab] tensor crosses the wire; the teacher actors then
+    #      serve only the held-out eval. Costs a teacher forward and a teacher's memory per
+    #      learner: for a teacher that fits beside the student.
+    support: Literal["teacher_topk", "student_topk", "union", "full"] = "teacher_topk"
     # Several teachers (models.teachers), see README "Several teachers":
     # ensemble: every sample gets the mixture sum_i w_i p_i, over the union of the teachers'
     #      supports (exact with the hf backend; vLLM: a teacher's mass outside its own top-k is
@@ -372,7 +377,8 @@ class RunConfig(_Strict):
                 "data.train_dataset holds completions for the offline modes and gkd; "
                 f"{algo.name} samples its own (use data.source for its prompts)"
             )
-        if self.teacher.backend == "vllm" and self.algorithm.temperature != 1.0:
+        full = self.teacher.support == "full"
+        if self.teacher.backend == "vllm" and self.algorithm.temperature != 1.0 and not full:
             raise ValueError(
                 "algorithm.temperature != 1 needs teacher.backend=hf: vLLM scores prompts at "
                 "temperature 1 and its top-k cannot be re-tempered exactly"
@@ -384,9 +390,11 @@ class RunConfig(_Strict):
             )
         if self.algorithm.lmbda < 1.0 and self.algorithm.name != "gkd":
             raise ValueError("algorithm.lmbda < 1 (off-policy mixing) needs algorithm.name=gkd")
-        if self.teacher.support != "teacher_topk":
+        if full:
+            self._check_full_support()
+        elif self.teacher.support != "teacher_topk":
             self._check_student_support()
-        if self.algorithm.tail and self.algorithm.temperature != 1.0:
+        if self.algorithm.tail and self.algorithm.temperature != 1.0 and not full:
             raise ValueError("algorithm.tail=true needs algorithm.temperature=1")
         if (
             self.learner.optim.schedule == "linear"
@@ -457,10 +465,32 @@ class RunConfig(_Strict):
                 f"to reverse_kl, forward_kl or jsd (got {algo.resolved_loss})"
             )
 
+    def _check_full_support(self) -> None:
+        algo = self.algorithm
+        if algo.resolved_loss not in ("forward_kl", "reverse_kl", "jsd", "logit_kd"):
+            raise ValueError(
+                "teacher.support=full takes the divergence over the whole vocabulary: it needs "
+                "algorithm.loss forward_kl, reverse_kl or jsd (on_policy, gkd) or "
+                f"algorithm.name=logit_kd (got {algo.name} with {algo.resolved_loss})"
+            )
+        if self.models.teachers is not None:
+            raise ValueError(
+                "teacher.support=full runs one teacher inside the learners: use models.teacher, "
+                "not models.teachers"
+            )
+        if algo.step_weighting == "divergence":
+            raise ValueError(
+                "algorithm.step_weighting=divergence weighs steps by the teacher's log-probs "
+                "before the learner step; with teacher.support=full those exist only inside "
+                "the learners (use step_weighting uniform, or another teacher.support)"
+            )
+
     @property
     def student_topk(self) -> int:
         """How many top ids the rollouts return per token: 0 unless the support needs them."""
-        return 0 if self.teacher.support == "teacher_topk" else self.teacher.top_k
+        if self.teacher.support in ("teacher_topk", "full"):
+            return 0
+        return self.teacher.top_k
 
     @property
     def samples_per_prompt(self) -> int:

@@ -50,6 +50,9 @@ class LossSpec:
     teacher_hidden_size: int = 0
     feature_kind: Literal["mse", "cosine"] = "mse"
     feature_weight: float = 1.0
+    # teacher.support=full: the divergence over the whole vocabulary, from the teacher's logits
+    # (`batch_loss(teacher_logits=...)`); the top-k fields of the batch are then unused
+    full_vocab: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("on_policy_pg", *_TOPK_KINDS, "sft", "logit_kd", "feature_kd"):
@@ -62,7 +65,16 @@ class LossSpec:
             raise ValueError(f"loss is_clip must be > 0 or None, got {self.is_clip}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"loss alpha must lie in [0, 1], got {self.alpha}")
-        if self.kind in (*_TOPK_KINDS, "logit_kd") and self.tail and self.temperature != 1.0:
+        if self.full_vocab and self.kind not in (*_TOPK_KINDS, "logit_kd"):
+            raise ValueError(
+                f"full_vocab applies to forward_kl, reverse_kl, jsd and logit_kd, not {self.kind}"
+            )
+        if (
+            self.kind in (*_TOPK_KINDS, "logit_kd")
+            and self.tail
+            and not self.full_vocab
+            and self.temperature != 1.0
+        ):
             raise ValueError(_TAIL_TEMPERATURE_ERROR.format(t=self.temperature))
         if self.kind in ("sft", "feature_kd") and self.temperature != 1.0:
             raise ValueError(f"{self.kind} uses CE at temperature 1, got {self.temperature}")
@@ -171,6 +183,41 @@ def _full_vocab_pair(
 
 def _per_token(x: Tensor, mask: Tensor) -> Tensor:
     return _zero_masked(x, mask)
+
+
+def full_vocab_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    kind: str,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Per-token divergence over the whole vocabulary, [B, T, V] logits -> [B, T], 0 where masked.
+
+    kind: "forward_kl" (also logit_kd's soft term), "reverse_kl" or "jsd" (`beta`, TRL's
+    convention). Only the mask's N positions are taken out first, so the log-softmaxes and the
+    mixture are [N, V], not [B, T, V]: prompt and padding columns cost nothing. The teacher is
+    a fixed target (detached); both sides are tempered by `temperature`.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape (vocabulary sizes must match)"
+        )
+    log_s = _tempered_log_softmax(student_logits[mask], temperature)
+    log_t = _tempered_log_softmax(teacher_logits.detach()[mask], temperature)
+    if kind in ("forward_kl", "logit_kd"):
+        per_token = _kl(log_t, log_s)
+    elif kind == "reverse_kl":
+        per_token = _kl(log_s, log_t)
+    elif kind == "jsd":
+        per_token = _generalized_jsd_lp(log_s, log_t, beta)
+    else:
+        raise ValueError(f"no full-vocabulary divergence for loss kind {kind!r}")
+    return torch.zeros(mask.shape, dtype=per_token.dtype, device=per_token.device).masked_scatter(
+        mask, per_token
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,6 +689,7 @@ def batch_loss(
     spec: LossSpec,
     student_hidden: list[Tensor] | None = None,
     projections: nn.ModuleList | None = None,
+    teacher_logits: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token loss of one TrainBatch, unreduced.
 
@@ -674,6 +722,11 @@ def batch_loss(
     "label_loss" (their CE) and "label_tokens" (1 on their tokens), and "reverse_kl" is 0 on
     them, so a caller can turn both into means over their own tokens.
 
+    spec.full_vocab (teacher.support=full): `teacher_logits` [B, L-1, V], aligned like the
+    student's, replace the batch's teacher signal: forward_kl / reverse_kl / jsd and logit_kd's
+    soft term are taken over the whole vocabulary (`full_vocab_divergence`, exact at any
+    temperature), and the teacher's log-probs of the targets come from them too.
+
     Rows with batch.on_policy False (dataset completions) carry no behaviour log-probs; for
     them the current student stands in as the behaviour policy (ratio 1), so the pg advantage
     is teacher_lp - student_lp and the "reverse_kl" metric uses the student too.
@@ -695,10 +748,26 @@ def batch_loss(
     if batch.on_policy.numel() == mask.shape[0]:
         off = ~batch.on_policy.to(mask.device).unsqueeze(-1)
         behavior = torch.where(off, student_lp.detach(), behavior)
-    teacher = batch.teacher_logprobs.to(student_lp.dtype)
+    if spec.full_vocab != (teacher_logits is not None):
+        raise ValueError(
+            "full_vocab losses take the teacher's logits (teacher_logits=...), the others do not"
+        )
+    if teacher_logits is None:
+        teacher = batch.teacher_logprobs.to(student_lp.dtype)
+    else:
+        teacher = token_logprobs(teacher_logits.detach(), targets, mask).to(student_lp.dtype)
 
     metrics: dict[str, Tensor] = {}
-    if spec.kind in (*_TOPK_KINDS, "logit_kd"):
+    if teacher_logits is not None:
+        kind = "forward_kl" if spec.kind == "logit_kd" else spec.kind
+        # One tokenizer can come with differently padded vocab_size (Qwen2.5-0.5B 151936, 7B
+        # 152064; the config checks both cover the tokenizer): compare over the shared rows.
+        width = min(logits.shape[-1], teacher_logits.shape[-1])
+        full = full_vocab_divergence(
+            logits[..., :width], teacher_logits[..., :width], mask, kind, spec.beta, temperature
+        )
+        log_s = log_t = None
+    elif spec.kind in (*_TOPK_KINDS, "logit_kd"):
         # tail=True forces temperature 1 (LossSpec checks), so the lse above is the right one.
         log_s, log_t = _topk_bins(
             logits,
@@ -732,11 +801,14 @@ def batch_loss(
         metrics["token_loss"] = _per_token(-student_lp, mask).detach()
         metrics["feature_loss"] = features.detach()
     elif spec.kind == "logit_kd":
-        soft = _per_token(_kl(log_t, log_s), mask) * temperature**2
+        soft = full if teacher_logits is not None else _per_token(_kl(log_t, log_s), mask)
+        soft = soft * temperature**2
         hard = -(student_lp if temperature == 1.0 else token_logprobs(logits, targets, mask))
         loss = spec.alpha * soft + (1.0 - spec.alpha) * hard
         metrics["soft_loss"] = _per_token(soft, mask).detach()
         metrics["hard_loss"] = _per_token(hard, mask).detach()
+    elif teacher_logits is not None:
+        loss = full
     elif spec.kind == "forward_kl":
         loss = _per_token(_kl(log_t, log_s), mask)
     elif spec.kind == "reverse_kl":

@@ -122,6 +122,13 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
     check_routes(cfg, prompts)
     # logit_kd over a `rayd score` dataset reads the teacher's top-k from disk: no teacher actor.
     stored = load_stored_signal(cfg, prompts, teacher_path, tokenizer)
+    # teacher.support=full: the learners run the teacher; its actors serve the held-out eval.
+    in_learners = cfg.teacher.support == "full"
+    if stored is not None and in_learners:
+        raise ConfigError(
+            "config error: teacher.support=full runs the teacher inside the learners, but the "
+            "dataset carries a stored top-k signal (rayd score): drop one of the two"
+        )
     trackers = start_trackers(run_dir, cfg)  # W&B when enabled: after the checks, before actors
     cluster.connect()
     check_resources(cfg, ray.cluster_resources(), with_teacher=stored is None)
@@ -184,10 +191,11 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
         )
 
     def teacher_stream(chunks: Sequence[list[Sample]] = ()) -> TeacherStream:
-        """A stream to the teacher actors (none to start for a stored signal or no teacher),
-        fed with `chunks` if given (a restored prefetched step's)."""
+        """A stream to the teacher actors (none for a stored signal, no teacher, or a teacher
+        inside the learners: teacher.support=full), fed with `chunks` if given (a restored
+        prefetched step's)."""
         ask = None
-        if teacher is not None and stored is None:
+        if teacher is not None and stored is None and not in_learners:
             ask = partial(ask_teacher, cfg, teacher, features=features, prompts=prompts.train)
         stream = TeacherStream(ask)
         for key, chunk in enumerate(chunks):
@@ -257,7 +265,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             samples = [s for chunk in chunks for s in chunk]
             scores, teacher_stats = teacher_signal(cfg, teacher, stored, samples, scored)
         seconds = timer.seconds
-        if teacher is None and stored is None:  # no teacher stage to report
+        if (teacher is None and stored is None) or in_learners:  # no teacher stage to report
             seconds.pop("teacher", None)
         return Prepared(step, chunks, list(drawn), scores, teacher_stats, seconds)
 

@@ -345,6 +345,7 @@ def _learner_group(
         teacher_hidden_size=int(AutoConfig.from_pretrained(teacher).hidden_size) if features else 0,
         feature_kind=algo.feature_loss,
         feature_weight=algo.feature_weight,
+        full_vocab=cfg.teacher.support == "full",
     )
     return LearnerGroup(
         student,
@@ -368,6 +369,8 @@ def _learner_group(
         dtype=cfg.models.student.dtype,
         seed=cfg.trainer.seed,
         threads=ln.threads,
+        teacher_path=teacher if loss.full_vocab else None,
+        teacher_dtype=cfg.models.teacher_list[0].dtype if loss.full_vocab else "auto",
     )
 
 

@@ -78,14 +78,16 @@ class BenchSettings:
     # generate 32 x 24 tokens of the test student 0.02-0.08 s on 1 thread, 1.5-5.5 s on 2)
     trl_threads: tuple[int, ...] = (1, 2)
     num_learners: int = 2  # rayd's DeepSpeed data-parallel ranks
+    learner_threads: int = 1  # torch threads of each learner
     teacher_backend: str = "vllm"  # rayd's teacher actor: vLLM prompt log-probs, or "hf"
     actor_threads: int = 1  # torch threads of each rayd rollout / teacher actor
     max_staleness: int = 0  # rayd's pipelined loop (trainer.max_staleness); TRL has none
     # rayd's teacher.top_k, one rayd run each: the first is the headline ("rayd"), the others
     # ("rayd_top{k}") show what a wider teacher signal buys against TRL's full vocabulary
     top_k: tuple[int, ...] = (8,)
-    # rayd's teacher.support: teacher_topk (any backend), or student_topk / union (the student's
-    # own top-k ids scored exactly by an hf teacher; reverse KL then sees the student's mass)
+    # rayd's teacher.support: teacher_topk (any backend), student_topk / union (the student's
+    # own top-k ids scored exactly by an hf teacher; reverse KL then sees the student's mass),
+    # or full (the teacher inside each learner, the whole vocabulary: TRL's loss exactly)
     support: str = "teacher_topk"
     eval_prompts: int = 128  # held-out prompts for the shared evaluator
 
@@ -148,6 +150,7 @@ def rayd_config(s: BenchSettings, run_dir: Path, top_k: int | None = None) -> An
         "learner": {
             "num_learners": s.num_learners,
             "micro_batch_size": s.prompts_per_step // s.num_learners,
+            "threads": s.learner_threads,
             "grad_accum": 1,
             "optim": {
                 "lr": s.lr,
@@ -610,9 +613,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--support",
-        choices=("teacher_topk", "student_topk", "union"),
+        choices=("teacher_topk", "student_topk", "union", "full"),
         help="rayd's teacher.support (student_topk and union need teacher_backend=hf)",
     )
+    parser.add_argument(
+        "--max-staleness", type=int, help="rayd's trainer.max_staleness (0 = synchronous loop)"
+    )
+    parser.add_argument("--num-learners", type=int, help="rayd's learner.num_learners")
+    parser.add_argument("--learner-threads", type=int, help="rayd's learner.threads")
     parser.add_argument("--workdir", default="runs/bench-trl")
     parser.add_argument("--trl-worker", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -631,6 +639,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, top_k=top_k)
     if args.support:
         settings = dataclasses.replace(settings, support=args.support)
+    if args.max_staleness is not None:
+        settings = dataclasses.replace(settings, max_staleness=args.max_staleness)
+    if args.num_learners is not None:
+        settings = dataclasses.replace(settings, num_learners=args.num_learners)
+    if args.learner_threads is not None:
+        settings = dataclasses.replace(settings, learner_threads=args.learner_threads)
     print(json.dumps(run(args.quick, Path(args.workdir), settings), indent=2))
     return 0
 

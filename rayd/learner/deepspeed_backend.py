@@ -230,6 +230,8 @@ class DeepSpeedLearner:
         seed: int = 0,
         lr_schedule: LRSchedule = "constant",
         ds_overrides: dict[str, Any] | None = None,
+        teacher_path: str | None = None,
+        teacher_dtype: str = "auto",
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("DeepSpeedLearner needs torch.distributed initialised first")
@@ -274,6 +276,16 @@ class DeepSpeedLearner:
         )
         self.schedule: WarmupSchedule = self.engine.lr_scheduler
         self.engine.train()
+        # teacher.support=full: a frozen copy of the teacher in this process, so the loss can
+        # take the whole vocabulary without [tokens, V] logits crossing the wire.
+        self.teacher: torch.nn.Module | None = None
+        if loss.full_vocab:
+            if teacher_path is None:
+                raise ValueError("a full-vocabulary loss needs the teacher in the learner")
+            teacher = AutoModelForCausalLM.from_pretrained(
+                teacher_path, dtype=devices.resolve_dtype(teacher_dtype, self.device)
+            )
+            self.teacher = teacher.to(self.torch_device).eval().requires_grad_(False)
 
     # ---------------------------------------------------------------------------------------
     # Training
@@ -339,6 +351,12 @@ class DeepSpeedLearner:
             use_cache=False,
             output_hidden_states=bool(pairs),
         )
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(
+                    input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False
+                ).logits[:, :-1]
         per_token, metrics = batch_loss(
             out.logits[:, :-1],
             mb,
@@ -346,6 +364,7 @@ class DeepSpeedLearner:
             # Position j's state predicts token j + 1: aligned with the logits' target columns.
             student_hidden=[out.hidden_states[s][:, :-1] for s, _ in pairs] if pairs else None,
             projections=getattr(self.engine.module, FEATURE_PROJ, None),
+            teacher_logits=teacher_logits,
         )
         total = per_token.sum()
         sums = {"loss": total.detach().float()}

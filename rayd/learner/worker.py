@@ -47,6 +47,8 @@ class LearnerWorker:
         threads: int = 1,
         lr_schedule: LRSchedule = "constant",
         ds_overrides: dict[str, Any] | None = None,
+        teacher_path: str | None = None,
+        teacher_dtype: str = "auto",
     ) -> None:
         self.rank = rank
         self.device = devices.detect()
@@ -86,6 +88,8 @@ class LearnerWorker:
             seed=seed,
             lr_schedule=lr_schedule,
             ds_overrides=ds_overrides,
+            teacher_path=teacher_path,
+            teacher_dtype=teacher_dtype,
         )
 
     def ready(self) -> dict[str, Any]:

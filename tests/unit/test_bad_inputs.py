@@ -219,7 +219,32 @@ CASES = {
     "unknown teacher support": (
         lambda t: (None, ["teacher.support=both"]),
         2,
-        "teacher.support: Input should be 'teacher_topk', 'student_topk' or 'union'",
+        "teacher.support: Input should be 'teacher_topk', 'student_topk', 'union' or 'full'",
+    ),
+    "full vocabulary with the PG loss": (
+        lambda t: (None, ["teacher.support=full"]),
+        2,
+        "teacher.support=full takes the divergence over the whole vocabulary",
+    ),
+    "full vocabulary with several teachers": (
+        lambda t: (
+            None,
+            [
+                *beside_the_test_teacher("tiny:test-teacher"),
+                "teacher.support=full",
+                "algorithm.loss=jsd",
+            ],
+        ),
+        2,
+        "teacher.support=full runs one teacher inside the learners",
+    ),
+    "full vocabulary with divergence step weights": (
+        lambda t: (
+            None,
+            ["teacher.support=full", "algorithm.loss=jsd", "algorithm.step_weighting=divergence"],
+        ),
+        2,
+        "algorithm.step_weighting=divergence weighs steps by the teacher's log-probs",
     ),
     "gkd with PG loss": (
         lambda t: (None, ["algorithm.name=gkd", "algorithm.loss=on_policy_pg"]),

@@ -645,6 +645,71 @@ def test_batch_loss_hand_value_topk_tail() -> None:
     assert metrics["reverse_kl"].item() == pytest.approx(LN(0.4) - LN(0.5), abs=1e-6)
 
 
+def test_batch_loss_full_vocab_equals_the_full_vocabulary_losses() -> None:
+    """teacher.support=full: the teacher's logits replace the batch's top-k signal; values,
+    gradients, the teacher log-prob metric and logit_kd at T=2 match the reference functions,
+    and padding logits (even NaN) change nothing."""
+    batch = _batch()
+    mask, targets = batch.loss_mask, batch.input_ids[:, 1:]
+    student = _logits(31, (2, 3, V)).float()
+    teacher = _logits(32, (2, 3, V)).float()
+    student[1, 1:] = float("nan")
+    teacher[1, 1:] = float("nan")
+    clean_s = torch.where(mask.unsqueeze(-1), student, 0.0)
+    clean_t = torch.where(mask.unsqueeze(-1), teacher, 0.0)
+    cases = (
+        (LossSpec("forward_kl", full_vocab=True), forward_kl(clean_s, clean_t, mask)),
+        (LossSpec("reverse_kl", full_vocab=True), reverse_kl(clean_s, clean_t, mask)),
+        (
+            LossSpec("jsd", beta=0.3, temperature=2.0, full_vocab=True),
+            generalized_jsd(clean_s, clean_t, mask, beta=0.3, temperature=2.0),
+        ),
+    )
+    for spec, want in cases:
+        s = student.clone().requires_grad_(True)
+        loss, metrics = batch_loss(s, batch, spec, teacher_logits=teacher)
+        torch.testing.assert_close(loss, want)
+        teacher_lp = token_logprobs(clean_t, targets, mask)
+        torch.testing.assert_close(
+            metrics["reverse_kl"], (batch.behavior_logprobs - teacher_lp) * mask
+        )
+        (grad,) = torch.autograd.grad(loss.sum(), s)
+        ref = clean_s.clone().requires_grad_(True)
+        fn = {"forward_kl": forward_kl, "reverse_kl": reverse_kl}.get(spec.kind)
+        ref_loss = (
+            fn(ref, clean_t, mask)
+            if fn
+            else generalized_jsd(ref, clean_t, mask, beta=0.3, temperature=2.0)
+        )
+        (want_grad,) = torch.autograd.grad(ref_loss.sum(), ref)
+        torch.testing.assert_close(grad, want_grad)
+        assert (grad[1, 1:] == 0).all()
+
+    spec = LossSpec("logit_kd", alpha=0.3, temperature=2.0, full_vocab=True)  # no tail rule
+    loss, metrics = batch_loss(student, batch, spec, teacher_logits=teacher)
+    soft = hinton_kd(clean_s, clean_t, targets, mask, temperature=2.0, alpha=1.0)
+    torch.testing.assert_close(metrics["soft_loss"], soft)
+    ce = -token_logprobs(clean_s, targets, mask)
+    torch.testing.assert_close(loss, 0.3 * soft + 0.7 * ce)
+
+
+def test_batch_loss_full_vocab_contract() -> None:
+    batch = _batch()
+    logits = _logits(33, (2, 3, V)).float()
+    with pytest.raises(ValueError, match="teacher_logits"):
+        batch_loss(logits, batch, LossSpec("jsd", full_vocab=True))
+    with pytest.raises(ValueError, match="teacher_logits"):
+        batch_loss(logits, batch, LossSpec("jsd"), teacher_logits=logits)
+    with pytest.raises(ValueError, match="full_vocab applies"):
+        LossSpec("on_policy_pg", full_vocab=True)
+    # A teacher with a padded vocabulary (same tokenizer, more rows): the shared rows count.
+    wide = torch.cat([_logits(34, (2, 3, V)).float(), torch.full((2, 3, 2), 5.0)], dim=-1)
+    loss, _ = batch_loss(
+        logits, batch, LossSpec("reverse_kl", full_vocab=True), teacher_logits=wide
+    )
+    torch.testing.assert_close(loss, reverse_kl(logits, wide[..., :V], batch.loss_mask))
+
+
 def test_batch_loss_off_policy_rows_use_the_student_as_behaviour() -> None:
     batch = _batch()
     batch.on_policy = torch.tensor([True, False])
