@@ -101,9 +101,9 @@ class TeacherConfig(_Strict):
     #      (2 * top_k distinct ids holding both lists; hf backend).
     # full: the whole vocabulary, exact at any temperature: each learner holds a frozen copy of
     #      the teacher (transformers, models.teacher.dtype) and runs its forward beside the
-    #      student's, so no [tokens, vocab] tensor crosses the wire; the teacher actors then
-    #      serve only the held-out eval. Costs a teacher forward and a teacher's memory per
-    #      learner: for a teacher that fits beside the student.
+    #      student's, so no [tokens, vocab] tensor crosses the wire and no teacher actor starts
+    #      (the held-out eval asks learner rank 0). Costs a teacher forward and a teacher's
+    #      memory per learner: for a teacher that fits beside the student.
     support: Literal["teacher_topk", "student_topk", "union", "full"] = "teacher_topk"
     # Several teachers (models.teachers), see README "Several teachers":
     # ensemble: every sample gets the mixture sum_i w_i p_i, over the union of the teachers'

@@ -18,12 +18,12 @@ from rayd.cluster import WorkerPool
 from rayd.config import RunConfig
 from rayd.data.prompts import Prompt
 from rayd.tasks.base import Task
-from rayd.teachers import Teachers
+from rayd.teachers import LearnerTeacher, Teachers
 
 
 def heldout_metrics(
     rollout: WorkerPool,
-    teacher: Teachers | None,
+    teacher: Teachers | LearnerTeacher | None,
     prompts: list[Prompt],
     task: Task | None,
     cfg: RunConfig,

@@ -205,19 +205,71 @@ def full_vocab_divergence(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ in shape (vocabulary sizes must match)"
         )
-    log_s = _tempered_log_softmax(student_logits[mask], temperature)
-    log_t = _tempered_log_softmax(teacher_logits.detach()[mask], temperature)
-    if kind in ("forward_kl", "logit_kd"):
-        per_token = _kl(log_t, log_s)
-    elif kind == "reverse_kl":
-        per_token = _kl(log_s, log_t)
-    elif kind == "jsd":
-        per_token = _generalized_jsd_lp(log_s, log_t, beta)
-    else:
+    if kind == "logit_kd":
+        kind = "forward_kl"
+    if kind not in ("forward_kl", "reverse_kl", "jsd"):
         raise ValueError(f"no full-vocabulary divergence for loss kind {kind!r}")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"generalized JSD beta must lie in [0, 1], got {beta}")
+    if kind == "jsd" and beta in (0.0, 1.0):  # the interior formula is 0 at the ends
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    scaled = _as_float(student_logits[mask]) / temperature
+    log_t = _tempered_log_softmax(teacher_logits.detach()[mask], temperature)
+    per_token = _FullVocabDivergence.apply(scaled, log_t, kind, beta)
     return torch.zeros(mask.shape, dtype=per_token.dtype, device=per_token.device).masked_scatter(
         mask, per_token
     )
+
+
+class _FullVocabDivergence(torch.autograd.Function):
+    """A divergence between softmax(z) (student) and fixed teacher log-probs, [N, V] -> [N],
+    with its gradient in closed form: autograd through log_softmax, the log-space mixture and
+    the KLs keeps about a dozen [N, V] tensors and as many passes over them; this keeps two.
+
+    With p = softmax(z), log_t the teacher and d = log p - log r, every kind here has
+    dJ/dp_i = c * d_i + const (the const cancels in the softmax Jacobian), so
+        dJ/dz = c * p * (d - sum_i p_i d_i)
+    reverse KL: r = t, c = 1; JSD (TRL's convention, m = beta t + (1 - beta) p): r = m,
+    c = 1 - beta; forward KL: dJ/dz = p - t.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, z: Tensor, log_t: Tensor, kind: str, beta: float
+    ) -> Tensor:  # type: ignore[override]
+        log_s = torch.log_softmax(z, dim=-1)
+        p_s = log_s.exp()
+        if kind == "forward_kl":
+            p_t = log_t.exp()
+            value = (p_t * torch.where(p_t > 0, log_t - log_s, 0.0)).sum(-1)
+            ctx.save_for_backward(p_s, p_t)
+        elif kind == "reverse_kl":
+            d = log_s - log_t
+            value = (p_s * d).sum(-1)
+            ctx.save_for_backward(p_s, d)
+        else:
+            log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
+            d = log_s - log_m
+            # where p_t = 0 its term is 0 (log_t may be -inf: -inf - finite must not meet 0)
+            t_part = torch.where(log_t > -math.inf, log_t - log_m, 0.0)
+            value = beta * (log_t.exp() * t_part).sum(-1) + (1.0 - beta) * (p_s * d).sum(-1)
+            ctx.save_for_backward(p_s, d)
+        ctx.kind, ctx.beta = kind, beta
+        return value
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        p_s, other = ctx.saved_tensors  # type: ignore[attr-defined]
+        if ctx.kind == "forward_kl":  # type: ignore[attr-defined]
+            dz = p_s - other
+        else:
+            scale = 1.0 if ctx.kind == "reverse_kl" else 1.0 - ctx.beta  # type: ignore[attr-defined]
+            dz = p_s * (other - (p_s * other).sum(-1, keepdim=True)) * scale
+        return dz * grad.unsqueeze(-1), None, None, None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from rayd.cluster import WorkerPool, side_by_side
 from rayd.config import ConfigError, RunConfig
 from rayd.data.prompts import Prompt, PromptSet
 from rayd.mixture import hash_route, mix_scores, union_support
-from rayd.types import Sample, TeacherScore
+from rayd.types import Sample, TeacherScore, collate
 
 
 @dataclass
@@ -197,6 +197,53 @@ class Teachers:
             if tokens:
                 out[f"{prefix}{name}/reverse_kl"] = gap / tokens
         return out
+
+
+class LearnerTeacher:
+    """The teacher inside the learners (teacher.support=full) where the driver needs the
+    teacher itself: the held-out eval's log-probs of sampled tokens, from learner rank 0. No
+    teacher actor starts, so a GPU cluster holds the teacher once per learner, not once more."""
+
+    several = False
+    faults = 0  # a learner that dies is the learner group's business (LearnerFailure)
+
+    def __init__(self, learners: Any) -> None:
+        self.learners = learners
+
+    def ready(self) -> None:
+        """The learners built the teacher in their constructors."""
+
+    def shutdown(self) -> None:
+        """The learner group owns the model and shuts it down."""
+
+    def score(
+        self,
+        method: str,
+        pairs: Sequence[tuple[list[int], list[int]]],
+        *inputs: Any,
+        prompts: Sequence[Prompt] = (),
+        mix_support: bool = True,
+        **kwargs: Any,
+    ) -> Scored:
+        """`Teachers.score("score", pairs)`'s token log-probs (the top-k fields are empty: the
+        learners take the whole vocabulary themselves)."""
+        if method != "score" or inputs:
+            raise ValueError(f"the in-learner teacher serves 'score' only, not {method!r}")
+        samples = [
+            Sample(list(p), list(c), [0.0] * len(c), prompt_index=i)
+            for i, (p, c) in enumerate(pairs)
+        ]
+        empty = [TeacherScore.empty(len(c)) for _, c in pairs]
+        logprobs = self.learners.teacher_logprobs(collate(samples, empty, pad_id=0))
+        scores = []
+        for row, ((prompt, completion), score) in enumerate(zip(pairs, empty, strict=True)):
+            start = len(prompt) - 1  # completion token j is predicted at column start + j
+            own = logprobs[row, start : start + len(completion)].clone()
+            scores.append(TeacherScore(own, score.topk_ids, score.topk_logprobs))
+        return Scored(scores, [(list(range(len(scores))), [s.token_logprobs for s in scores])])
+
+    def metrics(self, samples: Sequence[Sample], scored: Scored, prefix: str) -> dict[str, float]:
+        return {}
 
 
 def _same_supports(per_pair: Sequence[Sequence[TeacherScore]]) -> bool:

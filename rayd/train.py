@@ -122,7 +122,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
     check_routes(cfg, prompts)
     # logit_kd over a `rayd score` dataset reads the teacher's top-k from disk: no teacher actor.
     stored = load_stored_signal(cfg, prompts, teacher_path, tokenizer)
-    # teacher.support=full: the learners run the teacher; its actors serve the held-out eval.
+    # teacher.support=full: the learners run the teacher (the eval asks learner rank 0 too).
     in_learners = cfg.teacher.support == "full"
     if stored is not None and in_learners:
         raise ConfigError(
@@ -131,7 +131,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
         )
     trackers = start_trackers(run_dir, cfg)  # W&B when enabled: after the checks, before actors
     cluster.connect()
-    check_resources(cfg, ray.cluster_resources(), with_teacher=stored is None)
+    check_resources(cfg, ray.cluster_resources(), with_teacher=stored is None and not in_learners)
     # One actor pool per teacher; several are combined per teacher.combine (rayd/teachers.py).
     rollout, teacher, learners = start_workers(
         cfg,

@@ -17,7 +17,7 @@ from rayd.learner.group import LearnerGroup
 from rayd.losses import LossSpec
 from rayd.rollout.worker import RolloutWorker
 from rayd.teacher.worker import TeacherWorker
-from rayd.teachers import Teachers
+from rayd.teachers import LearnerTeacher, Teachers
 from rayd.weight_sync import deserialize_state_dict, load_whole_state_dict
 from rayd.zoo import resolve_model_path
 
@@ -274,10 +274,11 @@ def start_workers(
         max_reissues=cfg.trainer.actor_restarts,
     )
     pools: list[WorkerPool] = []
+    in_learners = cfg.teacher.support == "full"  # the learners hold the teacher: no actors
     try:
-        for i, path in enumerate(teachers or []):
+        for i, path in enumerate([] if in_learners else teachers or []):
             pools.append(start_teachers(cfg, path, i))
-        group = None
+        group: Teachers | LearnerTeacher | None = None
         if pools:
             specs = cfg.models.teacher_list
             group = Teachers(
@@ -290,6 +291,8 @@ def start_workers(
             )
         first_teacher = teachers[0] if teachers else None
         learners = _learner_group(cfg, student, first_teacher, features)
+        if in_learners:
+            group = LearnerTeacher(learners)
         # Engines load in parallel; wait for all of them here so start-up errors surface at once.
         rollout.call_all("ready")
         if group is not None:

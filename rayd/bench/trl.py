@@ -116,7 +116,11 @@ SMOLLM2 = BenchSettings(
     eval_prompts=16,
     teacher_backend="hf",
     actor_threads=2,
-    max_staleness=1,
+    # TRL's loss exactly (the teacher inside each learner), in the synchronous loop: on two
+    # cores the pipelined one only makes rollouts and learners share them, and its stale rows'
+    # importance weights slowed the KL per step (measured: README, Benchmarks)
+    support="full",
+    max_staleness=0,
     # two threads on a quiet machine; under load from other jobs TRL's 2-thread steps stalled
     # (72-88 s against 3-7 s on one thread): then pass trl_threads=(1,)
     trl_threads=(2,),

@@ -42,7 +42,7 @@ os.environ.setdefault("DS_ACCELERATOR", devices.detect().ds_accelerator)
 import deepspeed
 from transformers import AutoModelForCausalLM
 
-from rayd.losses import LossSpec, batch_loss
+from rayd.losses import LossSpec, batch_loss, token_logprobs
 from rayd.types import TrainBatch
 from rayd.weight_sync import serialize_state_dict
 
@@ -437,6 +437,19 @@ class DeepSpeedLearner:
         logp = out.logits[:, :-1].float().log_softmax(-1)
         picked = logp.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         return torch.where(batch.attention_mask[:, 1:].bool(), picked, 0.0).cpu()
+
+    def teacher_logprobs(self, batch: TrainBatch) -> Tensor:
+        """The in-learner teacher's log p(input_ids[:, j+1] | prefix) -> [B, L-1] float32 on
+        CPU, 0 where the target is padding (teacher.support=full; no collective)."""
+        if self.teacher is None:
+            raise RuntimeError("this learner holds no teacher (teacher.support is not full)")
+        batch = self._to_device(batch)
+        with torch.no_grad():
+            logits = self.teacher(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            ).logits[:, :-1]
+        picked = token_logprobs(logits, batch.input_ids[:, 1:])
+        return torch.where(batch.attention_mask[:, 1:].bool(), picked, 0.0).float().cpu()
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
         """The model's full weights on CPU on rank 0 (None elsewhere); HF state_dict keys.

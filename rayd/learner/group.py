@@ -157,6 +157,12 @@ class LearnerGroup:
             cluster.call_all(self._actors, "logprobs", ref), self.timeout_s, "logprobs"
         )[0]
 
+    def teacher_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """The in-learner teacher's log-probs of the targets [B, L-1] (teacher.support=full),
+        from rank 0 alone: the teacher is a plain replicated model, no collective."""
+        ref = self._actors[0].teacher_logprobs.remote(batch)
+        return self._collect([ref], self.timeout_s, "teacher log-probs")[0]
+
     def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
         self._collect(
             cluster.call_all(self._actors, "save_checkpoint", directory, tag, client_state),

@@ -102,6 +102,9 @@ class LearnerWorker:
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         return self.learner.logprobs(batch)
 
+    def teacher_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        return self.learner.teacher_logprobs(batch)
+
     def state_dict_blob(self) -> bytes | None:
         return self.learner.state_dict_blob()
 

@@ -19,6 +19,7 @@ from datasets import Dataset, disable_progress_bars, load_from_disk
 from transformers import AutoModelForCausalLM
 
 import rayd.train as train_module
+import rayd.workers as workers_module
 from rayd.config import load_config
 from rayd.score import score_dataset
 from rayd.tasks import make_task
@@ -90,11 +91,12 @@ def test_on_policy_jsd_over_the_whole_vocabulary(local_ray, tmp_path, monkeypatc
         return batch
 
     def no_teacher_actor(*args, **kwargs):
-        raise AssertionError("teacher.support=full asked the teacher actors for training scores")
+        raise AssertionError("teacher.support=full started or asked a teacher actor")
 
     collate = train_module.collate
     monkeypatch.setattr(train_module, "collate", recording_collate)
     monkeypatch.setattr(train_module, "ask_teacher", no_teacher_actor)
+    monkeypatch.setattr(workers_module, "start_teachers", no_teacher_actor)
     cfg = load_config(
         CONFIG,
         [

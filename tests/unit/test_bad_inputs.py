@@ -495,6 +495,18 @@ CASES = {
         2,
         "the stored signal is one teacher's (rayd score), but the run has several",
     ),
+    "stored signal with the whole vocabulary": (
+        lambda t: (
+            None,
+            [
+                "algorithm.name=logit_kd",
+                "teacher.support=full",
+                f"data.train_dataset={scored_dataset(t)}",
+            ],
+        ),
+        2,
+        "teacher.support=full runs the teacher inside the learners, but the dataset carries",
+    ),
     # --- data ---
     "dataset missing": (lambda t: (None, [f"data.source={t}/none.jsonl"]), 2, "does not exist"),
     "dataset empty": (lambda t: (None, [f"data.source={jsonl(t / 'd.jsonl', [])}"]), 2, "no rows"),

@@ -693,6 +693,29 @@ def test_batch_loss_full_vocab_equals_the_full_vocabulary_losses() -> None:
     torch.testing.assert_close(loss, 0.3 * soft + 0.7 * ce)
 
 
+def test_full_vocab_divergence_with_zero_probability_teacher_tokens() -> None:
+    """The closed-form gradient (rayd.losses._FullVocabDivergence) where the teacher puts no
+    mass on some tokens: values and gradients finite and equal to autograd's reference."""
+    from rayd.losses import full_vocab_divergence
+
+    student, teacher = _logits(35), _logits(36)
+    teacher[..., :2] = -math.inf
+    mask = _mask()
+    for kind, ref in (
+        ("forward_kl", lambda s: forward_kl(s, teacher, mask)),
+        ("jsd", lambda s: generalized_jsd(s, teacher, mask, beta=0.5)),
+    ):
+        s = student.clone().requires_grad_(True)
+        got = full_vocab_divergence(s, teacher, mask, kind, beta=0.5)
+        (grad,) = torch.autograd.grad(got.sum(), s)
+        r = student.clone().requires_grad_(True)
+        want = ref(r)
+        (want_grad,) = torch.autograd.grad(want.sum(), r)
+        assert torch.isfinite(got).all() and torch.isfinite(grad).all()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(grad, want_grad)
+
+
 def test_batch_loss_full_vocab_contract() -> None:
     batch = _batch()
     logits = _logits(33, (2, 3, V)).float()

@@ -229,3 +229,26 @@ def test_route_field_from_jsonl_and_its_checks(tmp_path):
     path.write_text(json.dumps({"prompt": "1+1=", "source": 3}) + "\n")
     with pytest.raises(ConfigError, match=r"d.jsonl:1: field 'source' .* must name a teacher"):
         load_prompts(cfg.data, tok, 32, 0, route_field="source")
+
+
+def test_the_in_learner_teacher_serves_the_evals_token_logprobs():
+    """teacher.support=full: the eval's teacher log-probs come from learner rank 0 over the
+    collated pairs; each pair gets its completion's columns (the learner group is faked: the
+    real one runs in tests/e2e/test_teacher_signal.py)."""
+    from rayd.teachers import LearnerTeacher
+
+    class Learners:  # log-prob = the flat cell index of the target, so columns are checkable
+        def teacher_logprobs(self, batch):
+            self.batch = batch
+            cells = torch.arange(batch.input_ids.numel(), dtype=torch.float32)
+            return cells.reshape(batch.input_ids.shape)[:, 1:]
+
+    learners = Learners()
+    teacher = LearnerTeacher(learners)
+    pairs = [([1, 2], [3, 4, 5]), ([7], [8])]
+    scored = teacher.score("score", pairs, prompts=[], mix_support=False, top_k=1)
+    assert learners.batch.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 0, 0, 0]]
+    assert [s.token_logprobs.tolist() for s in scored.scores] == [[2.0, 3.0, 4.0], [6.0]]
+    assert teacher.metrics([], scored, "eval/teacher/") == {} and teacher.faults == 0
+    with pytest.raises(ValueError, match="serves 'score' only"):
+        teacher.score("score_ids", pairs, [torch.zeros(3, 1)])
