@@ -693,23 +693,30 @@ def test_batch_loss_full_vocab_equals_the_full_vocabulary_losses() -> None:
     torch.testing.assert_close(loss, 0.3 * soft + 0.7 * ce)
 
 
-def test_full_vocab_divergence_with_zero_probability_teacher_tokens() -> None:
+@pytest.mark.parametrize("chunk_rows", [1, 64])
+def test_full_vocab_divergence_with_zero_probability_teacher_tokens(chunk_rows, monkeypatch):
     """The closed-form gradient (rayd.losses._FullVocabDivergence) where the teacher puts no
-    mass on some tokens: values and gradients finite and equal to autograd's reference."""
+    mass on some tokens: values and gradients finite and equal to autograd's reference, in one
+    chunk of rows or one row per chunk."""
+    import rayd.losses
     from rayd.losses import full_vocab_divergence
 
-    student, teacher = _logits(35), _logits(36)
-    teacher[..., :2] = -math.inf
+    monkeypatch.setattr(rayd.losses, "_CHUNK_ROWS", chunk_rows)
+
+    student, finite = _logits(35), _logits(36)
+    holes = finite.clone()
+    holes[..., :2] = -math.inf  # reverse KL is infinite there: it takes the finite teacher
     mask = _mask()
-    for kind, ref in (
-        ("forward_kl", lambda s: forward_kl(s, teacher, mask)),
-        ("jsd", lambda s: generalized_jsd(s, teacher, mask, beta=0.5)),
+    for kind, teacher, ref in (
+        ("forward_kl", holes, forward_kl),
+        ("jsd", holes, lambda s, t, m: generalized_jsd(s, t, m, beta=0.5)),
+        ("reverse_kl", finite, reverse_kl),
     ):
         s = student.clone().requires_grad_(True)
         got = full_vocab_divergence(s, teacher, mask, kind, beta=0.5)
         (grad,) = torch.autograd.grad(got.sum(), s)
         r = student.clone().requires_grad_(True)
-        want = ref(r)
+        want = ref(r, teacher, mask)
         (want_grad,) = torch.autograd.grad(want.sum(), r)
         assert torch.isfinite(got).all() and torch.isfinite(grad).all()
         torch.testing.assert_close(got, want)
