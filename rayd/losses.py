@@ -166,15 +166,19 @@ def _tempered_log_softmax(logits: Tensor, temperature: float) -> Tensor:
     return F.log_softmax(_as_float(logits) / temperature, dim=-1)
 
 
-def _full_vocab_pair(
-    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float
-) -> tuple[Tensor, Tensor]:
-    """Tempered log-softmaxes [B, T, V] of student and teacher, finite at masked positions."""
+def _check_same_shape(student_logits: Tensor, teacher_logits: Tensor) -> None:
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ in shape (vocabulary sizes must match)"
         )
+
+
+def _full_vocab_pair(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Tempered log-softmaxes [B, T, V] of student and teacher, finite at masked positions."""
+    _check_same_shape(student_logits, teacher_logits)
     log_s = _tempered_log_softmax(_zero_masked(student_logits, mask), temperature)
     # The teacher is a fixed target: no gradient flows into it.
     log_t = _tempered_log_softmax(_zero_masked(teacher_logits.detach(), mask), temperature)
@@ -200,11 +204,7 @@ def full_vocab_divergence(
     mixture are [N, V], not [B, T, V]: prompt and padding columns cost nothing. The teacher is
     a fixed target (detached); both sides are tempered by `temperature`.
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ in shape (vocabulary sizes must match)"
-        )
+    _check_same_shape(student_logits, teacher_logits)
     if kind == "logit_kd":
         kind = "forward_kl"
     if kind not in ("forward_kl", "reverse_kl", "jsd"):
@@ -264,16 +264,18 @@ class _FullVocabDivergence(torch.autograd.Function):
             else:
                 if kind == "reverse_kl":
                     d, scale = log_s - log_t, 1.0
-                    values[rows] = (p_s * d).sum(-1)
                 else:
                     log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
                     d, scale = log_s - log_m, 1.0 - beta
+                mean_d = (p_s * d).sum(-1, keepdim=True)  # E_p[d], in the value and the grad
+                if kind == "reverse_kl":
+                    values[rows] = mean_d.squeeze(-1)
+                else:
                     # where t = 0 its term is 0 (log_t = -inf must not meet a 0 in a product)
                     t_part = torch.where(log_t > -math.inf, log_t - log_m, 0.0)
-                    values[rows] = beta * (log_t.exp() * t_part).sum(-1) + scale * (p_s * d).sum(-1)
-                grad = None
-                if want_grad:
-                    grad = p_s * (d - (p_s * d).sum(-1, keepdim=True)) * scale
+                    t_term = (log_t.exp() * t_part).sum(-1)
+                    values[rows] = beta * t_term + scale * mean_d.squeeze(-1)
+                grad = p_s * (d - mean_d) * scale if want_grad else None
             if dz is not None and grad is not None:
                 dz[rows] = grad
         ctx.save_for_backward(dz)
@@ -826,12 +828,16 @@ def batch_loss(
 
     metrics: dict[str, Tensor] = {}
     if teacher_logits is not None:
-        kind = "forward_kl" if spec.kind == "logit_kd" else spec.kind
         # One tokenizer can come with differently padded vocab_size (Qwen2.5-0.5B 151936, 7B
         # 152064; the config checks both cover the tokenizer): compare over the shared rows.
         width = min(logits.shape[-1], teacher_logits.shape[-1])
         full = full_vocab_divergence(
-            logits[..., :width], teacher_logits[..., :width], mask, kind, spec.beta, temperature
+            logits[..., :width],
+            teacher_logits[..., :width],
+            mask,
+            spec.kind,  # logit_kd's soft term is the forward KL
+            spec.beta,
+            temperature,
         )
         log_s = log_t = None
     elif spec.kind in (*_TOPK_KINDS, "logit_kd"):

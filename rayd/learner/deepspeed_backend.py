@@ -351,12 +351,7 @@ class DeepSpeedLearner:
             use_cache=False,
             output_hidden_states=bool(pairs),
         )
-        teacher_logits = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(
-                    input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False
-                ).logits[:, :-1]
+        teacher_logits = self._teacher_logits(mb) if self.teacher is not None else None
         per_token, metrics = batch_loss(
             out.logits[:, :-1],
             mb,
@@ -441,15 +436,19 @@ class DeepSpeedLearner:
     def teacher_logprobs(self, batch: TrainBatch) -> Tensor:
         """The in-learner teacher's log p(input_ids[:, j+1] | prefix) -> [B, L-1] float32 on
         CPU, 0 where the target is padding (teacher.support=full; no collective)."""
+        batch = self._to_device(batch)
+        picked = token_logprobs(self._teacher_logits(batch), batch.input_ids[:, 1:])
+        return torch.where(batch.attention_mask[:, 1:].bool(), picked, 0.0).float().cpu()
+
+    @torch.no_grad()
+    def _teacher_logits(self, batch: TrainBatch) -> Tensor:
+        """The in-learner teacher's logits [B, L-1, V], aligned with the batch's targets."""
         if self.teacher is None:
             raise RuntimeError("this learner holds no teacher (teacher.support is not full)")
-        batch = self._to_device(batch)
-        with torch.no_grad():
-            logits = self.teacher(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            ).logits[:, :-1]
-        picked = token_logprobs(logits, batch.input_ids[:, 1:])
-        return torch.where(batch.attention_mask[:, 1:].bool(), picked, 0.0).float().cpu()
+        out = self.teacher(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        )
+        return out.logits[:, :-1]
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
         """The model's full weights on CPU on rank 0 (None elsewhere); HF state_dict keys.
