@@ -19,6 +19,7 @@ Distributions: p_T teacher, p_S student; forward KL = KL(p_T || p_S), reverse KL
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -200,11 +201,38 @@ def full_vocab_divergence(
     """Per-token divergence over the whole vocabulary, [B, T, V] logits -> [B, T], 0 where masked.
 
     kind: "forward_kl" (also logit_kd's soft term), "reverse_kl" or "jsd" (`beta`, TRL's
-    convention). Only the mask's N positions are taken out first, so the log-softmaxes and the
-    mixture are [N, V], not [B, T, V]: prompt and padding columns cost nothing. The teacher is
-    a fixed target (detached); both sides are tempered by `temperature`.
+    convention). Only the mask's N positions are taken out first (`full_vocab_rows`), so
+    prompt and padding columns cost nothing. The teacher is a fixed target (detached); both
+    sides are tempered by `temperature`.
     """
     _check_same_shape(student_logits, teacher_logits)
+    targets = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)[mask]
+    rows, _, _ = full_vocab_rows(
+        student_logits[mask], teacher_logits[mask], targets, kind, beta, temperature
+    )
+    return _scatter_rows(rows, mask)
+
+
+def full_vocab_rows(
+    student_rows: Tensor,
+    teacher_rows: Tensor,
+    targets: Tensor,
+    kind: str,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The divergence over the whole vocabulary at N positions: logits [N, V] -> [N], plus
+    the tempered log-probs of `targets` [N] under student and teacher ([N] each, detached),
+    which the same pass over the rows yields for free.
+
+    kind as in `full_vocab_divergence`. The teacher is detached. A student wanting gradients
+    gets them in closed form (`_FullVocabDivergence`).
+    """
+    if student_rows.shape != teacher_rows.shape or student_rows.dim() != 2:
+        raise ValueError(
+            f"student rows {tuple(student_rows.shape)} and teacher rows "
+            f"{tuple(teacher_rows.shape)} must be the same [N, V] (vocabulary sizes must match)"
+        )
     if kind == "logit_kd":
         kind = "forward_kl"
     if kind not in ("forward_kl", "reverse_kl", "jsd"):
@@ -215,12 +243,14 @@ def full_vocab_divergence(
         raise ValueError(f"generalized JSD beta must lie in [0, 1], got {beta}")
     if kind == "jsd" and beta in (0.0, 1.0):  # the interior formula is 0 at the ends
         kind = "forward_kl" if beta == 0.0 else "reverse_kl"
-    scaled = _as_float(student_logits[mask]) / temperature
-    teacher_scaled = _as_float(teacher_logits.detach()[mask]) / temperature
-    per_token = _FullVocabDivergence.apply(scaled, teacher_scaled, kind, beta)
-    return torch.zeros(mask.shape, dtype=per_token.dtype, device=per_token.device).masked_scatter(
-        mask, per_token
+    return _FullVocabDivergence.apply(
+        student_rows, teacher_rows.detach(), targets, kind, beta, temperature
     )
+
+
+def _scatter_rows(rows: Tensor, mask: Tensor) -> Tensor:
+    """[N] values at the mask's positions (row-major) -> [B, T], 0 elsewhere; differentiable."""
+    return torch.zeros(mask.shape, dtype=rows.dtype, device=rows.device).masked_scatter(mask, rows)
 
 
 # Rows of a [N, V] divergence handled at once: 64 x 49,152 floats (12 MiB) stay in cache for
@@ -229,16 +259,19 @@ _CHUNK_ROWS = 64
 
 
 class _FullVocabDivergence(torch.autograd.Function):
-    """A divergence between softmax(z) (student) and softmax(teacher_z), [N, V] -> [N], with its
-    gradient in closed form, computed in the forward pass chunk by chunk: autograd through
-    log_softmax, the log-space mixture and the KLs keeps about a dozen [N, V] tensors and makes
-    as many passes over memory; this keeps one (dJ/dz) and reads each input once.
+    """A divergence between softmax(z / T) (student) and softmax(teacher_z / T), [N, V] -> [N],
+    with its gradient in closed form, computed in the forward pass chunk by chunk: autograd
+    through log_softmax, the log-space mixture and the KLs keeps about a dozen [N, V] tensors
+    and makes as many passes over memory; this keeps one (dJ/dz) and reads each input once.
+    Inputs may be bf16/fp16: each chunk is taken to fp32, and dJ/dz comes back in z's dtype.
 
-    With p = softmax(z), t = softmax(teacher_z) and d = log p - log r, every kind here has
-    dJ/dp_i = c * d_i + const (the const cancels in the softmax Jacobian), so
-        dJ/dz = c * p * (d - sum_i p_i d_i)
+    With p = softmax(z / T), t = softmax(teacher_z / T) and d = log p - log r, every kind here
+    has dJ/dp_i = c * d_i + const (the const cancels in the softmax Jacobian), so
+        dJ/dz = (c / T) * p * (d - sum_i p_i d_i)
     reverse KL: r = t, c = 1; JSD (TRL's convention, m = beta t + (1 - beta) p): r = m,
-    c = 1 - beta; forward KL: dJ/dz = p - t.
+    c = 1 - beta; forward KL: dJ/dz = (p - t) / T.
+
+    Two more outputs, not differentiable: log p(targets) and log t(targets), [N] each.
     """
 
     @staticmethod
@@ -246,21 +279,29 @@ class _FullVocabDivergence(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx,
         z: Tensor,
         teacher_z: Tensor,
+        targets: Tensor,
         kind: str,
         beta: float,
-    ) -> Tensor:  # type: ignore[override]
+        temperature: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
         want_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
-        values = z.new_empty(z.shape[:-1])
+        n = z.shape[0]
+        values = z.new_empty(n, dtype=_as_float(z[:0]).dtype)
+        student_lp = torch.empty_like(values)
+        teacher_lp = torch.empty_like(values)
         dz = torch.empty_like(z) if want_grad else None
-        for start in range(0, z.shape[0], _CHUNK_ROWS):
+        picked = targets.unsqueeze(-1)
+        for start in range(0, n, _CHUNK_ROWS):
             rows = slice(start, start + _CHUNK_ROWS)
-            log_s = torch.log_softmax(z[rows], dim=-1)
-            log_t = torch.log_softmax(teacher_z[rows], dim=-1)
+            log_s = torch.log_softmax(_as_float(z[rows]) / temperature, dim=-1)
+            log_t = torch.log_softmax(_as_float(teacher_z[rows]) / temperature, dim=-1)
+            student_lp[rows] = log_s.gather(-1, picked[rows]).squeeze(-1)
+            teacher_lp[rows] = log_t.gather(-1, picked[rows]).squeeze(-1)
             p_s = log_s.exp()
             if kind == "forward_kl":
                 p_t = log_t.exp()
                 values[rows] = (p_t * torch.where(p_t > 0, log_t - log_s, 0.0)).sum(-1)
-                grad = p_s - p_t if want_grad else None
+                grad = (p_s - p_t) / temperature if want_grad else None
             else:
                 if kind == "reverse_kl":
                     d, scale = log_s - log_t, 1.0
@@ -275,18 +316,19 @@ class _FullVocabDivergence(torch.autograd.Function):
                     t_part = torch.where(log_t > -math.inf, log_t - log_m, 0.0)
                     t_term = (log_t.exp() * t_part).sum(-1)
                     values[rows] = beta * t_term + scale * mean_d.squeeze(-1)
-                grad = p_s * (d - mean_d) * scale if want_grad else None
+                grad = p_s * (d - mean_d) * (scale / temperature) if want_grad else None
             if dz is not None and grad is not None:
                 dz[rows] = grad
         ctx.save_for_backward(dz)
-        return values
+        ctx.mark_non_differentiable(student_lp, teacher_lp)
+        return values, student_lp, teacher_lp
 
     @staticmethod
     def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+        ctx: torch.autograd.function.FunctionCtx, grad: Tensor, *_: Tensor
     ) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (dz,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return dz * grad.unsqueeze(-1), None, None, None
+        return dz * grad.unsqueeze(-1).to(dz.dtype), None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -752,6 +794,62 @@ def step_token_weights(
 # The learner's entry point
 
 
+def _full_vocab_terms(
+    student_logits: Tensor, teacher_logits: Tensor, batch: TrainBatch, spec: LossSpec
+) -> tuple[Tensor, Tensor, Tensor, Callable[[], Tensor]]:
+    """batch_loss's terms under teacher.support=full, each [B, L-1] and 0 where masked: the
+    divergence, the student's target log-prob at spec.temperature (detached), the teacher's at
+    temperature 1 (detached), and a function giving the student's target log-prob at
+    temperature 1 with its gradient (the hard-label terms, computed only when asked for)."""
+    mask = batch.loss_mask
+    n = int(mask.sum())
+    targets = batch.input_ids[:, 1:][mask]
+    if student_logits.dim() == 3 and teacher_logits.dim() == 3:
+        if student_logits.shape[:2] != mask.shape or teacher_logits.shape[:2] != mask.shape:
+            raise ValueError(
+                f"student logits {tuple(student_logits.shape)} and teacher logits "
+                f"{tuple(teacher_logits.shape)} are not aligned with the batch's "
+                f"{tuple(mask.shape)} targets (expected [B, L-1, V])"
+            )
+        student_logits, teacher_logits = student_logits[mask], teacher_logits[mask]
+    if not (
+        student_logits.dim() == teacher_logits.dim() == 2
+        and student_logits.shape[0] == teacher_logits.shape[0] == n
+    ):
+        raise ValueError(
+            f"full-vocabulary logits must be [B, L-1, V] or the [N, V] rows at the batch's "
+            f"{n} loss positions; got student {tuple(student_logits.shape)}, teacher "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    # One tokenizer can come with differently padded vocab_size (Qwen2.5-0.5B 151936, 7B
+    # 152064; the config checks both cover the tokenizer): compare over the shared rows.
+    width = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    rows, student_lp, teacher_lp = full_vocab_rows(
+        student_logits[:, :width],
+        teacher_logits[:, :width],
+        targets,
+        spec.kind,  # logit_kd's soft term is the forward KL
+        spec.beta,
+        spec.temperature,
+    )
+    # The pass above saw only the shared rows at spec.temperature; where either side has more,
+    # or the teacher's metric wants temperature 1, take the target log-probs over all of V.
+    if width != student_logits.shape[-1]:
+        student_lp = token_logprobs(_as_float(student_logits.detach()) / spec.temperature, targets)
+    if width != teacher_logits.shape[-1] or spec.temperature != 1.0:
+        teacher_lp = token_logprobs(teacher_logits.detach(), targets)
+
+    def ce_logprobs() -> Tensor:
+        return _scatter_rows(token_logprobs(student_logits, targets), mask)
+
+    return (
+        _scatter_rows(rows, mask),
+        _scatter_rows(student_lp, mask),
+        _scatter_rows(teacher_lp, mask),
+        ce_logprobs,
+    )
+
+
 def batch_loss(
     student_logits: Tensor,
     batch: TrainBatch,
@@ -791,10 +889,12 @@ def batch_loss(
     "label_loss" (their CE) and "label_tokens" (1 on their tokens), and "reverse_kl" is 0 on
     them, so a caller can turn both into means over their own tokens.
 
-    spec.full_vocab (teacher.support=full): `teacher_logits` [B, L-1, V], aligned like the
-    student's, replace the batch's teacher signal: forward_kl / reverse_kl / jsd and logit_kd's
-    soft term are taken over the whole vocabulary (`full_vocab_divergence`, exact at any
-    temperature), and the teacher's log-probs of the targets come from them too.
+    spec.full_vocab (teacher.support=full): `teacher_logits` replace the batch's teacher
+    signal: forward_kl / reverse_kl / jsd and logit_kd's soft term are taken over the whole
+    vocabulary (`full_vocab_rows`, exact at any temperature), and the teacher's log-probs of
+    the targets come from them too. Student and teacher logits are then either [B, L-1, V]
+    like the student's above, or [N, V]: only the rows at batch.loss_mask's N positions
+    (row-major), which is what the learner passes, having run its output layer only there.
 
     Rows with batch.on_policy False (dataset completions) carry no behaviour log-probs; for
     them the current student stands in as the behaviour policy (ratio 1), so the pg advantage
@@ -802,43 +902,38 @@ def batch_loss(
     """
     mask = batch.loss_mask
     targets = batch.input_ids[:, 1:]
-    if student_logits.shape[:2] != mask.shape:
+    if spec.full_vocab != (teacher_logits is not None):
         raise ValueError(
-            f"student logits {tuple(student_logits.shape)} are not aligned with the batch's "
-            f"{tuple(mask.shape)} targets (expected [B, L-1, V])"
+            "full_vocab losses take the teacher's logits (teacher_logits=...), the others do not"
         )
     temperature = spec.temperature
-    logits = _zero_masked(student_logits, mask)
-    tempered = logits if temperature == 1.0 else _as_float(logits) / temperature
-    lse = torch.logsumexp(_as_float(tempered), dim=-1)
-    student_lp = token_logprobs(tempered, targets, mask, lse=lse)
+    metrics: dict[str, Tensor] = {}
+    if teacher_logits is not None:
+        full, student_lp, teacher, ce_logprobs = _full_vocab_terms(
+            student_logits, teacher_logits, batch, spec
+        )
+    else:
+        if student_logits.shape[:2] != mask.shape:
+            raise ValueError(
+                f"student logits {tuple(student_logits.shape)} are not aligned with the "
+                f"batch's {tuple(mask.shape)} targets (expected [B, L-1, V])"
+            )
+        logits = _zero_masked(student_logits, mask)
+        tempered = logits if temperature == 1.0 else _as_float(logits) / temperature
+        lse = torch.logsumexp(_as_float(tempered), dim=-1)
+        student_lp = token_logprobs(tempered, targets, mask, lse=lse)
+        teacher = batch.teacher_logprobs.to(student_lp.dtype)
+
+        def ce_logprobs() -> Tensor:
+            # log p_S(target) at temperature 1, with its gradient: the hard-label terms
+            return student_lp if temperature == 1.0 else token_logprobs(logits, targets, mask)
 
     behavior = batch.behavior_logprobs.to(student_lp.dtype)
     if batch.on_policy.numel() == mask.shape[0]:
         off = ~batch.on_policy.to(mask.device).unsqueeze(-1)
         behavior = torch.where(off, student_lp.detach(), behavior)
-    if spec.full_vocab != (teacher_logits is not None):
-        raise ValueError(
-            "full_vocab losses take the teacher's logits (teacher_logits=...), the others do not"
-        )
-    if teacher_logits is None:
-        teacher = batch.teacher_logprobs.to(student_lp.dtype)
-    else:
-        teacher = token_logprobs(teacher_logits.detach(), targets, mask).to(student_lp.dtype)
 
-    metrics: dict[str, Tensor] = {}
     if teacher_logits is not None:
-        # One tokenizer can come with differently padded vocab_size (Qwen2.5-0.5B 151936, 7B
-        # 152064; the config checks both cover the tokenizer): compare over the shared rows.
-        width = min(logits.shape[-1], teacher_logits.shape[-1])
-        full = full_vocab_divergence(
-            logits[..., :width],
-            teacher_logits[..., :width],
-            mask,
-            spec.kind,  # logit_kd's soft term is the forward KL
-            spec.beta,
-            temperature,
-        )
         log_s = log_t = None
     elif spec.kind in (*_TOPK_KINDS, "logit_kd"):
         # tail=True forces temperature 1 (LossSpec checks), so the lse above is the right one.
@@ -876,7 +971,7 @@ def batch_loss(
     elif spec.kind == "logit_kd":
         soft = full if teacher_logits is not None else _per_token(_kl(log_t, log_s), mask)
         soft = soft * temperature**2
-        hard = -(student_lp if temperature == 1.0 else token_logprobs(logits, targets, mask))
+        hard = -ce_logprobs()
         loss = spec.alpha * soft + (1.0 - spec.alpha) * hard
         metrics["soft_loss"] = _per_token(soft, mask).detach()
         metrics["hard_loss"] = _per_token(hard, mask).detach()
@@ -900,7 +995,7 @@ def batch_loss(
     distilled = mask
     if batch.hard_target.numel() == mask.shape[0]:
         hard = batch.hard_target.to(mask.device).unsqueeze(-1) & mask
-        ce = -(student_lp if temperature == 1.0 else token_logprobs(logits, targets, mask))
+        ce = -ce_logprobs()
         loss = torch.where(hard, ce, loss)
         distilled = mask & ~hard
         metrics["label_loss"] = _per_token(ce, hard).detach()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -286,6 +287,17 @@ class DeepSpeedLearner:
                 teacher_path, dtype=devices.resolve_dtype(teacher_dtype, self.device)
             )
             self.teacher = teacher.to(self.torch_device).eval().requires_grad_(False)
+        # Full-vocabulary losses need logits only at the loss positions: the output layer on
+        # those rows alone skips prompt and padding columns and the [B, L, V] tensors around
+        # them. Used where this model's logits are exactly its output layer on its last
+        # hidden state (a probe checks: no soft-capping or scaling after it).
+        self.rows_only = self.teacher is not None and self._rows_match_logits()
+        if self.teacher is not None and not self.rows_only and self.rank == 0:
+            print(
+                "rayd learner: a model's logits are not its output layer on its last hidden "
+                "state (probe); the full-vocabulary loss takes logits at every position",
+                file=sys.stderr,
+            )
 
     # ---------------------------------------------------------------------------------------
     # Training
@@ -345,15 +357,24 @@ class DeepSpeedLearner:
     def _loss(self, mb: TrainBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """(sum of the per-token loss, detached sums of loss and metrics) for one micro-batch."""
         pairs = self.loss_spec.feature_pairs if self.loss_spec.kind == "feature_kd" else ()
-        out = self.engine(
-            input_ids=mb.input_ids,
-            attention_mask=mb.attention_mask,
-            use_cache=False,
-            output_hidden_states=bool(pairs),
-        )
-        teacher_logits = self._teacher_logits(mb) if self.teacher is not None else None
+        teacher_logits = None
+        if self.rows_only:
+            # [N, V] each
+            student_logits, teacher_logits = self._loss_rows(
+                mb.input_ids, mb.attention_mask, mb.loss_mask
+            )
+        else:
+            out = self.engine(
+                input_ids=mb.input_ids,
+                attention_mask=mb.attention_mask,
+                use_cache=False,
+                output_hidden_states=bool(pairs),
+            )
+            student_logits = out.logits[:, :-1]
+            if self.teacher is not None:
+                teacher_logits = self._teacher_logits(mb.input_ids, mb.attention_mask)
         per_token, metrics = batch_loss(
-            out.logits[:, :-1],
+            student_logits,
             mb,
             self.loss_spec,
             # Position j's state predicts token j + 1: aligned with the logits' target columns.
@@ -437,17 +458,63 @@ class DeepSpeedLearner:
         """The in-learner teacher's log p(input_ids[:, j+1] | prefix) -> [B, L-1] float32 on
         CPU, 0 where the target is padding (teacher.support=full; no collective)."""
         batch = self._to_device(batch)
-        picked = token_logprobs(self._teacher_logits(batch), batch.input_ids[:, 1:])
+        logits = self._teacher_logits(batch.input_ids, batch.attention_mask)
+        picked = token_logprobs(logits, batch.input_ids[:, 1:])
         return torch.where(batch.attention_mask[:, 1:].bool(), picked, 0.0).float().cpu()
 
+    def _loss_rows(
+        self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Student and teacher logits [N, V] at the N positions of loss_mask [B, L-1]
+        (row-major, as batch_loss takes them), each output layer run on those rows only."""
+        out = self.engine(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=1,  # the engine's own output layer: one column, not L
+        )
+        hidden = out.hidden_states[-1][:, :-1][loss_mask]
+        student = self.engine.module.get_output_embeddings()(hidden)
+        assert self.teacher is not None
+        with torch.no_grad():
+            teacher_hidden = self.teacher.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
+            teacher = self.teacher.get_output_embeddings()(teacher_hidden[:, :-1][loss_mask])
+        return student, teacher
+
     @torch.no_grad()
-    def _teacher_logits(self, batch: TrainBatch) -> Tensor:
+    def _rows_match_logits(self) -> bool:
+        """Whether `_loss_rows` gives the models' own logits, on a short probe sequence.
+
+        Collective under ZeRO-3 (the student's forward gathers weights): every rank calls it.
+        """
+        assert self.teacher is not None
+        vocab = min(self.engine.module.config.vocab_size, self.teacher.config.vocab_size)
+        ids = (torch.arange(1, 9, device=self.torch_device) % vocab).unsqueeze(0)
+        attention = torch.ones_like(ids)
+        mask = torch.ones(1, ids.shape[1] - 1, dtype=torch.bool, device=self.torch_device)
+        self.engine.eval()  # dropout would make the two forwards differ
+        try:
+            rows = self._loss_rows(ids, attention, mask)
+            student = self.engine(input_ids=ids, attention_mask=attention).logits
+            teacher = self._teacher_logits(ids, attention)
+        except TypeError:  # a model whose forward takes no logits_to_keep
+            return False
+        finally:
+            self.engine.train()
+        return all(
+            _close(got, want[mask])
+            for got, want in zip(rows, (student[:, :-1], teacher), strict=True)
+        )
+
+    @torch.no_grad()
+    def _teacher_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The in-learner teacher's logits [B, L-1, V], aligned with the batch's targets."""
         if self.teacher is None:
             raise RuntimeError("this learner holds no teacher (teacher.support is not full)")
-        out = self.teacher(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        )
+        out = self.teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.logits[:, :-1]
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
@@ -532,6 +599,16 @@ class DeepSpeedLearner:
                 for name, value in vars(batch).items()
             }
         )
+
+
+def _close(got: Tensor, want: Tensor) -> bool:
+    """Equal up to matmul rounding: the same output layer over a different number of rows
+    may block its sums differently. A soft-cap or logit scale after it is far outside this."""
+    tolerance = 1e-4 if want.dtype in (torch.float32, torch.float64) else 2e-2
+    got, want = got.float(), want.float()
+    return got.shape == want.shape and bool(
+        ((got - want).abs() <= tolerance * (1.0 + want.abs())).all()
+    )
 
 
 def rng_state() -> dict[str, Any]:

@@ -723,6 +723,64 @@ def test_full_vocab_divergence_with_zero_probability_teacher_tokens(chunk_rows, 
         torch.testing.assert_close(grad, want_grad)
 
 
+def test_batch_loss_full_vocab_rows_equal_the_padded_form() -> None:
+    """The learner passes only the [N, V] logits at the loss positions: loss, every metric and
+    the student's gradient equal the [B, L-1, V] form, for the divergences, logit_kd's hard
+    term at T = 2, a label-task row (cross-entropy, with its gradient) and a wider teacher."""
+    samples = [
+        Sample([1, 2], [3, 4], [-1.0, -2.0], prompt_index=0),
+        Sample([5], [2], [0.0], prompt_index=1, on_policy=False, hard_target=True),
+    ]
+    labelled = collate(samples, [TeacherScore.empty(2, k=2), TeacherScore.empty(1, k=2)], 0)
+    wide = torch.cat([_logits(38, (2, 3, V)).float(), torch.full((2, 3, 2), 3.0)], dim=-1)
+    cases = (
+        (_batch(), LossSpec("jsd", beta=0.3, full_vocab=True), _logits(37, (2, 3, V))),
+        (_batch(), LossSpec("reverse_kl", temperature=2.0, full_vocab=True), wide),
+        (_batch(), LossSpec("logit_kd", alpha=0.3, temperature=2.0, full_vocab=True), wide),
+        (labelled, LossSpec("forward_kl", full_vocab=True), _logits(39, (2, 3, V))),
+    )
+    for batch, spec, teacher in cases:
+        mask = batch.loss_mask
+        student = _logits(36, (2, 3, V)).float().requires_grad_(True)
+        teacher = teacher.float()
+        want, want_metrics = batch_loss(student, batch, spec, teacher_logits=teacher)
+        (want_grad,) = torch.autograd.grad(want.sum(), student)
+        rows = student[mask].detach().requires_grad_(True)
+        got, metrics = batch_loss(rows, batch, spec, teacher_logits=teacher[mask])
+        (grad,) = torch.autograd.grad(got.sum(), rows)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(grad, want_grad[mask])
+        assert metrics.keys() == want_metrics.keys()
+        for name, value in metrics.items():
+            torch.testing.assert_close(value, want_metrics[name], msg=name)
+    # The label row's cross-entropy and its gradient, against a reference outside batch_loss.
+    targets = labelled.input_ids[:, 1:]
+    reference = _logits(36, (2, 3, V)).float().requires_grad_(True)
+    ce = -token_logprobs(reference, targets, labelled.loss_mask)
+    (ce_grad,) = torch.autograd.grad(ce[1].sum(), reference)
+    torch.testing.assert_close(metrics["label_loss"][1], ce[1].detach())
+    torch.testing.assert_close(grad[-1], ce_grad[1, 0])  # the label row's one loss position
+    with pytest.raises(ValueError, match=r"\[N, V\] rows at the batch's 3 loss positions"):
+        batch_loss(rows[:2], _batch(), spec, teacher_logits=teacher[_batch().loss_mask][:2])
+
+
+def test_full_vocab_rows_target_logprobs() -> None:
+    """The divergence pass also yields the tempered target log-probs of both sides."""
+    from rayd.losses import full_vocab_rows
+
+    student, teacher = _logits(40, (5, V)), _logits(41, (5, V))
+    targets = torch.tensor([0, 5, 2, 2, 1])
+    values, student_lp, teacher_lp = full_vocab_rows(
+        student, teacher, targets, "reverse_kl", temperature=1.5
+    )
+    torch.testing.assert_close(student_lp, token_logprobs(student / 1.5, targets))
+    torch.testing.assert_close(teacher_lp, token_logprobs(teacher / 1.5, targets))
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    torch.testing.assert_close(
+        values, reverse_kl(student[None], teacher[None], mask, temperature=1.5)[0]
+    )
+
+
 def test_batch_loss_full_vocab_contract() -> None:
     batch = _batch()
     logits = _logits(33, (2, 3, V)).float()
