@@ -91,6 +91,22 @@ def smollm2_path() -> Path:
     return cached
 
 
+def smollm2_cut_path(layers: int = 10) -> Path:
+    """SmolLM2-135M-Instruct cut to `layers` layers (`rayd convert --layers`), the student of
+    the SmolLM2 pair: the rayd cache's copy, the Makefile's `models/` one, or made now."""
+    from rayd.zoo import cache_root
+
+    name = f"smollm2-135m-{layers}l"
+    cached = cache_root() / name
+    for folder in (cached, Path("models") / name):
+        if (folder / "config.json").is_file():
+            return folder
+    from rayd.convert import convert
+
+    convert(str(smollm2_path()), cached, layers=layers)
+    return cached
+
+
 def compare(
     model_path: str, prompts: list[list[int]], max_new_tokens: int, threads: int, reps: int
 ) -> dict[str, Any]:

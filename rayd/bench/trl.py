@@ -568,9 +568,24 @@ def summarize(
 
 
 def run(quick: bool, workdir: Path, settings: BenchSettings | None = None) -> dict[str, Any]:
-    """The whole comparison: TRL (per thread count) then rayd, each in its own process, then
-    the shared evaluator over every snapshot. `settings` replaces the quick / full preset."""
-    s = settings or (QUICK if quick else FULL)
+    """`rayd bench`'s section: the SmolLM2 pair (`SMOLLM2`, models converted from PyPI into
+    the rayd cache once) is the headline, the tiny test pair (`FULL`) sits under "tiny";
+    --quick runs the tiny pair's `QUICK` preset alone. `settings` runs that one comparison."""
+    if settings is not None or quick:
+        return compare(settings or QUICK, workdir)
+    from rayd.bench.rollout import smollm2_cut_path, smollm2_path
+
+    pair = dataclasses.replace(
+        SMOLLM2, student=str(smollm2_cut_path(10).resolve()), teacher=str(smollm2_path().resolve())
+    )
+    result = compare(pair, Path(workdir) / "smollm2")
+    result["tiny"] = compare(FULL, Path(workdir) / "tiny")
+    return result
+
+
+def compare(s: BenchSettings, workdir: Path) -> dict[str, Any]:
+    """One comparison: TRL (per thread count) then rayd, each in its own process, then the
+    shared evaluator over every snapshot."""
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     runs = {
@@ -652,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, num_learners=args.num_learners)
     if args.learner_threads is not None:
         settings = dataclasses.replace(settings, learner_threads=args.learner_threads)
-    print(json.dumps(run(args.quick, Path(args.workdir), settings), indent=2))
+    print(json.dumps(compare(settings, Path(args.workdir)), indent=2))
     return 0
 
 

@@ -711,8 +711,10 @@ def test_every_bad_input_gets_one_clear_line(tmp_path, capsys):
     assert len(CASES) >= 40
     # A Ray left running by an earlier in-process test forwards its dying actors' log lines
     # (resource_tracker warnings) into this test's stderr; every case here must fail before
-    # Ray starts, which the loop checks.
+    # Ray starts, which the loop checks. Shutting it down flushes Ray's deduplicated log lines
+    # ("[repeated 2x across cluster]") to stderr: they belong to the earlier test, not here.
     ray.shutdown()
+    capsys.readouterr()
     table, failures = [], []
     for i, (kind, (setup, code, needle)) in enumerate(CASES.items()):
         case_dir = tmp_path / f"case{i}"
