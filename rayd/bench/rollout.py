@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,31 +80,27 @@ class HFGenerator:
 def smollm2_path() -> Path:
     """The converted SmolLM2-135M-Instruct: the rayd cache's copy, the Makefile's `models/`
     folder, or else converted into the rayd cache now (once: later runs find it there)."""
-    from rayd.zoo import cache_root
-
-    cached = cache_root() / SMOLLM2_DIR
-    for folder in (cached, Path("models") / SMOLLM2_DIR):
-        if (folder / "config.json").is_file():
-            return folder
-    from rayd.convert import convert
-
-    convert(SMOLLM2_SOURCE, cached)
-    return cached
+    return _converted(SMOLLM2_DIR, SMOLLM2_SOURCE)
 
 
 def smollm2_cut_path(layers: int = 10) -> Path:
     """SmolLM2-135M-Instruct cut to `layers` layers (`rayd convert --layers`), the student of
-    the SmolLM2 pair: the rayd cache's copy, the Makefile's `models/` one, or made now."""
+    the SmolLM2 pair, found or made like `smollm2_path`."""
+    return _converted(f"smollm2-135m-{layers}l", lambda: str(smollm2_path()), layers=layers)
+
+
+def _converted(name: str, source: str | Callable[[], str], layers: int | None = None) -> Path:
+    """`name` in the rayd cache or the Makefile's `models/`, else `rayd convert`ed into the
+    cache from `source` (a callable is only asked when a conversion is needed)."""
     from rayd.zoo import cache_root
 
-    name = f"smollm2-135m-{layers}l"
     cached = cache_root() / name
     for folder in (cached, Path("models") / name):
         if (folder / "config.json").is_file():
             return folder
     from rayd.convert import convert
 
-    convert(str(smollm2_path()), cached, layers=layers)
+    convert(source() if callable(source) else source, cached, layers=layers)
     return cached
 
 
