@@ -4,6 +4,9 @@ scoring that runs beside the rollouts.
 - `TeacherStream`: the teacher scores each rollout worker's chunk as soon as it arrives, on one
   background thread, while the driver waits for the other chunks; results are put back in chunk
   order, so nothing depends on which worker finished first.
+- `Draw` -> `Pending` -> `Prepared`: one step's prompts, its rollouts (the teacher still
+  scoring), its teacher signal. Pipelined, the next step's rollouts run on a thread of their
+  own while the teacher scores this step's and the learners train on it.
 - `Prepared`: one step's samples and teacher signal, made before its learner step starts (the
   previous step's learner step runs meanwhile). Its samples go into a checkpoint's driver state
   (`to_state` / `from_state`): they came from weights the checkpoint does not hold.
@@ -22,6 +25,8 @@ from typing import Any
 
 import torch
 
+from rayd.data.prompts import Prompt
+from rayd.metrics import StageTimer
 from rayd.teachers import Scored
 from rayd.types import Sample, TeacherScore
 
@@ -29,26 +34,34 @@ from rayd.types import Sample, TeacherScore
 class TeacherStream:
     """Chunks of samples in, their teacher signal out, scored while more chunks arrive.
 
-    `score` is called with the chunk's samples the teacher scores (not the hard targets) and
-    runs on one thread, so the teacher pools are only ever touched by that thread while the
-    stream is open (their fault counts and restore state need no locks). Without a teacher
+    `score` is called with the chunk's samples the teacher scores (not the hard targets) on
+    `thread`, a one-worker executor the run's streams share: the teacher pools are only ever
+    touched by that thread while a stream is open (their fault counts and restore state need
+    no locks), and one step's calls run before the next step's. Without a teacher
     (`score=None`) the stream only keeps the chunks in order.
     """
 
-    def __init__(self, score: Callable[[list[Sample]], Scored] | None) -> None:
+    def __init__(
+        self,
+        score: Callable[[list[Sample]], Scored] | None,
+        thread: ThreadPoolExecutor | None = None,
+    ) -> None:
         self._score = score
         self._chunks: dict[int, list[Sample]] = {}
         self._futures: dict[int, Future[Scored]] = {}
-        self._threads = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayd-teacher") if score else None
+        self._own_thread = score is not None and thread is None
+        self._thread = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayd-teacher")
+            if self._own_thread
+            else thread
         )
 
     def add(self, key: int, samples: list[Sample]) -> None:
         """Chunk `key` (the order `finish` returns chunks in) starts scoring now."""
         self._chunks[key] = samples
         scored = [s for s in samples if not s.hard_target]
-        if self._threads is not None and self._score is not None and scored:
-            self._futures[key] = self._threads.submit(self._score, scored)
+        if self._thread is not None and self._score is not None and scored:
+            self._futures[key] = self._thread.submit(self._score, scored)
 
     @contextmanager
     def cancel_on_error(self) -> Iterator[None]:
@@ -57,22 +70,50 @@ class TeacherStream:
         try:
             yield
         except BaseException:
-            if self._threads is not None:
-                self._threads.shutdown(wait=True, cancel_futures=True)
+            self.close()
             raise
+
+    def close(self) -> None:
+        """Drops the calls not started and waits for the running one."""
+        # A cancelled call counts as done for `wait` only once the thread has dequeued it.
+        wait_futures([f for f in self._futures.values() if not f.cancel()])
+        if self._own_thread and self._thread is not None:
+            self._thread.shutdown(wait=True)
 
     def finish(self) -> tuple[list[list[Sample]], Scored | None]:
         """The chunks in key order, and the teacher's signal on their scored samples in the
         same order (None without a teacher). Every call is waited for before an error is
         raised: no teacher call may go on behind the driver's back."""
-        if self._threads is None:
-            return [self._chunks[k] for k in sorted(self._chunks)], None
+        chunks = [self._chunks[k] for k in sorted(self._chunks)]
+        if self._score is None:
+            return chunks, None
         try:
             wait_futures(list(self._futures.values()))
             parts = [self._futures[k].result() for k in sorted(self._futures)]
         finally:
-            self._threads.shutdown(wait=True)
-        return [self._chunks[k] for k in sorted(self._chunks)], Scored.concat(parts)
+            self.close()
+        return chunks, Scored.concat(parts)
+
+
+@dataclass
+class Draw:
+    """One step's prompts, drawn on the driver's thread: the indices the sampler gave, the
+    prompts the student rolls out, and the samples that need no rollout."""
+
+    step: int
+    prompt_indices: list[int]
+    on_policy: list[Prompt]
+    extra: list[Sample]
+
+
+@dataclass
+class Pending:
+    """One step's rollouts, in; the teacher may still be scoring them on its stream."""
+
+    step: int
+    stream: TeacherStream
+    prompt_indices: list[int]
+    timer: StageTimer = field(default_factory=StageTimer)
 
 
 @dataclass

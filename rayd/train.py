@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -33,7 +34,14 @@ from rayd.data.prompts import Prompt, PromptSampler, PromptSet, load_prompts
 from rayd.evaluate import heldout_metrics
 from rayd.learner.group import LearnerFailure
 from rayd.metrics import MetricsLogger, StageTimer, start_trackers
-from rayd.pipeline import Prepared, TeacherStream, check_staleness, staleness_metrics
+from rayd.pipeline import (
+    Draw,
+    Pending,
+    Prepared,
+    TeacherStream,
+    check_staleness,
+    staleness_metrics,
+)
 from rayd.score import StoredSignal, load_stored_signal
 from rayd.steps import weigh_steps
 from rayd.tasks.base import Task
@@ -181,7 +189,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                 # The sampler and RNG have already drawn the prefetched step: it is saved too.
                 "sampler": sampler.state(),
                 "rng": rng.getstate(),
-                "prefetched": prefetched.to_state() if prefetched else None,
+                "prefetched": ahead.to_state() if isinstance(ahead, Prepared) else None,
                 "nonfinite_in_row": nonfinite_in_row,
                 "first_eval": first_eval,
                 "last_eval": last_eval,
@@ -197,82 +205,98 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
         ask = None
         if teacher is not None and stored is None and not in_learners:
             ask = partial(ask_teacher, cfg, teacher, features=features, prompts=prompts.train)
-        stream = TeacherStream(ask)
+        stream = TeacherStream(ask, teacher_thread)
         for key, chunk in enumerate(chunks):
             stream.add(key, chunk)
         return stream
 
-    def prepare(step: int, restored: Prepared | None = None) -> Prepared:
-        """Steps 1-3 of `step` from the weights the engines hold (`served`): its prompts, the
-        student's rollouts, and the teacher's signal on them (scored as rollouts arrive).
-        `restored`: a checkpoint's prefetched step, whose samples are only scored."""
-        timer = StageTimer()
+    def draw(step: int) -> Draw:
+        """Step 1 of `step`, on the driver's thread (the sampler, RNG and tokenizer are used
+        only here): its prompts, which of them go to the student, and the samples that need no
+        rollout (dataset completions, step-by-step and label-task samples)."""
         trains_at = step - 1  # the learner version that trains this step (dataset samples')
-        if restored is not None:
-            stream, drawn = teacher_stream(restored.chunks), restored.prompt_indices
+        drawn = sampler.next(cfg.trainer.prompts_per_step)
+        batch_prompts = [prompts.train[i] for i in drawn]
+        # GKD's lambda sends a share of prompts to the dataset's own completions instead
+        # (off-policy); on_policy keeps lambda = 1; the offline modes take the dataset's
+        # completions only.
+        if algo.offline:
+            on_policy, off_policy = [], batch_prompts
         else:
-            stream = teacher_stream()
-            # 1. Prompts for this step (each training prompt once per epoch).
-            drawn = sampler.next(cfg.trainer.prompts_per_step)
-            batch_prompts = [prompts.train[i] for i in drawn]
+            on_policy, off_policy = split_by_lambda(batch_prompts, algo.lmbda, rng)
+        extra: list[Sample] = []
+        if algo.name == "step_by_step":
+            extra += [
+                s
+                for p in off_policy
+                for s in step_by_step_samples(p, algo, tokenizer, prompts.task, trains_at)
+            ]
+        else:
+            copies = 1 if algo.offline else cfg.rollout.n
+            extra += [dataset_sample(p, trains_at) for p in off_policy for _ in range(copies)]
+        if algo.label_weight > 0:  # Distilling Step-by-Step's label task, on gold answers
+            extra += [
+                label_sample(p, algo, tokenizer, prompts.task, trains_at) for p in batch_prompts
+            ]
+        return Draw(step, list(drawn), on_policy, extra)
 
-            # 2. Student rollouts. GKD's lambda sends a share of prompts to the dataset's own
-            #    completions instead (off-policy); on_policy keeps lambda = 1; the offline modes
-            #    take the dataset's completions only. Each rollout worker's chunk goes to the
-            #    teacher as soon as it arrives.
-            if algo.offline:
-                on_policy, off_policy = [], batch_prompts
-            else:
-                on_policy, off_policy = split_by_lambda(batch_prompts, algo.lmbda, rng)
-            with timer("rollout"), stream.cancel_on_error():
-                arriving = rollout.map_chunks_as_completed(
-                    "generate",
-                    [p.ids for p in on_policy],
-                    [p.index for p in on_policy],
-                    n=cfg.rollout.n,
-                    temperature=cfg.rollout.temperature,
-                    top_p=cfg.rollout.top_p,
-                    max_new_tokens=cfg.rollout.max_new_tokens,
-                    seed=rollout_seed(cfg.trainer.seed, step),
-                    expect_version=served,
-                    return_topk=cfg.student_topk,  # teacher.support: the student's ids
-                )
-                for key, chunk in arriving:  # none without on-policy prompts
-                    stream.add(key, chunk)
-            extra: list[Sample] = []
-            if algo.name == "step_by_step":
-                extra += [
-                    s
-                    for p in off_policy
-                    for s in step_by_step_samples(p, algo, tokenizer, prompts.task, trains_at)
-                ]
-            else:
-                copies = 1 if algo.offline else cfg.rollout.n
-                extra += [dataset_sample(p, trains_at) for p in off_policy for _ in range(copies)]
-            if algo.label_weight > 0:  # Distilling Step-by-Step's label task, on gold answers
-                extra += [
-                    label_sample(p, algo, tokenizer, prompts.task, trains_at) for p in batch_prompts
-                ]
-            if extra:
-                stream.add(len(rollout), extra)
+    def roll_out(work: Draw, engine_version: int) -> Pending:
+        """Step 2: the student's rollouts of `work`'s prompts from the weights the engines
+        hold (`engine_version`). Each rollout worker's chunk goes to the teacher as soon as it
+        arrives; the teacher is still scoring when this returns. Runs on the driver's thread,
+        or on the rollout thread while the learners train (the pipelined loop)."""
+        timer = StageTimer()
+        stream = teacher_stream()
+        with timer("rollout"), stream.cancel_on_error():
+            arriving = rollout.map_chunks_as_completed(
+                "generate",
+                [p.ids for p in work.on_policy],
+                [p.index for p in work.on_policy],
+                n=cfg.rollout.n,
+                temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p,
+                max_new_tokens=cfg.rollout.max_new_tokens,
+                seed=rollout_seed(cfg.trainer.seed, work.step),
+                expect_version=engine_version,
+                return_topk=cfg.student_topk,  # teacher.support: the student's ids
+            )
+            for key, chunk in arriving:  # none without on-policy prompts
+                stream.add(key, chunk)
+        if work.extra:
+            stream.add(len(rollout), work.extra)
+        return Pending(work.step, stream, work.prompt_indices, timer)
 
-        # 3. Teacher signal on every completion token: its log-prob and its log-probs over
-        #    the support (its top-k, or the student's: teacher.support), from the teacher
-        #    actors or stored with the dataset. Several teachers: their mixture, or each
-        #    sample's routed teacher. sft / step_by_step: no teacher signal.
+    def score(pending: Pending) -> Prepared:
+        """Step 3: the teacher signal on every completion token: its log-prob and its
+        log-probs over the support (its top-k, or the student's: teacher.support), from the
+        teacher actors or stored with the dataset. Several teachers: their mixture, or each
+        sample's routed teacher. sft / step_by_step: no teacher signal."""
+        timer = pending.timer
         with timer("teacher"):
-            chunks, scored = stream.finish()
+            chunks, scored = pending.stream.finish()
             samples = [s for chunk in chunks for s in chunk]
             scores, teacher_stats = teacher_signal(cfg, teacher, stored, samples, scored)
         seconds = timer.seconds
         if (teacher is None and stored is None) or in_learners:  # no teacher stage to report
             seconds.pop("teacher", None)
-        return Prepared(step, chunks, list(drawn), scores, teacher_stats, seconds)
+        return Prepared(
+            pending.step, chunks, pending.prompt_indices, scores, teacher_stats, seconds
+        )
+
+    def ready(ahead: Pending | Prepared | None) -> Prepared | None:
+        """The step made ahead with its teacher signal in: an eval or a checkpoint uses the
+        teacher and the engines, which the stream must not share."""
+        return score(ahead) if isinstance(ahead, Pending) else ahead
 
     algo = cfg.algorithm
     lag = cfg.trainer.max_staleness
-    # max_staleness >= 1: the next step's rollouts are made while the learners train this one.
-    prefetched: Prepared | None = None
+    # max_staleness >= 1: the next step's rollouts are made on this thread while the teacher
+    # scores this step's and the learners train on it.
+    rollout_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayd-rollout")
+    # Every teacher call of the run's streams, in order, on one thread (see TeacherStream).
+    teacher_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayd-teacher")
+    next_rollouts: Future[Pending] | None = None
+    ahead: Pending | Prepared | None = None  # the next step, made ahead (pipelined)
     preemption = Preemption()
     preempted = False
     try:
@@ -289,7 +313,9 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             sync_weights()
             if driver_state.get("prefetched"):  # rollouts from older weights: not redone
                 restored = Prepared.from_state(driver_state["prefetched"])
-                prefetched = prepare(restored.step, restored)
+                ahead = score(
+                    Pending(restored.step, teacher_stream(restored.chunks), restored.prompt_indices)
+                )
             print(f"rayd: resumed from {resume_from.path} (step {start_step})", file=sys.stderr)
         else:
             first_eval = evaluate(0)
@@ -298,14 +324,25 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             timer = StageTimer()
             step_start = time.perf_counter()
 
-            # 1-3. This step's prompts, rollouts and teacher signal (see `prepare`): made during
-            #      the previous learner step (max_staleness >= 1), or now from current weights.
-            if prefetched is None:
+            # 1-3. This step's prompts, rollouts and teacher signal (`draw`, `roll_out`,
+            #      `score`): the rollouts made ahead during the previous step
+            #      (max_staleness >= 1), or now from current weights.
+            if ahead is None:
                 if not algo.offline:
                     with timer("sync"):
                         sync_weights()
-                prefetched = prepare(step)
-            work, prefetched = prefetched, None
+                ahead = roll_out(draw(step), served)
+            pipelined = lag > 0 and step < cfg.trainer.max_steps
+            if pipelined:
+                # The engines are idle: the next step's rollouts start now, beside this step's
+                # teacher scoring and learner step, from weights at most `lag` versions behind
+                # the learner that will train them.
+                if version + 1 - served > lag:
+                    with timer("sync"):
+                        sync_weights()
+                next_rollouts = rollout_thread.submit(roll_out, draw(step + 1), served)
+            work = ready(ahead)
+            ahead = None
             samples, scores = work.samples, work.scores
             check_staleness(samples, version, lag)
 
@@ -321,16 +358,12 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                 batch.token_weight, step_stats = weigh_steps(
                     batch, samples, tokenizer, algo, marker
                 )
-            pipelined = lag > 0 and step < cfg.trainer.max_steps
-            if pipelined and version + 1 - served > lag:  # the next step's rollouts would lag
-                with timer("sync"):
-                    sync_weights()
             with timer("learner"):
-                running = learners.start_train_step(batch)
-                if pipelined:  # the next step's rollouts and teacher signal meanwhile
-                    prefetched = prepare(step + 1)
-                metrics = learners.finish_train_step(running)
+                metrics = learners.finish_train_step(learners.start_train_step(batch))
             version += 1
+            if next_rollouts is not None:  # its teacher signal is still being scored
+                with timer("rollout_wait"):
+                    ahead, next_rollouts = next_rollouts.result(), None
 
             tokens = sum(len(s.completion_ids) for s in samples)
             step_time = time.perf_counter() - step_start
@@ -368,10 +401,12 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             #    unless it came during the last step: then the run finishes (the export costs
             #    about what a stop would, and the checkpoint covers a kill during it).
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
+                ahead = ready(ahead)
                 last_eval = evaluate(step)
             if preemption.requested or (
                 cfg.trainer.save_every and step % cfg.trainer.save_every == 0
             ):
+                ahead = ready(ahead)
                 save(step)
             if preemption.requested and step < cfg.trainer.max_steps:
                 print(
@@ -386,6 +421,14 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                 last_eval = evaluate(cfg.trainer.max_steps)
             export_student(learners, student_path, tokenizer, run_dir / "student")
     finally:
+        # No rollout or teacher call may go on behind the driver's back once the pools go.
+        rollout_thread.shutdown(wait=True)
+        for made in (ahead, next_rollouts):
+            if isinstance(made, Future) and made.done() and not made.exception():
+                made = made.result()
+            if isinstance(made, Pending):
+                made.stream.close()
+        teacher_thread.shutdown(wait=True)
         log.close()
         for pool in (rollout, teacher):
             if pool is not None:

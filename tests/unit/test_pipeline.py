@@ -1,6 +1,8 @@
 """The pipelined loop's pieces without Ray: the saved prefetched step, staleness, the stream."""
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -60,6 +62,45 @@ def test_the_stream_returns_chunks_and_scores_in_key_order_whatever_the_arrival(
     assert [int(s.token_logprobs[0]) for s in scored.scores] == [0, 1, 2, 4]  # no hard target
     rows, logprobs = scored.own[0]
     assert rows == [0, 1, 2, 3] and [int(lp[0]) for lp in logprobs] == [0, 1, 2, 4]
+
+
+def test_streams_sharing_the_teacher_thread_score_in_order_and_one_never_overlaps_another():
+    # The pipelined loop's next step starts scoring while this step's calls may still run: one
+    # shared thread keeps the teacher pools single-threaded and this step's calls first.
+    calls: list[int] = []
+    inside = threading.Lock()
+    release = threading.Event()
+
+    def score(samples):
+        assert inside.acquire(blocking=False), "two teacher calls at once"
+        try:
+            if samples[0].prompt_index == 0:
+                release.wait(timeout=10)  # this step's call is slow
+            calls.append(samples[0].prompt_index)
+            return Scored([TeacherScore.empty(3) for _ in samples], [])
+        finally:
+            inside.release()
+
+    thread = ThreadPoolExecutor(max_workers=1)
+    this_step, next_step = TeacherStream(score, thread), TeacherStream(score, thread)
+    this_step.add(0, [_sample(0)])
+    next_step.add(0, [_sample(1)])
+    next_step.add(1, [_sample(2)])
+    release.set()
+    assert len(next_step.finish()[1].scores) == 2
+    assert len(this_step.finish()[1].scores) == 1
+    assert calls == [0, 1, 2]
+    # A closed stream drops its calls not yet started and leaves the shared thread running.
+    release.clear()
+    blocked, dropped = TeacherStream(score, thread), TeacherStream(score, thread)
+    blocked.add(0, [_sample(0)])
+    dropped.add(0, [_sample(5)])
+    dropped.close()
+    release.set()
+    blocked.finish()
+    assert calls == [0, 1, 2, 0]
+    assert thread.submit(lambda: 7).result() == 7
+    thread.shutdown()
 
 
 def test_config_defaults_keep_the_synchronous_loop_and_offline_modes_refuse_a_pipeline() -> None:
