@@ -3,8 +3,9 @@
 One step of the loop:
     prompts -> weight sync to the rollout engines -> student rollouts (vLLM) -> teacher scores
     (top-k log-probs) -> learner step (DeepSpeed ZeRO) -> periodic eval / checkpoint.
-With trainer.max_staleness >= 1 the next step's rollouts and teacher scores are made while the
-learners train this step (from weights at most that many versions behind: rayd/pipeline.py).
+With trainer.max_staleness >= 1 the next step's rollouts start as soon as this step's are in,
+while the teacher scores this step and the learners train on it (from weights at most that many
+versions behind: rayd/pipeline.py).
 The offline modes (sft, step_by_step, logit_kd) take the dataset's completions instead of
 rollouts; the engines then get new weights only when an eval needs them. logit_kd over a
 dataset written by `rayd score` reads the teacher's top-k from it and starts no teacher.
@@ -290,8 +291,8 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
 
     algo = cfg.algorithm
     lag = cfg.trainer.max_staleness
-    # max_staleness >= 1: the next step's rollouts are made on this thread while the teacher
-    # scores this step's and the learners train on it.
+    # max_staleness >= 1: the next step's rollouts are made on `rollout_thread` while the
+    # teacher scores this step's and the learners train on it.
     rollout_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayd-rollout")
     # Every teacher call of the run's streams, in order, on one thread (see TeacherStream).
     teacher_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayd-teacher")
