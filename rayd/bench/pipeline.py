@@ -7,8 +7,8 @@ completion tokens trained / wall time of the training steps, read from each run'
 (tokens / tokens_per_s per step), so start-up and the held-out evals before and after are left
 out. Step 1 is left out of both: its actors are cold (first vLLM batch, first DeepSpeed step),
 and the pipelined loop has nothing prefetched yet. Per-stage figures are seconds per step: with
-the pipeline, "learner" is the wall time from the start of the learner step to its result, with
-the next step's rollouts and teacher scoring running inside it.
+the pipeline, "rollout" runs beside the previous step's teacher scoring and learner step, and
+"teacher" and "learner" are what the driver still waited for.
 """
 
 from __future__ import annotations
