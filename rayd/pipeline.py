@@ -42,25 +42,18 @@ class TeacherStream:
     """
 
     def __init__(
-        self,
-        score: Callable[[list[Sample]], Scored] | None,
-        thread: ThreadPoolExecutor | None = None,
+        self, score: Callable[[list[Sample]], Scored] | None, thread: ThreadPoolExecutor
     ) -> None:
         self._score = score
+        self._thread = thread
         self._chunks: dict[int, list[Sample]] = {}
         self._futures: dict[int, Future[Scored]] = {}
-        self._own_thread = score is not None and thread is None
-        self._thread = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayd-teacher")
-            if self._own_thread
-            else thread
-        )
 
     def add(self, key: int, samples: list[Sample]) -> None:
         """Chunk `key` (the order `finish` returns chunks in) starts scoring now."""
         self._chunks[key] = samples
         scored = [s for s in samples if not s.hard_target]
-        if self._thread is not None and self._score is not None and scored:
+        if self._score is not None and scored:
             self._futures[key] = self._thread.submit(self._score, scored)
 
     @contextmanager
@@ -74,11 +67,10 @@ class TeacherStream:
             raise
 
     def close(self) -> None:
-        """Drops the calls not started and waits for the running one."""
+        """Drops the calls not started and waits for the running one (the shared thread goes
+        on)."""
         # A cancelled call counts as done for `wait` only once the thread has dequeued it.
         wait_futures([f for f in self._futures.values() if not f.cancel()])
-        if self._own_thread and self._thread is not None:
-            self._thread.shutdown(wait=True)
 
     def finish(self) -> tuple[list[list[Sample]], Scored | None]:
         """The chunks in key order, and the teacher's signal on their scored samples in the

@@ -52,7 +52,8 @@ def test_the_stream_returns_chunks_and_scores_in_key_order_whatever_the_arrival(
             g.token_logprobs[:] = s.prompt_index
         return Scored(got, [(list(range(len(got))), [g.token_logprobs for g in got])])
 
-    stream = TeacherStream(score)
+    thread = ThreadPoolExecutor(max_workers=1)
+    stream = TeacherStream(score, thread)
     label = _sample(9, hard_target=True)
     stream.add(2, [_sample(4), label])
     stream.add(0, [_sample(0), _sample(1)])
@@ -62,6 +63,7 @@ def test_the_stream_returns_chunks_and_scores_in_key_order_whatever_the_arrival(
     assert [int(s.token_logprobs[0]) for s in scored.scores] == [0, 1, 2, 4]  # no hard target
     rows, logprobs = scored.own[0]
     assert rows == [0, 1, 2, 3] and [int(lp[0]) for lp in logprobs] == [0, 1, 2, 4]
+    thread.shutdown()
 
 
 def test_streams_sharing_the_teacher_thread_score_in_order_and_one_never_overlaps_another():
