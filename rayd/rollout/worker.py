@@ -11,6 +11,7 @@ Inputs are checked here, before the engine sees them: over-long prompts have hun
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Literal
 
@@ -84,6 +85,10 @@ class RolloutWorker:
 
         `expect_version`: refuse (NeedsRestore) unless these weights are served, e.g. after Ray
         restarted this actor with the initial student and before the pool re-sent the weights.
+
+        `seed`: every prompt gets its own seed from it and the prompt's dataset index
+        (`prompt_seeds`), so the workers of a pool, each handed a slice of one batch, draw
+        independent samples, and a prompt draws the same ones whichever worker gets it.
         """
         if expect_version is not None and self._version != expect_version:
             raise NeedsRestore(
@@ -119,7 +124,7 @@ class RolloutWorker:
             temperature=temperature,
             top_p=top_p,
             max_new_tokens=max_new_tokens,
-            seed=seed,
+            seeds=None if seed is None else prompt_seeds(seed, prompt_indices),
             return_topk=return_topk,
         )
         samples = []
@@ -200,3 +205,16 @@ def _make_engine(
 
         return HFEngine(model_path, dtype=dtype, seed=seed)
     raise ValueError(f"unknown rollout backend {backend!r}; expected 'vllm' or 'hf'")
+
+
+def prompt_seeds(seed: int, prompt_indices: list[int]) -> list[int]:
+    """One sampling seed per prompt of a call, from the call's seed and the prompt's dataset
+    index (and, for a prompt listed twice, its occurrence), so a seed depends neither on where
+    the prompt sits in its worker's slice nor on how many workers share the batch. 30 bits:
+    vLLM's child j of an n-sample request uses seed + j."""
+    seen: dict[int, int] = {}
+    seeds = []
+    for index in prompt_indices:
+        k = seen[index] = seen.get(index, -1) + 1
+        seeds.append(random.Random(f"{seed}:{index}:{k}").getrandbits(30))
+    return seeds

@@ -137,6 +137,11 @@ def test_rollout_samples_are_well_formed_and_match_transformers(
     again = get(actor.generate.remote(prompts, [7, 8, 9], **kwargs), TIMEOUT, "generate")
     assert [s.completion_ids for s in again] == [s.completion_ids for s in samples]
     assert all(s.student_topk_ids is None for s in again)
+    if backend == "vllm":
+        # Seeds follow the prompt's dataset index, not its place in the call: the slice a
+        # pool's second worker gets draws what the whole batch on one worker would.
+        alone = get(actor.generate.remote(prompts[2:], [9], **kwargs), TIMEOUT, "generate")
+        assert [s.completion_ids for s in alone] == [s.completion_ids for s in samples[4:]]
 
 
 def test_teacher_scorers_agree_with_each_other_and_transformers(workers, tiny_teacher):
