@@ -12,7 +12,13 @@ this command has the teacher actors of a logit_kd run config score every row of 
 (rows that training would drop, or without a completion, get empty lists) and
 `teacher_signal.json` in the same folder: teacher path and weight hash, tokenizer hash, k,
 backend, rayd version, date. The copy is written to a temporary folder and renamed into
-place, so an interrupted job leaves no half-written dataset (it is redone whole).
+place, so an interrupted job leaves no half-written dataset.
+
+Resuming: rows are scored in blocks of BLOCK, and each finished block is saved atomically to
+`.<out>.parts/` beside the output, with the job's description (`job.json`: everything in
+`teacher_signal.json` but the date). A rerun of the same job scores only the blocks not there;
+parts of a different job (another teacher, k, dataset or encoding) are discarded, with a line
+saying so. The parts are deleted once the dataset is written.
 
 A logit_kd run whose `data.train_dataset` is such a folder reads the columns and starts no
 teacher actor. `load_stored_signal` first refuses a signal with another k than `teacher.top_k`,
@@ -127,9 +133,14 @@ def score_dataset(cfg: RunConfig, out: str | Path | None = None) -> dict[str, An
         },
         "rayd_version": rayd.__version__,
     }
-    scores = _score_pairs(cfg, teacher_path, pairs)
+    # The parts' job also pins the tokens scored: a dataset rewritten under the same path and
+    # row count must not reuse blocks of its old completions.
+    tokens = hashlib.sha256(json.dumps(sorted(pairs.items())).encode()).hexdigest()
+    parts = _Parts(target.with_name(f".{target.name}.parts"), {**info, "pairs_sha256": tokens})
+    scores = _score_pairs(cfg, teacher_path, pairs, parts)
     info["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     _write(source, target, len(rows), pairs, scores, info)
+    parts.remove()
     return {
         "dataset": str(target),
         "rows": len(rows),
@@ -138,14 +149,96 @@ def score_dataset(cfg: RunConfig, out: str | Path | None = None) -> dict[str, An
     }
 
 
+class _Parts:
+    """The finished blocks of an interrupted `rayd score` job, one file per block."""
+
+    def __init__(self, folder: Path, info: dict[str, Any]) -> None:
+        self.folder = folder
+        job, text = folder / "job.json", json.dumps(info, indent=2)
+        same = job.is_file() and json.loads(job.read_text()) == json.loads(text)
+        if folder.exists() and not same:
+            stale = len(list(folder.glob("block-*.pt")))
+            if stale:
+                print(
+                    f"rayd score: discarding {stale} scored blocks in {folder}: they belong to "
+                    "another job (teacher, top_k, dataset or encoding changed)",
+                    file=sys.stderr,
+                )
+            shutil.rmtree(folder)
+        if not same:
+            folder.mkdir(parents=True)
+            _save_atomic(job, lambda fh: fh.write(text.encode()))
+
+    def path(self, block: int) -> Path:
+        return self.folder / f"block-{block:05d}.pt"
+
+    def load(self, block: int) -> dict[int, TeacherScore] | None:
+        path = self.path(block)
+        if not path.is_file():
+            return None
+        try:
+            saved = torch.load(path, weights_only=True)
+        except Exception as exc:  # unreadable: score the block again rather than stop
+            print(
+                f"rayd score: {path} unreadable ({exc.__class__.__name__}); rescoring it",
+                file=sys.stderr,
+            )
+            return None
+        return {
+            int(row): TeacherScore(token_logprobs=token, topk_ids=ids, topk_logprobs=logprobs)
+            for row, token, ids, logprobs in zip(
+                saved["rows"], saved["token"], saved["ids"], saved["logprobs"], strict=True
+            )
+        }
+
+    def save(self, block: int, scores: dict[int, TeacherScore]) -> None:
+        saved = {
+            "rows": list(scores),
+            "token": [s.token_logprobs for s in scores.values()],
+            "ids": [s.topk_ids for s in scores.values()],
+            "logprobs": [s.topk_logprobs for s in scores.values()],
+        }
+        _save_atomic(self.path(block), lambda fh: torch.save(saved, fh))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _save_atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def _score_pairs(
-    cfg: RunConfig, teacher_path: str, pairs: dict[int, Pair]
+    cfg: RunConfig, teacher_path: str, pairs: dict[int, Pair], parts: _Parts
 ) -> dict[int, TeacherScore]:
     import ray
 
     from rayd import cluster
     from rayd.workers import start_teachers
 
+    order = list(pairs)
+    blocks = [order[lo : lo + BLOCK] for lo in range(0, len(order), BLOCK)]
+    out: dict[int, TeacherScore] = {}
+    todo = []
+    for b, block in enumerate(blocks):
+        done = parts.load(b)
+        if done is not None and sorted(done) == sorted(block):
+            out.update(done)
+        else:
+            todo.append(b)
+    if len(todo) < len(blocks):
+        print(
+            f"rayd score: {len(blocks) - len(todo)} of {len(blocks)} blocks already scored in "
+            f"{parts.folder}; scoring the other {len(todo)}",
+            file=sys.stderr,
+        )
+    if not todo:
+        return out
     cluster.connect()
     t, have = cfg.teacher, ray.cluster_resources()
     for res, want in (("CPU", t.cpus_per_worker), ("GPU", t.gpus_per_worker)):
@@ -157,12 +250,12 @@ def _score_pairs(
     pool = start_teachers(cfg, teacher_path)
     try:
         pool.call_all("ready")
-        order = list(pairs)
-        out: dict[int, TeacherScore] = {}
-        for lo in range(0, len(order), BLOCK):
-            block = order[lo : lo + BLOCK]
+        for b in todo:
+            block = blocks[b]
             got = pool.map_chunks("score", [pairs[i] for i in block], top_k=cfg.teacher.top_k)
-            out.update(zip(block, got, strict=True))
+            scored = dict(zip(block, got, strict=True))
+            parts.save(b, scored)
+            out.update(scored)
             print(f"rayd score: {len(out)}/{len(order)} rows scored", file=sys.stderr)
         return out
     finally:

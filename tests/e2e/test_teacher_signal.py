@@ -18,6 +18,7 @@ import torch
 from datasets import Dataset, disable_progress_bars, load_from_disk
 from transformers import AutoModelForCausalLM
 
+import rayd.score as score_module
 import rayd.train as train_module
 import rayd.workers as workers_module
 from rayd.config import load_config
@@ -154,7 +155,7 @@ def gold_dataset(tmp_path) -> Path:
     return path
 
 
-def test_logit_kd_from_stored_teacher_signal(local_ray, tmp_path, gold_dataset, monkeypatch):
+def test_logit_kd_from_stored_teacher_signal(local_ray, tmp_path, gold_dataset, monkeypatch, capfd):
     common = [
         f"output_dir={tmp_path}/{{name}}",
         "algorithm.name=logit_kd",
@@ -169,7 +170,30 @@ def test_logit_kd_from_stored_teacher_signal(local_ray, tmp_path, gold_dataset, 
         "logging.progress=false",
     ]
     cfg = load_config(CONFIG, [*common, "name=score", f"data.train_dataset={gold_dataset}"])
+    # An interrupted job: every block scored, then stopped before the dataset was written.
+    monkeypatch.setattr(score_module, "BLOCK", 64)  # 160 rows: 3 blocks
+    write = score_module._write
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(score_module, "_write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        score_dataset(cfg)
+    parts = gold_dataset.with_name(".gold-scored.parts")
+    assert sorted(p.name for p in parts.glob("block-*.pt")) == [
+        "block-00000.pt",
+        "block-00001.pt",
+        "block-00002.pt",
+    ]
+    assert not gold_dataset.with_name("gold-scored").exists()
+    # One block lost as well: the rerun scores only that one, then writes and cleans up.
+    (parts / "block-00001.pt").unlink()
+    monkeypatch.setattr(score_module, "_write", write)
+    capfd.readouterr()
     written = score_dataset(cfg)
+    assert "2 of 3 blocks already scored" in capfd.readouterr().err
+    assert not parts.exists()
     scored = Path(written["dataset"])
     assert scored == gold_dataset.with_name("gold-scored") and written["scored_rows"] == 160
     info = json.loads((scored / "teacher_signal.json").read_text())
