@@ -43,6 +43,7 @@ from rayd.pipeline import (
     check_staleness,
     staleness_metrics,
 )
+from rayd.rollout.worker import prompt_seeds
 from rayd.score import StoredSignal, load_stored_signal
 from rayd.steps import weigh_steps
 from rayd.tasks.base import Task
@@ -249,15 +250,17 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
         timer = StageTimer()
         stream = teacher_stream()
         with timer("rollout"), stream.cancel_on_error():
+            indices = [p.index for p in work.on_policy]
             arriving = rollout.map_chunks_as_completed(
                 "generate",
                 [p.ids for p in work.on_policy],
-                [p.index for p in work.on_policy],
+                indices,
+                # Over the whole batch: a prompt drawn twice draws apart on any two workers.
+                prompt_seeds(rollout_seed(cfg.trainer.seed, work.step), indices),
                 n=cfg.rollout.n,
                 temperature=cfg.rollout.temperature,
                 top_p=cfg.rollout.top_p,
                 max_new_tokens=cfg.rollout.max_new_tokens,
-                seed=rollout_seed(cfg.trainer.seed, work.step),
                 expect_version=engine_version,
                 return_topk=cfg.student_topk,  # teacher.support: the student's ids
             )

@@ -69,6 +69,7 @@ class RolloutWorker:
         self,
         prompts: list[list[int]],
         prompt_indices: list[int],
+        seeds: list[int] | None = None,
         *,
         n: int,
         temperature: float,
@@ -86,9 +87,11 @@ class RolloutWorker:
         `expect_version`: refuse (NeedsRestore) unless these weights are served, e.g. after Ray
         restarted this actor with the initial student and before the pool re-sent the weights.
 
-        `seed`: every prompt gets its own seed from it and the prompt's dataset index
-        (`prompt_seeds`), so the workers of a pool, each handed a slice of one batch, draw
-        independent samples, and a prompt draws the same ones whichever worker gets it.
+        `seeds`: one per prompt, sliced by the pool with the prompts: the driver computes them
+        over the whole batch with `prompt_seeds`, so copies of a prompt on two workers still
+        draw apart. `seed` instead: this call's prompts get `prompt_seeds(seed, prompt_indices)`.
+        Either way the workers of a pool, each handed a slice of one batch, draw independent
+        samples, and a prompt draws the same ones whichever worker gets it.
         """
         if expect_version is not None and self._version != expect_version:
             raise NeedsRestore(
@@ -98,6 +101,10 @@ class RolloutWorker:
             raise RuntimeError("the last weight load failed; load weights again before sampling")
         if len(prompts) != len(prompt_indices):
             raise ValueError(f"{len(prompts)} prompts but {len(prompt_indices)} prompt indices")
+        if seeds is not None and (seed is not None or len(seeds) != len(prompts)):
+            raise ValueError(f"give {len(prompts)} seeds or one seed, not both")
+        if seed is not None:
+            seeds = prompt_seeds(seed, prompt_indices)
         if n < 1 or max_new_tokens < 1:
             raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got {n} and {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -124,7 +131,7 @@ class RolloutWorker:
             temperature=temperature,
             top_p=top_p,
             max_new_tokens=max_new_tokens,
-            seeds=None if seed is None else prompt_seeds(seed, prompt_indices),
+            seeds=seeds,
             return_topk=return_topk,
         )
         samples = []
@@ -208,10 +215,12 @@ def _make_engine(
 
 
 def prompt_seeds(seed: int, prompt_indices: list[int]) -> list[int]:
-    """One sampling seed per prompt of a call, from the call's seed and the prompt's dataset
-    index (and, for a prompt listed twice, its occurrence), so a seed depends neither on where
-    the prompt sits in its worker's slice nor on how many workers share the batch. 30 bits:
-    vLLM's child j of an n-sample request uses seed + j."""
+    """One sampling seed per prompt, from a call's seed and the prompt's dataset index (and,
+    for a prompt listed twice, its occurrence), so a seed depends neither on where the prompt
+    sits in its worker's slice nor on how many workers share the batch. Computed over a whole
+    batch (as the training driver does), the copies of a prompt drawn twice get different
+    seeds whichever workers they land on. 30 bits: vLLM's child j of an n-sample request
+    uses seed + j."""
     seen: dict[int, int] = {}
     seeds = []
     for index in prompt_indices:

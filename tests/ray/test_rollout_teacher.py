@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rayd.cluster import get
 from rayd.models import build_tiny_llama
-from rayd.rollout.worker import RolloutWorker
+from rayd.rollout.worker import RolloutWorker, prompt_seeds
 from rayd.teacher.scorer import TeacherSignalError, check_scores
 from rayd.teacher.worker import TeacherWorker
 from rayd.types import TeacherScore
@@ -142,6 +142,12 @@ def test_rollout_samples_are_well_formed_and_match_transformers(
         # pool's second worker gets draws what the whole batch on one worker would.
         alone = get(actor.generate.remote(prompts[2:], [9], **kwargs), TIMEOUT, "generate")
         assert [s.completion_ids for s in alone] == [s.completion_ids for s in samples[4:]]
+        # The training driver's form: seeds computed over the whole batch, sliced with it.
+        batch_seeds = prompt_seeds(kwargs.pop("seed"), [7, 8, 9])
+        sliced = actor.generate.remote(prompts[2:], [9], batch_seeds[2:], **kwargs)
+        assert [s.completion_ids for s in get(sliced, TIMEOUT, "generate")] == [
+            s.completion_ids for s in samples[4:]
+        ]
 
 
 def test_teacher_scorers_agree_with_each_other_and_transformers(workers, tiny_teacher):
