@@ -101,8 +101,10 @@ class RolloutWorker:
             raise RuntimeError("the last weight load failed; load weights again before sampling")
         if len(prompts) != len(prompt_indices):
             raise ValueError(f"{len(prompts)} prompts but {len(prompt_indices)} prompt indices")
-        if seeds is not None and (seed is not None or len(seeds) != len(prompts)):
-            raise ValueError(f"give {len(prompts)} seeds or one seed, not both")
+        if seeds is not None and seed is not None:
+            raise ValueError("give per-prompt seeds or one seed, not both")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if seed is not None:
             seeds = prompt_seeds(seed, prompt_indices)
         if n < 1 or max_new_tokens < 1:
