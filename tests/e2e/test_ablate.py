@@ -14,7 +14,7 @@ import json
 import re
 from pathlib import Path
 
-from rayd import ablate
+from rayd.commands import ablate
 
 BASE = Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml"
 

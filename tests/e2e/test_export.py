@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rayd.cluster import get
+from rayd.commands.export import export
 from rayd.config import load_config
-from rayd.export import export
+from rayd.driver import train
 from rayd.rollout.worker import RolloutWorker
-from rayd.train import train
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
 PROMPTS = ["12+34=", "50+7=", "99+1=", "8+8="]

@@ -12,9 +12,9 @@ import pytest
 from datasets import load_from_disk
 from safetensors.torch import load_file
 
+from rayd.commands.generate import generate, load_generate_config
 from rayd.config import load_config
-from rayd.generate import generate, load_generate_config
-from rayd.train import train
+from rayd.driver import train
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
 

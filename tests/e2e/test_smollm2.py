@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from rayd.commands.convert import convert
 from rayd.config import load_config
-from rayd.convert import convert
-from rayd.train import train
+from rayd.driver import train
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "smollm2" / "onpolicy.yaml")
 

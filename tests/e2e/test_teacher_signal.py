@@ -18,11 +18,11 @@ import torch
 from datasets import Dataset, disable_progress_bars, load_from_disk
 from transformers import AutoModelForCausalLM
 
-import rayd.score as score_module
-import rayd.train as train_module
+import rayd.commands.score as score_module
+import rayd.driver as train_module
 import rayd.workers as workers_module
+from rayd.commands.score import score_dataset
 from rayd.config import load_config
-from rayd.score import score_dataset
 from rayd.tasks import make_task
 from rayd.teacher.worker import TeacherWorker
 from rayd.zoo import resolve_model_path

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayd import ablate
-from rayd.ablate import (
+from rayd.commands import ablate
+from rayd.commands.ablate import (
     Outcome,
     SweepError,
     cell_config,

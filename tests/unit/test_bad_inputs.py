@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rayd.checkpoint import CheckpointStore
-from rayd.train import main
+from rayd.commands.train import main
 from rayd.zoo import resolve_model_path
 
 REPORT = Path(__file__).resolve().parents[2] / "runs" / "reports" / "bad_inputs.md"
@@ -97,8 +97,12 @@ def scored_dataset(tmp: Path, wrong: str = "") -> str:
     from datasets import Dataset, disable_progress_bars
     from transformers import AutoTokenizer
 
-    from rayd.generate import weights_sha256
-    from rayd.score import SIGNAL_COLUMNS, SIGNAL_FILE, tokenizer_sha256
+    from rayd.teacher.stored import (
+        SIGNAL_COLUMNS,
+        SIGNAL_FILE,
+        tokenizer_sha256,
+        weights_sha256,
+    )
 
     disable_progress_bars()
     tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny:test-student"))
@@ -775,7 +779,7 @@ def _quiet_warnings(recwarn):
     ],
 )
 def test_rayd_score_refuses_configs_it_cannot_serve(tmp_path, capsys, overrides, needle):
-    from rayd.score import main as score_main
+    from rayd.commands.score import main as score_main
 
     argv = [str(write_base(tmp_path)), *GOOD, f"output_dir={tmp_path}/out", *overrides]
     assert score_main(argv) == 2

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rayd import bench
+from rayd.commands import bench
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,7 +73,7 @@ def test_failing_and_missing_sections_are_recorded(
     monkeypatch.setitem(sys.modules, fine.__name__, fine)
     monkeypatch.setitem(bench.SECTIONS, "broken", broken.__name__)
     monkeypatch.setitem(bench.SECTIONS, "fine", fine.__name__)
-    monkeypatch.setitem(bench.SECTIONS, "absent", "rayd.bench.no_such_section")
+    monkeypatch.setitem(bench.SECTIONS, "absent", "rayd.commands.bench.no_such_section")
 
     code = bench.main(["--only", "broken,absent,fine", "--out", str(tmp_path)])
 
@@ -99,7 +99,7 @@ def test_unknown_section_is_refused(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_left_padded_prompts_end_in_the_same_column():
-    from rayd.bench import left_padded
+    from rayd.commands.bench import left_padded
 
     ids, mask = left_padded([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]

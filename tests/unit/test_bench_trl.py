@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from rayd.bench.trl import (
+from rayd.commands.bench.trl import (
     FULL,
     QUICK,
     SMOLLM2,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rayd.commands.convert import convert, main, parse_keep_layers, spaced_layers, subset_state_dict
 from rayd.config import ConfigError
-from rayd.convert import convert, main, parse_keep_layers, spaced_layers, subset_state_dict
 from rayd.data.prompts import encode_prompt
 from rayd.models import build_char_tokenizer, build_tiny_llama
 

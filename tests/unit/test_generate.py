@@ -7,9 +7,8 @@ from collections import Counter
 
 import pytest
 
-from rayd.config import ConfigError
-from rayd.evaluate import pass_at_k
-from rayd.generate import (
+from rayd.commands.eval import pass_at_k
+from rayd.commands.generate import (
     ContaminationIndex,
     FiltersConfig,
     judge,
@@ -17,6 +16,7 @@ from rayd.generate import (
     normalized,
     words,
 )
+from rayd.config import ConfigError
 from rayd.tasks import AdditionTask, JsonlTask, make_task
 from rayd.tasks.base import Task
 

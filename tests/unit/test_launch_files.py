@@ -31,8 +31,8 @@ import yaml
 from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from rayd.commands.generate import load_generate_config
 from rayd.config import load_config, load_tree
-from rayd.generate import load_generate_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAMLS = ["launch/aws-gpu.yaml", "launch/gcp-gpu.yaml"]

@@ -2,7 +2,7 @@
 
 import torch
 
-from rayd.score import _Parts
+from rayd.commands.score import _Parts
 from rayd.types import TeacherScore
 
 

@@ -154,7 +154,7 @@ def task_accuracy(model_dir: Path, cfg: RunConfig, count: int) -> float | None:
     torchao's int8 weights), or None when the run's data has no task verifier."""
     if not cfg.data.source.startswith("task:"):
         return None
-    from rayd.evaluate import evaluate_model
+    from rayd.commands.eval import evaluate_model
     from rayd.tasks import make_task
 
     task = make_task(

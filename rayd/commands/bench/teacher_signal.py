@@ -73,7 +73,7 @@ def _student_batch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The student's own samples (temperature 1), left-padded prompts: (input_ids [B, L],
     attention_mask [B, L], loss_mask [B, L-1])."""
-    from rayd.bench import sample_completions
+    from rayd.commands.bench import sample_completions
 
     out, attn = sample_completions(
         student,

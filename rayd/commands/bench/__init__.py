@@ -36,12 +36,12 @@ from typing import Any
 
 # Section name -> module, in the order they run.
 SECTIONS: dict[str, str] = {
-    "rollout": "rayd.bench.rollout",
-    "trl": "rayd.bench.trl",
-    "teacher_signal": "rayd.bench.teacher_signal",
-    "scaling": "rayd.bench.scaling",
-    "pipeline": "rayd.bench.pipeline",
-    "learner": "rayd.bench.learner",
+    "rollout": "rayd.commands.bench.rollout",
+    "trl": "rayd.commands.bench.trl",
+    "teacher_signal": "rayd.commands.bench.teacher_signal",
+    "scaling": "rayd.commands.bench.scaling",
+    "pipeline": "rayd.commands.bench.pipeline",
+    "learner": "rayd.commands.bench.learner",
 }
 _META_KEYS = ("skipped", "error", "elapsed_s", "notes")
 
@@ -86,7 +86,7 @@ def _shutdown_ray() -> None:
 
 def ray_runtime_env() -> dict[str, Any]:
     """Actors import this tree's `rayd` (PYTHONPATH), whichever copy is installed."""
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[3])
     pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     return {"env_vars": {"PYTHONPATH": pythonpath, "VLLM_LOGGING_LEVEL": "WARNING"}}
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "tiny.yaml"
+CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo" / "tiny.yaml"
 STAGES = ("rollout", "teacher", "learner", "sync")
 
 
@@ -52,7 +52,7 @@ def _train(
     workdir: Path, name: str, max_staleness: int, steps: int, extra: Sequence[str] = ()
 ) -> dict[str, Any]:
     from rayd.config import load_config
-    from rayd.train import train
+    from rayd.driver import train
 
     cfg = load_config(
         str(CONFIG),

