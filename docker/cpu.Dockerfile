@@ -16,4 +16,4 @@ RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorc
  && pip uninstall -y torchvision torchaudio torchcodec
 COPY . .
 RUN pip install --no-cache-dir --no-deps -e .
-ENTRYPOINT ["python", "-m", "rayd.train"]
+ENTRYPOINT ["python", "-m", "rayd", "train"]

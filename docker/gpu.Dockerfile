@@ -28,4 +28,4 @@ RUN pip install --no-cache-dir --upgrade pip \
  && pip install --no-cache-dir torch==2.13.0 vllm==0.32.0
 COPY . .
 RUN pip install --no-cache-dir -e ".[gpu]"
-ENTRYPOINT ["python", "-m", "rayd.train"]
+ENTRYPOINT ["python", "-m", "rayd", "train"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Submit a rayd run to the Ray cluster at $RAY_ADDRESS (default: a head on this machine).
-#   launch/submit.sh configs/demo/onpolicy.yaml learner.zero_stage=3     (python -m rayd.train)
+#   launch/submit.sh configs/demo/onpolicy.yaml learner.zero_stage=3     (python -m rayd train)
 #   launch/submit.sh generate configs/gpu/generate-gsm8k.yaml            (any `rayd` command)
 #   launch/submit.sh --no-wait configs/gpu/qwen7b-to-0.5b-onpolicy.yaml  (return once submitted)
 # Environment (all optional):
@@ -44,6 +44,4 @@ cat >&2 <<MSG
 rayd: submitting $id to $RAY_ADDRESS
 rayd:   follow: ray job logs -f $id    stop (checkpoints first): ray job stop $id
 MSG
-entry=(python -m rayd.train)
-[[ "$command" != train ]] && entry=(python -m rayd.cli "$command")
-exec ray job submit "${args[@]}" "${wait_flag[@]}" -- "${entry[@]}" "$@"
+exec ray job submit "${args[@]}" "${wait_flag[@]}" -- python -m rayd "$command" "$@"

@@ -5,7 +5,7 @@ product of the axes makes the cells. An axis is either a dotted config key with 
 (`trainer.seed: [0, 1]`) or a name with named bundles of overrides, for settings that move
 together (`method: {answers: {data.rationales: false}, rationales: {}}`).
 
-Each cell is `python -m rayd.train <cell>/cell.yaml` in its own process, so a cell that crashes
+Each cell is `python -m rayd train <cell>/cell.yaml` in its own process, so a cell that crashes
 or leaves Ray in a bad state cannot take the sweep down. A cell is finished when its
 summary.json says so and the config it ran with is the one the sweep asks for now; finished cells
 are skipped on the next run, a changed one is moved aside and run again. The results of all
@@ -469,7 +469,7 @@ class _Runner:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             log.write(f"==== rayd ablate: cell {cell.id}, started {stamp} ====\n".encode())
             log.flush()
-            cmd = [sys.executable, "-m", "rayd.train", str(folder / "cell.yaml")]
+            cmd = [sys.executable, "-m", "rayd", "train", str(folder / "cell.yaml")]
             print(f"rayd ablate: cell {cell.id}: started (log: {log_path})", flush=True)
             with self._lock:
                 if self.stop.is_set():
@@ -551,7 +551,7 @@ def _log_tail(path: Path, offset: int, lines: int = LOG_TAIL_LINES) -> str:
 def _cluster_for_cells(concurrency: int) -> Iterator[dict[str, str]]:
     """Environment for the cells' processes.
 
-    One cell alone starts its own local Ray (as `python -m rayd.train` does), so nothing it
+    One cell alone starts its own local Ray (as `python -m rayd train` does), so nothing it
     leaves behind reaches the next. Concurrent cells instead join one cluster, whose scheduler
     shares its resources out: an existing one (RAY_ADDRESS, `ray job submit`), or a local one
     this process starts and stops, sized for `concurrency` cells; two local Ray instances on

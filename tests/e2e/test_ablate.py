@@ -1,6 +1,6 @@
 """`rayd ablate` end to end: a 2 x 2 sweep of real training runs, its report, and a re-run.
 
-Each cell is `python -m rayd.train` in its own process. The sweep runs two cells at a time, so
+Each cell is `python -m rayd train` in its own process. The sweep runs two cells at a time, so
 they join one local Ray that the sweep starts (two local Ray instances would each claim the
 machine's cores). The cells use the transformers rollout and teacher backends and one learner:
 the sweep machinery is the subject here, and a vLLM engine's start-up would double the test's

@@ -1,6 +1,6 @@
 """Exact resume from seeded interruption points of the driver process, in one chain of restarts.
 
-The run is `python -m rayd.train CONFIG` in a subprocess, so a SIGKILL of the driver is real:
+The run is `python -m rayd train CONFIG` in a subprocess, so a SIGKILL of the driver is real:
 nothing after the last checkpoint survives (save_every=1). One run takes every interruption in
 turn: interrupted, the same command is started again, resumes from its newest checkpoint, is
 interrupted again later, ... until it finishes. After each restart the steps it trains must
@@ -75,14 +75,14 @@ def plan(points: int, rng: random.Random) -> list[Point]:
 
 
 class Driver:
-    """`python -m rayd.train` in a session of its own, so whatever it leaves can be reaped."""
+    """`python -m rayd train` in a session of its own, so whatever it leaves can be reaped."""
 
     def __init__(self, cfg_path, log_path, env=None) -> None:
         self.log_path = log_path
         self.started = time.time()
         with open(log_path, "a") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rayd.train", str(cfg_path)],
+                [sys.executable, "-m", "rayd", "train", str(cfg_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},

@@ -238,7 +238,7 @@ def test_a_cell_with_a_bad_config_is_invalid_and_the_others_are_not(tmp_path, ca
 
 
 def finish_cell(sweep, cell, final=None, preempted=False, metrics=()):
-    """Leave the files a run of `cell` leaves (what `rayd.train` and the sweep write)."""
+    """Leave the files a run of `cell` leaves (what `rayd train` and the sweep write)."""
     folder = cell_dir(sweep, cell)
     save_config(cell_config(sweep, cell), folder / "cell.yaml")
     summary = {"steps": 4, "preempted": preempted, "initial": {}, "final": final or {}}

@@ -1,6 +1,6 @@
 """Every kind of bad input gets one clear line and a non-zero exit, before any actor starts.
 
-Each case runs `python -m rayd.train`'s entry point in this process (a subprocess per case would
+Each case runs `rayd train`'s entry point in this process (a subprocess per case would
 spend most of the time importing torch; `test_config.py` checks the real CLI once). The table of
 cases, messages and exit codes is written to `runs/reports/bad_inputs.md`
 (`pytest tests/unit/test_bad_inputs.py`); docs/bad_inputs.md is a copy.

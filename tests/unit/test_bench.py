@@ -26,7 +26,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path: Path) -> None:
     }
     only = "teacher_signal,learner"
     proc = subprocess.run(
-        [sys.executable, "-m", "rayd.cli", "bench", "--quick", "--only", only, "--out", tmp_path],
+        [sys.executable, "-m", "rayd", "bench", "--quick", "--only", only, "--out", tmp_path],
         env=env,
         capture_output=True,
         text=True,

@@ -259,10 +259,10 @@ def check_rayjob(job: dict[str, Any]) -> None:
 
     # The entrypoint: rayd's training entry, on a config inside the image that validates here.
     argv = shlex.split(spec["entrypoint"])
-    if argv[:3] != ["python", "-m", "rayd.train"] or len(argv) < 4:
-        raise ValueError("entrypoint: python -m rayd.train CONFIG [key=value ...]")
+    if argv[:4] != ["python", "-m", "rayd", "train"] or len(argv) < 5:
+        raise ValueError("entrypoint: python -m rayd train CONFIG [key=value ...]")
     workdir = dockerfile_workdir((ROOT / "docker/gpu.Dockerfile").read_text())
-    config, overrides = argv[3], argv[4:]
+    config, overrides = argv[4], argv[5:]
     if not config.startswith(workdir + "/"):
         raise ValueError(f"entrypoint: the config must be under the image's WORKDIR {workdir}")
     in_repo = ROOT / config.removeprefix(workdir + "/")
@@ -309,7 +309,10 @@ def _worker(job):
 RAYJOB_BREAKS = {
     "no entrypoint": _drop(("spec", "entrypoint")),
     "entrypoint config not in the repo": _set(
-        ("spec", "entrypoint"), "python -m rayd.train /opt/rayd/configs/gpu/nope.yaml"
+        ("spec", "entrypoint"), "python -m rayd train /opt/rayd/configs/gpu/nope.yaml"
+    ),
+    "entrypoint not the train command": lambda j: j["spec"].update(
+        entrypoint=j["spec"]["entrypoint"].replace("rayd train", "rayd generate")
     ),
     "entrypoint config invalid": lambda j: j["spec"].update(
         entrypoint=j["spec"]["entrypoint"] + " learner.grad_accum=3"
@@ -531,7 +534,7 @@ def check_images(s: dict[str, Any]) -> None:
 def test_images_match_pyproject_and_share_entrypoint():
     s = _sources()
     check_images(s)
-    assert entrypoint(s["gpu"]) == ["python", "-m", "rayd.train"]
+    assert entrypoint(s["gpu"]) == ["python", "-m", "rayd", "train"]
 
 
 def _pyproject_edit(extra: str, old: str, new: str):
@@ -564,7 +567,7 @@ IMAGE_BREAKS = {
     "lock: torch the range refuses": _text_edit("lock", "torch==2.13.0", "torch==2.12.0"),
     "cpu image keeps torchvision": _text_edit("cpu", "uninstall -y torchvision ", "uninstall -y "),
     "entrypoints differ": _text_edit(
-        "cpu", 'ENTRYPOINT ["python", "-m", "rayd.train"]', 'ENTRYPOINT ["rayd"]'
+        "cpu", 'ENTRYPOINT ["python", "-m", "rayd", "train"]', 'ENTRYPOINT ["rayd"]'
     ),
 }
 
@@ -623,7 +626,14 @@ def test_submit_passes_entrypoint_resources_and_no_wait(fake_ray):
     ]:
         assert head[head.index(flag) + 1] == value
     assert "--no-wait" in head
-    assert entry == ["python", "-m", "rayd.train", "configs/demo/tiny.yaml", "trainer.max_steps=2"]
+    assert entry == [
+        "python",
+        "-m",
+        "rayd",
+        "train",
+        "configs/demo/tiny.yaml",
+        "trainer.max_steps=2",
+    ]
     assert "ray job logs -f run-7" in out.stderr and "ray job stop run-7" in out.stderr
 
 
@@ -635,7 +645,7 @@ def test_submit_defaults_reserve_nothing_and_other_commands(fake_ray):
     assert argv[argv.index("--") + 1 :] == [
         "python",
         "-m",
-        "rayd.cli",
+        "rayd",
         "generate",
         "configs/gpu/generate-gsm8k.yaml",
     ]

@@ -349,7 +349,7 @@ def run_rayd(s: BenchSettings, out: Path, top_k: int) -> dict[str, Any]:
 
     cfg = rayd_config(s, out / "run", top_k)
     save_config(cfg, out / "config.yaml")
-    cmd = [sys.executable, "-m", "rayd.train", str(out / "config.yaml")]
+    cmd = [sys.executable, "-m", "rayd", "train", str(out / "config.yaml")]
     started = time.time()
     _run(cmd, _env(), out / "log.txt")
     finished = time.time()
