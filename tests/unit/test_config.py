@@ -89,7 +89,10 @@ def test_train_cli_bad_config_exits_nonzero_with_one_line(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("models: {student: {path: s}, teacher: {path: t}}\nlearner: {zero_stage: 4}\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "rayd.train", str(cfg)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "rayd", "train", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     err_lines = [line for line in proc.stderr.splitlines() if line.strip()]
