@@ -13,6 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from rayd.config import ConfigError, LoggingConfig, RunConfig
+from rayd.types import Sample
 
 
 class StageTimer:
@@ -186,3 +187,31 @@ class MetricsLogger:
             self._tb.close()
         if self._trackers is not None:
             self._trackers.close()
+
+
+def per_own_tokens(metrics: dict[str, float]) -> None:
+    """The learner divides every metric by all of the step's tokens. With a label task, its CE
+    and the distilled rows' reverse KL are turned into means over their own tokens."""
+    share = metrics.pop("label_tokens", None)
+    if share is None:
+        return
+    metrics["label_token_fraction"] = share
+    metrics["label_loss"] /= max(share, 1e-12)
+    if "reverse_kl" in metrics:
+        metrics["reverse_kl"] /= max(1.0 - share, 1e-12)
+
+
+def step_metrics(
+    samples: list[Sample], tokens: int, seconds: dict[str, float], step_time: float, version: int
+) -> dict[str, float]:
+    """A step's throughput and shape: time and tokens/s per stage, completion lengths, the share
+    cut at max_new_tokens, the weight version trained."""
+    out: dict[str, float] = {f"time/{k}": v for k, v in seconds.items()}
+    for stage, secs in seconds.items():
+        out[f"tokens_per_s/{stage}"] = tokens / max(secs, 1e-9)
+    out["tokens_per_s"] = tokens / max(step_time, 1e-9)
+    out["completion_tokens"] = tokens
+    out["completion_len/mean"] = tokens / max(len(samples), 1)
+    out["truncated_fraction"] = sum(s.finish_reason == "length" for s in samples) / len(samples)
+    out["weight_version"] = version
+    return out

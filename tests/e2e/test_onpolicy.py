@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from rayd.config import load_config
-from rayd.train import train
+from rayd.driver import train
 
 # Shared with the README's command for the figures: 120 steps, dense reverse KL, 2 learners.
 CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")

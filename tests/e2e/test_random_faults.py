@@ -20,7 +20,7 @@ import warnings
 import pytest
 from test_resume import KEYS, actor_pids, config, step_records  # same folder, rootdir import
 
-from rayd.train import train
+from rayd.driver import train
 
 N = int(os.environ.get("RAYD_FAULTS", "3"))
 STEPS = max(8, 2 * N + 2)

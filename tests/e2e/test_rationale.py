@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from rayd.config import load_config
-from rayd.train import train
+from rayd.driver import train
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
 STEP_KEYS = (

@@ -28,7 +28,7 @@ import pytest
 
 from rayd.config import load_config
 from rayd.data.prompts import PromptSampler
-from rayd.train import train
+from rayd.driver import train
 
 STEPS = 6
 KEYS = ("loss", "reverse_kl", "grad_norm", "completion_tokens")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-import rayd.train as train_module
+import rayd.driver as train_module
 from rayd.config import load_config
 from rayd.data.prompts import load_prompts
 from rayd.mixture import hash_route

@@ -113,7 +113,7 @@ def test_teacher_support_asks_the_rollouts_and_the_teacher_for_the_right_ids(
 ):
     import torch
 
-    from rayd.train import teacher_scores
+    from rayd.teacher.signal import ask_teacher
     from rayd.types import Sample
 
     cfg = load_config(
@@ -138,7 +138,7 @@ def test_teacher_support_asks_the_rollouts_and_the_teacher_for_the_right_ids(
     from rayd.teachers import Teachers
 
     pool = RecordingPool()
-    teacher_scores(cfg, Teachers.single(pool), None, samples)  # type: ignore[arg-type]
+    ask_teacher(cfg, Teachers.single(pool), samples)  # type: ignore[arg-type]
     name, inputs, kw = pool.call
     assert (name, kw) == (method, kwargs)
     assert inputs[0] == [([1], [2, 3])]

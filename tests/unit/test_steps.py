@@ -129,7 +129,7 @@ def test_step_metrics_of_nothing_is_empty() -> None:
 
 def test_label_task_sample_and_step_by_step_samples() -> None:
     from rayd.data.prompts import Prompt
-    from rayd.train import label_sample, step_by_step_samples
+    from rayd.data.samples import label_sample, step_by_step_samples
 
     tok = build_char_tokenizer()
     enc = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731

@@ -1,0 +1,43 @@
+"""`rayd train CONFIG [key=value ...]` (also `python -m rayd train`, the Ray job entry point):
+one distillation run of any algorithm; the loop itself is rayd/driver.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rayd import cluster
+from rayd.checkpoint import CheckpointError
+from rayd.config import ConfigError, load_config
+from rayd.driver import NumericsError, train
+from rayd.learner.group import LearnerFailure
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rayd train", description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = train(cfg)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except CheckpointError as exc:
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        return 2
+    except (NumericsError, LearnerFailure, cluster.WorkerLost, cluster.RemoteCallTimeout) as exc:
+        print(f"rayd: stopped: {exc}", file=sys.stderr)
+        return 1
+
+    if summary["preempted"]:
+        return 143  # 128 + SIGTERM: not finished; the same command resumes
+    print(json.dumps({"initial": summary["initial"], "final": summary["final"]}, indent=2))
+    print(f"rayd: student saved to {summary['student']}; metrics in {summary['metrics']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
