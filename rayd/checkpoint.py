@@ -11,8 +11,9 @@ Old checkpoints are deleted only after a new one is complete.
 
 Loading walks from the newest checkpoint down and takes the first whose manifest verifies; a
 corrupt one is reported with what is wrong and skipped. `resume=auto` refuses to start from
-scratch when checkpoints exist but none verifies (DeepSpeed's own load would quietly train from
-scratch; PITFALLS.md). Every learner must see this folder: one machine, or shared storage.
+scratch when checkpoints exist but none verifies (DeepSpeed's load_checkpoint without a `latest`
+tag returns (None, None) with a warning, and OpenRLHF and verl then train from scratch). Every
+learner must see this folder: one machine, or shared storage.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Every method calls all ranks together (the DeepSpeed engine is collective) and waits through
 `rayd.cluster.get`, so a rank that hangs in a collective becomes a `RemoteCallTimeout` naming the
 call instead of a driver that waits forever. The group is not restartable rank by rank: after a
-failure, shut it down and build a new one from the last checkpoint (PITFALLS.md).
+failure, shut it down and build a new one from the last checkpoint (one rank of a collective
+cannot rejoin alone; Ray Train, verl and OpenRLHF restart the whole group the same way).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ token, the teacher's log-prob of that token given everything before it, and the 
 teacher temperature other than 1 is the loss's business, and with top-k only it is approximate
 (renormalising needs the whole distribution), so it must not be applied silently here.
 
-A failed or partial score is an error, never a zero signal (PITFALLS.md: teacher signal).
+A failed or partial score is an error, never a zero signal: training would take zeros for the
+teacher's log-probs, silently.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ for requests with prompt log-probs, so every position is computed, never served 
 
 Costs: the whole prompt is scored although only the completion is used (0.32's
 `prompt_logprob_start` needs the V2 model runner), and the engine samples one throwaway token.
-On CPU, measured in DESIGN.md, the transformers scorer was faster for a 135M teacher: measure.
+On CPU the transformers scorer was faster for a 135M teacher (SmolLM2-135M, 32 sequences of ~2000
+tokens in all, top-8: 6.3 s against vLLM's 14.6 s): measure.
 """
 
 from __future__ import annotations
