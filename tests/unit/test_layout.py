@@ -75,7 +75,7 @@ def test_the_check_sees_every_form_of_import(source: str, package: str) -> None:
     [
         ("from rayd.teacher.stored import StoredSignal\n", "rayd"),
         ("import rayd.commandsx\n", "rayd"),
-        ('COMMANDS = {"eval": ("rayd.commands.eval", "main")}\n', "rayd"),
+        ('COMMANDS = {"eval": ("rayd.commands.eval", "accuracy")}\n', "rayd"),
         ("from .stored import load_stored_signal\n", "rayd.teacher"),
     ],
 )
