@@ -2,12 +2,12 @@
 
 Each section is a module here with `run(quick, workdir) -> dict` (its part of the results):
     rollout         rayd's vLLM rollout actor vs transformers `generate` (tokens/s)
-    trl             on-policy distillation vs TRL (rayd/bench/trl.py)
+    trl             on-policy distillation vs TRL (trl.py)
     teacher_signal  bytes per token of top-k teacher log-probs vs the full vocabulary, and the
                     loss difference between the two
     scaling         1/2/4 rollout actors on a simulated two-node Ray cluster; weight-sync time
                     against model size and engine count
-    pipeline        the pipelined (async) loop vs the synchronous one (rayd/bench/pipeline.py)
+    pipeline        the pipelined (async) loop vs the synchronous one (pipeline.py)
     learner         one optimizer step: DeepSpeed ZeRO-0/2/3 vs plain torch AdamW
 The runner times each section and writes `results.json` and `results.md` under `--out`. A
 section that fails records its error and the others still run; the exit status is then 1.
