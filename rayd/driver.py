@@ -53,9 +53,9 @@ from rayd.pipeline import (
 from rayd.rollout.worker import prompt_seeds
 from rayd.steps import weigh_steps
 from rayd.tasks.base import Task
+from rayd.teacher.group import check_routes
 from rayd.teacher.signal import ask_teacher, teacher_signal
 from rayd.teacher.stored import load_stored_signal
-from rayd.teachers import check_routes
 from rayd.types import Sample, TrainBatch, collate
 from rayd.workers import (
     check_models,

@@ -15,7 +15,7 @@ from rayd.cluster import WorkerPool
 from rayd.config import RunConfig
 from rayd.data.prompts import Prompt
 from rayd.tasks.base import Task
-from rayd.teachers import LearnerTeacher, Teachers
+from rayd.teacher.group import LearnerTeacher, Teachers
 
 
 def heldout_metrics(

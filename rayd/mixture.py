@@ -1,6 +1,6 @@
 """Several teachers' signals as one: the probability-space mixture and the routing rule.
 
-Pure torch and Python, no Ray: the driver (rayd/teachers.py) gathers the scores, this module
+Pure torch and Python, no Ray: the driver (rayd/teacher/group.py) gathers the scores, this module
 combines them, and the unit tests check it on hand-made distributions.
 
 Ensemble (You et al. 2017, "Learning from Multiple Teacher Networks": the student learns the

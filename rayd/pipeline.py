@@ -27,7 +27,7 @@ import torch
 
 from rayd.data.prompts import Prompt
 from rayd.metrics import StageTimer
-from rayd.teachers import Scored
+from rayd.teacher.group import Scored
 from rayd.types import Sample, TeacherScore
 
 

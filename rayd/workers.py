@@ -7,17 +7,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rayd.cluster import WorkerPool, get
 from rayd.config import ConfigError, RunConfig
 from rayd.learner.group import LearnerGroup
-from rayd.losses import LossSpec
-from rayd.rollout.worker import RolloutWorker
-from rayd.teacher.worker import TeacherWorker
-from rayd.teachers import LearnerTeacher, Teachers
+from rayd.learner.spec import LearnerSpec
+from rayd.rollout.group import start_rollout
+from rayd.rollout.spec import EngineSpec
+from rayd.teacher.group import LearnerTeacher, Teachers, start_teachers
 from rayd.weight_sync import deserialize_state_dict, load_whole_state_dict
 from rayd.zoo import resolve_model_path
 
@@ -221,25 +220,6 @@ def check_resources(
             )
 
 
-def engine_runtime_env() -> dict[str, Any]:
-    """vLLM logs every weight reload and prefix-cache reset at INFO: once per step per engine,
-    which buries the progress bar. WARNING unless the user asked for more."""
-    return {"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
-
-
-def engine_options(cfg: RunConfig, cpus: float, gpus: float) -> dict[str, Any]:
-    """Ray options of a rollout or teacher engine actor."""
-    return {
-        "num_cpus": cpus,
-        "num_gpus": gpus,
-        "runtime_env": engine_runtime_env(),
-        # Ray restarts a dead engine; the pool restores its state and re-issues the call
-        # (max_task_retries=0: Ray must not replay a call on an engine without weights).
-        "max_restarts": cfg.trainer.actor_restarts,
-        "max_task_retries": 0,
-    }
-
-
 def start_workers(
     cfg: RunConfig,
     student: str,
@@ -247,50 +227,23 @@ def start_workers(
     features: list[tuple[int, int]],
     *,
     vocab_size: int,
-):
-    """(rollout pool, `Teachers` or None when no teacher actor starts, learner group).
+) -> tuple[WorkerPool, Teachers | LearnerTeacher | None, LearnerGroup]:
+    """(rollout pool, teacher handle or None when no teacher actor starts, learner group), each
+    from its role's spec (`EngineSpec`, `LearnerSpec`) and waited for.
     `teachers`: the resolved teacher paths, one pool each; `features` are feature_kd's layer
     pairs (empty otherwise); `vocab_size`: the shared tokenizer's (an ensemble's tail estimate).
+    teacher.support=full starts no teacher actor: the learners hold the first teacher and the
+    handle is a `LearnerTeacher` over them.
     """
-    r = cfg.rollout
-    timeout = cfg.trainer.call_timeout_s
-    rollout_cls = ray.remote(RolloutWorker)
-    rollout = WorkerPool(
-        [
-            rollout_cls.options(**engine_options(cfg, r.cpus_per_worker, r.gpus_per_worker)).remote(
-                student,
-                r.backend,
-                seed=cfg.trainer.seed + i,
-                max_model_len=r.max_model_len,
-                threads=r.threads,
-                kv_cache_gib=r.kv_cache_gib,
-                dtype=cfg.models.student.dtype,
-                max_logprobs=max(20, cfg.student_topk),
-            )
-            for i in range(r.num_workers)
-        ],
-        "rollout",
-        timeout,
-        max_reissues=cfg.trainer.actor_restarts,
-    )
-    pools: list[WorkerPool] = []
-    in_learners = cfg.teacher.support == "full"  # the learners hold the teacher: no actors
+    in_learners = cfg.teacher.support == "full"
+    first_teacher = teachers[0] if teachers else None
+    rollout = start_rollout(cfg, EngineSpec.rollout(cfg, student))
+    group: Teachers | LearnerTeacher | None = None
+    learners: LearnerGroup | None = None
     try:
-        for i, path in enumerate([] if in_learners else teachers or []):
-            pools.append(start_teachers(cfg, path, i))
-        group: Teachers | LearnerTeacher | None = None
-        if pools:
-            specs = cfg.models.teacher_list
-            group = Teachers(
-                pools,
-                [t.name for t in specs],
-                [t.weight for t in specs],
-                combine=cfg.teacher.combine,
-                backend=cfg.teacher.backend,
-                vocab_size=vocab_size,
-            )
-        first_teacher = teachers[0] if teachers else None
-        learners = _learner_group(cfg, student, first_teacher, features)
+        if not in_learners:
+            group = start_teachers(cfg, teachers or [], vocab_size=vocab_size)
+        learners = LearnerGroup(LearnerSpec.from_config(cfg, student, first_teacher, features))
         if in_learners:
             group = LearnerTeacher(learners)
         # Engines load in parallel; wait for all of them here so start-up errors surface at once.
@@ -300,81 +253,12 @@ def start_workers(
     except BaseException:
         # A failed start must not leave engines holding CPUs/GPUs (a restart would need them).
         rollout.shutdown()
-        for pool in pools:
-            pool.shutdown()
-        if "learners" in locals():
+        if group is not None:
+            group.shutdown()
+        if learners is not None:
             learners.shutdown()
         raise
     return rollout, group, learners
-
-
-def start_teachers(cfg: RunConfig, teacher: str, index: int = 0) -> WorkerPool:
-    """The actors of teacher `index` of models.teacher(s), at the resolved path `teacher`
-    (not yet waited for: `call_all("ready")`)."""
-    t = cfg.teacher
-    spec = cfg.models.teacher_list[index]
-    teacher_cls = ray.remote(TeacherWorker)
-    return WorkerPool(
-        [
-            teacher_cls.options(**engine_options(cfg, t.cpus_per_worker, t.gpus_per_worker)).remote(
-                teacher,
-                t.backend,
-                threads=t.threads,
-                max_model_len=t.max_model_len,
-                kv_cache_gib=t.kv_cache_gib,
-                dtype=spec.dtype,
-                max_top_k=max(20, t.top_k),
-            )
-            for _ in range(t.num_workers)
-        ],
-        "teacher" if cfg.models.teachers is None else f"teacher[{spec.name}]",
-        cfg.trainer.call_timeout_s,
-        max_reissues=cfg.trainer.actor_restarts,
-    )
-
-
-def _learner_group(
-    cfg: RunConfig, student: str, teacher: str | None, features: list[tuple[int, int]]
-) -> LearnerGroup:
-    ln, algo = cfg.learner, cfg.algorithm
-    loss = LossSpec(
-        kind=algo.resolved_loss,
-        beta=algo.beta,
-        temperature=algo.temperature,
-        tail=algo.tail,
-        is_clip=algo.is_clip,
-        alpha=algo.alpha,
-        feature_pairs=tuple(features),
-        teacher_hidden_size=int(AutoConfig.from_pretrained(teacher).hidden_size) if features else 0,
-        feature_kind=algo.feature_loss,
-        feature_weight=algo.feature_weight,
-        full_vocab=cfg.teacher.support == "full",
-    )
-    return LearnerGroup(
-        student,
-        num_learners=ln.num_learners,
-        cpus_per_learner=ln.cpus_per_learner,
-        gpus_per_learner=ln.gpus_per_learner,
-        call_timeout_s=cfg.trainer.call_timeout_s,
-        length_bucketing=ln.length_bucketing,
-        zero_stage=ln.zero_stage,
-        micro_batch_size=ln.micro_batch_size,
-        grad_accum=ln.grad_accum,
-        lr=ln.optim.lr,
-        weight_decay=ln.optim.weight_decay,
-        betas=tuple(ln.optim.betas),
-        eps=ln.optim.eps,
-        grad_clip=ln.optim.grad_clip,
-        warmup_steps=ln.optim.warmup_steps,
-        lr_schedule=ln.optim.schedule,
-        total_steps=cfg.trainer.max_steps,
-        loss=loss,
-        dtype=cfg.models.student.dtype,
-        seed=cfg.trainer.seed,
-        threads=ln.threads,
-        teacher_path=teacher if loss.full_vocab else None,
-        teacher_dtype=cfg.models.teacher_list[0].dtype if loss.full_vocab else "auto",
-    )
 
 
 def export_student(learners: LearnerGroup, student_path: str, tokenizer: Any, out: Path) -> None:

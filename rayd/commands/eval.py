@@ -37,9 +37,11 @@ def evaluate_model(
     from transformers import AutoConfig, AutoTokenizer
 
     from rayd import cluster
+    from rayd.config import RolloutConfig
     from rayd.data.prompts import encode_prompt
+    from rayd.rollout.group import engine_runtime_env
+    from rayd.rollout.spec import EngineSpec
     from rayd.rollout.worker import RolloutWorker
-    from rayd.workers import engine_runtime_env
 
     examples = task.examples("eval", count)
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -52,7 +54,15 @@ def evaluate_model(
     worker = (
         ray.remote(RolloutWorker)
         .options(num_cpus=1, runtime_env=engine_runtime_env())
-        .remote(model, backend, seed=seed, max_model_len=max_model_len)
+        .remote(
+            EngineSpec.from_section(
+                model,
+                RolloutConfig(backend=backend, max_model_len=max_model_len),
+                dtype="auto",
+                seed=seed,
+                max_logprobs=20,
+            )
+        )
     )
     try:
         greedy = cluster.get(

@@ -345,11 +345,15 @@ def _write_shards(cfg, teacher_path, questions, shards, todo, shards_dir) -> Non
     from transformers import AutoTokenizer
 
     from rayd import cluster
+    from rayd.rollout.group import engine_runtime_env
+    from rayd.rollout.spec import EngineSpec
     from rayd.rollout.worker import RolloutWorker
-    from rayd.workers import engine_runtime_env
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     e, s = cfg.engines, cfg.sampling
+    spec = EngineSpec.from_section(
+        teacher_path, e, dtype=cfg.teacher.dtype, seed=cfg.seed, max_logprobs=20
+    )
     cluster.connect()
     worker = ray.remote(RolloutWorker).options(
         num_cpus=e.cpus_per_worker,
@@ -359,18 +363,7 @@ def _write_shards(cfg, teacher_path, questions, shards, todo, shards_dir) -> Non
         max_task_retries=0,
     )
     pool = cluster.WorkerPool(
-        [
-            worker.remote(
-                teacher_path,
-                e.backend,
-                seed=cfg.seed + i,
-                max_model_len=e.max_model_len,
-                threads=e.threads,
-                kv_cache_gib=e.kv_cache_gib,
-                dtype=cfg.teacher.dtype,
-            )
-            for i in range(e.num_workers)
-        ],
+        [worker.remote(spec.for_worker(i)) for i in range(e.num_workers)],
         "teacher",
         cfg.call_timeout_s,
         max_reissues=2,

@@ -204,7 +204,8 @@ def _score_pairs(
     import ray
 
     from rayd import cluster
-    from rayd.workers import start_teachers
+    from rayd.rollout.spec import EngineSpec
+    from rayd.teacher.group import start_teacher_pool
 
     order = list(pairs)
     blocks = [order[lo : lo + BLOCK] for lo in range(0, len(order), BLOCK)]
@@ -232,7 +233,7 @@ def _score_pairs(
                 f"config error: teacher.num_workers * teacher.{res.lower()}s_per_worker = "
                 f"{t.num_workers * want:g} {res}s but the Ray cluster has {have.get(res, 0.0):g}"
             )
-    pool = start_teachers(cfg, teacher_path)
+    pool = start_teacher_pool(cfg, EngineSpec.teacher(cfg, teacher_path))
     try:
         pool.call_all("ready")
         for b in todo:

@@ -43,6 +43,7 @@ os.environ.setdefault("DS_ACCELERATOR", devices.detect().ds_accelerator)
 import deepspeed
 from transformers import AutoModelForCausalLM
 
+from rayd.learner.spec import LearnerSpec
 from rayd.losses import LossSpec, batch_loss, token_logprobs
 from rayd.types import TrainBatch
 from rayd.weight_sync import serialize_state_dict
@@ -137,47 +138,36 @@ class WarmupSchedule:
         self.apply()
 
 
-def deepspeed_config(
-    *,
-    zero_stage: int,
-    micro_batch_size: int,
-    grad_accum: int,
-    world_size: int,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    grad_clip: float,
-    dtype: torch.dtype,
-    overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The DeepSpeed config dict; `overrides` are merged in last, key by key (nested dicts too)."""
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+def deepspeed_config(spec: LearnerSpec, *, world_size: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The DeepSpeed config dict of `spec` (learner.optim whole); `spec.ds_overrides` are merged
+    in last, key by key (nested dicts too)."""
+    optim = spec.optim
+    if spec.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {spec.zero_stage}")
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": micro_batch_size * grad_accum * world_size,
-        "gradient_clipping": grad_clip,  # 0 disables
+        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+        "gradient_accumulation_steps": spec.grad_accum,
+        "train_batch_size": spec.micro_batch_size * spec.grad_accum * world_size,
+        "gradient_clipping": optim.grad_clip,  # 0 disables
         "optimizer": {
             "type": "AdamW",
             "params": {
-                "lr": lr,
-                "betas": list(betas),
-                "eps": eps,
-                "weight_decay": weight_decay,
+                "lr": optim.lr,
+                "betas": list(optim.betas),
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
                 # torch.optim.AdamW: DeepSpeed's own Adam kernels need a C++/CUDA build that a
                 # CPU machine (and a GPU image without nvcc) does not have.
                 "torch_adam": True,
             },
         },
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": {"stage": spec.zero_stage},
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16},
         "steps_per_print": 2**31 - 1,  # rayd logs its own metrics
         "wall_clock_breakdown": False,
     }
-    return _merge(config, overrides or {})
+    return _merge(config, spec.ds_overrides or {})
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -212,58 +202,25 @@ def feature_projections(model: torch.nn.Module, spec: LossSpec) -> torch.nn.Modu
 class DeepSpeedLearner:
     """The student model of one rank, its DeepSpeed engine and the distillation loss."""
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        zero_stage: int,
-        micro_batch_size: int,
-        grad_accum: int,
-        lr: float,
-        weight_decay: float,
-        betas: tuple[float, float],
-        eps: float,
-        grad_clip: float,
-        warmup_steps: int,
-        total_steps: int,
-        loss: LossSpec,
-        dtype: str = "auto",
-        seed: int = 0,
-        lr_schedule: LRSchedule = "constant",
-        ds_overrides: dict[str, Any] | None = None,
-        teacher_path: str | None = None,
-        teacher_dtype: str = "auto",
-    ) -> None:
+    def __init__(self, spec: LearnerSpec) -> None:
         if not dist.is_initialized():
             raise RuntimeError("DeepSpeedLearner needs torch.distributed initialised first")
         self.device = devices.detect()
         self.torch_device = self.device.torch_device(0)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.zero_stage = zero_stage
-        self.micro_batch_size = micro_batch_size
-        self.grad_accum = grad_accum
-        self.loss_spec = loss
-        self.dtype = devices.resolve_dtype(dtype, self.device)
-        torch.manual_seed(seed)  # weights come from the checkpoint; this seeds dropout, if any
+        self.zero_stage = spec.zero_stage
+        self.micro_batch_size = spec.micro_batch_size
+        self.grad_accum = spec.grad_accum
+        self.loss_spec = loss = spec.loss
+        self.dtype = devices.resolve_dtype(spec.dtype, self.device)
+        torch.manual_seed(spec.seed)  # weights come from the checkpoint; this seeds dropout, if any
 
-        self.config = deepspeed_config(
-            zero_stage=zero_stage,
-            micro_batch_size=micro_batch_size,
-            grad_accum=grad_accum,
-            world_size=self.world_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            betas=betas,
-            eps=eps,
-            grad_clip=grad_clip,
-            dtype=self.dtype,
-            overrides=ds_overrides,
-        )
+        self.config = deepspeed_config(spec, world_size=self.world_size, dtype=self.dtype)
         # Every rank loads the full checkpoint, then deepspeed.initialize partitions it (ZeRO-3).
         # Partitioned loading (zero.Init) would need transformers' HfDeepSpeedConfig, which
         # needs `accelerate`; not worth it for students that fit in host memory per rank.
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
+        model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=self.dtype)
         if loss.kind == "feature_kd":
             model.add_module(FEATURE_PROJ, feature_projections(model, loss))
         self.engine, *_ = deepspeed.initialize(
@@ -272,7 +229,7 @@ class DeepSpeedLearner:
             config=self.config,
             # DeepSpeed calls this with its torch optimizer, whose param_groups ZeRO steps.
             lr_scheduler=lambda opt: WarmupSchedule(
-                opt, lr, warmup_steps, total_steps, lr_schedule
+                opt, spec.optim.lr, spec.optim.warmup_steps, spec.total_steps, spec.optim.schedule
             ),
         )
         self.schedule: WarmupSchedule = self.engine.lr_scheduler
@@ -281,10 +238,10 @@ class DeepSpeedLearner:
         # take the whole vocabulary without [tokens, V] logits crossing the wire.
         self.teacher: torch.nn.Module | None = None
         if loss.full_vocab:
-            if teacher_path is None:
+            if spec.teacher_path is None:
                 raise ValueError("a full-vocabulary loss needs the teacher in the learner")
             teacher = AutoModelForCausalLM.from_pretrained(
-                teacher_path, dtype=devices.resolve_dtype(teacher_dtype, self.device)
+                spec.teacher_path, dtype=devices.resolve_dtype(spec.teacher_dtype, self.device)
             )
             self.teacher = teacher.to(self.torch_device).eval().requires_grad_(False)
         # Full-vocabulary losses need logits only at the loss positions: the output layer on

@@ -17,6 +17,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayd import cluster
+from rayd.learner.spec import LearnerSpec
 from rayd.learner.worker import LearnerWorker
 from rayd.types import TrainBatch, length_buckets, padded_cells
 
@@ -32,33 +33,20 @@ def _node_address() -> tuple[str, int]:
 
 
 class LearnerGroup:
-    """`num_learners` `LearnerWorker` actors forming one torch.distributed group."""
+    """`spec.num_learners` `LearnerWorker` actors forming one torch.distributed group."""
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        num_learners: int,
-        cpus_per_learner: float = 0.5,
-        gpus_per_learner: float = 0,
-        call_timeout_s: float = 600,
-        length_bucketing: bool = True,
-        **learner_kwargs: Any,
-    ) -> None:
-        if num_learners < 1:
-            raise ValueError(f"num_learners must be >= 1, got {num_learners}")
-        for key in ("micro_batch_size", "grad_accum"):
-            if key not in learner_kwargs:
-                raise TypeError(f"LearnerGroup needs the learner keyword argument {key!r}")
-        self.num_learners = num_learners
-        self.rows_per_step = (
-            num_learners * learner_kwargs["micro_batch_size"] * learner_kwargs["grad_accum"]
-        )
-        self._splits = (num_learners, learner_kwargs["grad_accum"])  # ranks x micro-batches
-        self.length_bucketing = length_bucketing
-        self.timeout_s = call_timeout_s
+    def __init__(self, spec: LearnerSpec) -> None:
+        if spec.num_learners < 1:
+            raise ValueError(f"num_learners must be >= 1, got {spec.num_learners}")
+        self.spec = spec
+        self.num_learners = num_learners = spec.num_learners
+        self.rows_per_step = spec.rows_per_step
+        self._splits = (num_learners, spec.grad_accum)  # ranks x micro-batches
+        self.length_bucketing = spec.length_bucketing
+        self.timeout_s = call_timeout_s = spec.call_timeout_s
         self._actors: list[Any] = []
         self._pg: PlacementGroup | None = None
+        cpus_per_learner, gpus_per_learner = spec.cpus_per_learner, spec.gpus_per_learner
 
         bundle: dict[str, float] = {"CPU": cpus_per_learner}
         if gpus_per_learner:
@@ -84,7 +72,7 @@ class LearnerGroup:
                     num_cpus=cpus_per_learner,
                     num_gpus=gpus_per_learner,
                     scheduling_strategy=self._strategy(rank),
-                ).remote(rank, num_learners, master_addr, master_port, model_path, **learner_kwargs)
+                ).remote(rank, num_learners, master_addr, master_port, spec)
                 for rank in range(num_learners)
             ]
             self._collect(

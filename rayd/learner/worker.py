@@ -8,52 +8,25 @@ build it in-process (world_size=1). The constructor blocks in `init_distributed`
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from rayd import device as devices
-from rayd.losses import LossSpec
+from rayd.learner.spec import LearnerSpec
 from rayd.types import TrainBatch
-
-if TYPE_CHECKING:  # the module itself imports DeepSpeed, which must wait for prepare_process
-    from rayd.learner.deepspeed_backend import LRSchedule
 
 
 class LearnerWorker:
     """One rank of the learner group (a Ray actor when spawned by `LearnerGroup`)."""
 
     def __init__(
-        self,
-        rank: int,
-        world_size: int,
-        master_addr: str,
-        master_port: int,
-        model_path: str,
-        *,
-        zero_stage: int,
-        micro_batch_size: int,
-        grad_accum: int,
-        lr: float,
-        weight_decay: float,
-        betas: tuple[float, float],
-        eps: float,
-        grad_clip: float,
-        warmup_steps: int,
-        total_steps: int,
-        loss: LossSpec,
-        dtype: str = "auto",
-        seed: int = 0,
-        threads: int = 1,
-        lr_schedule: LRSchedule = "constant",
-        ds_overrides: dict[str, Any] | None = None,
-        teacher_path: str | None = None,
-        teacher_dtype: str = "auto",
+        self, rank: int, world_size: int, master_addr: str, master_port: int, spec: LearnerSpec
     ) -> None:
         self.rank = rank
         self.device = devices.detect()
         # Before DeepSpeed is imported: it reads DS_ACCELERATOR once, at import.
-        devices.prepare_process(self.device, threads)
+        devices.prepare_process(self.device, spec.threads)
         os.environ.update(
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
@@ -71,26 +44,7 @@ class LearnerWorker:
         from rayd.learner.deepspeed_backend import DeepSpeedLearner
 
         deepspeed.init_distributed(dist_backend=self.device.dist_backend)
-        self.learner = DeepSpeedLearner(
-            model_path,
-            zero_stage=zero_stage,
-            micro_batch_size=micro_batch_size,
-            grad_accum=grad_accum,
-            lr=lr,
-            weight_decay=weight_decay,
-            betas=betas,
-            eps=eps,
-            grad_clip=grad_clip,
-            warmup_steps=warmup_steps,
-            total_steps=total_steps,
-            loss=loss,
-            dtype=dtype,
-            seed=seed,
-            lr_schedule=lr_schedule,
-            ds_overrides=ds_overrides,
-            teacher_path=teacher_path,
-            teacher_dtype=teacher_dtype,
-        )
+        self.learner = DeepSpeedLearner(spec)
 
     def ready(self) -> dict[str, Any]:
         """Returns once the constructor (and so the process group) is complete."""

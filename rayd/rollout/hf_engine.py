@@ -14,25 +14,23 @@ processed scores of a batch ([batch * n, new tokens, vocab]) are held until gene
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from rayd.device import detect, resolve_dtype
 from rayd.rollout.engine import Completion
+from rayd.rollout.spec import EngineSpec
 from rayd.weight_sync import deserialize_state_dict
 
 
 class HFEngine:
     """`RolloutEngine` over a transformers causal LM."""
 
-    def __init__(
-        self, model_path: str | Path, *, dtype: str = "auto", seed: int = 0, batch_size: int = 16
-    ) -> None:
+    def __init__(self, spec: EngineSpec, *, batch_size: int = 16) -> None:
         self.device = detect()
+        model_path = spec.model_path
         self.model = AutoModelForCausalLM.from_pretrained(
-            str(model_path), dtype=resolve_dtype(dtype, self.device)
+            str(model_path), dtype=resolve_dtype(spec.dtype, self.device)
         )
         self.model.to(self.device.torch_device()).eval()
         eos = self.model.generation_config.eos_token_id
@@ -45,7 +43,7 @@ class HFEngine:
         self.pad_id: int = self.eos_ids[0] if pad is None else int(pad)
         self.batch_size = batch_size
         # Unseeded calls continue this stream, as vLLM's engine-level seed does.
-        torch.manual_seed(seed)
+        torch.manual_seed(spec.seed)
 
     @torch.no_grad()
     def generate(

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import torch
 from vllm import LLM, SamplingParams
@@ -35,20 +34,12 @@ from vllm.inputs import TokensPrompt
 
 from rayd.device import detect, dtype_name, resolve_dtype
 from rayd.rollout.engine import Completion
+from rayd.rollout.spec import EngineSpec
 
 EXTENSION = "rayd.rollout.vllm_ext.WeightSyncExtension"
 
 
-def build_llm(
-    model_path: str | Path,
-    *,
-    max_model_len: int,
-    kv_cache_gib: float,
-    dtype: str = "auto",
-    seed: int = 0,
-    max_logprobs: int = 20,
-    worker_extension_cls: str | None = None,
-) -> LLM:
+def build_llm(spec: EngineSpec, *, worker_extension_cls: str | None = None) -> LLM:
     """A vLLM engine with rayd's settings; shared by the rollout engine and the teacher scorer."""
     device = detect()
     if not device.is_gpu:
@@ -63,18 +54,18 @@ def build_llm(
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     extra = {"worker_extension_cls": worker_extension_cls} if worker_extension_cls else {}
     return LLM(
-        model=str(model_path),
-        tokenizer=str(model_path),
-        dtype=dtype_name(resolve_dtype(dtype, device)),
+        model=str(spec.model_path),
+        tokenizer=str(spec.model_path),
+        dtype=dtype_name(resolve_dtype(spec.dtype, device)),
         # CPU: CUDA graphs do not exist and torch.compile costs minutes for nothing on tiny models.
         enforce_eager=not device.is_gpu,
-        max_model_len=max_model_len,
-        seed=seed,
+        max_model_len=spec.max_model_len,
+        seed=spec.seed,
         # An explicit KV budget (also read as VLLM_CPU_KVCACHE_SPACE on CPU, which overrides it)
         # instead of a fraction of the machine's memory, which several engines would all claim.
-        kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+        kv_cache_memory_bytes=int(spec.kv_cache_gib * 2**30),
         logprobs_mode="processed_logprobs",
-        max_logprobs=max_logprobs,
+        max_logprobs=spec.max_logprobs,
         **extra,
     )
 
@@ -82,25 +73,8 @@ def build_llm(
 class VLLMEngine:
     """`RolloutEngine` over vLLM. Weight loads go through `vllm_ext.WeightSyncExtension`."""
 
-    def __init__(
-        self,
-        model_path: str | Path,
-        *,
-        max_model_len: int = 512,
-        kv_cache_gib: float = 1.0,
-        dtype: str = "auto",
-        seed: int = 0,
-        max_logprobs: int = 20,
-    ) -> None:
-        self.llm = build_llm(
-            model_path,
-            max_model_len=max_model_len,
-            kv_cache_gib=kv_cache_gib,
-            dtype=dtype,
-            seed=seed,
-            max_logprobs=max_logprobs,
-            worker_extension_cls=EXTENSION,
-        )
+    def __init__(self, spec: EngineSpec) -> None:
+        self.llm = build_llm(spec, worker_extension_cls=EXTENSION)
 
     def generate(
         self,

@@ -12,8 +12,6 @@ Inputs are checked here, before the engine sees them: over-long prompts have hun
 from __future__ import annotations
 
 import random
-from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
@@ -21,40 +19,22 @@ from transformers import AutoConfig, AutoTokenizer
 from rayd.cluster import NeedsRestore
 from rayd.device import detect, prepare_process
 from rayd.rollout.engine import RolloutEngine
+from rayd.rollout.spec import EngineSpec
 from rayd.types import Sample
 
-Backend = Literal["vllm", "hf"]
 FAILED_LOAD = -1  # weight_version() after a failed load
 
 
 class RolloutWorker:
-    def __init__(
-        self,
-        model_path: str,
-        backend: Backend,
-        *,
-        seed: int = 0,
-        max_model_len: int = 512,
-        threads: int = 1,
-        kv_cache_gib: float = 1.0,
-        dtype: str = "auto",
-        max_logprobs: int = 20,
-    ) -> None:
-        prepare_process(detect(), threads)
-        self.backend = backend
-        self.max_model_len = max_model_len
-        self.max_logprobs = max_logprobs
-        self.vocab_size = int(AutoConfig.from_pretrained(model_path).vocab_size)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.engine: RolloutEngine = _make_engine(
-            model_path,
-            backend,
-            seed=seed,
-            max_model_len=max_model_len,
-            kv_cache_gib=kv_cache_gib,
-            dtype=dtype,
-            max_logprobs=max_logprobs,
-        )
+    def __init__(self, spec: EngineSpec) -> None:
+        prepare_process(detect(), spec.threads)
+        self.spec = spec
+        self.backend = spec.backend
+        self.max_model_len = spec.max_model_len
+        self.max_logprobs = spec.max_logprobs
+        self.vocab_size = int(AutoConfig.from_pretrained(spec.model_path).vocab_size)
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
+        self.engine: RolloutEngine = _make_engine(spec)
         self._version = 0
 
     def ready(self) -> bool:
@@ -187,33 +167,17 @@ class RolloutWorker:
             raise ValueError(f"{what} has token ids outside [0, {self.vocab_size})")
 
 
-def _make_engine(
-    model_path: str | Path,
-    backend: Backend,
-    *,
-    seed: int,
-    max_model_len: int,
-    kv_cache_gib: float,
-    dtype: str,
-    max_logprobs: int,
-) -> RolloutEngine:
+def _make_engine(spec: EngineSpec) -> RolloutEngine:
     # Imported here: vLLM is heavy and only the vllm backend needs it.
-    if backend == "vllm":
+    if spec.backend == "vllm":
         from rayd.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(
-            model_path,
-            max_model_len=max_model_len,
-            kv_cache_gib=kv_cache_gib,
-            dtype=dtype,
-            seed=seed,
-            max_logprobs=max_logprobs,
-        )
-    if backend == "hf":
+        return VLLMEngine(spec)
+    if spec.backend == "hf":
         from rayd.rollout.hf_engine import HFEngine
 
-        return HFEngine(model_path, dtype=dtype, seed=seed)
-    raise ValueError(f"unknown rollout backend {backend!r}; expected 'vllm' or 'hf'")
+        return HFEngine(spec)
+    raise ValueError(f"unknown rollout backend {spec.backend!r}; expected 'vllm' or 'hf'")
 
 
 def prompt_seeds(seed: int, prompt_indices: list[int]) -> list[int]:

@@ -10,12 +10,12 @@ temperature 1, the same distribution vLLM's prompt log-probs report.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from rayd.device import detect, resolve_dtype
+from rayd.rollout.spec import EngineSpec
 from rayd.teacher.scorer import Pair
 from rayd.types import TeacherScore
 
@@ -23,10 +23,10 @@ from rayd.types import TeacherScore
 class HFScorer:
     """`TeacherScorer` over a transformers causal LM."""
 
-    def __init__(self, model_path: str | Path, *, dtype: str = "auto", batch_size: int = 8) -> None:
+    def __init__(self, spec: EngineSpec, *, batch_size: int = 8) -> None:
         self.device = detect()
         self.model = AutoModelForCausalLM.from_pretrained(
-            str(model_path), dtype=resolve_dtype(dtype, self.device)
+            str(spec.model_path), dtype=resolve_dtype(spec.dtype, self.device)
         )
         self.model.to(self.device.torch_device()).eval()
         pad = self.model.config.pad_token_id

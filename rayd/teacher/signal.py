@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 from rayd.config import RunConfig
 from rayd.data.prompts import Prompt
+from rayd.teacher.group import Scored, Teachers
 from rayd.teacher.stored import StoredSignal
-from rayd.teachers import Scored, Teachers
 from rayd.types import Sample, TeacherScore
 
 

@@ -16,12 +16,12 @@ tokens in all, top-8: 6.3 s against vLLM's 14.6 s): measure.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
+from rayd.rollout.spec import EngineSpec
 from rayd.rollout.vllm_engine import build_llm
 from rayd.teacher.scorer import Pair, TeacherSignalError
 from rayd.types import TeacherScore
@@ -30,24 +30,10 @@ from rayd.types import TeacherScore
 class VLLMScorer:
     """`TeacherScorer` over a vLLM engine holding the teacher."""
 
-    def __init__(
-        self,
-        model_path: str | Path,
-        *,
-        max_model_len: int = 512,
-        kv_cache_gib: float = 1.0,
-        dtype: str = "auto",
-        max_top_k: int = 20,
-    ) -> None:
-        self.max_top_k = max_top_k
+    def __init__(self, spec: EngineSpec) -> None:
+        self.max_top_k = spec.max_logprobs
         # max_logprobs caps prompt_logprobs as well; fixed at engine start.
-        self.llm = build_llm(
-            model_path,
-            max_model_len=max_model_len,
-            kv_cache_gib=kv_cache_gib,
-            dtype=dtype,
-            max_logprobs=max_top_k,
-        )
+        self.llm = build_llm(spec)
 
     def score(self, pairs: list[Pair], top_k: int) -> list[TeacherScore]:
         if not 0 <= top_k <= self.max_top_k:

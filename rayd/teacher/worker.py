@@ -8,12 +8,13 @@ leaves (`scorer.check_scores`): a failed score is an error, never a zero signal.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig
 
 from rayd.device import detect, prepare_process
+from rayd.rollout.spec import EngineSpec
 from rayd.teacher.scorer import Pair, check_scores
 from rayd.types import TeacherScore
 
@@ -21,41 +22,24 @@ if TYPE_CHECKING:  # the backends import vLLM / transformers models: only when c
     from rayd.teacher.hf_scorer import HFScorer
     from rayd.teacher.vllm_scorer import VLLMScorer
 
-Backend = Literal["vllm", "hf"]
-
 
 class TeacherWorker:
-    def __init__(
-        self,
-        model_path: str,
-        backend: Backend,
-        *,
-        threads: int = 1,
-        max_model_len: int = 512,
-        kv_cache_gib: float = 1.0,
-        dtype: str = "auto",
-        max_top_k: int = 20,
-    ) -> None:
-        prepare_process(detect(), threads)
-        self.backend = backend
-        self.max_model_len = max_model_len
-        self.vocab_size = int(AutoConfig.from_pretrained(model_path).vocab_size)
-        if backend == "vllm":
+    def __init__(self, spec: EngineSpec) -> None:
+        prepare_process(detect(), spec.threads)
+        self.spec = spec
+        self.backend = spec.backend
+        self.max_model_len = spec.max_model_len
+        self.vocab_size = int(AutoConfig.from_pretrained(spec.model_path).vocab_size)
+        if spec.backend == "vllm":
             from rayd.teacher.vllm_scorer import VLLMScorer
 
-            self.scorer: VLLMScorer | HFScorer = VLLMScorer(
-                model_path,
-                max_model_len=max_model_len,
-                kv_cache_gib=kv_cache_gib,
-                dtype=dtype,
-                max_top_k=max_top_k,
-            )
-        elif backend == "hf":
+            self.scorer: VLLMScorer | HFScorer = VLLMScorer(spec)
+        elif spec.backend == "hf":
             from rayd.teacher.hf_scorer import HFScorer
 
-            self.scorer = HFScorer(model_path, dtype=dtype)
+            self.scorer = HFScorer(spec)
         else:
-            raise ValueError(f"unknown teacher backend {backend!r}; expected 'vllm' or 'hf'")
+            raise ValueError(f"unknown teacher backend {spec.backend!r}; expected 'vllm' or 'hf'")
 
     def ready(self) -> bool:
         """Returns once the scorer is built: lets the driver wait for start-up with a deadline."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
+from rayd.config import RunConfig
 from rayd.learner.group import LearnerGroup
+from rayd.learner.spec import LearnerSpec
 from rayd.losses import LossSpec, batch_loss
 from rayd.types import Sample, TeacherScore, TrainBatch, collate, padded_cells
 from rayd.weight_sync import deserialize_state_dict
@@ -131,28 +134,42 @@ def assert_same_weights(
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
 
 
-def group(student: Path, stage: int, num_learners: int, **overrides: Any) -> LearnerGroup:
-    kwargs: dict[str, Any] = dict(
-        zero_stage=stage,
-        micro_batch_size=2,
-        grad_accum=2,
-        lr=1e-2,
-        weight_decay=0.0,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-        grad_clip=1.0,
-        warmup_steps=0,
-        total_steps=100,
-        loss=SPEC,
-        seed=0,
-        threads=1,
+def group(
+    student: Path,
+    stage: int,
+    num_learners: int,
+    *,
+    grad_accum: int = 2,
+    warmup_steps: int = 0,
+    total_steps: int = 100,
+    schedule: str = "constant",
+) -> LearnerGroup:
+    """A group built as a run builds it (`LearnerSpec.from_config`: the config's defaults for
+    every setting not given here), with this file's loss."""
+    cfg = RunConfig.model_validate(
+        {
+            "models": {"student": {"path": str(student)}},
+            "learner": {
+                "num_learners": num_learners,
+                "zero_stage": stage,
+                "micro_batch_size": 2,
+                "grad_accum": grad_accum,
+                "optim": {"lr": 1e-2, "warmup_steps": warmup_steps, "schedule": schedule},
+            },
+            "trainer": {
+                "max_steps": total_steps,
+                "prompts_per_step": num_learners * 2 * grad_accum,
+                "call_timeout_s": TIMEOUT_S,
+            },
+        }
     )
+    overrides = None
     if stage == 3:
         # By default parameters under 1e5 elements stay gathered after the first step
         # ("persistent"; measured: the whole tiny model): shard every one so the gathers run.
-        kwargs["ds_overrides"] = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
-    kwargs.update(overrides)
-    return LearnerGroup(str(student), num_learners=num_learners, call_timeout_s=TIMEOUT_S, **kwargs)
+        overrides = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+    spec = LearnerSpec.from_config(cfg, str(student))
+    return LearnerGroup(replace(spec, loss=SPEC, ds_overrides=overrides))
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
@@ -163,7 +180,7 @@ def test_learner_group(stage: int, student_path: Path, teacher_path: Path, tmp_p
     ckpt = str(tmp_path / "ckpt")
 
     # Warmup then linear decay, so restoring the LR schedule is checked too.
-    schedule = dict(warmup_steps=2, total_steps=20, lr_schedule="linear")
+    schedule: dict[str, Any] = dict(warmup_steps=2, total_steps=20, schedule="linear")
     with group(student_path, stage, num_learners=2, **schedule) as learners:
         with pytest.raises(ValueError, match="rows"):
             learners.train_step(batch.slice(0, 4))

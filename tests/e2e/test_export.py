@@ -16,6 +16,7 @@ from rayd.cluster import get
 from rayd.commands.export import export
 from rayd.config import load_config
 from rayd.driver import train
+from rayd.rollout.spec import EngineSpec
 from rayd.rollout.worker import RolloutWorker
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
@@ -77,7 +78,16 @@ def test_export_loads_in_transformers_and_vllm_with_the_learners_greedy_output(r
         ray.remote(RolloutWorker)
         .options(num_cpus=1)
         .remote(
-            str(tmp_path / "ckpt"), "vllm", seed=0, max_model_len=64, kv_cache_gib=0.25, threads=1
+            EngineSpec(
+                model_path=str(tmp_path / "ckpt"),
+                backend="vllm",
+                dtype="auto",
+                max_model_len=64,
+                kv_cache_gib=0.25,
+                threads=1,
+                seed=0,
+                max_logprobs=20,
+            )
         )
     )
     try:

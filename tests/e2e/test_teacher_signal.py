@@ -23,6 +23,7 @@ import rayd.driver as train_module
 import rayd.workers as workers_module
 from rayd.commands.score import score_dataset
 from rayd.config import load_config
+from rayd.rollout.spec import EngineSpec
 from rayd.tasks import make_task
 from rayd.teacher.worker import TeacherWorker
 from rayd.zoo import resolve_model_path
@@ -205,7 +206,7 @@ def test_logit_kd_from_stored_teacher_signal(local_ray, tmp_path, gold_dataset, 
     rows = ds.select(range(24))
     pairs = list(zip(rows["prompt_ids"], rows["completion_ids"], strict=True))
     teacher_path = resolve_model_path("tiny:test-teacher", seed=cfg.trainer.seed)
-    online = TeacherWorker(teacher_path, "hf").score(pairs, 6)
+    online = TeacherWorker(EngineSpec.teacher(cfg, teacher_path)).score(pairs, 6)  # hf backend
     for row, want in zip(rows, online, strict=True):
         assert torch.equal(torch.tensor(row["teacher_topk_ids"]), want.topk_ids)
         for name, value in (

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rayd.cluster import get
 from rayd.models import build_tiny_llama
+from rayd.rollout.spec import EngineSpec
 from rayd.rollout.worker import RolloutWorker, prompt_seeds
 from rayd.teacher.scorer import TeacherSignalError, check_scores
 from rayd.teacher.worker import TeacherWorker
@@ -27,6 +28,19 @@ from rayd.weight_sync import serialize_state_dict
 MAX_LEN = 256
 TIMEOUT = 300  # seconds; generous for a busy 2-core machine, still a deadline
 BACKENDS = ["vllm", "hf"]
+
+
+def engine_spec(path, backend: str, max_model_len: int = MAX_LEN) -> EngineSpec:
+    return EngineSpec(
+        model_path=str(path),
+        backend=backend,  # type: ignore[arg-type]
+        dtype="auto",
+        max_model_len=max_model_len,
+        kv_cache_gib=0.25,
+        threads=1,
+        seed=0,
+        max_logprobs=20,
+    )
 
 
 def load_hf(path) -> torch.nn.Module:
@@ -72,10 +86,9 @@ def workers(ray_local, tiny_student, tiny_teacher):
     """All four engines, started in parallel; killed when the module is done."""
     rollout_cls = ray.remote(RolloutWorker).options(num_cpus=1)
     teacher_cls = ray.remote(TeacherWorker).options(num_cpus=1)
-    common = dict(max_model_len=MAX_LEN, kv_cache_gib=0.25, threads=1)
     actors = SimpleNamespace(
-        rollout={b: rollout_cls.remote(str(tiny_student), b, seed=0, **common) for b in BACKENDS},
-        teacher={b: teacher_cls.remote(str(tiny_teacher), b, **common) for b in BACKENDS},
+        rollout={b: rollout_cls.remote(engine_spec(tiny_student, b)) for b in BACKENDS},
+        teacher={b: teacher_cls.remote(engine_spec(tiny_teacher, b)) for b in BACKENDS},
     )
     every = [*actors.rollout.values(), *actors.teacher.values()]
     assert all(get([a.ready.remote() for a in every], TIMEOUT, "start workers"))
@@ -339,7 +352,7 @@ def test_weight_sync_with_tied_embeddings(ray_local, tmp_path):
     actor = (
         ray.remote(RolloutWorker)
         .options(num_cpus=1)
-        .remote(str(paths[0]), "vllm", seed=0, max_model_len=128, kv_cache_gib=0.25, threads=1)
+        .remote(engine_spec(paths[0], "vllm", max_model_len=128))
     )
     try:
         sequence = random_ids(torch.Generator().manual_seed(3), 40, old.config.vocab_size)

@@ -135,7 +135,7 @@ def test_teacher_support_asks_the_rollouts_and_the_teacher_for_the_right_ids(
             self.call = (name, inputs, kw)
             return []
 
-    from rayd.teachers import Teachers
+    from rayd.teacher.group import Teachers
 
     pool = RecordingPool()
     ask_teacher(cfg, Teachers.single(pool), samples)  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rayd.pipeline import Prepared, TeacherStream, check_staleness, staleness_metrics
-from rayd.teachers import Scored
+from rayd.teacher.group import Scored
 from rayd.types import Sample, TeacherScore
 
 

@@ -10,7 +10,7 @@ import torch
 from rayd.config import ConfigError, load_config
 from rayd.data.prompts import Prompt, PromptSet, load_prompts
 from rayd.mixture import hash_route
-from rayd.teachers import Teachers, check_routes
+from rayd.teacher.group import Teachers, check_routes
 from rayd.types import Sample, TeacherScore
 
 TWO = [
@@ -235,7 +235,7 @@ def test_the_in_learner_teacher_serves_the_evals_token_logprobs():
     """teacher.support=full: the eval's teacher log-probs come from learner rank 0 over the
     collated pairs; each pair gets its completion's columns (the learner group is faked: the
     real one runs in tests/e2e/test_teacher_signal.py)."""
-    from rayd.teachers import LearnerTeacher
+    from rayd.teacher.group import LearnerTeacher
 
     class Learners:  # log-prob = the flat cell index of the target, so columns are checkable
         def teacher_logprobs(self, batch):

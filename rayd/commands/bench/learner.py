@@ -68,24 +68,29 @@ def torch_stepper(model_path: str, batch: TrainBatch) -> Callable[[], None]:
 def deepspeed_stepper(
     model_path: str, batch: TrainBatch, zero_stage: int, threads: int
 ) -> Callable[[], Any]:
+    from dataclasses import replace
+
     from rayd.cluster import free_port
+    from rayd.config import RunConfig
+    from rayd.learner.spec import LearnerSpec
     from rayd.learner.worker import LearnerWorker
 
-    worker = LearnerWorker(
-        0,
-        1,
-        "127.0.0.1",
-        free_port(),
-        model_path,
-        zero_stage=zero_stage,
-        micro_batch_size=len(batch),
-        grad_accum=1,
-        warmup_steps=0,
-        total_steps=1000,
-        loss=SPEC,
-        threads=threads,
-        **OPTIM,
+    cfg = RunConfig.model_validate(
+        {
+            "models": {"student": {"path": model_path}},
+            "learner": {
+                "num_learners": 1,
+                "zero_stage": zero_stage,
+                "micro_batch_size": len(batch),
+                "grad_accum": 1,
+                "threads": threads,
+                "optim": {**OPTIM, "warmup_steps": 0},
+            },
+            "trainer": {"max_steps": 1000, "prompts_per_step": len(batch)},
+        }
     )
+    spec = replace(LearnerSpec.from_config(cfg, model_path), loss=SPEC)
+    worker = LearnerWorker(0, 1, "127.0.0.1", free_port(), spec)
     return partial(worker.train_step, batch, batch.num_tokens)
 
 

@@ -107,20 +107,25 @@ def _converted(name: str, source: str | Callable[[], str], layers: int | None = 
 def compare(
     model_path: str, prompts: list[list[int]], max_new_tokens: int, threads: int, reps: int
 ) -> dict[str, Any]:
+    from rayd.rollout.group import engine_runtime_env
+    from rayd.rollout.spec import EngineSpec
     from rayd.rollout.worker import RolloutWorker
-    from rayd.workers import engine_runtime_env
 
     longest = max(map(len, prompts)) + max_new_tokens
     vllm_actor = (
         ray.remote(RolloutWorker)
         .options(num_cpus=1, runtime_env=engine_runtime_env())
         .remote(
-            model_path,
-            "vllm",
-            seed=0,
-            max_model_len=max(256, longest),
-            threads=threads,
-            kv_cache_gib=0.5,
+            EngineSpec(
+                model_path=model_path,
+                backend="vllm",
+                dtype="auto",
+                max_model_len=max(256, longest),
+                kv_cache_gib=0.5,
+                threads=threads,
+                seed=0,
+                max_logprobs=20,
+            )
         )
     )
     indices = list(range(len(prompts)))

@@ -62,8 +62,9 @@ def _rollout_engines(model_path: str, count: int) -> tuple[list[Any], Any]:
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    from rayd.rollout.group import engine_runtime_env
+    from rayd.rollout.spec import EngineSpec
     from rayd.rollout.worker import RolloutWorker
-    from rayd.workers import engine_runtime_env
 
     pg = placement_group([{"CPU": 1}] * count, strategy="SPREAD")
     get(pg.ready(), TIMEOUT_S, f"placement group of {count}")
@@ -75,7 +76,18 @@ def _rollout_engines(model_path: str, count: int) -> tuple[list[Any], Any]:
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=i
             ),
-        ).remote(model_path, "vllm", seed=i, max_model_len=256, threads=1, kv_cache_gib=0.25)
+        ).remote(
+            EngineSpec(
+                model_path=model_path,
+                backend="vllm",
+                dtype="auto",
+                max_model_len=256,
+                kv_cache_gib=0.25,
+                threads=1,
+                seed=i,
+                max_logprobs=20,
+            )
+        )
         for i in range(count)
     ]
     get([a.ready.remote() for a in actors], TIMEOUT_S, "rollout engines start")

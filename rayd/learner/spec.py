@@ -1,0 +1,109 @@
+"""What the learners are built from: one frozen `LearnerSpec`, made once from the run config.
+
+`LearnerGroup`, `LearnerWorker` and `DeepSpeedLearner` take the spec whole, and nothing here has
+a default: every field comes from `LearnerSpec.from_config`, so rayd/config.py is the one place
+defaults live. The optimizer section travels as the config's own `OptimConfig`: a new optimizer
+setting is declared in config.py and read where it is used (deepspeed_backend.py), nothing more.
+
+Importing this module does not import DeepSpeed (which must wait for `rayd.device`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import AutoConfig
+
+from rayd.config import OptimConfig, RunConfig
+from rayd.losses import LossSpec
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """Every setting of the learner role. Group fields are read by `LearnerGroup` only; the rest
+    by each rank (`LearnerWorker` -> `DeepSpeedLearner`)."""
+
+    model_path: str  # the resolved student checkpoint
+    loss: LossSpec
+    # The group: ranks, their Ray resources, the deadline of every call, row ordering.
+    num_learners: int
+    cpus_per_learner: float
+    gpus_per_learner: float
+    call_timeout_s: float
+    length_bucketing: bool
+    # Each rank.
+    zero_stage: int
+    micro_batch_size: int
+    grad_accum: int
+    threads: int
+    optim: OptimConfig  # learner.optim as validated (not mutated: treat it as frozen)
+    total_steps: int  # trainer.max_steps: where a linear lr schedule reaches 0
+    dtype: str  # models.student.dtype
+    seed: int  # trainer.seed
+    teacher_path: str | None  # teacher.support=full: the teacher each rank holds, else None
+    teacher_dtype: str
+    # Merged last into the DeepSpeed config, key by key; None from the config (a test's knob).
+    ds_overrides: dict[str, Any] | None
+
+    @property
+    def rows_per_step(self) -> int:
+        """Rows of one optimizer step over the whole group."""
+        return self.num_learners * self.micro_batch_size * self.grad_accum
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: RunConfig,
+        student: str,
+        teacher: str | None = None,
+        features: Sequence[tuple[int, int]] = (),
+    ) -> LearnerSpec:
+        """`student`, `teacher`: resolved paths (`workers.check_models`); `teacher` is the first
+        teacher, held by the learners when teacher.support=full and measured for feature_kd's
+        projections; `features`: feature_kd's layer pairs (`workers.feature_pairs`)."""
+        ln = cfg.learner
+        loss = loss_spec(cfg, features, teacher)
+        return cls(
+            model_path=student,
+            loss=loss,
+            num_learners=ln.num_learners,
+            cpus_per_learner=ln.cpus_per_learner,
+            gpus_per_learner=ln.gpus_per_learner,
+            call_timeout_s=cfg.trainer.call_timeout_s,
+            length_bucketing=ln.length_bucketing,
+            zero_stage=ln.zero_stage,
+            micro_batch_size=ln.micro_batch_size,
+            grad_accum=ln.grad_accum,
+            threads=ln.threads,
+            optim=ln.optim.model_copy(),
+            total_steps=cfg.trainer.max_steps,
+            dtype=cfg.models.student.dtype,
+            seed=cfg.trainer.seed,
+            teacher_path=teacher if loss.full_vocab else None,
+            teacher_dtype=cfg.models.teacher_list[0].dtype if loss.full_vocab else "auto",
+            ds_overrides=None,
+        )
+
+
+def loss_spec(
+    cfg: RunConfig, features: Sequence[tuple[int, int]] = (), teacher: str | None = None
+) -> LossSpec:
+    """The loss the learners compute, from the `algorithm:` section (and teacher.support);
+    `teacher`'s hidden size sizes feature_kd's projections (read only when `features`)."""
+    algo = cfg.algorithm
+    return LossSpec(
+        kind=algo.resolved_loss,
+        beta=algo.beta,
+        skew=algo.skew,
+        temperature=algo.temperature,
+        tail=algo.tail,
+        is_clip=algo.is_clip,
+        alpha=algo.alpha,
+        feature_pairs=tuple(features),
+        teacher_hidden_size=int(AutoConfig.from_pretrained(teacher).hidden_size) if features else 0,
+        feature_kind=algo.feature_loss,
+        feature_weight=algo.feature_weight,
+        full_vocab=cfg.teacher.support == "full",
+    )
