@@ -148,7 +148,8 @@ def group(
     every setting not given here), with this file's loss."""
     cfg = RunConfig.model_validate(
         {
-            "models": {"student": {"path": str(student)}},
+            # The teacher is never loaded here (the batches carry its scores): any path will do.
+            "models": {"student": {"path": str(student)}, "teacher": {"path": str(student)}},
             "learner": {
                 "num_learners": num_learners,
                 "zero_stage": stage,

@@ -77,7 +77,8 @@ def deepspeed_stepper(
 
     cfg = RunConfig.model_validate(
         {
-            "models": {"student": {"path": model_path}},
+            # The batch carries the teacher's scores: no teacher is loaded, any path will do.
+            "models": {"student": {"path": model_path}, "teacher": {"path": model_path}},
             "learner": {
                 "num_learners": 1,
                 "zero_stage": zero_stage,
