@@ -27,8 +27,6 @@ import math
 import os
 import random
 import sys
-import time
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -53,25 +51,6 @@ _CLIENT_KEY = "rayd_client_state"
 # feature_kd's learned projections live on the model as this submodule, so DeepSpeed trains,
 # partitions and checkpoints them with the student; they are never part of the exported student.
 FEATURE_PROJ = "rayd_feature_proj"
-# Test-only, unset outside tests/e2e/test_resume_points.py: see hold_mid_accumulation.
-HOLD_MID_ACCUMULATION = "RAYD_TEST_HOLD_MID_ACCUMULATION"
-
-
-def hold_mid_accumulation(step: int, rank: int) -> None:
-    """With RAYD_TEST_HOLD_MID_ACCUMULATION="STEP:FILE", rank 0 writes FILE after the first
-    micro-batch's backward of optimizer step STEP, and every rank waits there until FILE is
-    removed (10 minutes at most), so a test can signal the driver while the learners are
-    provably between micro-batches (a resume classic). Unset: returns at once."""
-    spec = os.environ.get(HOLD_MID_ACCUMULATION)
-    if not spec or int(spec.partition(":")[0]) != step:
-        return
-    marker = Path(spec.partition(":")[2])
-    if rank == 0:
-        marker.write_text(f"{step}\n")
-    dist.barrier()  # every rank sees FILE before any waits on it
-    deadline = time.monotonic() + 600
-    while marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 class WarmupSchedule:
@@ -289,8 +268,6 @@ class DeepSpeedLearner:
         for i, mb in enumerate(micro_batches):
             loss = first_loss if i == 0 else self._loss(mb)[0]
             self.engine.backward(loss * scale)
-            if i == 0 and len(micro_batches) > 1:
-                hold_mid_accumulation(self.engine.global_steps + 1, self.rank)
             if plain and i == len(micro_batches) - 1:
                 own_norm = self._plain_grad_norm()
                 if not math.isfinite(own_norm):

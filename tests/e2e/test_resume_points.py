@@ -12,10 +12,11 @@ metrics.jsonl).
 exactly at the end of epoch 1. The first two points are forced:
 - mid-accumulation: SIGKILL of the driver while the learners hold between the first and the
   second micro-batch of step 2 (grad_accum=2; the learners' test-only hold,
-  RAYD_TEST_HOLD_MID_ACCUMULATION, says when), so step 2's rollouts are lost untrained and must
-  be rolled out again;
+  RAYD_TEST_HOLD_MID_ACCUMULATION in tests/support/sitecustomize.py, says when), so step 2's
+  rollouts are lost untrained and must be rolled out again;
 - epoch boundary: SIGTERM during step 3: the checkpoint's cursor sits exactly at the end of an
-  epoch and the resume must start the next one (verl ran zero steps there; PITFALLS.md).
+  epoch and the resume must start the next one (verl resumed there ran zero steps and exited
+  successfully: verl#7401, #5725).
 The others are SIGTERM or SIGKILL at a seeded random moment of a seeded random step.
 
 RAYD_RESUME_POINTS sets the number of points (default 2, for `make test`); the README's figure
@@ -38,7 +39,11 @@ from test_resume import KEYS, config, step_records  # same folder, rootdir impor
 
 from rayd.checkpoint import CheckpointStore
 from rayd.config import save_config
-from rayd.learner.deepspeed_backend import HOLD_MID_ACCUMULATION
+
+# Put first on a driver's PYTHONPATH, its sitecustomize.py holds the learners mid-accumulation
+# (Ray's local workers inherit the driver's environment).
+SUPPORT = Path(__file__).resolve().parents[1] / "support"
+HOLD_MID_ACCUMULATION = "RAYD_TEST_HOLD_MID_ACCUMULATION"
 
 POINTS = int(os.environ.get("RAYD_RESUME_POINTS", "2"))
 # Steps take well under a second; starts cost 20-60 s. Random points fall on steps 4 .. STEPS-3:
@@ -210,6 +215,9 @@ def test_interrupted_driver_resumes_bit_identical_at_every_point(tmp_path):
         env = {}
         if point is not None and point.kind in HELD:
             env[HOLD_MID_ACCUMULATION] = f"{point.step}:{tmp_path / 'held'}"
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(SUPPORT), os.environ.get("PYTHONPATH")) if p
+            )
         driver = Driver(cfg_path, tmp_path / f"interrupted-{starts}.log", env)
         if point is None:
             assert driver.finish(timeout=START_TIMEOUT_S + 60 * STEPS) == 0, driver.log()[-3000:]
