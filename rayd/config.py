@@ -91,7 +91,13 @@ class RolloutConfig(_Strict):
 class TeacherConfig(_Strict):
     backend: Literal["vllm", "hf"] = "vllm"
     num_workers: int = Field(1, ge=1)
-    top_k: int = Field(8, ge=1, le=1024)
+    top_k: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="how many token ids per position the top-k losses compare (1 to 1024; "
+        "whose ids: support); on_policy_pg and support=full read none",
+    )
     # Which token ids the top-k losses compare the two models at, at every sampled position:
     # teacher_topk: the teacher's top_k (any backend);
     # student_topk: the student's top_k, taken from its rollout, with the teacher's exact
@@ -154,11 +160,19 @@ class LearnerConfig(_Strict):
 
 AlgorithmName = Literal["on_policy", "gkd", "sft", "step_by_step", "logit_kd", "feature_kd"]
 OFFLINE_ALGORITHMS = ("sft", "step_by_step", "logit_kd", "feature_kd")
+# algorithm.loss's divergences over the teacher's top-k bins (rayd/losses.py LOSSES); any
+# teacher.support may choose the bins' ids. FULL_VOCAB_LOSSES also run over the whole vocabulary.
+TOPK_LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
+FULL_VOCAB_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _either(names: tuple[str, ...]) -> str:
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 class AlgorithmConfig(_Strict):
     # on_policy: student samples only. Default loss is the per-token reverse-KL policy gradient
-    #      on the sampled token (Thinking Machines); reverse_kl/forward_kl/jsd instead take the
+    #      on the sampled token (Thinking Machines); the others (TOPK_LOSSES) instead take a
     #      divergence densely over the teacher's top-k at every completion position.
     # gkd: the same divergences on a lambda-mix of student samples and dataset completions
     #      (Agarwal et al., GKD).
@@ -173,15 +187,59 @@ class AlgorithmConfig(_Strict):
     #      MSE or cosine distance between a learned linear projection of the student's hidden
     #      state and the teacher's (FitNets, Romero et al. 2015; TinyBERT-style layer maps).
     name: AlgorithmName = "on_policy"
-    loss: Literal["on_policy_pg", "forward_kl", "reverse_kl", "jsd"] | None = Field(
-        None, description="on_policy/gkd only; defaults: on_policy -> on_policy_pg, gkd -> jsd"
+    loss: (
+        Literal[
+            "on_policy_pg", "forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"
+        ]
+        | None
+    ) = Field(
+        None,
+        description="on_policy/gkd only: on_policy_pg = policy gradient on the sampled token "
+        "(on_policy); forward_kl = KL(teacher || student), reverse_kl = KL(student || teacher), "
+        "jsd (beta), tvd = total variation, skew_kl / skew_reverse_kl (skew): over the "
+        "teacher's top-k bins; defaults: on_policy -> on_policy_pg, gkd -> jsd",
     )
-    beta: float = Field(0.5, ge=0, le=1)
-    temperature: float = Field(1.0, gt=0)
-    tail: bool = True
-    is_clip: float | None = Field(None, gt=0)
-    lmbda: float = Field(1.0, ge=0, le=1, description="gkd: fraction of on-policy samples")
-    alpha: float = Field(0.5, ge=0, le=1, description="logit_kd: weight of the soft-target term")
+    beta: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="jsd: the teacher's weight in the mixture m = beta * p_T + (1 - beta) * p_S, "
+        "in [0, 1]; 0 = forward KL, 1 = reverse KL (TRL's convention)",
+    )
+    skew: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="skew_kl / skew_reverse_kl: DistiLLM's alpha a in [0, 1): "
+        "KL(p_T || a p_T + (1 - a) p_S) / KL(p_S || a p_S + (1 - a) p_T); 0 = plain KL",
+    )
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="> 0: the loss compares both models' distributions softened by it "
+        "(logit_kd scales its soft term by its square); != 1 needs tail=false and "
+        "teacher.backend=hf, or teacher.support=full; sft, step_by_step, feature_kd: 1",
+    )
+    tail: bool = Field(
+        True,
+        description="top-k losses: one more bin for each side's mass outside the k ids "
+        "(needs temperature 1); false = both renormalised within the k ids",
+    )
+    is_clip: float | None = Field(
+        None,
+        gt=0,
+        description="> 0: on_policy_pg truncates its importance ratio here (unset: no cap); the "
+        "top-k losses cap the weight of stale rows (trainer.max_staleness) here (unset: 2)",
+    )
+    lmbda: float = Field(
+        1.0, ge=0, le=1, description="gkd: fraction of on-policy samples, in [0, 1]"
+    )
+    alpha: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="logit_kd: weight of the soft-target term, in [0, 1] (1 - alpha: CE)",
+    )
     rationale_weight: float = Field(1.0, ge=0, description="step_by_step: weight of CE(rationale)")
     rationale_prefix: str = Field(
         "why: ", min_length=1, description="step_by_step: the rationale task's input prefix"
@@ -192,7 +250,11 @@ class AlgorithmConfig(_Strict):
         "i = output of layer i); default: every student layer i to teacher layer "
         "round(i * teacher_layers / student_layers)",
     )
-    feature_loss: Literal["mse", "cosine"] = "mse"
+    feature_loss: Literal["mse", "cosine"] = Field(
+        "mse",
+        description="feature_kd: the distance between projected student and teacher hidden "
+        "states: mse, or cosine (1 - cosine similarity)",
+    )
     feature_weight: float = Field(1.0, ge=0, description="feature_kd: weight of the feature term")
     # On-policy rationale distillation (on_policy, gkd): how each completion's loss is shared
     # among its reasoning steps. Steps end at `step_delimiter`; the answer after the task's
@@ -385,7 +447,7 @@ class RunConfig(_Strict):
             )
         if self.algorithm.name == "gkd" and self.algorithm.resolved_loss == "on_policy_pg":
             raise ValueError(
-                "algorithm.loss: gkd takes forward_kl, reverse_kl or jsd (on_policy_pg needs "
+                f"algorithm.loss: gkd takes {_either(TOPK_LOSSES)} (on_policy_pg needs "
                 "student samples; use algorithm.name=on_policy)"
             )
         if self.algorithm.lmbda < 1.0 and self.algorithm.name != "gkd":
@@ -459,15 +521,21 @@ class RunConfig(_Strict):
                 "needs algorithm.name=on_policy (or gkd with lmbda=1), where every completion "
                 "is sampled by the student"
             )
-        if algo.resolved_loss not in ("forward_kl", "reverse_kl", "jsd"):
+        if algo.resolved_loss not in TOPK_LOSSES:
             raise ValueError(
                 f"teacher.support={support} shapes the top-k losses only: set algorithm.loss "
-                f"to reverse_kl, forward_kl or jsd (got {algo.resolved_loss})"
+                f"to {_either(TOPK_LOSSES)} (got {algo.resolved_loss})"
             )
 
     def _check_full_support(self) -> None:
         algo = self.algorithm
-        if algo.resolved_loss not in ("forward_kl", "reverse_kl", "jsd", "logit_kd"):
+        if algo.resolved_loss in TOPK_LOSSES and algo.resolved_loss not in FULL_VOCAB_LOSSES:
+            raise ValueError(
+                f"algorithm.loss={algo.resolved_loss} runs over the teacher's top-k bins only: "
+                f"teacher.support=full takes {_either(FULL_VOCAB_LOSSES)} (or use another "
+                "teacher.support)"
+            )
+        if algo.resolved_loss not in (*FULL_VOCAB_LOSSES, "logit_kd"):
             raise ValueError(
                 "teacher.support=full takes the divergence over the whole vocabulary: it needs "
                 "algorithm.loss forward_kl, reverse_kl or jsd (on_policy, gkd) or "

@@ -14,6 +14,10 @@ reference to the raw logits alive across backward.
 
 Shapes: B batch, T target positions (L - 1 in a TrainBatch), V vocabulary, k teacher top-k width.
 Distributions: p_T teacher, p_S student; forward KL = KL(p_T || p_S), reverse KL = KL(p_S || p_T).
+
+The learner's entry point is `batch_loss`: one shared preparation (`LossContext`), the loss
+named by `LossSpec.kind` from the table `LOSSES` (add one with `@register(name)`), one shared
+finish. The other functions here are the same maths on plain tensors.
 """
 
 from __future__ import annotations
@@ -30,14 +34,22 @@ from torch import Tensor, nn
 from rayd.types import TrainBatch
 
 LossKind = Literal[
-    "on_policy_pg", "forward_kl", "reverse_kl", "jsd", "sft", "logit_kd", "feature_kd"
+    "on_policy_pg",
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "tvd",
+    "skew_kl",
+    "skew_reverse_kl",
+    "sft",
+    "logit_kd",
+    "feature_kd",
 ]
-_TOPK_KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """Which loss `batch_loss` computes, and its knobs."""
+    """Which loss `batch_loss` computes, and its knobs. `kind` names an entry of `LOSSES`."""
 
     kind: LossKind
     beta: float = 0.5  # jsd only: 0 = forward KL, 1 = reverse KL (TRL's convention)
@@ -54,9 +66,11 @@ class LossSpec:
     # teacher.support=full: the divergence over the whole vocabulary, from the teacher's logits
     # (`batch_loss(teacher_logits=...)`); the top-k fields of the batch are then unused
     full_vocab: bool = False
+    skew: float = 0.1  # skew_kl, skew_reverse_kl: DistiLLM's alpha, in [0, 1) (0 = plain KL)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("on_policy_pg", *_TOPK_KINDS, "sft", "logit_kd", "feature_kd"):
+        entry = LOSSES.get(self.kind)
+        if entry is None:
             raise ValueError(f"unknown loss kind {self.kind!r}")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"loss beta must lie in [0, 1], got {self.beta}")
@@ -66,16 +80,14 @@ class LossSpec:
             raise ValueError(f"loss is_clip must be > 0 or None, got {self.is_clip}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"loss alpha must lie in [0, 1], got {self.alpha}")
-        if self.full_vocab and self.kind not in (*_TOPK_KINDS, "logit_kd"):
+        if not 0.0 <= self.skew < 1.0:
+            raise ValueError(f"loss skew must lie in [0, 1), got {self.skew}")
+        if self.full_vocab and not entry.full_vocab:
+            names = [name for name, e in LOSSES.items() if e.full_vocab]
             raise ValueError(
-                f"full_vocab applies to forward_kl, reverse_kl, jsd and logit_kd, not {self.kind}"
+                f"full_vocab applies to {', '.join(names[:-1])} and {names[-1]}, not {self.kind}"
             )
-        if (
-            self.kind in (*_TOPK_KINDS, "logit_kd")
-            and self.tail
-            and not self.full_vocab
-            and self.temperature != 1.0
-        ):
+        if entry.bins and self.tail and not self.full_vocab and self.temperature != 1.0:
             raise ValueError(_TAIL_TEMPERATURE_ERROR.format(t=self.temperature))
         if self.kind in ("sft", "feature_kd") and self.temperature != 1.0:
             raise ValueError(f"{self.kind} uses CE at temperature 1, got {self.temperature}")
@@ -159,6 +171,20 @@ def _generalized_jsd_lp(log_s: Tensor, log_t: Tensor, beta: float) -> Tensor:
         return _kl(log_s, log_t)
     log_m = _log_mix(log_t, log_s, beta)
     return beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
+
+
+def _tvd_lp(log_s: Tensor, log_t: Tensor) -> Tensor:
+    """Total variation distance 0.5 * sum |p_S - p_T| of log-probs [..., N] -> [...]."""
+    return 0.5 * (log_s.exp() - log_t.exp()).abs().sum(-1)
+
+
+def _skew_kl_lp(log_s: Tensor, log_t: Tensor, alpha: float, reverse: bool) -> Tensor:
+    """DistiLLM's skew KL of log-probs [..., N] -> [...] (see `skew_kl`)."""
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"skew KL alpha must lie in [0, 1), got {alpha}")
+    log_p, log_q = (log_s, log_t) if reverse else (log_t, log_s)
+    log_m = log_q if alpha == 0.0 else _log_mix(log_p, log_q, alpha)
+    return _kl(log_p, log_m)
 
 
 def _tempered_log_softmax(logits: Tensor, temperature: float) -> Tensor:
@@ -373,7 +399,7 @@ def tvd(
 ) -> Tensor:
     """Total variation distance 0.5 * sum |p_S - p_T| per token. [B, T, V], [B, T] -> [B, T]."""
     log_s, log_t = _full_vocab_pair(student_logits, teacher_logits, mask, temperature)
-    return _per_token(0.5 * (log_s.exp() - log_t.exp()).abs().sum(-1), mask)
+    return _per_token(_tvd_lp(log_s, log_t), mask)
 
 
 def skew_kl(
@@ -394,9 +420,7 @@ def skew_kl(
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"skew KL alpha must lie in [0, 1), got {alpha}")
     log_s, log_t = _full_vocab_pair(student_logits, teacher_logits, mask, temperature)
-    log_p, log_q = (log_s, log_t) if reverse else (log_t, log_s)
-    log_m = log_q if alpha == 0.0 else _log_mix(log_p, log_q, alpha)
-    return _per_token(_kl(log_p, log_m), mask)
+    return _per_token(_skew_kl_lp(log_s, log_t, alpha, reverse), mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,6 +586,38 @@ def topk_generalized_jsd(
         student_logits, teacher_topk_ids, teacher_topk_logprobs, mask, tail, temperature
     )
     return _per_token(_generalized_jsd_lp(log_s, log_t, beta), mask)
+
+
+def topk_tvd(
+    student_logits: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    mask: Tensor,
+    tail: bool = True,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Total variation distance (`tvd`) over the top-k bins (+ tail). -> [B, T]."""
+    log_s, log_t = _topk_bins(
+        student_logits, teacher_topk_ids, teacher_topk_logprobs, mask, tail, temperature
+    )
+    return _per_token(_tvd_lp(log_s, log_t), mask)
+
+
+def topk_skew_kl(
+    student_logits: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    mask: Tensor,
+    alpha: float = 0.1,
+    reverse: bool = False,
+    tail: bool = True,
+    temperature: float = 1.0,
+) -> Tensor:
+    """DistiLLM's skew KL (`skew_kl`; reverse: SRKL) over the top-k bins (+ tail). -> [B, T]."""
+    log_s, log_t = _topk_bins(
+        student_logits, teacher_topk_ids, teacher_topk_logprobs, mask, tail, temperature
+    )
+    return _per_token(_skew_kl_lp(log_s, log_t, alpha, reverse), mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -791,7 +847,299 @@ def step_token_weights(
 
 
 # ---------------------------------------------------------------------------------------------
-# The learner's entry point
+# The loss table: each loss by name, a function of batch_loss's shared preparation
+
+LossOut = tuple[Tensor, dict[str, Tensor]]
+
+
+@dataclass
+class LossContext:
+    """batch_loss's preparation of one TrainBatch: everything a loss in `LOSSES` reads.
+
+    The [B, T] tensors are 0 where `mask` is False.
+      student_lp:   log p_S(target) at spec.temperature, with its gradient (under
+                    spec.full_vocab detached: `full` carries the gradient there)
+      behavior:     the behaviour policy's log p(target), detached; on dataset rows
+                    (batch.on_policy False) the student's own, detached
+      teacher_lp:   log p_T(target) at temperature 1, detached
+      ce_logprobs:  log p_S(target) at temperature 1 with its gradient, built when called
+                    (the hard-label terms)
+      log_s, log_t: [B, T, k] (tail=False) or [B, T, k+1] student and teacher log-probs over
+                    the teacher's top-k bins (`_topk_bins`), for entries with bins=True when
+                    spec.full_vocab is False; else None
+      full:         under spec.full_vocab, the divergence spec.kind names over the whole
+                    vocabulary (logit_kd: its soft term, the forward KL), with its gradient
+      student_hidden, projections: feature_kd's hidden states and projections (batch_loss's)
+    """
+
+    spec: LossSpec
+    batch: TrainBatch
+    mask: Tensor
+    student_lp: Tensor
+    behavior: Tensor
+    teacher_lp: Tensor
+    ce_logprobs: Callable[[], Tensor]
+    log_s: Tensor | None = None
+    log_t: Tensor | None = None
+    full: Tensor | None = None
+    student_hidden: list[Tensor] | None = None
+    projections: nn.ModuleList | None = None
+
+    def divergence(self, of_bins: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """The per-token divergence [B, T]: `full` under spec.full_vocab (prepared for
+        spec.kind), else of_bins(log_s, log_t) over the top-k bins."""
+        if self.full is not None:
+            return self.full
+        if self.log_s is None or self.log_t is None:
+            raise ValueError(f"loss {self.spec.kind!r} reads the top-k bins but has none")
+        return _per_token(of_bins(self.log_s, self.log_t), self.mask)
+
+
+@dataclass(frozen=True)
+class LossEntry:
+    """One loss of `LOSSES`: fn(ctx) -> (per-token loss [B, T], the loss's own metrics)."""
+
+    fn: Callable[[LossContext], LossOut]
+    # reads the teacher's top-k bins (ctx.log_s, ctx.log_t): tail=True then needs temperature 1
+    bins: bool
+    # a divergence between the two distributions at every position: stale rows get the
+    # truncated importance weight, and teacher.support may choose its bins' ids
+    divergence: bool
+    # has a whole-vocabulary form (teacher.support=full, `full_vocab_rows`)
+    full_vocab: bool
+
+
+LOSSES: dict[str, LossEntry] = {}
+
+
+def register(
+    name: str, *, bins: bool = False, divergence: bool = False, full_vocab: bool = False
+) -> Callable[[Callable[[LossContext], LossOut]], Callable[[LossContext], LossOut]]:
+    """Add fn to `LOSSES` under `name` (a divergence reads the bins)."""
+
+    def add(fn: Callable[[LossContext], LossOut]) -> Callable[[LossContext], LossOut]:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is registered twice")
+        LOSSES[name] = LossEntry(fn, bins or divergence, divergence, full_vocab)
+        return fn
+
+    return add
+
+
+@register("on_policy_pg")
+def _on_policy_pg(c: LossContext) -> LossOut:
+    """Reverse-KL policy gradient on the sampled token (`token_reverse_kl_pg`)."""
+    loss = token_reverse_kl_pg(c.student_lp, c.behavior, c.teacher_lp, c.mask, c.spec.is_clip)
+    ratio = torch.where(c.mask, (c.student_lp.detach() - c.behavior).exp(), 0.0)
+    return loss, {"ratio": ratio}
+
+
+@register("forward_kl", divergence=True, full_vocab=True)
+def _forward_kl(c: LossContext) -> LossOut:
+    """KL(p_T || p_S)."""
+    return c.divergence(lambda log_s, log_t: _kl(log_t, log_s)), {}
+
+
+@register("reverse_kl", divergence=True, full_vocab=True)
+def _reverse_kl(c: LossContext) -> LossOut:
+    """KL(p_S || p_T)."""
+    return c.divergence(_kl), {}
+
+
+@register("jsd", divergence=True, full_vocab=True)
+def _jsd(c: LossContext) -> LossOut:
+    """Generalized JSD(spec.beta), TRL's convention (`_generalized_jsd_lp`)."""
+    return c.divergence(lambda log_s, log_t: _generalized_jsd_lp(log_s, log_t, c.spec.beta)), {}
+
+
+@register("tvd", divergence=True)
+def _tvd(c: LossContext) -> LossOut:
+    """Total variation distance 0.5 * sum |p_S - p_T| (`tvd`)."""
+    return c.divergence(_tvd_lp), {}
+
+
+@register("skew_kl", divergence=True)
+def _skew_kl(c: LossContext) -> LossOut:
+    """DistiLLM's SKL: KL(p_T || skew * p_T + (1 - skew) * p_S) (`skew_kl`)."""
+    return c.divergence(lambda log_s, log_t: _skew_kl_lp(log_s, log_t, c.spec.skew, False)), {}
+
+
+@register("skew_reverse_kl", divergence=True)
+def _skew_reverse_kl(c: LossContext) -> LossOut:
+    """DistiLLM's SRKL: KL(p_S || skew * p_S + (1 - skew) * p_T) (`skew_kl`, reverse=True)."""
+    return c.divergence(lambda log_s, log_t: _skew_kl_lp(log_s, log_t, c.spec.skew, True)), {}
+
+
+@register("sft")
+def _sft(c: LossContext) -> LossOut:
+    """Cross-entropy on the targets."""
+    return -c.student_lp, {}
+
+
+@register("logit_kd", bins=True, full_vocab=True)
+def _logit_kd(c: LossContext) -> LossOut:
+    """Hinton: alpha * T^2 * KL(p_T || p_S) at temperature T + (1 - alpha) * CE at 1."""
+    soft = c.divergence(lambda log_s, log_t: _kl(log_t, log_s)) * c.spec.temperature**2
+    hard = -c.ce_logprobs()
+    loss = c.spec.alpha * soft + (1.0 - c.spec.alpha) * hard
+    return loss, {
+        "soft_loss": _per_token(soft, c.mask).detach(),
+        "hard_loss": _per_token(hard, c.mask).detach(),
+    }
+
+
+@register("feature_kd")
+def _feature_kd(c: LossContext) -> LossOut:
+    """CE + spec.feature_weight * the mean `feature_loss` over spec.feature_pairs."""
+    if c.student_hidden is None or c.projections is None:
+        raise ValueError("feature_kd needs the student's hidden states and the projections")
+    teacher_hidden = c.batch.teacher_hidden
+    if teacher_hidden.ndim != 4:
+        raise ValueError("feature_kd needs teacher hidden states in the batch")
+    features = torch.stack(
+        [
+            feature_loss(
+                hidden, teacher_hidden[:, :, i], c.projections[i], c.mask, c.spec.feature_kind
+            )
+            for i, hidden in enumerate(c.student_hidden)
+        ]
+    ).mean(0)
+    loss = -c.student_lp + c.spec.feature_weight * features
+    return loss, {
+        "token_loss": _per_token(-c.student_lp, c.mask).detach(),
+        "feature_loss": features.detach(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The learner's entry point: prepare, the loss by name, finish
+
+
+def batch_loss(
+    student_logits: Tensor,
+    batch: TrainBatch,
+    spec: LossSpec,
+    student_hidden: list[Tensor] | None = None,
+    projections: nn.ModuleList | None = None,
+    teacher_logits: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token loss of one TrainBatch, unreduced: `LOSSES[spec.kind]` between one shared
+    preparation (`_prepare`) and one shared finish (`_finish`).
+
+    student_logits [B, L-1, V], already aligned with targets = batch.input_ids[:, 1:].
+    Returns (loss [B, L-1], metrics): loss is exactly 0 where batch.loss_mask is False; the
+    learner sums it and divides by the global token count. Metrics are detached [B, L-1]
+    tensors, 0 where masked:
+      "reverse_kl":      behavior_lp - teacher_lp, the sampled-token reverse-KL estimate
+      "student_logprob": log p_S(target) at `spec.temperature` (1 for sft)
+      "ratio":           exp(student_lp - behavior_lp) (on_policy_pg only)
+      "is_weight":       the divergences' stale-row importance weight (only when some row of
+                         the batch is stale: `stale_importance_weight`)
+
+    Kinds: "on_policy_pg" uses teacher/behavior log-probs of the sampled tokens
+    (`token_reverse_kl_pg`); "forward_kl" / "reverse_kl" / "jsd" / "tvd" / "skew_kl" /
+    "skew_reverse_kl" use the sparse teacher top-k (`topk_*`, spec.tail, spec.beta,
+    spec.skew); "sft" is cross-entropy on the targets; "logit_kd" is Hinton's
+    alpha * T^2 * KL(teacher_T || student_T) over the teacher's top-k bins plus
+    (1 - alpha) * CE at temperature 1 (extra metrics "soft_loss" and "hard_loss", so a user can
+    see the two terms' scales).
+
+    "feature_kd" is CE on the targets plus spec.feature_weight times the mean over
+    spec.feature_pairs of `feature_loss` between projections[i](student_hidden[i]) and
+    batch.teacher_hidden[:, :, i] (student_hidden[i] is [B, L-1, Ds], aligned like the logits);
+    metrics "token_loss" and "feature_loss" give the two terms' scales.
+
+    batch.row_weight, when present, multiplies each row's loss (step_by_step's rationale task);
+    batch.token_weight, when present, multiplies each token's loss (reasoning-step weights).
+    Rows with batch.hard_target True (the on-policy modes' label task) take cross-entropy on
+    their targets instead of the teacher signal; when the field is present the metrics add
+    "label_loss" (their CE) and "label_tokens" (1 on their tokens), and "reverse_kl" is 0 on
+    them, so a caller can turn both into means over their own tokens.
+
+    spec.full_vocab (teacher.support=full): `teacher_logits` replace the batch's teacher
+    signal: forward_kl / reverse_kl / jsd and logit_kd's soft term are taken over the whole
+    vocabulary (`full_vocab_rows`, exact at any temperature), and the teacher's log-probs of
+    the targets come from them too. Student and teacher logits are then either [B, L-1, V]
+    like the student's above, or [N, V]: only the rows at batch.loss_mask's N positions
+    (row-major), which is what the learner passes, having run its output layer only there.
+
+    Rows with batch.on_policy False (dataset completions) carry no behaviour log-probs; for
+    them the current student stands in as the behaviour policy (ratio 1), so the pg advantage
+    is teacher_lp - student_lp and the "reverse_kl" metric uses the student too.
+    """
+    ctx = _prepare(student_logits, batch, spec, student_hidden, projections, teacher_logits)
+    loss, metrics = LOSSES[spec.kind].fn(ctx)
+    return _finish(ctx, loss, metrics)
+
+
+def _prepare(
+    student_logits: Tensor,
+    batch: TrainBatch,
+    spec: LossSpec,
+    student_hidden: list[Tensor] | None,
+    projections: nn.ModuleList | None,
+    teacher_logits: Tensor | None,
+) -> LossContext:
+    """Shape checks, tempering, the behaviour fix-up for dataset rows, and the top-k bins or
+    the full-vocabulary divergence: the `LossContext` every loss reads."""
+    mask = batch.loss_mask
+    targets = batch.input_ids[:, 1:]
+    if spec.full_vocab != (teacher_logits is not None):
+        raise ValueError(
+            "full_vocab losses take the teacher's logits (teacher_logits=...), the others do not"
+        )
+    temperature = spec.temperature
+    full = log_s = log_t = None
+    if teacher_logits is not None:
+        full, student_lp, teacher, ce_logprobs = _full_vocab_terms(
+            student_logits, teacher_logits, batch, spec
+        )
+    else:
+        if student_logits.shape[:2] != mask.shape:
+            raise ValueError(
+                f"student logits {tuple(student_logits.shape)} are not aligned with the "
+                f"batch's {tuple(mask.shape)} targets (expected [B, L-1, V])"
+            )
+        logits = _zero_masked(student_logits, mask)
+        tempered = logits if temperature == 1.0 else _as_float(logits) / temperature
+        lse = torch.logsumexp(_as_float(tempered), dim=-1)
+        student_lp = token_logprobs(tempered, targets, mask, lse=lse)
+        teacher = batch.teacher_logprobs.to(student_lp.dtype)
+
+        def ce_logprobs() -> Tensor:
+            # log p_S(target) at temperature 1, with its gradient: the hard-label terms
+            return student_lp if temperature == 1.0 else token_logprobs(logits, targets, mask)
+
+    behavior = batch.behavior_logprobs.to(student_lp.dtype)
+    if batch.on_policy.numel() == mask.shape[0]:
+        off = ~batch.on_policy.to(mask.device).unsqueeze(-1)
+        behavior = torch.where(off, student_lp.detach(), behavior)
+
+    if teacher_logits is None and LOSSES[spec.kind].bins:
+        # tail=True forces temperature 1 (LossSpec checks), so the lse above is the right one.
+        log_s, log_t = _topk_bins(
+            logits,
+            batch.teacher_topk_ids,
+            batch.teacher_topk_logprobs,
+            mask,
+            spec.tail,
+            temperature,
+            student_lse=lse if spec.tail else None,
+        )
+    return LossContext(
+        spec,
+        batch,
+        mask,
+        student_lp,
+        behavior,
+        teacher,
+        ce_logprobs,
+        log_s,
+        log_t,
+        full,
+        student_hidden,
+        projections,
+    )
 
 
 def _full_vocab_terms(
@@ -850,144 +1198,17 @@ def _full_vocab_terms(
     )
 
 
-def batch_loss(
-    student_logits: Tensor,
-    batch: TrainBatch,
-    spec: LossSpec,
-    student_hidden: list[Tensor] | None = None,
-    projections: nn.ModuleList | None = None,
-    teacher_logits: Tensor | None = None,
+def _finish(
+    ctx: LossContext, loss: Tensor, metrics: dict[str, Tensor]
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token loss of one TrainBatch, unreduced.
-
-    student_logits [B, L-1, V], already aligned with targets = batch.input_ids[:, 1:].
-    Returns (loss [B, L-1], metrics): loss is exactly 0 where batch.loss_mask is False; the
-    learner sums it and divides by the global token count. Metrics are detached [B, L-1]
-    tensors, 0 where masked:
-      "reverse_kl":      behavior_lp - teacher_lp, the sampled-token reverse-KL estimate
-      "student_logprob": log p_S(target) at `spec.temperature` (1 for sft)
-      "ratio":           exp(student_lp - behavior_lp) (on_policy_pg only)
-      "is_weight":       the top-k losses' stale-row importance weight (only when some row of
-                         the batch is stale: `stale_importance_weight`)
-
-    Kinds: "on_policy_pg" uses teacher/behavior log-probs of the sampled tokens
-    (`token_reverse_kl_pg`); "forward_kl" / "reverse_kl" / "jsd" use the sparse teacher top-k
-    (`topk_*`, spec.tail, spec.beta); "sft" is cross-entropy on the targets; "logit_kd" is
-    Hinton's alpha * T^2 * KL(teacher_T || student_T) over the teacher's top-k bins plus
-    (1 - alpha) * CE at temperature 1 (extra metrics "soft_loss" and "hard_loss", so a user can
-    see the two terms' scales).
-
-    "feature_kd" is CE on the targets plus spec.feature_weight times the mean over
-    spec.feature_pairs of `feature_loss` between projections[i](student_hidden[i]) and
-    batch.teacher_hidden[:, :, i] (student_hidden[i] is [B, L-1, Ds], aligned like the logits);
-    metrics "token_loss" and "feature_loss" give the two terms' scales.
-
-    batch.row_weight, when present, multiplies each row's loss (step_by_step's rationale task);
-    batch.token_weight, when present, multiplies each token's loss (reasoning-step weights).
-    Rows with batch.hard_target True (the on-policy modes' label task) take cross-entropy on
-    their targets instead of the teacher signal; when the field is present the metrics add
-    "label_loss" (their CE) and "label_tokens" (1 on their tokens), and "reverse_kl" is 0 on
-    them, so a caller can turn both into means over their own tokens.
-
-    spec.full_vocab (teacher.support=full): `teacher_logits` replace the batch's teacher
-    signal: forward_kl / reverse_kl / jsd and logit_kd's soft term are taken over the whole
-    vocabulary (`full_vocab_rows`, exact at any temperature), and the teacher's log-probs of
-    the targets come from them too. Student and teacher logits are then either [B, L-1, V]
-    like the student's above, or [N, V]: only the rows at batch.loss_mask's N positions
-    (row-major), which is what the learner passes, having run its output layer only there.
-
-    Rows with batch.on_policy False (dataset completions) carry no behaviour log-probs; for
-    them the current student stands in as the behaviour policy (ratio 1), so the pg advantage
-    is teacher_lp - student_lp and the "reverse_kl" metric uses the student too.
-    """
-    mask = batch.loss_mask
-    targets = batch.input_ids[:, 1:]
-    if spec.full_vocab != (teacher_logits is not None):
-        raise ValueError(
-            "full_vocab losses take the teacher's logits (teacher_logits=...), the others do not"
-        )
-    temperature = spec.temperature
-    metrics: dict[str, Tensor] = {}
-    if teacher_logits is not None:
-        full, student_lp, teacher, ce_logprobs = _full_vocab_terms(
-            student_logits, teacher_logits, batch, spec
-        )
-    else:
-        if student_logits.shape[:2] != mask.shape:
-            raise ValueError(
-                f"student logits {tuple(student_logits.shape)} are not aligned with the "
-                f"batch's {tuple(mask.shape)} targets (expected [B, L-1, V])"
-            )
-        logits = _zero_masked(student_logits, mask)
-        tempered = logits if temperature == 1.0 else _as_float(logits) / temperature
-        lse = torch.logsumexp(_as_float(tempered), dim=-1)
-        student_lp = token_logprobs(tempered, targets, mask, lse=lse)
-        teacher = batch.teacher_logprobs.to(student_lp.dtype)
-
-        def ce_logprobs() -> Tensor:
-            # log p_S(target) at temperature 1, with its gradient: the hard-label terms
-            return student_lp if temperature == 1.0 else token_logprobs(logits, targets, mask)
-
-    behavior = batch.behavior_logprobs.to(student_lp.dtype)
-    if batch.on_policy.numel() == mask.shape[0]:
-        off = ~batch.on_policy.to(mask.device).unsqueeze(-1)
-        behavior = torch.where(off, student_lp.detach(), behavior)
-
-    if teacher_logits is not None:
-        log_s = log_t = None
-    elif spec.kind in (*_TOPK_KINDS, "logit_kd"):
-        # tail=True forces temperature 1 (LossSpec checks), so the lse above is the right one.
-        log_s, log_t = _topk_bins(
-            logits,
-            batch.teacher_topk_ids,
-            batch.teacher_topk_logprobs,
-            mask,
-            spec.tail,
-            temperature,
-            student_lse=lse if spec.tail else None,
-        )
-    if spec.kind == "on_policy_pg":
-        loss = token_reverse_kl_pg(student_lp, behavior, teacher, mask, spec.is_clip)
-        ratio = torch.where(mask, (student_lp.detach() - behavior).exp(), 0.0)
-        metrics["ratio"] = ratio
-    elif spec.kind == "sft":
-        loss = -student_lp
-    elif spec.kind == "feature_kd":
-        if student_hidden is None or projections is None:
-            raise ValueError("feature_kd needs the student's hidden states and the projections")
-        if batch.teacher_hidden.ndim != 4:
-            raise ValueError("feature_kd needs teacher hidden states in the batch")
-        features = torch.stack(
-            [
-                feature_loss(
-                    hidden, batch.teacher_hidden[:, :, i], projections[i], mask, spec.feature_kind
-                )
-                for i, hidden in enumerate(student_hidden)
-            ]
-        ).mean(0)
-        loss = -student_lp + spec.feature_weight * features
-        metrics["token_loss"] = _per_token(-student_lp, mask).detach()
-        metrics["feature_loss"] = features.detach()
-    elif spec.kind == "logit_kd":
-        soft = full if teacher_logits is not None else _per_token(_kl(log_t, log_s), mask)
-        soft = soft * temperature**2
-        hard = -ce_logprobs()
-        loss = spec.alpha * soft + (1.0 - spec.alpha) * hard
-        metrics["soft_loss"] = _per_token(soft, mask).detach()
-        metrics["hard_loss"] = _per_token(hard, mask).detach()
-    elif teacher_logits is not None:
-        loss = full
-    elif spec.kind == "forward_kl":
-        loss = _per_token(_kl(log_t, log_s), mask)
-    elif spec.kind == "reverse_kl":
-        loss = _per_token(_kl(log_s, log_t), mask)
-    else:
-        loss = _per_token(_generalized_jsd_lp(log_s, log_t, spec.beta), mask)
-    if spec.kind in _TOPK_KINDS and batch.stale.numel() == mask.shape[0]:
+    """The stale-row importance weight (divergences), the hard-target rows' CE, the
+    reverse_kl and student_logprob metrics, the row and token weights, and the mask."""
+    mask, batch = ctx.mask, ctx.batch
+    if LOSSES[ctx.spec.kind].divergence and batch.stale.numel() == mask.shape[0]:
         # Rollouts from older weights (trainer.max_staleness >= 1): on_policy_pg has its ratio
-        # in the loss already; the top-k losses get the truncated per-token weight.
+        # in the loss already; the divergences get the truncated per-token weight.
         weight = stale_importance_weight(
-            student_lp, behavior, batch.stale, mask, spec.is_clip or STALE_IS_CLIP
+            ctx.student_lp, ctx.behavior, batch.stale, mask, ctx.spec.is_clip or STALE_IS_CLIP
         )
         loss = loss * weight.to(loss.dtype)
         metrics["is_weight"] = _per_token(weight, mask)
@@ -995,13 +1216,13 @@ def batch_loss(
     distilled = mask
     if batch.hard_target.numel() == mask.shape[0]:
         hard = batch.hard_target.to(mask.device).unsqueeze(-1) & mask
-        ce = -ce_logprobs()
+        ce = -ctx.ce_logprobs()
         loss = torch.where(hard, ce, loss)
         distilled = mask & ~hard
         metrics["label_loss"] = _per_token(ce, hard).detach()
-        metrics["label_tokens"] = hard.to(student_lp.dtype)
-    metrics["reverse_kl"] = _per_token(behavior - teacher, distilled).detach()
-    metrics["student_logprob"] = student_lp.detach()
+        metrics["label_tokens"] = hard.to(ctx.student_lp.dtype)
+    metrics["reverse_kl"] = _per_token(ctx.behavior - ctx.teacher_lp, distilled).detach()
+    metrics["student_logprob"] = ctx.student_lp.detach()
     if batch.row_weight.numel() == mask.shape[0]:
         loss = loss * batch.row_weight.to(loss.device, loss.dtype).unsqueeze(-1)
     if batch.token_weight.shape == mask.shape:

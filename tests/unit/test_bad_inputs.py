@@ -250,6 +250,11 @@ CASES = {
         2,
         "algorithm.step_weighting=divergence weighs steps by the teacher's log-probs",
     ),
+    "full vocabulary with a top-k-only loss": (
+        lambda t: (None, ["teacher.support=full", "algorithm.loss=tvd"]),
+        2,
+        "algorithm.loss=tvd runs over the teacher's top-k bins only",
+    ),
     "gkd with PG loss": (
         lambda t: (None, ["algorithm.name=gkd", "algorithm.loss=on_policy_pg"]),
         2,

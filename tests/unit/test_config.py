@@ -144,3 +144,18 @@ def test_teacher_support_asks_the_rollouts_and_the_teacher_for_the_right_ids(
     assert inputs[0] == [([1], [2, 3])]
     if method == "score_ids":
         assert inputs[1][0] is ids
+
+
+@pytest.mark.parametrize("loss", ["tvd", "skew_kl", "skew_reverse_kl"])
+def test_tvd_and_skew_kl_run_over_any_top_k_support_but_not_the_full_vocabulary(loss):
+    for extra in (
+        [],
+        ["algorithm.name=gkd", "algorithm.skew=0.3"],
+        ["teacher.backend=hf", "teacher.support=union"],
+    ):
+        cfg = load_config(None, [*BASE, f"algorithm.loss={loss}", *extra])
+        assert cfg.algorithm.resolved_loss == loss
+    with pytest.raises(ConfigError, match=rf"algorithm\.loss={loss} runs over the teacher's top-k"):
+        load_config(None, [*BASE, f"algorithm.loss={loss}", "teacher.support=full"])
+    with pytest.raises(ConfigError, match=r"algorithm\.skew"):
+        load_config(None, [*BASE, f"algorithm.loss={loss}", "algorithm.skew=1"])

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, kl_divergence
 
+from rayd.config import FULL_VOCAB_LOSSES, TOPK_LOSSES, AlgorithmConfig, AlgorithmName
 from rayd.losses import (
+    LOSSES,
+    LossKind,
     LossSpec,
     _topk_bins,
     batch_loss,
@@ -29,6 +33,8 @@ from rayd.losses import (
     topk_forward_kl,
     topk_generalized_jsd,
     topk_reverse_kl,
+    topk_skew_kl,
+    topk_tvd,
     tvd,
 )
 from rayd.types import Sample, TeacherScore, collate
@@ -1101,3 +1107,117 @@ def test_collate_marks_on_policy_rows_behind_the_learner_as_stale() -> None:
     assert collate(samples, scores, 0).stale.numel() == 0
     sliced = collate(samples, scores, 0, learner_version=3).slice(1, 3)
     assert sliced.stale.tolist() == [True, False]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss table: every name reachable through batch_loss, and the config offers only its names
+
+
+def _direct_losses(logits, batch, hidden, projection):
+    """What batch_loss must give for every name in LOSSES, from the module's direct functions
+    (top-k path, temperature 1, tail=True unless named)."""
+    mask, targets = batch.loss_mask, batch.input_ids[:, 1:]
+    ids, lp = batch.teacher_topk_ids, batch.teacher_topk_logprobs
+    student_lp = token_logprobs(logits, targets, mask)
+    ce = cross_entropy(logits, targets, mask)
+    features = feature_loss(hidden, batch.teacher_hidden[:, :, 0], projection[0], mask)
+    return {
+        "on_policy_pg": (
+            LossSpec("on_policy_pg"),
+            token_reverse_kl_pg(student_lp, batch.behavior_logprobs, batch.teacher_logprobs, mask),
+        ),
+        "forward_kl": (LossSpec("forward_kl"), topk_forward_kl(logits, ids, lp, mask)),
+        "reverse_kl": (
+            LossSpec("reverse_kl", tail=False),
+            topk_reverse_kl(logits, ids, lp, mask, False),
+        ),
+        "jsd": (LossSpec("jsd", beta=0.3), topk_generalized_jsd(logits, ids, lp, mask, 0.3)),
+        "tvd": (LossSpec("tvd"), topk_tvd(logits, ids, lp, mask)),
+        "skew_kl": (LossSpec("skew_kl", skew=0.2), topk_skew_kl(logits, ids, lp, mask, 0.2)),
+        "skew_reverse_kl": (
+            LossSpec("skew_reverse_kl", skew=0.3, tail=False, temperature=2.0),
+            topk_skew_kl(logits, ids, lp, mask, 0.3, reverse=True, tail=False, temperature=2.0),
+        ),
+        "sft": (LossSpec("sft"), ce),
+        "logit_kd": (
+            LossSpec("logit_kd", alpha=0.3),
+            0.3 * topk_forward_kl(logits, ids, lp, mask) + 0.7 * ce,
+        ),
+        "feature_kd": (
+            LossSpec(
+                "feature_kd", feature_pairs=((1, 2),), teacher_hidden_size=4, feature_weight=0.5
+            ),
+            ce + 0.5 * features,
+        ),
+    }
+
+
+def test_every_loss_in_the_table_is_reachable_through_batch_loss() -> None:
+    batch = _batch_with_hidden()
+    # _batch()'s teacher signal on _batch_with_hidden()'s rows (same samples, same columns)
+    for name in ("teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs"):
+        setattr(batch, name, getattr(_batch(), name))
+    logits = _logits(41, (2, 3, V)).float()
+    hidden = _logits(42, (2, 3, 4)).float()
+    torch.manual_seed(0)
+    projection = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+    cases = _direct_losses(logits, batch, hidden, projection)
+    assert set(cases) == set(LOSSES) == set(get_args(LossKind))
+    for name, (spec, want) in cases.items():
+        loss, metrics = batch_loss(logits, batch, spec, [hidden], projection)
+        torch.testing.assert_close(loss, want, msg=name)
+        assert set(metrics) >= {"reverse_kl", "student_logprob"}, name
+
+
+def test_tvd_and_skew_kl_over_every_token_equal_the_full_vocabulary_forms() -> None:
+    s, t, mask = _logits(43), _logits(44), _mask()
+    lp, ids = t.log_softmax(-1).sort(dim=-1, descending=True)  # k = V
+    for temperature in (1.0, 2.0):
+        torch.testing.assert_close(
+            topk_tvd(s, ids, lp, mask, tail=False, temperature=temperature),
+            tvd(s, t, mask, temperature),
+        )
+        for reverse in (False, True):
+            torch.testing.assert_close(
+                topk_skew_kl(s, ids, lp, mask, 0.1, reverse, tail=False, temperature=temperature),
+                skew_kl(s, t, mask, 0.1, temperature, reverse),
+            )
+    torch.testing.assert_close(topk_tvd(s, ids, lp, mask), tvd(s, t, mask), atol=1e-6, rtol=0)
+    # skew 0 is the plain KL in either direction
+    torch.testing.assert_close(
+        topk_skew_kl(s, ids, lp, mask, 0.0), topk_forward_kl(s, ids, lp, mask)
+    )
+    torch.testing.assert_close(
+        topk_skew_kl(s, ids, lp, mask, 0.0, reverse=True), topk_reverse_kl(s, ids, lp, mask)
+    )
+
+
+def test_tvd_and_skew_kl_take_the_stale_weight_and_refuse_the_full_vocabulary() -> None:
+    batch = _batch()
+    logits = _logits(45, (2, 3, V)).float()
+    for kind in ("tvd", "skew_kl", "skew_reverse_kl"):
+        fresh, _ = batch_loss(logits, batch, LossSpec(kind))
+        batch.stale = torch.tensor([False, True])
+        loss, metrics = batch_loss(logits, batch, LossSpec(kind))
+        batch.stale = torch.zeros(0, dtype=torch.bool)
+        torch.testing.assert_close(loss, fresh * metrics["is_weight"])
+        with pytest.raises(ValueError, match="full_vocab applies to forward_kl, reverse_kl"):
+            LossSpec(kind, full_vocab=True)
+        with pytest.raises(ValueError, match=r"tail=True needs temperature 1\.0"):
+            LossSpec(kind, temperature=2.0)
+    with pytest.raises(ValueError, match="skew"):
+        LossSpec("skew_kl", skew=1.0)
+
+
+def test_the_config_offers_only_losses_of_the_table() -> None:
+    offered = set(get_args(get_args(AlgorithmConfig.model_fields["loss"].annotation)[0]))
+    assert offered == {"on_policy_pg", *TOPK_LOSSES}
+    resolved = {
+        AlgorithmConfig(name=name, loss=loss).resolved_loss
+        for name in get_args(AlgorithmName)
+        for loss in [None, *(sorted(offered) if name in ("on_policy", "gkd") else [])]
+    }
+    assert resolved <= set(LOSSES), resolved - set(LOSSES)
+    assert resolved >= offered | {"sft", "logit_kd", "feature_kd"}
+    assert all(LOSSES[name].divergence for name in TOPK_LOSSES)
+    assert all(LOSSES[name].full_vocab for name in FULL_VOCAB_LOSSES)
