@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rayd.progress import Progress
 from rayd.tasks.base import Example
 
 
@@ -37,8 +38,10 @@ def train_on_examples(
     seed: int = 0,
     with_rationale: bool = True,
     log_every: int = 0,
+    progress: str | None = None,
 ) -> list[float]:
-    """Train the checkpoint in `model_dir` in place; returns the per-step losses."""
+    """Train the checkpoint in `model_dir` in place; returns the per-step losses. `progress`
+    names the job in a progress bar (periodic lines when stderr is not a terminal)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -49,6 +52,7 @@ def train_on_examples(
     # Linear decay to a tenth: the last steps settle the digit-level facts the accuracy needs.
     schedule = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0 - 0.9 * s / max(steps, 1))
     losses = []
+    bar = Progress(progress or "pretraining", steps, enabled=progress is not None)
     for step in range(steps):
         batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
         width = max(len(ids) for ids, _ in batch)
@@ -71,7 +75,10 @@ def train_on_examples(
         optim.step()
         schedule.step()
         losses.append(loss.item())
+        bar.set_postfix({"loss": losses[-1]})
+        bar.update()
         if log_every and (step + 1) % log_every == 0:
             print(f"  pretrain step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+    bar.close()
     model.save_pretrained(model_dir)
     return losses

@@ -8,15 +8,19 @@ second run (or a second process) reuses them.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rayd.models import build_tiny_llama
+from rayd.progress import duration
 
 # vLLM CPU attention supports head sizes 32, 64, 80, ... only: keep hidden / heads in that set.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -55,29 +59,85 @@ def resolve_model_path(path: str, seed: int = 0) -> str:
     name = path.removeprefix("tiny:")
     if name not in PRESETS:
         raise ValueError(f"unknown tiny model {path!r}; presets: {', '.join(sorted(PRESETS))}")
-    # format: bumped when the build code changes what a recipe produces (2: lr decay in pretrain)
-    recipe = {"preset": PRESETS[name], "seed": seed, "format": 2}
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    target = cache_root() / f"{name}-{digest}"
+    return cached_build(name, PRESETS[name], seed)
+
+
+def cached_build(name: str, preset: dict[str, Any], seed: int = 0) -> str:
+    """The folder of `preset` built with `seed`, built on first use.
+
+    One build per recipe, however many processes ask at once: the builder holds an exclusive
+    flock on `.<folder>.lock` beside the cached folder; the others say they wait, block on the
+    lock, then find the finished model. The kernel drops the lock when its holder exits or is
+    killed, so a crashed build never blocks the next one (which starts over). The model is
+    written to a private folder and renamed into place: a reader never sees half of one.
+    """
+    target = cache_target(name, preset, seed)
     if (target / "config.json").exists():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a private folder and rename: concurrent builders never see a half-written model.
-    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        _build(PRESETS[name], work, seed)
-        # If another process won the race, its model is identical: keep that one.
-        with contextlib.suppress(OSError):
+    with _build_lock(lock_path(target), name):
+        if (target / "config.json").exists():
+            print(f"rayd: tiny:{name}: built by another process; reusing it", file=sys.stderr)
+            return str(target)
+        if target.exists():  # a folder without a model there (not rayd's: renames are whole)
+            shutil.rmtree(target, ignore_errors=True)
+        print(
+            f"rayd: building tiny:{name} (once; cached in {target.parent})",
+            file=sys.stderr,
+            flush=True,
+        )
+        work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        try:
+            started = time.monotonic()
+            _build(name, preset, work, seed)
             work.rename(target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(
+            f"rayd: built tiny:{name} in {duration(time.monotonic() - started)}",
+            file=sys.stderr,
+            flush=True,
+        )
     return str(target)
 
 
-def _build(preset: dict[str, Any], out: Path, seed: int) -> None:
+def cache_target(name: str, preset: dict[str, Any], seed: int = 0) -> Path:
+    """Where the build of `preset` with `seed` is cached: named by a hash of the recipe."""
+    # format: bumped when the build code changes what a recipe produces (2: lr decay in pretrain)
+    recipe = {"preset": preset, "seed": seed, "format": 2}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / f"{name}-{digest}"
+
+
+def lock_path(target: Path) -> Path:
+    """The lock file a build of `target` holds (kept: deleting it would let two builds in)."""
+    return target.parent / f".{target.name}.lock"
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path, name: str) -> Iterator[None]:
+    with path.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(
+                f"rayd: tiny:{name} is being built by another process; waiting for it ({path})",
+                file=sys.stderr,
+                flush=True,
+            )
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build(name: str, preset: dict[str, Any], out: Path, seed: int) -> None:
     # transformers' save/load progress bars would print between the user's command and its
     # result (or its one-line error) the first time a preset is built.
     from transformers.utils import logging as hf_logging
+
+    from rayd.models import build_tiny_llama
 
     hf_logging.disable_progress_bar()
     build_tiny_llama(out, seed=seed, **preset["arch"])
@@ -89,5 +149,4 @@ def _build(preset: dict[str, Any], out: Path, seed: int) -> None:
         recipe = dict(recipe)
         task = make_task(recipe.pop("task"), digits=recipe.pop("digits"), seed=seed)
         examples = task.examples("train", 4000)
-        print(f"rayd: building {out.name}: training on {len(examples)} task examples", flush=True)
-        train_on_examples(out, examples, seed=seed, **recipe)
+        train_on_examples(out, examples, seed=seed, progress=f"building tiny:{name}", **recipe)
