@@ -1,4 +1,5 @@
-"""Per-step metrics: JSON lines in the run folder, TensorBoard events, a console progress bar."""
+"""Per-step metrics: JSON lines in the run folder, TensorBoard events, progress on the console
+(a bar in a terminal, plain periodic lines in a log file: rayd/progress.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from rayd.config import ConfigError, LoggingConfig, RunConfig
+from rayd.progress import Progress
 from rayd.types import Sample
 
 
@@ -140,13 +140,12 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
-        self._bar = tqdm(
-            total=total_steps,
+        self._bar = Progress(
+            f"training {run_dir.name}",
+            total_steps,
             initial=start_step,
-            disable=not cfg.progress,
-            desc="rayd",
+            enabled=cfg.progress,
             unit="step",
-            dynamic_ncols=True,
         )
 
     def _truncate_after(self, step: int) -> None:
@@ -172,13 +171,13 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, step)
         if self._trackers is not None:
             self._trackers.log(step, metrics)
-        if advance:
-            self._bar.update(1)
         shown = {k: metrics[k] for k in ("loss", "reverse_kl", "eval/reverse_kl") if k in metrics}
         if "tokens_per_s" in metrics:
             shown["tok/s"] = metrics["tokens_per_s"]
-        if shown:
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        if shown:  # before the update: a plain line printed by it shows this step's numbers
+            self._bar.set_postfix({k: float(v) for k, v in shown.items()})
+        if advance:
+            self._bar.update(1)
 
     def close(self) -> None:
         self._bar.close()
