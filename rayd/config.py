@@ -632,7 +632,8 @@ def load_tree(path: str | Path | None, overrides: list[str] | None = None) -> di
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config error: config file {str(p)!r} does not exist")
+            why = "is a folder, not a YAML file" if p.is_dir() else "does not exist"
+            raise ConfigError(f"config error: config file {str(p)!r} {why}")
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:

@@ -21,7 +21,6 @@ Layout under the sweep folder (`output_dir`, default runs/sweeps/<name>):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import hashlib
@@ -1041,13 +1040,13 @@ def _outcome_table(sweep: Sweep, outcomes: list[Outcome]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="rayd ablate", description=__doc__.split("\n")[0].replace("`", "")
-    )
+    from rayd.cli import ArgumentParser, positive_int
+
+    parser = ArgumentParser(prog="rayd ablate", description=__doc__.split("\n")[0].replace("`", ""))
     parser.add_argument("sweep", metavar="SWEEP", help="sweep YAML file")
     parser.add_argument("--dry-run", action="store_true", help="list the cells; run nothing")
     parser.add_argument(
-        "--concurrency", type=int, metavar="N", help="cells at once (overrides the file)"
+        "--concurrency", type=positive_int, metavar="N", help="cells at once (overrides the file)"
     )
     parser.add_argument(
         "--only-report", action="store_true", help="rebuild results and plots from the cells"

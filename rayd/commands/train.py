@@ -3,24 +3,30 @@ one distillation run of any algorithm; the loop itself is rayd/driver.py."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from rayd import cluster
 from rayd.checkpoint import CheckpointError
+from rayd.cli import ArgumentParser
 from rayd.config import ConfigError, load_config
-from rayd.driver import NumericsError, train
-from rayd.learner.group import LearnerFailure
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rayd train", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="rayd train", description=__doc__.split("\n")[0])
     parser.add_argument("config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    parser.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    # The config is sound: now the stack (torch, Ray, vLLM, DeepSpeed) is worth importing.
+    from rayd import cluster
+    from rayd.driver import NumericsError, train
+    from rayd.learner.group import LearnerFailure
+
+    try:
         summary = train(cfg)
     except ConfigError as exc:
         print(exc, file=sys.stderr)

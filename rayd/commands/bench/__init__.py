@@ -17,7 +17,6 @@ shared machine the absolute numbers move from run to run.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import importlib
 import importlib.metadata
@@ -269,7 +268,9 @@ def write_results(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    from rayd.cli import ArgumentParser, output_folder
+
+    parser = ArgumentParser(
         prog="rayd bench", description=__doc__.split("\n")[0].strip("`").strip()
     )
     parser.add_argument(
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})"
     )
-    parser.add_argument("--out", type=Path, default=Path("bench"), help="output folder")
+    parser.add_argument("--out", type=output_folder, default=Path("bench"), help="output folder")
     args = parser.parse_args(argv)
     names = list(SECTIONS)
     if args.only:
@@ -286,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [n for n in names if n not in SECTIONS]
         if unknown or not names:
             print(
-                f"rayd bench: --only: unknown section(s) {unknown}; choose from "
-                f"{', '.join(SECTIONS)}",
+                f"rayd bench: argument --only: unknown section(s) "
+                f"{', '.join(unknown) or repr(args.only)}; choose from {', '.join(SECTIONS)}",
                 file=sys.stderr,
             )
             return 2
