@@ -31,7 +31,7 @@ import ray
 from rayd import cluster
 from rayd.checkpoint import LEARNER_TAG, CheckpointStore
 from rayd.config import ConfigError, RunConfig, save_config
-from rayd.data.prompts import PromptSampler, load_prompts
+from rayd.data.prompts import PromptSampler, load_prompts, read_rows
 from rayd.data.samples import (
     check_offline_data,
     dataset_sample,
@@ -264,6 +264,11 @@ class Run:
         self.saved = self.resume_from.driver_state() if self.resume_from else {}
         DriverState.check_resumable(cfg, self.saved)
         save_config(cfg, run_dir / "config.yaml")
+        # The data files are read and checked before any model is resolved: check_models
+        # builds a tiny:<preset> model that is not cached yet, which can take minutes.
+        rows = read_rows(cfg.data, cfg.trainer.seed, route_field=cfg.teacher.route_field)
+        check_offline_data(cfg, rows.unencoded())
+        check_routes(cfg, rows.unencoded())
         self.student_path, teacher_paths, self.tokenizer = check_models(cfg)
         # feature_kd and stored signal take one teacher (the config refuses several for them)
         teacher_path = teacher_paths[0] if teacher_paths else None
@@ -274,8 +279,9 @@ class Run:
             cfg.rollout.max_model_len - cfg.rollout.max_new_tokens,
             cfg.trainer.seed,
             route_field=cfg.teacher.route_field,
+            rows=rows,
         )
-        check_offline_data(cfg, self.prompts)
+        check_offline_data(cfg, self.prompts)  # again: long prompts may have been dropped
         check_routes(cfg, self.prompts)
         # logit_kd over a `rayd score` dataset reads the teacher's top-k from disk: no teacher.
         self.stored = load_stored_signal(cfg, self.prompts, teacher_path, self.tokenizer)

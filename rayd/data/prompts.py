@@ -38,10 +38,61 @@ class PromptSet:
     dropped_long: int = 0
 
 
+@dataclass
+class RowSet:
+    """The rows of a run's data, read and checked but not yet tokenised (no tokenizer needed):
+    what a run reads before it resolves or builds any model."""
+
+    train: list[Row]
+    eval: list[Row]
+    task: Task | None
+
+    def unencoded(self) -> PromptSet:
+        """The rows as prompts without token ids (`ids` empty, `completion_ids` empty or None):
+        for the checks that look only at completions, answers, rationales and routes."""
+        return PromptSet(
+            *(
+                [
+                    Prompt(i, [], None if c is None else [], answer, rationale, route)
+                    for i, (_, c, answer, rationale, route) in enumerate(rows)
+                ]
+                for rows in (self.train, self.eval)
+            ),
+            self.task,
+        )
+
+
 def load_prompts(
-    cfg: DataConfig, tokenizer, max_prompt_len: int, seed: int, route_field: str | None = None
+    cfg: DataConfig,
+    tokenizer,
+    max_prompt_len: int,
+    seed: int,
+    route_field: str | None = None,
+    rows: RowSet | None = None,
 ) -> PromptSet:
-    """Train and eval prompts (with reference completions) from the configured sources.
+    """Train and eval prompts (with reference completions) from the configured sources:
+    `read_rows` (or the `rows` it returned before), each row tokenised."""
+    rows = rows if rows is not None else read_rows(cfg, seed, route_field)
+    dropped = 0
+    out: dict[str, list[Prompt]] = {}
+    for split, split_rows in (("train", rows.train), ("eval", rows.eval)):
+        prompts = []
+        for prompt, completion, answer, rationale, route in split_rows:
+            encoded = encode_row(tokenizer, prompt, completion, max_prompt_len, cfg, split)
+            if encoded is None:
+                dropped += 1
+                continue
+            ids, completion_ids = encoded
+            prompts.append(Prompt(len(prompts), ids, completion_ids, answer, rationale, route))
+        out[split] = prompts
+    if not out["train"]:
+        raise ConfigError(f"data error: {cfg.source}: no training prompts left")
+    return PromptSet(out["train"], out["eval"], rows.task, dropped)
+
+
+def read_rows(cfg: DataConfig, seed: int, route_field: str | None = None) -> RowSet:
+    """Train and eval rows from the configured sources, every file read and every row checked,
+    without a tokenizer.
 
     Rows are (prompt, completion, answer, rationale, route). `data.train_dataset` replaces the
     training rows (e.g. teacher-written rationales from `rayd generate`); eval rows always come
@@ -89,21 +140,7 @@ def load_prompts(
         train_rows = read_dataset_dir(Path(cfg.train_dataset), cfg, route_field)[: cfg.train_size]
     if cfg.train_fraction < 1.0:
         train_rows = train_rows[: max(1, math.ceil(cfg.train_fraction * len(train_rows)))]
-    dropped = 0
-    out: dict[str, list[Prompt]] = {}
-    for split, rows in (("train", train_rows), ("eval", eval_rows)):
-        prompts = []
-        for prompt, completion, answer, rationale, route in rows:
-            encoded = encode_row(tokenizer, prompt, completion, max_prompt_len, cfg, split)
-            if encoded is None:
-                dropped += 1
-                continue
-            ids, completion_ids = encoded
-            prompts.append(Prompt(len(prompts), ids, completion_ids, answer, rationale, route))
-        out[split] = prompts
-    if not out["train"]:
-        raise ConfigError(f"data error: {cfg.source}: no training prompts left")
-    return PromptSet(out["train"], out["eval"], task, dropped)
+    return RowSet(train_rows, eval_rows, task)
 
 
 # prompt, completion, answer, rationale, route (the teacher's name from teacher.route_field)
