@@ -1,11 +1,15 @@
 """`rayd export RUN --out DIR`: a run's student as a Hugging Face checkpoint with a model card.
 
+RUN is a run folder, or its `student/` (the same things `rayd eval` takes).
+
 The weights come from the run's final `student/` folder, or, for a run that stopped early
 (preempted, failed, still going), from its newest checkpoint that verifies: DeepSpeed's ZeRO
 shards are consolidated into one fp32 state dict on the CPU, so no learner or GPU is needed.
 The folder holds safetensors, the tokenizer (with its chat template), a generation config, a
-model card (`README.md`: where the weights came from, the run's config, its eval results and
-the provenance of its models and data) and `rayd_export.json` with the same facts for programs.
+model card (`README.md`: a prompt as the student expects it and its expected output, load
+snippets for transformers and vLLM, where the weights came from, the run's config, its eval
+results and the provenance of its models and data) and `rayd_export.json` with the same facts
+for programs, including the eval settings `rayd eval DIR` reads (task, options, prompt format).
 
 `--quantize int8` stores int8 weight-only weights (torchao; the `quant` extra) for deployment
 after distillation, and measures the task accuracy before and after on the run's eval task, so
@@ -14,7 +18,6 @@ the card says what quantization cost.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
 import json
@@ -23,20 +26,37 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
+from rayd.commands.eval import (
+    EXPORT_RECORD,
+    TargetError,
+    resolve_target,
+    run_settings,
+)
 
-from rayd.config import ConfigError, RunConfig
-from rayd.weight_sync import load_whole_state_dict
+if TYPE_CHECKING:
+    from rayd.config import RunConfig
 
 _FEATURE_PROJ = "rayd_feature_proj."  # feature_kd's training-only projections
 
 
+def _error(message: str) -> Exception:
+    """A ConfigError (one line for the user), rayd.config imported only when one is raised:
+    `rayd export --help` stays fast."""
+    from rayd.config import ConfigError
+
+    return ConfigError(message)
+
+
 def run_config(run: Path) -> RunConfig:
+    import yaml
+
+    from rayd.config import RunConfig
+
     path = run / "config.yaml"
     if not path.is_file():
-        raise ConfigError(f"export error: {str(run)!r} is not a rayd run folder (no config.yaml)")
+        raise _error(f"export error: {str(run)!r} is not a rayd run folder (no config.yaml)")
     return RunConfig.model_validate(yaml.safe_load(path.read_text()))
 
 
@@ -49,7 +69,7 @@ def checkpoint_state(run: Path) -> tuple[dict[str, Any], int, dict[str, Any] | N
     for line in rejected:
         print(f"rayd export: skipping corrupt checkpoint {line}", file=sys.stderr)
     if ckpt is None:
-        raise ConfigError(
+        raise _error(
             f"export error: {run} has neither a final student/ folder nor a checkpoint that "
             "verifies (set trainer.save_every to checkpoint runs)"
         )
@@ -72,7 +92,7 @@ def learner_state_dict(learner: Path) -> dict[str, Any]:
 
         files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if not files:
-            raise ConfigError(f"export error: {tag_dir}: no DeepSpeed model states in it")
+            raise _error(f"export error: {tag_dir}: no DeepSpeed model states in it")
         state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
     return {k: v for k, v in state.items() if not k.startswith(_FEATURE_PROJ)}
 
@@ -82,12 +102,13 @@ def load_student(run: Path, cfg: RunConfig, source: str) -> tuple[Any, Any, dict
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from rayd.weight_sync import load_whole_state_dict
     from rayd.zoo import resolve_model_path
 
     final = run / "student"
     if source == "final" or (source == "auto" and (final / "config.json").is_file()):
         if not (final / "config.json").is_file():
-            raise ConfigError(f"export error: {run} has no final student/ (the run did not finish)")
+            raise _error(f"export error: {run} has no final student/ (the run did not finish)")
         model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
         summary = json.loads((run / "summary.json").read_text())
         origin = {"from": "final", "step": summary.get("steps"), "eval": summary.get("final")}
@@ -98,7 +119,7 @@ def load_student(run: Path, cfg: RunConfig, source: str) -> tuple[Any, Any, dict
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(init), dtype=torch.float32)
     misfit = load_whole_state_dict(model, state)
     if misfit:
-        raise ConfigError(f"export error: the checkpoint does not fit {init} ({misfit})")
+        raise _error(f"export error: the checkpoint does not fit {init} ({misfit})")
     with contextlib.suppress(OSError):  # without one, export() builds it from the tokenizer
         model.generation_config = GenerationConfig.from_pretrained(init)
     origin = {"from": "checkpoint", "step": step, "eval": last_eval}
@@ -152,14 +173,11 @@ def _git_commit() -> str | None:
 def task_accuracy(model_dir: Path, cfg: RunConfig, count: int) -> float | None:
     """Greedy accuracy on the run's eval task, with the transformers backend (which also runs
     torchao's int8 weights), or None when the run's data has no task verifier."""
-    if not cfg.data.source.startswith("task:"):
+    task = run_task(cfg)
+    if task is None:
         return None
     from rayd.commands.eval import evaluate_model
-    from rayd.tasks import make_task
 
-    task = make_task(
-        cfg.data.source.removeprefix("task:"), seed=cfg.trainer.seed, **cfg.data.task_options
-    )
     result = evaluate_model(
         str(model_dir),
         task,
@@ -167,9 +185,25 @@ def task_accuracy(model_dir: Path, cfg: RunConfig, count: int) -> float | None:
         max_new_tokens=cfg.rollout.max_new_tokens,
         backend="hf",
         max_model_len=cfg.rollout.max_model_len,
+        seed=cfg.trainer.seed,
         chat_template=cfg.data.chat_template == "auto",
+        long_prompts=cfg.data.long_prompts,
     )
     return float(result["accuracy"])
+
+
+def check_out(run: Path, out: Path, force: bool) -> None:
+    """--out before anything is loaded: a folder that holds neither the run nor its weights,
+    empty unless --force."""
+    if out.exists() and not out.is_dir():
+        raise _error(f"export error: --out {str(out)!r} is a file; give a folder")
+    o, r = out.resolve(), run.resolve()
+    if o == r or (r in o.parents and o.relative_to(r).parts[0] in ("student", "checkpoints")):
+        raise _error(f"export error: --out {str(out)!r} would overwrite the run's own files")
+    if o in r.parents:
+        raise _error(f"export error: --out {str(out)!r} holds the run; give another folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise _error(f"export error: --out {str(out)!r} exists and is not empty (use --force)")
 
 
 def export(
@@ -182,20 +216,19 @@ def export(
     force: bool = False,
 ) -> dict[str, Any]:
     """Write the export folder; returns the record also saved as `rayd_export.json`."""
-    from transformers import GenerationConfig
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     cfg = run_config(run)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ConfigError(f"export error: {str(out)!r} exists and is not empty (use --force)")
+    check_out(run, out, force)
     if quantize is not None:
         try:
             import torchao  # noqa: F401
         except ImportError:
-            raise ConfigError(
+            raise _error(
                 "export error: --quantize int8 needs torchao (pip install 'rayd[quant]')"
             ) from None
+    from transformers import GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model, tokenizer, origin = load_student(run, cfg, source)
     if model.generation_config.eos_token_id is None:
         model.generation_config = GenerationConfig(
@@ -206,6 +239,8 @@ def export(
         "weights": {k: v for k, v in origin.items() if k != "eval"},
         "algorithm": cfg.algorithm.name,
         "eval_in_run": origin.get("eval"),
+        # What `rayd eval EXPORT` reads: the run's task, options, prompt format and eval split
+        "eval": run_settings(cfg),
         "provenance": provenance(run, cfg),
         "exported": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
@@ -214,6 +249,7 @@ def export(
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        del model
         if quantize is not None or eval_count:
             count = eval_count or 200
             record["accuracy"] = {"float32": task_accuracy(staging, cfg, count), "prompts": count}
@@ -221,14 +257,71 @@ def export(
             _quantize_int8(staging)
             record["quantization"] = "int8 weight-only (torchao Int8WeightOnlyConfig)"
             record["accuracy"]["int8"] = task_accuracy(staging, cfg, record["accuracy"]["prompts"])
-        (staging / "rayd_export.json").write_text(json.dumps(record, indent=2))
-        (staging / "README.md").write_text(model_card(record, cfg))
+        # The card's example: the first eval prompt, answered by the files just written
+        record["example"] = card_example(staging, cfg)
+        (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
+        (staging / "README.md").write_text(model_card(record, cfg, str(out)))
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return record
+
+
+def run_task(cfg: RunConfig) -> Any:
+    """The run's task (data.source task:NAME), or None for JSONL and hub data."""
+    if not cfg.data.source.startswith("task:"):
+        return None
+    from rayd.tasks import make_task
+
+    name = cfg.data.source.removeprefix("task:")
+    return make_task(name, seed=cfg.trainer.seed, **cfg.data.task_options)
+
+
+def first_eval_prompt(cfg: RunConfig) -> tuple[str, str | None]:
+    """(prompt text, gold answer or None) of the run's first held-out prompt, as
+    rayd.data.prompts.load_prompts picks it."""
+    task = run_task(cfg)
+    if task is not None:
+        example = task.examples("eval", 1)[0]
+        return example.prompt, example.answer
+    from rayd.data.prompts import read_rows
+
+    prompt, _, answer, _, _ = read_rows(cfg.data, cfg.trainer.seed).eval[0]
+    return prompt, answer
+
+
+def card_example(folder: Path, cfg: RunConfig) -> dict[str, Any]:
+    """A prompt exactly as the student expects it and the greedy output of `folder` for it,
+    generated the way the card's transformers snippet does."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    question, answer = first_eval_prompt(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    chat = cfg.data.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+    prompt = question
+    if chat:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(
+            **inputs, max_new_tokens=cfg.rollout.max_new_tokens, do_sample=False
+        )
+    text = tokenizer.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+    task = run_task(cfg)
+    return {
+        "question": question,
+        "chat_template": chat,
+        "prompt": prompt,
+        "output": text,
+        "answer": answer,
+        "correct": None if task is None or answer is None else task.is_correct(text, answer),
+    }
 
 
 def _quantize_int8(folder: Path) -> None:
@@ -248,7 +341,9 @@ def _quantize_int8(folder: Path) -> None:
     model.save_pretrained(folder)
 
 
-def model_card(record: dict[str, Any], cfg: RunConfig) -> str:
+def model_card(record: dict[str, Any], cfg: RunConfig, path: str = ".") -> str:
+    import yaml
+
     teacher = cfg.models.teacher.path if cfg.models.teacher else "none (trained on a dataset)"
     if cfg.models.teachers:  # several: name=path (weight), combined per teacher.combine
         listed = ", ".join(f"{t.name}={t.path} ({t.weight:g})" for t in cfg.models.teachers)
@@ -279,6 +374,8 @@ def model_card(record: dict[str, Any], cfg: RunConfig) -> str:
     ]
     if record.get("quantization"):
         lines.append(f"- quantization: {record['quantization']}")
+    if record.get("example"):
+        lines += usage_section(record, cfg, path)
     if record.get("eval_in_run"):
         lines += ["", "## The run's last evaluation of these weights (held-out prompts)", ""]
         lines += [f"- {k}: {v:.4g}" for k, v in record["eval_in_run"].items()]
@@ -308,13 +405,149 @@ def model_card(record: dict[str, Any], cfg: RunConfig) -> str:
     return "\n".join(lines)
 
 
+# What plain `LLM(model=EXPORT)` lacks on a CPU: with no KV-cache budget, vLLM's CPU worker
+# reserves gpu_memory_utilization (0.92) of the machine's memory at start and refuses to start
+# when less is free ("Available memory on node 0 ... is less than desired CPU memory
+# utilization", vllm/v1/worker/cpu_worker.py), which a shared machine always hits. An explicit
+# budget skips that check (rayd.rollout.vllm_engine.build_llm passes one too).
+VLLM_CPU_MEMORY = [
+    "        # on a CPU, vLLM otherwise reserves 92% of the machine's memory and fails to start",
+    "        # when less is free: an explicit KV-cache budget (or VLLM_CPU_KVCACHE_SPACE=1)",
+    "        kv_cache_memory_bytes=1 << 30,",
+    "        enforce_eager=True,  # no torch.compile warm-up (tens of seconds on a CPU)",
+]
+
+
+def usage_section(record: dict[str, Any], cfg: RunConfig, path: str) -> list[str]:
+    """The card's "Use": a prompt exactly as the student expects it, its expected output and
+    load snippets for transformers and vLLM that print that output
+    (tests/e2e/test_export.py runs them)."""
+    ex = record["example"]
+    settings = record["eval"]
+    new = cfg.rollout.max_new_tokens
+    if settings.get("task"):
+        options = ", ".join(f"{k}={v}" for k, v in settings["options"].items())
+        source = f"task `{settings['task']}`" + (f" ({options})" if options else "")
+    else:
+        source = f"`{cfg.data.source}`"
+    if ex["chat_template"]:
+        form = "a user turn in the tokenizer's chat template (`data.chat_template: auto`)"
+        make_prompt = [
+            "# as the student was trained: a user turn in its chat template",
+            "prompt = tokenizer.apply_chat_template(",
+            '    [{"role": "user", "content": question}], add_generation_prompt=True, '
+            "tokenize=False",
+            ")",
+        ]
+    else:
+        why = (
+            "`data.chat_template: never`"
+            if cfg.data.chat_template == "never"
+            else ("the tokenizer has no chat template")
+        )
+        form = f"plain text ({why})"
+        make_prompt = ["prompt = question  # plain text, as the student was trained"]
+    lines = [
+        "",
+        "## Use",
+        "",
+        f"Prompts come from {source}, as {form}. The first held-out prompt, exactly as the "
+        "student sees it (no special tokens added; Python: "
+        f"`{ex['prompt']!r}`):",
+        "",
+        "```text",
+        ex["prompt"],
+        "```",
+        "",
+        f"Expected output (greedy, at most {new} new tokens):",
+        "",
+        "```text",
+        ex["output"],
+        "```",
+        "",
+    ]
+    if ex.get("answer") is not None:
+        verdict = {
+            True: " (the output's answer is right)",
+            False: " (the output's answer is wrong)",
+        }.get(ex.get("correct"), "")
+        lines += [f"Gold answer: `{ex['answer']}`{verdict}.", ""]
+    lines += [
+        f"`rayd eval {path}` scores this folder on the run's held-out prompts with these settings "
+        f"(task, options, prompt format, max_new_tokens: `{EXPORT_RECORD}`, key `eval`).",
+        "",
+    ]
+    if cfg.algorithm.name == "step_by_step":
+        lines += [
+            f"The student also learned `{cfg.algorithm.rationale_prefix}` + prompt -> "
+            "rationale alone (Distilling Step-by-Step); the plain prompt is the one to use.",
+            "",
+        ]
+    if cfg.algorithm.label_weight > 0:
+        lines += [
+            f"The student also learned `{cfg.algorithm.label_prefix}` + prompt -> the answer "
+            "alone (label task); the plain prompt is the one to use.",
+            "",
+        ]
+    transformers_code = [
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"path = {path!r}  # this folder",
+        "tokenizer = AutoTokenizer.from_pretrained(path)",
+        "model = AutoModelForCausalLM.from_pretrained(path)",
+        f"question = {ex['question']!r}",
+        *make_prompt,
+        'inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")',
+        f"output = model.generate(**inputs, max_new_tokens={new}, do_sample=False)",
+        "print(tokenizer.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True))",
+    ]
+    lines += ["### transformers", "", "```python", *transformers_code, "```", ""]
+    if record.get("quantization"):
+        lines += [
+            "### vLLM",
+            "",
+            "These are torchao int8 weights; load them with transformers as above (vLLM's "
+            "torchao support is not tested by rayd).",
+        ]
+        return lines
+    vllm_code = [
+        "from vllm import LLM, SamplingParams",
+        "",
+        f"path = {path!r}  # this folder",
+        f"question = {ex['question']!r}",
+        "",
+        'if __name__ == "__main__":  # vLLM starts processes that import this file again',
+        "    llm = LLM(",
+        "        model=path,",
+        "        dtype=\"float32\",  # the weights' own; the expected output above is float32's",
+        f"        max_model_len={cfg.rollout.max_model_len},",
+        *VLLM_CPU_MEMORY,
+        "    )",
+        "    tokenizer = llm.get_tokenizer()",
+        *("    " + line for line in make_prompt),
+        "    ids = tokenizer(prompt, add_special_tokens=False).input_ids",
+        f"    params = SamplingParams(temperature=0.0, max_tokens={new})",
+        '    out = llm.generate({"prompt_token_ids": ids}, params)',
+        "    print(out[0].outputs[0].text)",
+    ]
+    lines += ["### vLLM", "", "```python", *vllm_code, "```"]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    from rayd.cli import ArgumentParser, non_negative_int, output_folder
+
+    parser = ArgumentParser(
         prog="rayd export",
         description="A run's student as a Hugging Face checkpoint with a model card.",
     )
-    parser.add_argument("run", type=Path, help="the run folder (runs/<name>)")
-    parser.add_argument("--out", required=True, type=Path, help="folder to write")
+    parser.add_argument(
+        "target",
+        metavar="RUN",
+        type=Path,
+        help="the run folder (runs/<name>), or its student/ (what rayd eval takes)",
+    )
+    parser.add_argument("--out", required=True, type=output_folder, help="folder to write")
     parser.add_argument(
         "--from",
         dest="source",
@@ -325,27 +558,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantize", choices=("int8",), help="int8 weight-only (torchao)")
     parser.add_argument(
         "--eval",
-        type=int,
+        type=non_negative_int,
         default=0,
+        metavar="N",
         help="eval prompts for the accuracy in the card "
         "(default 0; 200 with --quantize, before and after)",
     )
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
+    from rayd.config import ConfigError
+
     try:
+        target = resolve_target(args.target, "rayd export: RUN")
+        if target.run is None:
+            raise TargetError(
+                f"rayd export: RUN: {str(args.target)!r} is a model folder outside a run (no "
+                "config.yaml beside it); give the run folder it was trained in"
+            )
+        if args.source == "final" and target.model is None:
+            raise TargetError(
+                f"rayd export: --from final: the run {str(target.run)!r} has no student/ (it did "
+                "not finish); use --from auto or checkpoint"
+            )
+        if target.model is None and not any((target.run / "checkpoints").glob("step-*")):
+            raise TargetError(
+                f"rayd export: RUN: {str(target.run)!r} has neither a final student/ (the run did "
+                "not finish) nor checkpoints (trainer.save_every) to export from"
+            )
+        check_out(target.run, args.out, args.force)
         record = export(
-            args.run,
+            target.run,
             args.out,
             source=args.source,
             quantize=args.quantize,
             eval_count=args.eval,
             force=args.force,
         )
+    except TargetError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     except ConfigError as exc:
-        print(f"rayd: {exc}", file=sys.stderr)
+        print(f"rayd export: {str(exc).removeprefix('export error: ')}", file=sys.stderr)
         return 2
     weights = record["weights"]
     print(f"rayd export: {args.out} ({weights['from']} weights, step {weights.get('step')})")
     if record.get("accuracy"):
         print("rayd export: accuracy " + json.dumps(record["accuracy"]))
+    ex = record["example"]
+    print(
+        f"rayd export: model card {args.out / 'README.md'}: {ex['question']!r} -> {ex['output']!r}"
+    )
     return 0
