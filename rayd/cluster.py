@@ -18,6 +18,9 @@ from typing import Any, TypeVar
 
 import ray
 
+from rayd.noise import quiet_known_noise, worker_runtime_env
+from rayd.progress import is_terminal
+
 T = TypeVar("T")
 
 
@@ -63,8 +66,16 @@ def connect(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """
     if ray.is_initialized():
         return
+    # Library warnings a user cannot act on: demoted here and, through the job's runtime env,
+    # in every worker (rayd/noise.py); bars of the driver's model saves stay out of log files.
+    quiet_known_noise()
+    if not is_terminal(sys.stderr):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if os.environ.get("RAY_ADDRESS") or _inside_ray_job():
-        ray.init(address="auto", log_to_driver=log_to_driver)
+        runtime_env = worker_runtime_env(_submitted_runtime_env())
+        ray.init(address="auto", log_to_driver=log_to_driver, runtime_env=runtime_env)
     else:
         # "local": without it ray.init joins a `ray start` cluster found on this machine, and
         # then refuses num_cpus (ValueError) instead of starting the local Ray promised here.
@@ -72,7 +83,19 @@ def connect(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
             address="local",
             num_cpus=num_cpus or max(8, os.cpu_count() or 1),
             log_to_driver=log_to_driver,
+            runtime_env=worker_runtime_env(),
         )
+
+
+def _submitted_runtime_env() -> dict[str, Any]:
+    """The runtime env of the `ray job submit` this driver runs in (empty outside a job)."""
+    import json
+
+    try:  # the variable Ray's job supervisor hands the job's config in (ray.init reads it)
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return {}
+    return job.get("runtime_env") or {}
 
 
 def _inside_ray_job() -> bool:

@@ -66,6 +66,8 @@ def build_llm(spec: EngineSpec, *, worker_extension_cls: str | None = None) -> L
         kv_cache_memory_bytes=int(spec.kv_cache_gib * 2**30),
         logprobs_mode="processed_logprobs",
         max_logprobs=spec.max_logprobs,
+        # Its checkpoint-loading bar reaches the driver's log through Ray as stray lines.
+        use_tqdm_on_load=False,
         **extra,
     )
 
