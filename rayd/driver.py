@@ -58,6 +58,7 @@ from rayd.teacher.signal import ask_teacher, teacher_signal
 from rayd.teacher.stored import load_stored_signal
 from rayd.types import Sample, TrainBatch, collate
 from rayd.workers import (
+    check_model_paths,
     check_models,
     check_resources,
     export_student,
@@ -266,6 +267,7 @@ class Run:
         save_config(cfg, run_dir / "config.yaml")
         # The data files are read and checked before any model is resolved: check_models
         # builds a tiny:<preset> model that is not cached yet, which can take minutes.
+        check_model_paths(cfg)
         rows = read_rows(cfg.data, cfg.trainer.seed, route_field=cfg.teacher.route_field)
         check_offline_data(cfg, rows.unencoded())
         check_routes(cfg, rows.unencoded())

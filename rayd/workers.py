@@ -18,7 +18,7 @@ from rayd.rollout.group import start_rollout
 from rayd.rollout.spec import EngineSpec
 from rayd.teacher.group import LearnerTeacher, Teachers, start_teachers
 from rayd.weight_sync import deserialize_state_dict, load_whole_state_dict
-from rayd.zoo import resolve_model_path
+from rayd.zoo import PRESETS, resolve_model_path
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -72,6 +72,31 @@ def _tokenizer(key: str, path: str):
         raise ConfigError(
             f"config error: {key}: cannot load a tokenizer from {path}: {first}"
         ) from None
+
+
+def check_model_paths(cfg: RunConfig) -> None:
+    """The model paths' form, before any model is resolved (check_models builds a tiny:<preset>
+    that is not cached yet, which can take minutes): a preset that exists, a local folder with
+    config.json. A hub id is left to check_models (only the hub can say)."""
+    paths = [("models.student.path", cfg.models.student.path)]
+    if cfg.algorithm.needs_teacher:
+        paths += [
+            (cfg.models.teacher_key(i), t.path) for i, t in enumerate(cfg.models.teacher_list)
+        ]
+    for key, path in paths:
+        if path.startswith("tiny:"):
+            if path.removeprefix("tiny:") not in PRESETS:
+                raise ConfigError(
+                    f"config error: {key}: unknown tiny model {path!r}; presets: "
+                    + ", ".join(sorted(PRESETS))
+                )
+        elif (Path(path).exists() or not _HUB_ID.match(path)) and not (
+            Path(path) / "config.json"
+        ).is_file():
+            raise ConfigError(
+                f"config error: {key}: {path!r} is not a model folder (no config.json there); "
+                "give a local Hugging Face checkpoint, tiny:<preset> or a hub id"
+            )
 
 
 def check_models(cfg: RunConfig) -> tuple[str, list[str], Any]:

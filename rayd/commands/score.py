@@ -56,7 +56,7 @@ BLOCK = 512  # rows per round of teacher calls: bounds the scores held in flight
 def score_dataset(cfg: RunConfig, out: str | Path | None = None) -> dict[str, Any]:
     """Score every row of `cfg.data.train_dataset` with the teacher actors; returns a summary."""
     from rayd.teacher.stored import tokenizer_sha256, weights_sha256
-    from rayd.workers import check_models
+    from rayd.workers import check_model_paths, check_models
 
     if cfg.algorithm.name != "logit_kd":
         raise ConfigError(
@@ -79,6 +79,7 @@ def score_dataset(cfg: RunConfig, out: str | Path | None = None) -> dict[str, An
         raise ConfigError(f"config error: --out {target}: must differ from data.train_dataset")
     if target.exists() and not target.is_dir():
         raise ConfigError(f"config error: --out {target}: is a file; give a folder to write")
+    check_model_paths(cfg)
     rows = read_dataset_dir(source, cfg.data)  # the data before the models: it is cheap
     _, (teacher_path,), tokenizer = check_models(cfg)  # logit_kd needs its one teacher
     assert cfg.models.teacher is not None

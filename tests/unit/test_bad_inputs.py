@@ -723,6 +723,11 @@ CASES = {
         2,
         "d.jsonl:1: not valid JSON",
     ),
+    "teacher path missing, student not built yet": (
+        lambda t: (None, [*empty_model_cache(t), f"models.teacher.path={t}/nowhere"]),
+        2,
+        "models.teacher.path: '",
+    ),
     "training dataset missing, models not built yet": (
         lambda t: (
             None,
