@@ -72,10 +72,12 @@ def run_demo(
     from rayd.commands.generate import generate, load_generate_config
     from rayd.config import load_config
     from rayd.driver import train
+    from rayd.progress import duration
     from rayd.tasks import make_task
     from rayd.zoo import resolve_model_path
 
     started = time.perf_counter()
+    _stage = _Stages()
     out.mkdir(parents=True, exist_ok=True)
     base = CONFIGS / "student.yaml"
     base_cfg = load_config(base)
@@ -112,6 +114,7 @@ def run_demo(
             summary = train(cfg)
             summary["seconds"] = time.perf_counter() - t0
             summary_file.write_text(json.dumps(summary, indent=2))
+            print(f"rayd demo: {name}: trained in {duration(summary['seconds'])}", flush=True)
         runs[name] = {"summary": summary, "steps": total_steps, "overrides": args}
 
     _stage("3/5 distilled students: rationale SFT, step-by-step, short SFT -> on-policy")
@@ -132,10 +135,13 @@ def run_demo(
     }
     scores = {}
     for name, path in models.items():
+        t0 = time.perf_counter()
         scores[name] = evaluate_model(
             path, task, count=eval_count, max_new_tokens=base_cfg.rollout.max_new_tokens
         )
-        print(f"  {name:<14} accuracy {100 * scores[name]['accuracy']:.1f}%", flush=True)
+        took = duration(time.perf_counter() - t0)
+        print(f"  {name:<14} accuracy {100 * scores[name]['accuracy']:.1f}% ({took})", flush=True)
+    _stage.finish()
 
     report = build_report(models, scores, runs, traces, eval_count, task_options)
     report["seconds"] = round(time.perf_counter() - started, 1)
@@ -311,8 +317,26 @@ def _finished_with(cfg: Any, summary_file: Path) -> bool:
     return yaml.safe_load(saved.read_text()) == cfg.model_dump(mode="json")
 
 
-def _stage(text: str) -> None:
-    print(f"\n== rayd demo: {text}", flush=True)
+class _Stages:
+    """`stage(text)` announces a stage (and says how long the one before took); `finish()`
+    closes the last one."""
+
+    def __init__(self) -> None:
+        self._current: tuple[str, float] | None = None
+
+    def __call__(self, text: str) -> None:
+        self.finish()
+        print(f"\n== rayd demo: {text}", flush=True)
+        self._current = (text.split(" ", 1)[0], time.perf_counter())
+
+    def finish(self) -> None:
+        from rayd.progress import duration
+
+        if self._current is not None:
+            number, t0 = self._current
+            took = duration(time.perf_counter() - t0)
+            print(f"rayd demo: stage {number} done in {took}", flush=True)
+            self._current = None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -347,6 +347,7 @@ def _write_shards(cfg, teacher_path, questions, shards, todo, shards_dir) -> Non
     from transformers import AutoTokenizer
 
     from rayd import cluster
+    from rayd.progress import Progress, stage
     from rayd.rollout.group import engine_runtime_env
     from rayd.rollout.spec import EngineSpec
     from rayd.rollout.worker import RolloutWorker
@@ -370,10 +371,14 @@ def _write_shards(cfg, teacher_path, questions, shards, todo, shards_dir) -> Non
         cfg.call_timeout_s,
         max_reissues=2,
     )
+    bar = None
     try:
-        pool.call_all("ready")
+        with stage(f"starting {e.num_workers} teacher engine(s)"):
+            pool.call_all("ready")
         limit = e.max_model_len - s.max_new_tokens
-        for done, i in enumerate(todo, 1):
+        before = sum(len(shard) for i, shard in enumerate(shards) if i not in todo)
+        bar = Progress("generating", len(questions), initial=before, unit="prompt")
+        for i in todo:
             indices = shards[i]
             ids = [
                 encode_prompt(tokenizer, questions[j][0], cfg.prompts.chat_template == "auto")
@@ -410,8 +415,10 @@ def _write_shards(cfg, teacher_path, questions, shards, todo, shards_dir) -> Non
                     }
                 )
             _write_atomic(_shard_path(shards_dir, i), "".join(json.dumps(r) + "\n" for r in rows))
-            print(f"rayd generate: shard {i} written ({done}/{len(todo)})", file=sys.stderr)
+            bar.update(len(indices))  # a shard written is kept if the job stops
     finally:
+        if bar is not None:
+            bar.close()
         pool.shutdown()
 
 

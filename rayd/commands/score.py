@@ -214,6 +214,7 @@ def _score_pairs(
     import ray
 
     from rayd import cluster
+    from rayd.progress import Progress, stage
     from rayd.rollout.spec import EngineSpec
     from rayd.teacher.group import start_teacher_pool
 
@@ -244,17 +245,22 @@ def _score_pairs(
                 f"{t.num_workers * want:g} {res}s but the Ray cluster has {have.get(res, 0.0):g}"
             )
     pool = start_teacher_pool(cfg, EngineSpec.teacher(cfg, teacher_path))
+    bar = None
     try:
-        pool.call_all("ready")
+        with stage(f"starting {t.num_workers} teacher engine(s)"):
+            pool.call_all("ready")
+        bar = Progress("scoring", len(order), initial=len(out), unit="row")
         for b in todo:
             block = blocks[b]
             got = pool.map_chunks("score", [pairs[i] for i in block], top_k=cfg.teacher.top_k)
             scored = dict(zip(block, got, strict=True))
             parts.save(b, scored)
             out.update(scored)
-            print(f"rayd score: {len(out)}/{len(order)} rows scored", file=sys.stderr)
+            bar.update(len(block))
         return out
     finally:
+        if bar is not None:
+            bar.close()
         pool.shutdown()
 
 
