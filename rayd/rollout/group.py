@@ -20,8 +20,15 @@ from rayd.rollout.worker import RolloutWorker
 
 def engine_runtime_env() -> dict[str, Any]:
     """vLLM logs every weight reload and prefix-cache reset at INFO: once per step per engine,
-    which buries the progress bar. WARNING unless the user asked for more."""
-    return {"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
+    which buries the progress bar. WARNING unless the user asked for more. torch's C++ warnings
+    in an engine (vLLM-CPU's NUMA memory binding notice, once per engine) only at ERROR, unless
+    the user set TORCH_CPP_LOG_LEVEL. The job-wide part is `rayd.noise.worker_runtime_env`."""
+    return {
+        "env_vars": {
+            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+            "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"),
+        }
+    }
 
 
 def engine_options(cfg: RunConfig, cpus: float, gpus: float) -> dict[str, Any]:
