@@ -50,6 +50,7 @@ from rayd.pipeline import (
     check_staleness,
     staleness_metrics,
 )
+from rayd.progress import stage
 from rayd.rollout.worker import prompt_seeds
 from rayd.steps import weigh_steps
 from rayd.tasks.base import Task
@@ -302,13 +303,14 @@ class Run:
             with_teacher=self.stored is None and not self.in_learners,
         )
         # One actor pool per teacher; several are combined per teacher.combine.
-        self.rollout, self.teacher, self.learners = start_workers(
-            cfg,
-            self.student_path,
-            teacher_paths if self.stored is None else None,
-            self.features,
-            vocab_size=len(self.tokenizer),
-        )
+        with stage("starting the rollout, teacher and learner actors"):
+            self.rollout, self.teacher, self.learners = start_workers(
+                cfg,
+                self.student_path,
+                teacher_paths if self.stored is None else None,
+                self.features,
+                vocab_size=len(self.tokenizer),
+            )
         self.state = DriverState(
             PromptSampler(len(self.prompts.train), cfg.trainer.seed),
             random.Random(cfg.trainer.seed),
