@@ -1,9 +1,16 @@
 """`rayd export` on a real run: the checkpoint consolidated from DeepSpeed's ZeRO-2 shards equals
 the student the learners published, the export loads with transformers and with vLLM, and both
-give the learner's greedy output; `--quantize int8` reloads as int8 with its accuracy recorded.
+give the learner's greedy output; the model card's load snippets (transformers, vLLM), run as
+written in fresh processes, print the card's expected output; `rayd eval` on the run, its
+student/ and the export takes the run's settings and reproduces the run's final accuracy;
+`--quantize int8` reloads as int8 with its accuracy recorded.
 """
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rayd.cluster import get
+from rayd.commands.eval import main as eval_main
 from rayd.commands.export import export
 from rayd.config import load_config
 from rayd.driver import train
@@ -102,6 +110,53 @@ def test_export_loads_in_transformers_and_vllm_with_the_learners_greedy_output(r
     finally:
         ray.kill(engine)
     assert [s.completion_ids for s in samples] == learner
+
+
+def test_card_snippets_run_as_written_and_print_the_expected_output(run, tmp_path):
+    out = tmp_path / "export"
+    record = export(run, out)
+    card = (out / "README.md").read_text()
+    example = record["example"]
+    # The first held-out prompt of the run's task, plain text (the tiny tokenizer has no
+    # chat template), its greedy output and gold answer are on the card.
+    assert example["question"] == example["prompt"] and "+" in example["prompt"]
+    assert f"```text\n{example['prompt']}\n```" in card
+    assert f"```text\n{example['output']}\n```" in card
+    assert f"Gold answer: `{example['answer']}`" in card
+    snippets = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert len(snippets) == 2
+    assert "AutoModelForCausalLM" in snippets[0] and "model=path," in snippets[1]
+    # Nothing of this session leaks in: the vLLM snippet must carry its own CPU memory setting.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "RAY_"))}
+    for name, code in zip(("transformers", "vllm"), snippets, strict=True):
+        script = tmp_path / f"{name}_snippet.py"
+        script.write_text(code)
+        proc = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+            env=env,
+        )
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+        # The output as whole lines (vLLM logs to stdout too, before and after it)
+        assert f"\n{example['output']}\n" in f"\n{proc.stdout}", f"{name}: {proc.stdout[-800:]}"
+
+    # rayd eval takes the run, its student/ and the export alike, with the run's settings.
+    summary = json.loads((run / "summary.json").read_text())
+    for target in (run, run / "student", out):
+        report = tmp_path / f"eval-{target.name}.json"
+        assert eval_main([str(target), "--out", str(report)]) == 0
+        result = json.loads(report.read_text())
+        settings = {k: v["value"] for k, v in result["settings"].items()}
+        assert settings["task"] == "addition" and settings["count"] == 32
+        assert settings["max_new_tokens"] == 24 and settings["backend"] == "hf"
+        assert {v["from"] for k, v in result["settings"].items() if k != "options"} == {
+            f"export {out}" if target == out else f"run {run}"
+        }
+        assert result["prompts"] == 32
+        assert result["accuracy"] == summary["final"]["eval/accuracy"]
 
 
 def test_int8_export_records_accuracy_before_and_after(run, tmp_path):
