@@ -8,6 +8,8 @@ Each section is a module here with `run(quick, workdir) -> dict` (its part of th
     scaling         1/2/4 rollout actors on a simulated two-node Ray cluster; weight-sync time
                     against model size and engine count
     pipeline        the pipelined (async) loop vs the synchronous one (pipeline.py)
+    overhead        where a tiny on-policy run's start-up and steps go, per role, from Ray's
+                    timeline; vLLM engines vs transformers ones (overhead.py)
     learner         one optimizer step: DeepSpeed ZeRO-0/2/3 vs plain torch AdamW
 The runner times each section and writes `results.json` and `results.md` under `--out`. A
 section that fails records its error and the others still run; the exit status is then 1.
@@ -40,6 +42,7 @@ SECTIONS: dict[str, str] = {
     "teacher_signal": "rayd.commands.bench.teacher_signal",
     "scaling": "rayd.commands.bench.scaling",
     "pipeline": "rayd.commands.bench.pipeline",
+    "overhead": "rayd.commands.bench.overhead",
     "learner": "rayd.commands.bench.learner",
 }
 _META_KEYS = ("skipped", "error", "elapsed_s", "notes")
