@@ -8,8 +8,11 @@ It follows the vLLM backend's conventions so the two are interchangeable:
 - sampling knobs a checkpoint's generation_config.json may carry (top_k, repetition penalty) are
   pinned off, as vLLM ignores them when given explicit SamplingParams; transformers would
   otherwise even apply its global default top_k=50.
-Prompts are left-padded and sampled in micro-batches of `batch_size` prompts, because the
-processed scores of a batch ([batch * n, new tokens, vocab]) are held until generation ends.
+Prompts are left-padded and sampled in micro-batches, because the processed scores of a batch
+([batch * n, new tokens, vocab]) are held until generation ends: as many prompts as keep those
+scores within SCORES_BUDGET_BYTES, and never fewer than MIN_BATCH. With a small vocabulary that
+is the whole call: each micro-batch is a decoding loop of its own, and for a tiny model the loop's
+per-token cost, not its width, sets the time (rayd bench, section overhead).
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ from rayd.rollout.engine import Completion
 from rayd.rollout.spec import EngineSpec
 from rayd.weight_sync import deserialize_state_dict
 
+SCORES_BUDGET_BYTES = 256 << 20
+MIN_BATCH = 16
+
 
 class HFEngine:
     """`RolloutEngine` over a transformers causal LM."""
 
-    def __init__(self, spec: EngineSpec, *, batch_size: int = 16) -> None:
+    def __init__(self, spec: EngineSpec, *, batch_size: int | None = None) -> None:
         self.device = detect()
         model_path = spec.model_path
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -41,7 +47,8 @@ class HFEngine:
         self.eos_ids: list[int] = [eos] if isinstance(eos, int) else list(eos)
         pad = self.model.config.pad_token_id
         self.pad_id: int = self.eos_ids[0] if pad is None else int(pad)
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # None: from SCORES_BUDGET_BYTES per call
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         # Unseeded calls continue this stream, as vLLM's engine-level seed does.
         torch.manual_seed(spec.seed)
 
@@ -80,9 +87,12 @@ class HFEngine:
             output_scores=True,
             return_dict_in_generate=True,
         )
+        # The scores are float32 once stacked (below), whatever the model's dtype.
+        per_prompt = n * max_new_tokens * self.vocab_size * 4
+        size = self.batch_size or max(MIN_BATCH, SCORES_BUDGET_BYTES // per_prompt)
         result: list[list[Completion]] = []
-        for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start : start + self.batch_size]
+        for start in range(0, len(prompts), size):
+            batch = prompts[start : start + size]
             result.extend(self._generate_batch(batch, n, config, return_topk))
         return result
 
