@@ -78,6 +78,7 @@ class BenchSettings:
     num_learners: int = 2  # rayd's DeepSpeed data-parallel ranks
     learner_threads: int = 1  # torch threads of each learner
     teacher_backend: str = "vllm"  # rayd's teacher actor: vLLM prompt log-probs, or "hf"
+    rollout_backend: str = "vllm"  # rayd's rollout engine: vLLM, or "hf" (transformers generate)
     actor_threads: int = 1  # torch threads of each rayd rollout / teacher actor
     max_staleness: int = 0  # rayd's pipelined loop (trainer.max_staleness); TRL has none
     # rayd's teacher.top_k, one rayd run each: the first is the headline ("rayd"), the others
@@ -135,6 +136,7 @@ def rayd_config(s: BenchSettings, run_dir: Path, top_k: int | None = None) -> An
         "output_dir": str(run_dir),
         "models": {"student": {"path": s.student}, "teacher": {"path": s.teacher}},
         "rollout": {
+            "backend": s.rollout_backend,
             "n": 1,
             "temperature": s.temperature,
             "top_p": 1.0,
@@ -636,6 +638,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-staleness", type=int, help="rayd's trainer.max_staleness (0 = synchronous loop)"
     )
+    parser.add_argument(
+        "--engines",
+        choices=("vllm", "hf"),
+        help="rayd's rollout and teacher backend (default: vllm rollout; the preset's teacher)",
+    )
     parser.add_argument("--num-learners", type=int, help="rayd's learner.num_learners")
     parser.add_argument("--learner-threads", type=int, help="rayd's learner.threads")
     parser.add_argument("--workdir", default="runs/bench-trl")
@@ -658,6 +665,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, support=args.support)
     if args.max_staleness is not None:
         settings = dataclasses.replace(settings, max_staleness=args.max_staleness)
+    if args.engines:
+        settings = dataclasses.replace(
+            settings, rollout_backend=args.engines, teacher_backend=args.engines
+        )
     if args.num_learners is not None:
         settings = dataclasses.replace(settings, num_learners=args.num_learners)
     if args.learner_threads is not None:
