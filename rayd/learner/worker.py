@@ -7,6 +7,8 @@ build it in-process (world_size=1). The constructor blocks in `init_distributed`
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from typing import Any
 
@@ -43,7 +45,10 @@ class LearnerWorker:
 
         from rayd.learner.deepspeed_backend import DeepSpeedLearner
 
-        deepspeed.init_distributed(dist_backend=self.device.dist_backend)
+        # On a CPU, DeepSpeed prints "DeepSpeed ...shm_comm_op built successfully" here, once
+        # per rank and run: nothing a user can act on (a failed build raises, and stays visible).
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend=self.device.dist_backend)
         self.learner = DeepSpeedLearner(spec)
 
     def ready(self) -> dict[str, Any]:
