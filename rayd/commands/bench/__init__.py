@@ -93,6 +93,17 @@ def ray_runtime_env() -> dict[str, Any]:
     return {"env_vars": {"PYTHONPATH": pythonpath, "VLLM_LOGGING_LEVEL": "WARNING"}}
 
 
+def step_records(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's training steps, in order, from its metrics.jsonl (eval lines carry no loss)."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in (json.loads(line) for line in lines if line.strip()) if "loss" in r]
+
+
+def step_seconds(record: dict[str, Any]) -> float:
+    """A step's wall time: metrics.jsonl keeps its completion tokens and tokens/s."""
+    return record["completion_tokens"] / record["tokens_per_s"]
+
+
 @contextmanager
 def local_ray(num_cpus: int = 8) -> Iterator[None]:
     """A local Ray for one section, gone when it ends. Logical CPUs above the core count, as

@@ -28,7 +28,6 @@ driver's checks before it), how long the slowest `__init__` of the role took, wh
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -36,6 +35,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from rayd.commands.bench import step_records, step_seconds
 
 ROLES = {"RolloutWorker": "rollout", "TeacherWorker": "teacher", "LearnerWorker": "learner"}
 STAGES = ("rollout", "teacher", "learner", "sync")
@@ -107,11 +108,7 @@ def _measure(workdir: Path, backend: str, steps: int) -> dict[str, Any]:
     train(cfg)
     time.sleep(3)  # workers report their profile events about once a second
     calls = [c for c in timeline_calls(ray.timeline()) if c.start >= train_called]
-    records = [
-        r
-        for r in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines())
-        if "loss" in r
-    ]
+    records = step_records(cfg.run_dir)
     return {
         "per_step": step_breakdown(calls, records[1:]),
         "startup": startup_breakdown(calls, records[0], train_called),
@@ -162,7 +159,7 @@ def step_breakdown(calls: list[Call], records: list[dict[str, Any]]) -> dict[str
     """Per-step medians (see the module docstring); `records` are metrics.jsonl's step lines."""
     rows: list[dict[str, float]] = []
     for r in records:
-        wall = r["completion_tokens"] / r["tokens_per_s"]
+        wall = step_seconds(r)
         hi = r["time"]  # logged right after the step's clock stops
         lo = hi - wall
         inside = [c for c in calls if c.end > lo and c.start < hi]
@@ -202,6 +199,5 @@ def startup_breakdown(
         out[f"{role}.init_seconds"] = max(c.end - c.start for c in inits)
         if readies:
             out[f"{role}.ready"] = max(c.end for c in readies) - train_called
-    step_wall = first_step["completion_tokens"] / first_step["tokens_per_s"]
-    out["first_step_begins"] = first_step["time"] - step_wall - train_called
+    out["first_step_begins"] = first_step["time"] - step_seconds(first_step) - train_called
     return out

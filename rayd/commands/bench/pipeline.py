@@ -13,12 +13,13 @@ the pipeline, "rollout" runs beside the previous step's teacher scoring and lear
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from rayd.commands.bench import step_records, step_seconds
 
 CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo" / "tiny.yaml"
 STAGES = ("rollout", "teacher", "learner", "sync")
@@ -69,10 +70,9 @@ def _train(
         ],
     )
     train(cfg)
-    lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
-    records = [r for r in map(json.loads, lines) if "loss" in r][1:]
+    records = step_records(cfg.run_dir)[1:]
     tokens = sum(r["completion_tokens"] for r in records)
-    wall = sum(r["completion_tokens"] / r["tokens_per_s"] for r in records)
+    wall = sum(step_seconds(r) for r in records)
     return {
         "tokens_per_s": tokens / wall,
         "seconds_per_step": {

@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rayd.commands.bench import step_records, step_seconds
+
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -350,23 +352,18 @@ def run_rayd(s: BenchSettings, out: Path, top_k: int) -> dict[str, Any]:
     started = time.time()
     _run(cmd, _env(), out / "log.txt")
     finished = time.time()
-    records = [
-        json.loads(line)
-        for line in (out / "run" / "metrics.jsonl").read_text().split("\n")
-        if line.strip()
-    ]
-    steps = [r for r in records if "loss" in r]
-    step_seconds = [r["completion_tokens"] / r["tokens_per_s"] for r in steps]
+    steps = step_records(out / "run")
+    seconds = [step_seconds(r) for r in steps]
     stages = sorted({k for r in steps for k in r if k.startswith("time/")})
     return {
-        "step_seconds": step_seconds,
+        "step_seconds": seconds,
         "step_tokens": [r["completion_tokens"] for r in steps],
         "loss": [r["loss"] for r in steps],
         "stage_seconds": {
             k.removeprefix("time/"): sum(r.get(k, 0.0) for r in steps) for k in stages
         },
         # to the start of step 1: Ray, actors (vLLM engines, DeepSpeed) and rayd's step-0 eval
-        "startup_s": steps[0]["time"] - step_seconds[0] - started,
+        "startup_s": steps[0]["time"] - seconds[0] - started,
         "process_s": finished - started,
         "snapshots": {
             int(p.name.removeprefix("step-")): str(p)
