@@ -13,6 +13,8 @@ teacher's log-probs, silently.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -66,3 +68,45 @@ def check_scores(pairs: list[Pair], scores: list[TeacherScore], top_k: int) -> N
             f"invalid teacher signal at {bad_positions}/{total} completion positions: "
             + "; ".join(problems[:5])
         )
+
+
+def score_from_prompt_logprobs(
+    index: int,
+    prompt: list[int],
+    completion: list[int],
+    rows: Sequence[Mapping[int, float] | None] | None,
+    top_k: int,
+    *,
+    source: str,
+) -> TeacherScore:
+    """A completion's score from vLLM's prompt log-probs of prompt + completion: `rows[t]` maps
+    token ids to log-probs at prompt position t (the top k, plus the actual token at t when it
+    is not among them). Shared by the in-Ray engine (vllm_scorer) and the served teacher
+    (server_scorer), so both make the same score from the same numbers. `source` names who
+    answered in the error."""
+    t, p = len(completion), len(prompt)
+    token_lp = torch.empty(t, dtype=torch.float32)
+    topk_ids = torch.empty((t, top_k), dtype=torch.long)
+    topk_lp = torch.empty((t, top_k), dtype=torch.float32)
+    missing = []
+    for j, token in enumerate(completion):
+        row = rows[p + j] if rows is not None and p + j < len(rows) else None
+        if row is None or token not in row:
+            missing.append(j)
+            continue
+        token_lp[j] = row[token]
+        # The actual token is an extra entry only when it is not among the top k.
+        entries = [(tok, lp) for tok, lp in row.items() if not (tok == token and len(row) > top_k)]
+        entries.sort(key=lambda e: -e[1])
+        if len(entries) != top_k or not all(math.isfinite(lp) for _, lp in entries):
+            missing.append(j)
+            continue
+        for col, (tok, lp) in enumerate(entries):
+            topk_ids[j, col] = tok
+            topk_lp[j, col] = lp
+    if missing:
+        raise TeacherSignalError(
+            f"{source} returned no usable log-probs for {len(missing)}/{t} completion positions "
+            f"of pair {index} (first missing position {missing[0]})"
+        )
+    return TeacherScore(token_logprobs=token_lp, topk_ids=topk_ids, topk_logprobs=topk_lp)

@@ -15,15 +15,12 @@ tokens in all, top-8: 6.3 s against vLLM's 14.6 s): measure.
 
 from __future__ import annotations
 
-import math
-
-import torch
-from vllm import SamplingParams
+from vllm import RequestOutput, SamplingParams
 from vllm.inputs import TokensPrompt
 
 from rayd.rollout.spec import EngineSpec
 from rayd.rollout.vllm_engine import build_llm
-from rayd.teacher.scorer import Pair, TeacherSignalError
+from rayd.teacher.scorer import Pair, score_from_prompt_logprobs
 from rayd.types import TeacherScore
 
 
@@ -50,39 +47,15 @@ class VLLMScorer:
             use_tqdm=False,
         )
         return [
-            _to_score(i, prompt, completion, output.prompt_logprobs, top_k)
+            score_from_prompt_logprobs(i, prompt, completion, _rows(output), top_k, source="vLLM")
             for i, ((prompt, completion), output) in enumerate(zip(pairs, outputs, strict=True))
         ]
 
 
-def _to_score(
-    index: int, prompt: list[int], completion: list[int], rows: list | None, top_k: int
-) -> TeacherScore:
-    t, p = len(completion), len(prompt)
-    token_lp = torch.empty(t, dtype=torch.float32)
-    topk_ids = torch.empty((t, top_k), dtype=torch.long)
-    topk_lp = torch.empty((t, top_k), dtype=torch.float32)
-    missing = []
-    for j, token in enumerate(completion):
-        row = rows[p + j] if rows is not None and p + j < len(rows) else None
-        if row is None or token not in row:
-            missing.append(j)
-            continue
-        token_lp[j] = row[token].logprob
-        # The actual token is an extra entry only when it is not among the top k.
-        entries = [
-            (tok, lp.logprob) for tok, lp in row.items() if not (tok == token and len(row) > top_k)
-        ]
-        entries.sort(key=lambda e: -e[1])
-        if len(entries) != top_k or not all(math.isfinite(lp) for _, lp in entries):
-            missing.append(j)
-            continue
-        for col, (tok, lp) in enumerate(entries):
-            topk_ids[j, col] = tok
-            topk_lp[j, col] = lp
-    if missing:
-        raise TeacherSignalError(
-            f"vLLM returned no usable log-probs for {len(missing)}/{t} completion positions of "
-            f"pair {index} (first missing position {missing[0]})"
-        )
-    return TeacherScore(token_logprobs=token_lp, topk_ids=topk_ids, topk_logprobs=topk_lp)
+def _rows(output: RequestOutput) -> list[dict[int, float] | None] | None:
+    """vLLM's prompt log-probs as {token id: log-prob} per prompt position (the form the served
+    teacher's JSON also takes, so both go through one `score_from_prompt_logprobs`)."""
+    rows = output.prompt_logprobs
+    if rows is None:
+        return None
+    return [None if row is None else {t: lp.logprob for t, lp in row.items()} for row in rows]
