@@ -17,7 +17,17 @@ from typing import Any, Literal
 
 from rayd.config import RunConfig
 
-Backend = Literal["vllm", "hf"]
+Backend = Literal["vllm", "hf", "server"]  # server: teachers only (teacher.backend)
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """A teacher served elsewhere (teacher.backend=server): where, and how hard to try."""
+
+    urls: tuple[str, ...]  # base URLs of OpenAI-compatible `vllm serve` servers
+    timeout_s: float  # deadline of one request
+    retries: int  # retries of a request on a connection error, timeout or 5xx
+    max_concurrency: int  # requests in flight at once per actor
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,8 @@ class EngineSpec:
     # The widest top-k the engine returns per token (vLLM's max_logprobs, fixed at start):
     # the student's top-k ids of a rollout, the teacher's top-k log-probs of a score.
     max_logprobs: int
+    # backend=server only (None otherwise): the servers the teacher actor sends requests to.
+    server: ServerSpec | None
 
     @classmethod
     def from_section(
@@ -48,6 +60,7 @@ class EngineSpec:
             threads=section.threads,
             seed=seed,
             max_logprobs=max_logprobs,
+            server=None,
         )
 
     @classmethod
@@ -65,13 +78,23 @@ class EngineSpec:
     def teacher(cls, cfg: RunConfig, teacher: str, index: int = 0) -> EngineSpec:
         """Teacher `index` of models.teacher(s), at the resolved path `teacher`. It only scores
         (nothing is sampled), so its seed changes no score."""
-        return cls.from_section(
+        t = cfg.teacher
+        spec = cls.from_section(
             teacher,
-            cfg.teacher,
+            t,
             dtype=cfg.models.teacher_list[index].dtype,
             seed=cfg.trainer.seed,
-            max_logprobs=max(20, cfg.teacher.top_k),
+            max_logprobs=max(20, t.top_k),
         )
+        if t.backend != "server":
+            return spec
+        server = ServerSpec(
+            urls=tuple(u.rstrip("/") for u in t.urls or ()),
+            timeout_s=t.request_timeout_s,
+            retries=t.request_retries,
+            max_concurrency=t.max_concurrency,
+        )
+        return replace(spec, server=server)
 
     def for_worker(self, i: int) -> EngineSpec:
         """Worker `i` of a pool: its own seed, so the workers draw apart."""

@@ -40,6 +40,7 @@ def engine_spec(path, backend: str, max_model_len: int = MAX_LEN) -> EngineSpec:
         threads=1,
         seed=0,
         max_logprobs=20,
+        server=None,
     )
 
 

@@ -125,6 +125,7 @@ def compare(
                 threads=threads,
                 seed=0,
                 max_logprobs=20,
+                server=None,
             )
         )
     )

@@ -86,6 +86,7 @@ def _rollout_engines(model_path: str, count: int) -> tuple[list[Any], Any]:
                 threads=1,
                 seed=i,
                 max_logprobs=20,
+                server=None,
             )
         )
         for i in range(count)
