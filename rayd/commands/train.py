@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from rayd import cluster
     from rayd.driver import NumericsError, train
     from rayd.learner.group import LearnerFailure
+    from rayd.teacher.scorer import TeacherSignalError
 
     try:
         summary = train(cfg)
@@ -34,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"checkpoint error: {exc}", file=sys.stderr)
         return 2
-    except (NumericsError, LearnerFailure, cluster.WorkerLost, cluster.RemoteCallTimeout) as exc:
+    except (
+        NumericsError,
+        LearnerFailure,
+        TeacherSignalError,
+        cluster.WorkerLost,
+        cluster.RemoteCallTimeout,
+    ) as exc:
         print(f"rayd: stopped: {exc}", file=sys.stderr)
         return 1
 

@@ -30,6 +30,7 @@ from rayd.data.prompts import Prompt, PromptSet
 from rayd.mixture import hash_route, mix_scores, union_support
 from rayd.rollout.group import engine_options
 from rayd.rollout.spec import EngineSpec
+from rayd.teacher.scorer import TeacherSignalError
 from rayd.teacher.worker import TeacherWorker
 from rayd.types import Sample, TeacherScore, collate
 
@@ -116,6 +117,24 @@ class Teachers:
         `inputs`, e.g. the ids to score), combined per teacher.combine. `prompts`: the prompt
         of each pair (routing); `mix_support=False` when only the sampled tokens' log-probs are
         wanted (the eval), which skips the ensemble's exact pass over the union support."""
+        try:
+            return self._score(method, pairs, inputs, prompts, mix_support, kwargs)
+        except ray.exceptions.RayTaskError as exc:
+            # A teacher that answered with no usable signal (a served teacher gone, missing
+            # log-probs) is one line for the user, not the actor's traceback.
+            if isinstance(exc.cause, TeacherSignalError):
+                raise TeacherSignalError(f"teacher: {exc.cause}") from None
+            raise
+
+    def _score(
+        self,
+        method: str,
+        pairs: list[Any],
+        inputs: tuple[list[Any], ...],
+        prompts: Sequence[Prompt],
+        mix_support: bool,
+        kwargs: dict[str, Any],
+    ) -> Scored:
         if not self.several:
             got = self.pools[0].map_chunks(method, pairs, *inputs, **kwargs) if pairs else []
             return Scored(got, [(list(range(len(pairs))), [g.token_logprobs for g in got])])

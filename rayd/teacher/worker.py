@@ -1,6 +1,7 @@
 """The teacher actor: a plain class, wrapped with `ray.remote` where it is spawned.
 
-It owns one scorer (vLLM prompt log-probs or a transformers forward pass), checks the pairs before
+It owns one scorer (vLLM prompt log-probs, a transformers forward pass, or prompt log-probs asked
+of a teacher served elsewhere by `vllm serve`: backend=server), checks the pairs before
 the engine sees them (lengths, vocabulary: an id outside the teacher's vocabulary means the
 tokenizers differ, which token-level distillation must refuse), and checks every score before it
 leaves (`scorer.check_scores`): a failed score is an error, never a zero signal.
@@ -20,6 +21,7 @@ from rayd.types import TeacherScore
 
 if TYPE_CHECKING:  # the backends import vLLM / transformers models: only when chosen
     from rayd.teacher.hf_scorer import HFScorer
+    from rayd.teacher.server_scorer import ServerScorer
     from rayd.teacher.vllm_scorer import VLLMScorer
 
 
@@ -33,17 +35,30 @@ class TeacherWorker:
         if spec.backend == "vllm":
             from rayd.teacher.vllm_scorer import VLLMScorer
 
-            self.scorer: VLLMScorer | HFScorer = VLLMScorer(spec)
+            self.scorer: VLLMScorer | HFScorer | ServerScorer = VLLMScorer(spec)
         elif spec.backend == "hf":
             from rayd.teacher.hf_scorer import HFScorer
 
             self.scorer = HFScorer(spec)
+        elif spec.backend == "server":
+            # The teacher runs elsewhere (`vllm serve`); this actor only sends requests, so it
+            # needs no device and little CPU. model_path is the local copy of the teacher's
+            # tokenizer and config: the vocabulary check above reads it.
+            from rayd.teacher.server_scorer import ServerScorer
+
+            self.scorer = ServerScorer(spec)
         else:
-            raise ValueError(f"unknown teacher backend {spec.backend!r}; expected 'vllm' or 'hf'")
+            raise ValueError(
+                f"unknown teacher backend {spec.backend!r}; expected 'vllm', 'hf' or 'server'"
+            )
 
     def ready(self) -> bool:
         """Returns once the scorer is built: lets the driver wait for start-up with a deadline."""
         return True
+
+    def server_retries(self) -> int:
+        """backend=server: how many requests this actor retried so far (0 for the others)."""
+        return int(getattr(self.scorer, "retries", 0))
 
     def score(
         self,
