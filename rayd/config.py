@@ -143,9 +143,43 @@ class OptimConfig(_Strict):
     )
 
 
+class LoraConfig(_Strict):
+    # A LoRA student (peft): the base weights stay frozen and only the low-rank adapters train,
+    # so the optimizer holds state for the adapters alone. The rollout engines, the final
+    # student/ and `rayd export` get the merged weights W + (alpha / r) * B @ A; the adapter
+    # itself is kept beside them (student/adapter/, `rayd export --adapter`).
+    r: int = Field(8, ge=1, description="the adapters' rank")
+    alpha: float = Field(16.0, gt=0, description="scaling: the update is (alpha / r) * B @ A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="the linear layers that get adapters: peft's 'all-linear' (every linear "
+        "layer but the output layer) or a list of module-name suffixes (q_proj, v_proj, ...)",
+    )
+
+
 class LearnerConfig(_Strict):
     num_learners: int = Field(2, ge=1)
     zero_stage: int = Field(2, ge=0, le=3)
+    # Memory levers (each one measured by `rayd bench --only memory`):
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each layer's activations in the backward pass instead of "
+        "keeping them: less activation memory for about one more forward's compute",
+    )
+    offload_optimizer: bool = Field(
+        False,
+        description="ZeRO 1-3: keep the optimizer's state and step in host memory "
+        "(DeepSpeed offload_optimizer device=cpu)",
+    )
+    offload_params: bool = Field(
+        False,
+        description="ZeRO-3: keep the parameters' shards in host memory between uses "
+        "(DeepSpeed offload_param device=cpu)",
+    )
+    lora: LoraConfig | None = Field(
+        None, description="set to train LoRA adapters instead of every weight (see LoraConfig)"
+    )
     micro_batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
     cpus_per_learner: float = Field(0.5, gt=0)
@@ -458,6 +492,7 @@ class RunConfig(_Strict):
             self._check_student_support()
         if self.algorithm.tail and self.algorithm.temperature != 1.0 and not full:
             raise ValueError("algorithm.tail=true needs algorithm.temperature=1")
+        self._check_memory_levers()
         if (
             self.learner.optim.schedule == "linear"
             and self.trainer.max_steps <= self.learner.optim.warmup_steps
@@ -525,6 +560,24 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"teacher.support={support} shapes the top-k losses only: set algorithm.loss "
                 f"to {_either(TOPK_LOSSES)} (got {algo.resolved_loss})"
+            )
+
+    def _check_memory_levers(self) -> None:
+        ln = self.learner
+        if ln.offload_optimizer and ln.zero_stage == 0:
+            raise ValueError(
+                "learner.offload_optimizer needs learner.zero_stage 1, 2 or 3 (DeepSpeed offloads "
+                "the optimizer state that ZeRO partitions)"
+            )
+        if ln.offload_params and ln.zero_stage != 3:
+            raise ValueError(
+                f"learner.offload_params needs learner.zero_stage=3 (got {ln.zero_stage}): only "
+                "ZeRO-3 partitions the parameters it would offload"
+            )
+        if ln.lora is not None and self.algorithm.name == "feature_kd":
+            raise ValueError(
+                "learner.lora: feature_kd trains projection layers beside the student, which "
+                "LoRA would freeze; use full weights (remove learner.lora) or another mode"
             )
 
     def _check_full_support(self) -> None:

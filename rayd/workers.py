@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from rayd.cluster import WorkerPool, get
 from rayd.config import ConfigError, RunConfig
 from rayd.learner.group import LearnerGroup
+from rayd.learner.lora import ADAPTER_DIR, save_adapter
 from rayd.learner.spec import LearnerSpec
 from rayd.rollout.group import start_rollout
 from rayd.rollout.spec import EngineSpec
@@ -296,3 +297,8 @@ def export_student(learners: LearnerGroup, student_path: str, tokenizer: Any, ou
         raise RuntimeError(f"exported weights do not fit the student: {misfit}")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if learners.spec.lora is not None:
+        # The merged weights above serve everything; the adapter is kept for those who
+        # deploy adapters (vLLM LoRA serving, peft), `rayd export --adapter` copies it.
+        adapters = deserialize_state_dict(learners.adapter_blob())
+        save_adapter(out / ADAPTER_DIR, adapters, learners.spec.lora, student_path)

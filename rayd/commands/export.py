@@ -116,6 +116,10 @@ def load_student(run: Path, cfg: RunConfig, source: str) -> tuple[Any, Any, dict
     # The architecture and tokenizer are those the run started from; the weights the checkpoint's.
     init = resolve_model_path(cfg.models.student.path, seed=cfg.trainer.seed)
     state, step, last_eval = checkpoint_state(run)
+    if cfg.learner.lora is not None:  # a LoRA student: its adapters merged into the weights
+        from rayd.learner.lora import merged_state
+
+        state = merged_state(state, cfg.learner.lora)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(init), dtype=torch.float32)
     misfit = load_whole_state_dict(model, state)
     if misfit:
@@ -267,6 +271,84 @@ def export(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return record
+
+
+def export_adapter(run: Path, out: Path, *, source: str = "auto", force: bool = False) -> dict:
+    """A LoRA run's adapter (peft's folder layout) instead of merged weights; returns the record
+    also saved as `rayd_export.json`."""
+    from transformers import AutoTokenizer
+
+    from rayd.learner.lora import ADAPTER_DIR, adapter_state, save_adapter
+    from rayd.weight_sync import deserialize_state_dict
+
+    cfg = run_config(run)
+    check_out(run, out, force)
+    if cfg.learner.lora is None:
+        raise _error(
+            "export error: --adapter: the run trained full weights (learner.lora is not set); "
+            "export without --adapter"
+        )
+    final = run / "student" / ADAPTER_DIR / "adapter_model.safetensors"
+    if source == "final" or (source == "auto" and final.is_file()):
+        if not final.is_file():
+            raise _error(f"export error: {run} has no final student/{ADAPTER_DIR}/")
+        adapters = deserialize_state_dict(final.read_bytes())
+        summary = json.loads((run / "summary.json").read_text())
+        origin: dict[str, Any] = {"from": "final", "step": summary.get("steps")}
+    else:
+        state, step, _ = checkpoint_state(run)
+        adapters, origin = adapter_state(state), {"from": "checkpoint", "step": step}
+    base = cfg.models.student.path
+    record: dict[str, Any] = {
+        "run": str(run),
+        "weights": {**origin, "kind": "lora adapter", "base_model": base},
+        "algorithm": cfg.algorithm.name,
+        "lora": cfg.learner.lora.model_dump(),
+        "eval": run_settings(cfg),
+        "provenance": provenance(run, cfg),
+        "exported": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    from rayd.zoo import resolve_model_path
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        save_adapter(staging, adapters, cfg.learner.lora, base)
+        init = resolve_model_path(base, seed=cfg.trainer.seed)
+        AutoTokenizer.from_pretrained(init).save_pretrained(staging)
+        (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
+        (staging / "README.md").write_text(adapter_card(record, str(out)))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return record
+
+
+def adapter_card(record: dict[str, Any], path: str) -> str:
+    lora, weights = record["lora"], record["weights"]
+    return "\n".join(
+        [
+            "# LoRA adapter distilled with rayd",
+            "",
+            f"A LoRA adapter (r={lora['r']}, alpha={lora['alpha']}, on {lora['target_modules']}) "
+            f"for the base model `{weights['base_model']}`, trained by rayd "
+            f"({record['algorithm']}, {weights['from']} weights of step {weights['step']}).",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f"base = AutoModelForCausalLM.from_pretrained({weights['base_model']!r})",
+            f"model = PeftModel.from_pretrained(base, {path!r}).merge_and_unload()",
+            "```",
+            "",
+            "vLLM serves it as a LoRA adapter: `vllm serve BASE --enable-lora "
+            f"--lora-modules student={path}`.",
+            "",
+        ]
+    )
 
 
 def run_task(cfg: RunConfig) -> Any:
@@ -564,8 +646,16 @@ def main(argv: list[str] | None = None) -> int:
         help="eval prompts for the accuracy in the card "
         "(default 0; 200 with --quantize, before and after)",
     )
+    parser.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA run (learner.lora): write its adapter (peft's layout) instead of merged "
+        "weights",
+    )
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
+    if args.adapter and (args.quantize or args.eval):
+        parser.error("--adapter writes the adapter alone: no --quantize or --eval with it")
     from rayd.config import ConfigError
 
     try:
@@ -586,6 +676,13 @@ def main(argv: list[str] | None = None) -> int:
                 "not finish) nor checkpoints (trainer.save_every) to export from"
             )
         check_out(target.run, args.out, args.force)
+        if args.adapter:
+            record = export_adapter(target.run, args.out, source=args.source, force=args.force)
+            weights = record["weights"]
+            print(
+                f"rayd export: {args.out} (LoRA adapter, {weights['from']} step {weights['step']})"
+            )
+            return 0
         record = export(
             target.run,
             args.out,

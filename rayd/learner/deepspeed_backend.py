@@ -27,6 +27,7 @@ import math
 import os
 import random
 import sys
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -41,6 +42,7 @@ os.environ.setdefault("DS_ACCELERATOR", devices.detect().ds_accelerator)
 import deepspeed
 from transformers import AutoModelForCausalLM
 
+from rayd.learner.lora import adapter_state, lora_model, merged_state
 from rayd.learner.spec import LearnerSpec
 from rayd.losses import LossSpec, batch_loss, token_logprobs
 from rayd.types import TrainBatch
@@ -140,13 +142,25 @@ def deepspeed_config(spec: LearnerSpec, *, world_size: int, dtype: torch.dtype) 
                 "torch_adam": True,
             },
         },
-        "zero_optimization": {"stage": spec.zero_stage},
+        "zero_optimization": zero_section(spec),
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16},
         "steps_per_print": 2**31 - 1,  # rayd logs its own metrics
         "wall_clock_breakdown": False,
     }
     return _merge(config, spec.ds_overrides or {})
+
+
+def zero_section(spec: LearnerSpec) -> dict[str, Any]:
+    """ZeRO's stage and where it keeps what it partitions (learner.offload_*)."""
+    zero: dict[str, Any] = {"stage": spec.zero_stage}
+    # Pinned host memory speeds the copies to and from a GPU; a CPU run has nothing to pin.
+    pin = devices.detect().kind == "cuda"
+    if spec.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if spec.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return zero
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -200,6 +214,15 @@ class DeepSpeedLearner:
         # Partitioned loading (zero.Init) would need transformers' HfDeepSpeedConfig, which
         # needs `accelerate`; not worth it for students that fit in host memory per rank.
         model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=self.dtype)
+        if spec.gradient_checkpointing:
+            # Non-reentrant: recomputes correctly when the inputs need no grad (a LoRA
+            # student's embeddings are frozen), which the reentrant kind silently does not.
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        self.lora = spec.lora
+        if spec.lora is not None:
+            model = lora_model(model, spec.lora)
         if loss.kind == "feature_kd":
             model.add_module(FEATURE_PROJ, feature_projections(model, loss))
         self.engine, *_ = deepspeed.initialize(
@@ -452,7 +475,22 @@ class DeepSpeedLearner:
         return out.logits[:, :-1]
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
-        """The model's full weights on CPU on rank 0 (None elsewhere); HF state_dict keys.
+        """The model's full weights on CPU on rank 0 (None elsewhere); HF state_dict keys
+        (a LoRA student's adapters merged into its weights)."""
+        state = self._gathered_state(lambda name: not name.startswith(FEATURE_PROJ + "."))
+        if state is not None and self.lora is not None:
+            return merged_state(state, self.lora)
+        return state
+
+    def adapter_state_dict(self) -> dict[str, Tensor] | None:
+        """A LoRA student's adapters on rank 0 (None elsewhere), keyed as peft saves them."""
+        if self.lora is None:
+            raise ValueError("this learner trains full weights (learner.lora is not set)")
+        state = self._gathered_state(lambda name: ".lora_" in name)
+        return adapter_state(state) if state is not None else None
+
+    def _gathered_state(self, keep: Callable[[str], bool]) -> dict[str, Tensor] | None:
+        """The module's state dict entries whose names `keep`, whole, on CPU on rank 0.
 
         Under ZeRO-3 each rank holds a slice of every parameter, so every rank joins one
         GatheredParameters per parameter; gathering one at a time keeps the peak at one full
@@ -462,7 +500,7 @@ class DeepSpeedLearner:
         out: dict[str, Tensor] = {}
         copies: dict[int, Tensor] = {}  # tied weights share one copy, so the blob stores one
         for name, tensor in module.state_dict(keep_vars=True).items():
-            if name.startswith(FEATURE_PROJ + "."):  # training aid, not part of the student
+            if not keep(name):  # e.g. feature_kd's projections: a training aid, not the student
                 continue
             if id(tensor) in copies:
                 if self.rank == 0:

@@ -135,6 +135,13 @@ class LearnerGroup:
         )
         return results[0][0]
 
+    def adapter_blob(self) -> bytes:
+        """A LoRA student's adapters (safetensors bytes, a few MB at most: they come here)."""
+        results = self._collect(
+            cluster.call_all(self._actors, "adapter_blob"), self.timeout_s, "adapter weights"
+        )
+        return results[0]
+
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """Teacher-forced log-probs of the targets [B, L-1] under the current weights.
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from rayd.config import OptimConfig, RunConfig
+from rayd.config import LoraConfig, OptimConfig, RunConfig
 from rayd.losses import LossSpec
 
 
@@ -39,6 +39,10 @@ class LearnerSpec:
     grad_accum: int
     threads: int
     optim: OptimConfig  # learner.optim as validated (not mutated: treat it as frozen)
+    gradient_checkpointing: bool
+    offload_optimizer: bool
+    offload_params: bool
+    lora: LoraConfig | None  # learner.lora as validated (frozen, like optim)
     total_steps: int  # trainer.max_steps: where a linear lr schedule reaches 0
     dtype: str  # models.student.dtype
     seed: int  # trainer.seed
@@ -78,6 +82,10 @@ class LearnerSpec:
             grad_accum=ln.grad_accum,
             threads=ln.threads,
             optim=ln.optim.model_copy(),
+            gradient_checkpointing=ln.gradient_checkpointing,
+            offload_optimizer=ln.offload_optimizer,
+            offload_params=ln.offload_params,
+            lora=ln.lora.model_copy() if ln.lora is not None else None,
             total_steps=cfg.trainer.max_steps,
             dtype=cfg.models.student.dtype,
             seed=cfg.trainer.seed,

@@ -17,6 +17,7 @@ import torch
 from rayd import device as devices
 from rayd.learner.spec import LearnerSpec
 from rayd.types import TrainBatch
+from rayd.weight_sync import serialize_state_dict
 
 
 class LearnerWorker:
@@ -66,6 +67,11 @@ class LearnerWorker:
 
     def state_dict_blob(self) -> bytes | None:
         return self.learner.state_dict_blob()
+
+    def adapter_blob(self) -> bytes | None:
+        """A LoRA student's adapters as safetensors bytes on rank 0 (all ranks must call)."""
+        state = self.learner.adapter_state_dict()
+        return None if state is None else serialize_state_dict(state)
 
     def publish_weights(self) -> list[Any] | None:
         """Rank 0: `[ObjectRef]` of the weight blob; other ranks (which must join) None.

@@ -190,6 +190,29 @@ CASES = {
         2,
         "learner.zero_stage: Input should be less than or equal to 3",
     ),
+    "optimizer offload without ZeRO": (
+        lambda t: (None, ["learner.zero_stage=0", "learner.offload_optimizer=true"]),
+        2,
+        "learner.offload_optimizer needs learner.zero_stage 1, 2 or 3",
+    ),
+    "parameter offload below ZeRO-3": (
+        lambda t: (None, ["learner.offload_params=true"]),
+        2,
+        "learner.offload_params needs learner.zero_stage=3 (got 2)",
+    ),
+    "LoRA with feature_kd": (
+        lambda t: (
+            None,
+            ["learner.lora.r=4", "algorithm.name=feature_kd", "teacher.backend=hf"],
+        ),
+        2,
+        "learner.lora: feature_kd trains projection layers beside the student",
+    ),
+    "LoRA rank 0": (
+        lambda t: (None, ["learner.lora.r=0"]),
+        2,
+        "learner.lora.r: Input should be greater than or equal to 1",
+    ),
     "negative learning rate": (
         lambda t: (None, ["learner.optim.lr=-1"]),
         2,
@@ -1138,6 +1161,16 @@ CLI_CASES = {
         lambda t: ["export", run_folder(t), "--out", f"{t}/out", "--eval", "-1"],
         2,
         "argument --eval: expected an integer >= 0, got '-1'",
+    ),
+    "rayd export --adapter of a full-weight run": (
+        lambda t: ["export", run_folder(t), "--out", f"{t}/out", "--adapter"],
+        2,
+        "--adapter: the run trained full weights (learner.lora is not set)",
+    ),
+    "rayd export --adapter with --quantize": (
+        lambda t: ["export", run_folder(t), "--out", f"{t}/out", "--adapter", "--quantize", "int8"],
+        2,
+        "--adapter writes the adapter alone: no --quantize or --eval with it",
     ),
     "rayd export --quantize unknown": (
         lambda t: ["export", run_folder(t), "--out", f"{t}/out", "--quantize", "int4"],

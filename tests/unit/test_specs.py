@@ -22,6 +22,10 @@ LEARNER = {
     "gpus_per_learner": 1.0,
     "threads": 2,
     "length_bucketing": False,
+    "gradient_checkpointing": True,
+    "offload_optimizer": True,
+    "offload_params": True,
+    "lora": {"r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q_proj"]},
     "optim": {
         "lr": 2e-4,
         "weight_decay": 0.1,
