@@ -11,6 +11,8 @@ Each section is a module here with `run(quick, workdir) -> dict` (its part of th
     overhead        where a tiny on-policy run's start-up and steps go, per role, from Ray's
                     timeline; vLLM engines vs transformers ones (overhead.py)
     learner         one optimizer step: DeepSpeed ZeRO-0/2/3 vs plain torch AdamW
+    memory          one learner's peak memory and step time with and without each of the
+                    student's memory levers (checkpointing, offload, LoRA) (memory.py)
 The runner times each section and writes `results.json` and `results.md` under `--out`. A
 section that fails records its error and the others still run; the exit status is then 1.
 Compared systems always run in the same invocation, so the ratios are the figures to read: on a
@@ -44,6 +46,7 @@ SECTIONS: dict[str, str] = {
     "pipeline": "rayd.commands.bench.pipeline",
     "overhead": "rayd.commands.bench.overhead",
     "learner": "rayd.commands.bench.learner",
+    "memory": "rayd.commands.bench.memory",
 }
 _META_KEYS = ("skipped", "error", "elapsed_s", "notes")
 
