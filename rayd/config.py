@@ -89,7 +89,30 @@ class RolloutConfig(_Strict):
 
 
 class TeacherConfig(_Strict):
-    backend: Literal["vllm", "hf"] = "vllm"
+    # vllm / hf: the teacher runs inside rayd's teacher actors. server: it is served elsewhere by
+    # an OpenAI-compatible `vllm serve` (teacher.urls); the actors only send requests, and
+    # models.teacher.path still names a local copy of its tokenizer and config.json (the
+    # vocabulary checks read it; training loads no weights from it).
+    backend: Literal["vllm", "hf", "server"] = "vllm"
+    urls: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="server: base URLs of the teacher's servers (http://host:8000), requests "
+        "spread over them",
+    )
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="server: deadline of one scoring request, in seconds"
+    )
+    request_retries: int = Field(
+        2,
+        ge=0,
+        le=20,
+        description="server: retries of a request that failed to connect, timed out or got a "
+        "5xx (each on the next URL); then the run stops with the URL named",
+    )
+    max_concurrency: int = Field(
+        8, ge=1, le=256, description="server: requests in flight at once per teacher actor"
+    )
     num_workers: int = Field(1, ge=1)
     top_k: int = Field(
         8,
@@ -474,7 +497,7 @@ class RunConfig(_Strict):
                 f"{algo.name} samples its own (use data.source for its prompts)"
             )
         full = self.teacher.support == "full"
-        if self.teacher.backend == "vllm" and self.algorithm.temperature != 1.0 and not full:
+        if self.teacher.backend != "hf" and self.algorithm.temperature != 1.0 and not full:
             raise ValueError(
                 "algorithm.temperature != 1 needs teacher.backend=hf: vLLM scores prompts at "
                 "temperature 1 and its top-k cannot be re-tempered exactly"
@@ -529,6 +552,26 @@ class RunConfig(_Strict):
 
     def _check_teachers(self) -> None:
         t = self.teacher
+        # Here, not on TeacherConfig: a section's validator error would print the whole section.
+        if t.backend == "server" and not t.urls:
+            raise ValueError("teacher.backend=server needs teacher.urls (the servers' base URLs)")
+        if t.backend != "server" and t.urls is not None:
+            raise ValueError(
+                f"teacher.urls applies to teacher.backend=server (got backend={t.backend})"
+            )
+        for url in t.urls or []:
+            if not url.startswith(("http://", "https://")) or not url.split("://")[1].strip("/"):
+                raise ValueError(f"teacher.urls: {url!r} is not an http:// or https:// base URL")
+        if t.backend == "server" and self.models.teachers is not None:
+            # teacher.urls serve one model; several served teachers would need URLs per teacher.
+            raise ValueError(
+                "teacher.backend=server serves one teacher: use models.teacher, not models.teachers"
+            )
+        if t.backend == "server" and t.support == "full":
+            raise ValueError(
+                "teacher.support=full runs the teacher inside the learners: it cannot be "
+                "teacher.backend=server (use teacher_topk)"
+            )
         if self.models.teachers is None:
             if t.combine == "route":
                 raise ValueError("teacher.combine=route needs several teachers (models.teachers)")

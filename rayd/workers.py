@@ -121,6 +121,17 @@ def check_models(cfg: RunConfig) -> tuple[str, list[str], Any]:
     teachers = []
     for i, spec in enumerate(cfg.models.teacher_list):
         teachers.append(check_teacher(cfg, cfg.models.teacher_key(i), spec.path, student, s_tok))
+    if cfg.teacher.backend == "server":  # a served teacher answers, and tokenizes as the student
+        from rayd.teacher.server_scorer import check_servers
+
+        t = cfg.teacher
+        check_servers(
+            t.urls or [],
+            s_tok,
+            top_k=t.top_k,
+            max_model_len=t.max_model_len,
+            timeout_s=t.request_timeout_s,
+        )
     return student, teachers, s_tok
 
 

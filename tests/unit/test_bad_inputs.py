@@ -228,6 +228,28 @@ CASES = {
         2,
         "needs teacher.backend=hf",
     ),
+    "served teacher without URLs": (
+        lambda t: (None, ["teacher.backend=server"]),
+        2,
+        "teacher.backend=server needs teacher.urls",
+    ),
+    "teacher URLs without a served teacher": (
+        lambda t: (None, ["teacher.urls=[http://127.0.0.1:1]"]),
+        2,
+        "teacher.urls applies to teacher.backend=server",
+    ),
+    "teacher URL without http://": (
+        lambda t: (None, ["teacher.backend=server", "teacher.urls=[127.0.0.1:8000]"]),
+        2,
+        "is not an http:// or https:// base URL",
+    ),
+    # Port 1 on this machine: refused at once. A served teacher whose tokenizer differs needs a
+    # server: tests/ray/test_served_teacher.py.
+    "teacher server that does not answer": (
+        lambda t: (None, ["teacher.backend=server", "teacher.urls=[http://127.0.0.1:1]"]),
+        2,
+        "config error: teacher.urls: http://127.0.0.1:1: no usable answer",
+    ),
     "student top-k with a vLLM teacher": (
         lambda t: (None, ["teacher.support=student_topk", "algorithm.loss=reverse_kl"]),
         2,
