@@ -2,6 +2,8 @@
 # The models and GSM8K questions that configs/gpu/*.yaml read, under ROOT (default /mnt/rayd):
 #   ROOT/models/Qwen2.5-{7B,1.5B,0.5B}-Instruct   Hugging Face checkpoints
 #   ROOT/data/gsm8k/train.jsonl                   {"question": ..., "answer": "... #### 72"}
+# With RAYD_LLAMA=1 also Llama-3.3-70B-Instruct and Llama-3.1-8B-Instruct (~160 GB; gated on
+# the Hub: accept Meta's license there and set HF_TOKEN) for llama70b-to-8b-onpolicy.yaml.
 # rayd loads local checkpoints only (a hub name is refused before any actor starts), so run
 # this where the driver and actors run, before submitting. Safe to re-run: `hf download`
 # resumes and skips complete files, and the JSONL is written once.
@@ -12,6 +14,11 @@ mkdir -p "$root/models" "$root/data/gsm8k"
 for model in Qwen2.5-7B-Instruct Qwen2.5-1.5B-Instruct Qwen2.5-0.5B-Instruct; do
   hf download "Qwen/$model" --local-dir "$root/models/$model"
 done
+if [[ "${RAYD_LLAMA:-0}" == 1 ]]; then
+  for model in Llama-3.3-70B-Instruct Llama-3.1-8B-Instruct; do
+    hf download "meta-llama/$model" --local-dir "$root/models/$model" --exclude "original/*"
+  done
+fi
 
 out="$root/data/gsm8k/train.jsonl"
 if [[ ! -s "$out" ]]; then

@@ -17,6 +17,7 @@ from concurrent.futures import wait as wait_futures
 from typing import Any, TypeVar
 
 import ray
+from ray.util.placement_group import remove_placement_group
 
 from rayd.noise import quiet_known_noise, worker_runtime_env
 from rayd.progress import is_terminal
@@ -124,9 +125,16 @@ class WorkerPool:
     """
 
     def __init__(
-        self, actors: list[Any], name: str, timeout_s: float, max_reissues: int = 3
+        self,
+        actors: list[Any],
+        name: str,
+        timeout_s: float,
+        max_reissues: int = 3,
+        placement_groups: Sequence[Any] = (),
     ) -> None:
         self.actors, self.name, self.timeout_s = actors, name, timeout_s
+        # Multi-device engines' reservations: released with the actors.
+        self.placement_groups = list(placement_groups)
         self.max_reissues = max_reissues
         self.faults = 0
         self._replay: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
@@ -231,6 +239,9 @@ class WorkerPool:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
+        for group in self.placement_groups:
+            remove_placement_group(group)
+        self.placement_groups = []
 
 
 def side_by_side(calls: Sequence[Callable[[], T]]) -> list[T]:

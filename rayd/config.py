@@ -81,6 +81,18 @@ class RolloutConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     threads: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="devices per engine that split every layer (vLLM tensor parallel; must "
+        "divide the model's attention heads); cpus_per_worker / gpus_per_worker are per device",
+    )
+    pipeline_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="stages per engine that split the layers (vLLM pipeline parallel; at most "
+        "the model's layers); with a GPU an engine's stages may sit on different nodes",
+    )
     truncated: Literal["keep", "drop"] = Field(
         "keep",
         description="completions cut at max_new_tokens: keep = train on them; drop = leave "
@@ -152,6 +164,18 @@ class TeacherConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     threads: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="devices per engine that split every layer (vLLM tensor parallel; must "
+        "divide the model's attention heads); cpus_per_worker / gpus_per_worker are per device",
+    )
+    pipeline_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="stages per engine that split the layers (vLLM pipeline parallel; at most "
+        "the model's layers); with a GPU an engine's stages may sit on different nodes",
+    )
 
 
 class OptimConfig(_Strict):
@@ -516,6 +540,7 @@ class RunConfig(_Strict):
         if self.algorithm.tail and self.algorithm.temperature != 1.0 and not full:
             raise ValueError("algorithm.tail=true needs algorithm.temperature=1")
         self._check_memory_levers()
+        self._check_engine_parallel()
         if (
             self.learner.optim.schedule == "linear"
             and self.trainer.max_steps <= self.learner.optim.warmup_steps
@@ -604,6 +629,23 @@ class RunConfig(_Strict):
                 f"teacher.support={support} shapes the top-k losses only: set algorithm.loss "
                 f"to {_either(TOPK_LOSSES)} (got {algo.resolved_loss})"
             )
+
+    def _check_engine_parallel(self) -> None:
+        for name, section in (("rollout", self.rollout), ("teacher", self.teacher)):
+            devices = section.tensor_parallel_size * section.pipeline_parallel_size
+            if devices == 1:
+                continue
+            if section.backend != "vllm":
+                raise ValueError(
+                    f"{name}.tensor_parallel_size / pipeline_parallel_size > 1 need "
+                    f"{name}.backend=vllm (got {section.backend}): only vLLM engines split a "
+                    "model over devices"
+                )
+            if section.gpus_per_worker not in (0, 1):
+                raise ValueError(
+                    f"{name}.gpus_per_worker={section.gpus_per_worker:g}: a multi-device engine "
+                    "takes whole GPUs (1 per device; 0 on a CPU machine)"
+                )
 
     def _check_memory_levers(self) -> None:
         ln = self.learner

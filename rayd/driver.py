@@ -59,6 +59,8 @@ from rayd.teacher.signal import ask_teacher, teacher_signal
 from rayd.teacher.stored import load_stored_signal
 from rayd.types import Sample, TrainBatch, collate
 from rayd.workers import (
+    check_engine_parallel,
+    check_engine_room,
     check_model_paths,
     check_models,
     check_resources,
@@ -273,6 +275,7 @@ class Run:
         check_offline_data(cfg, rows.unencoded())
         check_routes(cfg, rows.unencoded())
         self.student_path, teacher_paths, self.tokenizer = check_models(cfg)
+        check_engine_parallel(cfg, self.student_path, teacher_paths)
         # feature_kd and stored signal take one teacher (the config refuses several for them)
         teacher_path = teacher_paths[0] if teacher_paths else None
         self.features = feature_pairs(cfg, self.student_path, teacher_path)  # else []
@@ -297,11 +300,10 @@ class Run:
             )
         trackers = start_trackers(run_dir, cfg)  # W&B when enabled: after the checks
         cluster.connect()
-        check_resources(
-            cfg,
-            ray.cluster_resources(),
-            with_teacher=self.stored is None and not self.in_learners,
-        )
+        teacher_actors = self.stored is None and not self.in_learners
+        check_resources(cfg, ray.cluster_resources(), with_teacher=teacher_actors)
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        check_engine_room(cfg, nodes, with_teacher=teacher_actors)
         # One actor pool per teacher; several are combined per teacher.combine.
         with stage("starting the rollout, teacher and learner actors"):
             self.rollout, self.teacher, self.learners = start_workers(

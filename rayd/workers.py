@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +223,78 @@ def check_same_turn_format(
         )
 
 
+def check_engine_parallel(cfg: RunConfig, student: str, teachers: Sequence[str]) -> None:
+    """Tensor / pipeline parallel sizes that fit the models: tensor parallel splits the
+    attention heads (and the key/value heads, or replicates them), pipeline parallel the layers.
+    `teachers`: the resolved paths of the teachers whose engines start (none: no check)."""
+    engines = (
+        [("rollout", cfg.rollout, "models.student.path", student)]
+        if not cfg.algorithm.offline
+        else []
+    )
+    engines += [
+        ("teacher", cfg.teacher, cfg.models.teacher_key(i), path) for i, path in enumerate(teachers)
+    ]
+    for name, section, key, path in engines:
+        tp, pp = section.tensor_parallel_size, section.pipeline_parallel_size
+        if tp * pp == 1:
+            continue
+        model = AutoConfig.from_pretrained(path)
+        text = getattr(model, "text_config", None) or model
+        heads = int(text.num_attention_heads)
+        kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+        layers = int(text.num_hidden_layers)
+        if heads % tp:
+            raise ConfigError(
+                f"config error: {name}.tensor_parallel_size={tp} does not divide the "
+                f"{heads} attention heads of {key} ({path})"
+            )
+        if kv_heads % tp and tp % kv_heads:
+            raise ConfigError(
+                f"config error: {name}.tensor_parallel_size={tp} neither divides nor is a "
+                f"multiple of the {kv_heads} key/value heads of {key} ({path})"
+            )
+        if pp > layers:
+            raise ConfigError(
+                f"config error: {name}.pipeline_parallel_size={pp} is more than the {layers} "
+                f"layers of {key} ({path})"
+            )
+
+
+def check_engine_room(
+    cfg: RunConfig, nodes: Sequence[dict[str, float]], with_teacher: bool | None = None
+) -> None:
+    """Every multi-device engine fits the Ray cluster's nodes (`nodes`: each alive node's
+    resources): a tensor-parallel group on one node (GPU), all ranks on one node (CPU: they are
+    the actor's child processes)."""
+    if with_teacher is None:
+        with_teacher = cfg.algorithm.needs_teacher
+    sections = [("rollout", cfg.rollout)] if not cfg.algorithm.offline else []
+    if with_teacher and cfg.teacher.backend != "server":
+        sections.append(("teacher", cfg.teacher))
+    for name, section in sections:
+        tp, pp = section.tensor_parallel_size, section.pipeline_parallel_size
+        if tp * pp == 1:
+            continue
+        if section.gpus_per_worker:
+            most = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+            if tp > most:
+                raise ConfigError(
+                    f"config error: {name}.tensor_parallel_size={tp} needs {tp} GPUs on one node; "
+                    f"the largest node of the Ray cluster has {most:g}"
+                )
+        else:
+            want = tp * pp * section.cpus_per_worker
+            most = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+            if want > most + 1e-9:
+                raise ConfigError(
+                    f"config error: a {name} engine of {tp * pp} ranks "
+                    f"({name}.tensor_parallel_size x pipeline_parallel_size) x "
+                    f"{name}.cpus_per_worker={section.cpus_per_worker:g} needs {want:g} CPUs on "
+                    f"one node; the largest node of the Ray cluster has {most:g}"
+                )
+
+
 def check_resources(
     cfg: RunConfig, available: dict[str, float], with_teacher: bool | None = None
 ) -> None:
@@ -235,18 +308,19 @@ def check_resources(
     for res, want, how in (
         (
             "GPU",
-            r.num_workers * r.gpus_per_worker
-            + teachers * t.gpus_per_worker
+            r.num_workers * _devices(r) * r.gpus_per_worker
+            + teachers * _devices(t) * t.gpus_per_worker
             + ln.num_learners * ln.gpus_per_learner,
-            "rollout.num_workers*gpus_per_worker + teachers*teacher.num_workers*gpus_per_worker + "
+            "rollout.num_workers*devices*gpus_per_worker + "
+            "teachers*teacher.num_workers*devices*gpus_per_worker + "
             "learner.num_learners*gpus_per_learner",
         ),
         (
             "CPU",
-            r.num_workers * r.cpus_per_worker
-            + teachers * t.cpus_per_worker
+            r.num_workers * _devices(r) * r.cpus_per_worker
+            + teachers * _devices(t) * t.cpus_per_worker
             + ln.num_learners * ln.cpus_per_learner,
-            "rollout/teacher cpus_per_worker and learner.cpus_per_learner",
+            "rollout/teacher cpus_per_worker x devices per engine, and learner.cpus_per_learner",
         ),
     ):
         have = available.get(res, 0.0)
@@ -255,6 +329,11 @@ def check_resources(
                 f"config error: the run asks for {want:g} {res}s ({how}) but the Ray cluster "
                 f"has {have:g}"
             )
+
+
+def _devices(section: Any) -> int:
+    """Devices (or CPU ranks) of one engine of a rollout / teacher section."""
+    return int(section.tensor_parallel_size * section.pipeline_parallel_size)
 
 
 def start_workers(

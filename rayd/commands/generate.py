@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 import rayd
 from rayd.cli import ArgumentParser
@@ -66,6 +66,23 @@ class EnginesConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     threads: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="devices per engine that split every layer (vLLM tensor parallel)"
+    )
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="stages per engine that split the layers (vLLM pipeline parallel)"
+    )
+
+    @model_validator(mode="after")
+    def _parallel_needs_vllm(self) -> EnginesConfig:
+        if self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            if self.backend != "vllm":
+                raise ValueError(
+                    "tensor_parallel_size / pipeline_parallel_size > 1 need backend=vllm"
+                )
+            if self.gpus_per_worker not in (0, 1):
+                raise ValueError("a multi-device engine takes whole GPUs (gpus_per_worker 1 or 0)")
+        return self
 
 
 class PromptsConfig(_Strict):
@@ -343,12 +360,11 @@ def _check_same_job(out: Path, provenance: dict[str, Any]) -> None:
 
 
 def _write_shards(cfg, teacher_path, questions, shards, todo, shards_dir) -> None:
-    import ray
     from transformers import AutoTokenizer
 
     from rayd import cluster
     from rayd.progress import Progress, stage
-    from rayd.rollout.group import engine_runtime_env
+    from rayd.rollout.group import engine_runtime_env, spawn_engines
     from rayd.rollout.spec import EngineSpec
     from rayd.rollout.worker import RolloutWorker
 
@@ -358,18 +374,25 @@ def _write_shards(cfg, teacher_path, questions, shards, todo, shards_dir) -> Non
         teacher_path, e, dtype=cfg.teacher.dtype, seed=cfg.seed, max_logprobs=20
     )
     cluster.connect()
-    worker = ray.remote(RolloutWorker).options(
-        num_cpus=e.cpus_per_worker,
-        num_gpus=e.gpus_per_worker,
-        runtime_env=engine_runtime_env(),
-        max_restarts=2,
-        max_task_retries=0,
+    options = {
+        "num_cpus": e.cpus_per_worker,
+        "num_gpus": e.gpus_per_worker,
+        "runtime_env": engine_runtime_env(),
+        "max_restarts": 2,
+        "max_task_retries": 0,
+    }
+    actors, groups = spawn_engines(
+        RolloutWorker,
+        [spec.for_worker(i) for i in range(e.num_workers)],
+        options,
+        cfg.call_timeout_s,
     )
     pool = cluster.WorkerPool(
-        [worker.remote(spec.for_worker(i)) for i in range(e.num_workers)],
+        actors,
         "teacher",
         cfg.call_timeout_s,
         max_reissues=2,
+        placement_groups=groups,
     )
     bar = None
     try:

@@ -42,6 +42,10 @@ class EngineSpec:
     # The widest top-k the engine returns per token (vLLM's max_logprobs, fixed at start):
     # the student's top-k ids of a rollout, the teacher's top-k log-probs of a score.
     max_logprobs: int
+    # vLLM's tensor / pipeline parallel sizes: the engine spans their product of devices
+    # (the pool gives it a placement group with one bundle per device).
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
     # backend=server only (None otherwise): the servers the teacher actor sends requests to.
     server: ServerSpec | None
 
@@ -50,7 +54,8 @@ class EngineSpec:
         cls, path: str, section: Any, *, dtype: str, seed: int, max_logprobs: int
     ) -> EngineSpec:
         """From a config section with the engine fields (`rollout:`, `teacher:`, `rayd
-        generate`'s `engines:`): backend, max_model_len, kv_cache_gib, threads."""
+        generate`'s `engines:`): backend, max_model_len, kv_cache_gib, threads and the
+        parallel sizes."""
         return cls(
             model_path=path,
             backend=section.backend,
@@ -60,6 +65,8 @@ class EngineSpec:
             threads=section.threads,
             seed=seed,
             max_logprobs=max_logprobs,
+            tensor_parallel_size=section.tensor_parallel_size,
+            pipeline_parallel_size=section.pipeline_parallel_size,
             server=None,
         )
 
@@ -95,6 +102,11 @@ class EngineSpec:
             max_concurrency=t.max_concurrency,
         )
         return replace(spec, server=server)
+
+    @property
+    def devices(self) -> int:
+        """Devices (GPUs, or CPU bundles) one engine spans."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def for_worker(self, i: int) -> EngineSpec:
         """Worker `i` of a pool: its own seed, so the workers draw apart."""

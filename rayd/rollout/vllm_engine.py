@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 from vllm import LLM, SamplingParams
@@ -52,7 +53,15 @@ def build_llm(spec: EngineSpec, *, worker_extension_cls: str | None = None) -> L
         # the child (measured on 2 cores, SmolLM2 10-layer student, 16 x 128 tokens: generate
         # 5.5 s -> 4.0 s, a 243 MiB weight load 1.2 s -> 0.3 s).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    extra = {"worker_extension_cls": worker_extension_cls} if worker_extension_cls else {}
+    extra: dict[str, Any] = {}
+    if worker_extension_cls:
+        extra["worker_extension_cls"] = worker_extension_cls
+    if spec.devices > 1:
+        # GPU: Ray workers on the bundles of the placement group this actor was started in
+        # (vLLM finds it: rayd.rollout.group.engine_options); CPU: vLLM's ray executor needs an
+        # accelerator, so the ranks are this actor's child processes, on the CPUs its
+        # placement group holds for them.
+        extra["distributed_executor_backend"] = "ray" if device.is_gpu else "mp"
     return LLM(
         model=str(spec.model_path),
         tokenizer=str(spec.model_path),
@@ -66,6 +75,8 @@ def build_llm(spec: EngineSpec, *, worker_extension_cls: str | None = None) -> L
         kv_cache_memory_bytes=int(spec.kv_cache_gib * 2**30),
         logprobs_mode="processed_logprobs",
         max_logprobs=spec.max_logprobs,
+        tensor_parallel_size=spec.tensor_parallel_size,
+        pipeline_parallel_size=spec.pipeline_parallel_size,
         # Its checkpoint-loading bar reaches the driver's log through Ray as stray lines.
         use_tqdm_on_load=False,
         **extra,

@@ -28,7 +28,7 @@ from rayd.cluster import WorkerPool, side_by_side
 from rayd.config import ConfigError, RunConfig
 from rayd.data.prompts import Prompt, PromptSet
 from rayd.mixture import hash_route, mix_scores, union_support
-from rayd.rollout.group import engine_options
+from rayd.rollout.group import engine_options, spawn_engines
 from rayd.rollout.spec import EngineSpec
 from rayd.teacher.scorer import TeacherSignalError
 from rayd.teacher.worker import TeacherWorker
@@ -307,15 +307,19 @@ def start_teacher_pool(cfg: RunConfig, spec: EngineSpec, index: int = 0) -> Work
     """`teacher.num_workers` actors of teacher `index` of models.teacher(s) built from `spec`
     (`EngineSpec.teacher`), not yet waited for (`call_all("ready")`)."""
     t = cfg.teacher
-    remote = ray.remote(TeacherWorker).options(
-        **engine_options(cfg, t.cpus_per_worker, t.gpus_per_worker)
+    actors, groups = spawn_engines(
+        TeacherWorker,
+        [spec] * t.num_workers,
+        engine_options(cfg, t.cpus_per_worker, t.gpus_per_worker),
+        cfg.trainer.call_timeout_s,
     )
     name = cfg.models.teacher_list[index].name
     return WorkerPool(
-        [remote.remote(spec) for _ in range(t.num_workers)],
+        actors,
         "teacher" if cfg.models.teachers is None else f"teacher[{name}]",
         cfg.trainer.call_timeout_s,
         max_reissues=cfg.trainer.actor_restarts,
+        placement_groups=groups,
     )
 
 

@@ -95,6 +95,8 @@ def test_export_loads_in_transformers_and_vllm_with_the_learners_greedy_output(r
                 threads=1,
                 seed=0,
                 max_logprobs=20,
+                tensor_parallel_size=1,
+                pipeline_parallel_size=1,
                 server=None,
             )
         )

@@ -40,6 +40,8 @@ def engine_spec(path, backend: str, max_model_len: int = MAX_LEN) -> EngineSpec:
         threads=1,
         seed=0,
         max_logprobs=20,
+        tensor_parallel_size=1,
+        pipeline_parallel_size=1,
         server=None,
     )
 

@@ -120,6 +120,8 @@ def spec(path, backend: str, urls: tuple[str, ...] = ()) -> EngineSpec:
         threads=1,
         seed=0,
         max_logprobs=20,
+        tensor_parallel_size=1,
+        pipeline_parallel_size=1,
         server=ServerSpec(urls, timeout_s=60, retries=1, max_concurrency=4) if urls else None,
     )
 

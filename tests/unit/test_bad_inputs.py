@@ -190,6 +190,27 @@ CASES = {
         2,
         "learner.zero_stage: Input should be less than or equal to 3",
     ),
+    "tensor parallel size not dividing the heads": (
+        lambda t: (None, ["teacher.tensor_parallel_size=4"]),
+        2,
+        "teacher.tensor_parallel_size=4 does not divide the 2 attention heads of "
+        "models.teacher.path",
+    ),
+    "pipeline parallel size above the layers": (
+        lambda t: (None, ["rollout.pipeline_parallel_size=3"]),
+        2,
+        "rollout.pipeline_parallel_size=3 is more than the 1 layers of models.student.path",
+    ),
+    "tensor parallel with the transformers backend": (
+        lambda t: (None, ["teacher.backend=hf", "teacher.tensor_parallel_size=2"]),
+        2,
+        "teacher.tensor_parallel_size / pipeline_parallel_size > 1 need teacher.backend=vllm",
+    ),
+    "a fraction of a GPU per device": (
+        lambda t: (None, ["rollout.tensor_parallel_size=2", "rollout.gpus_per_worker=0.5"]),
+        2,
+        "rollout.gpus_per_worker=0.5: a multi-device engine takes whole GPUs",
+    ),
     "optimizer offload without ZeRO": (
         lambda t: (None, ["learner.zero_stage=0", "learner.offload_optimizer=true"]),
         2,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import shlex
@@ -69,8 +70,11 @@ def gpus_asked(cfg_path: Path, overrides: list[str] | None = None) -> tuple[floa
     cfg = load_config(cfg_path, overrides)
     r, t, ln = cfg.rollout, cfg.teacher, cfg.learner
     teachers = t.num_workers if cfg.algorithm.needs_teacher else 0
-    gpus = r.num_workers * r.gpus_per_worker + teachers * t.gpus_per_worker
-    cpus = r.num_workers * r.cpus_per_worker + teachers * t.cpus_per_worker
+    # A multi-device engine's gpus/cpus_per_worker are per device.
+    rollouts = r.num_workers * r.tensor_parallel_size * r.pipeline_parallel_size
+    teachers *= t.tensor_parallel_size * t.pipeline_parallel_size
+    gpus = rollouts * r.gpus_per_worker + teachers * t.gpus_per_worker
+    cpus = rollouts * r.cpus_per_worker + teachers * t.cpus_per_worker
     return (
         gpus + ln.num_learners * ln.gpus_per_learner,
         cpus + ln.num_learners * ln.cpus_per_learner,
@@ -124,17 +128,38 @@ def test_cluster_yaml_validates(path):
 
 
 @pytest.mark.parametrize("path", CLUSTER_YAMLS)
-def test_configs_fit_the_driver_node(path):
-    """Every configs/gpu run fits the node the driver is pinned to (runs use one node)."""
+def test_configs_fit_the_driver_nodes(path):
+    """Every configs/gpu run fits as many nodes of the driver's type as the cluster may hold
+    (one for most runs), and every tensor-parallel engine fits one node."""
     node = next(
         n
         for n in read_yaml(path)["available_node_types"].values()
         if driver_resource(n["resources"])
     )
+    per_node = node["resources"]
     for cfg in GPU_CONFIGS:
         gpus, cpus = gpus_asked(cfg)
-        assert gpus <= node["resources"]["GPU"], cfg.name
-        assert cpus <= node["resources"]["CPU"], cfg.name
+        nodes = math.ceil(gpus / per_node["GPU"])
+        assert nodes <= node["max_workers"], cfg.name
+        assert cpus <= nodes * per_node["CPU"], cfg.name
+        tree = load_tree(cfg)
+        for section in ("rollout", "teacher", "engines"):
+            tp = tree.get(section, {}).get("tensor_parallel_size", 1)
+            assert tp <= per_node["GPU"], f"{cfg.name}: {section}"
+
+
+def test_the_70b_config_needs_two_nodes_and_holds_its_arithmetic():
+    """The two-node config says what it asks: 16 GPUs, a 4-GPU teacher, 8 ZeRO-3 learners."""
+    cfg_path = ROOT / "configs/gpu/llama70b-to-8b-onpolicy.yaml"
+    gpus, _ = gpus_asked(cfg_path)
+    assert gpus == 16
+    cfg = load_config(cfg_path)
+    assert cfg.teacher.tensor_parallel_size == 4 and cfg.learner.zero_stage == 3
+    text = cfg_path.read_text()
+    assert "16 in all" in text and "tensor_parallel_size 4            ->  4 GPUs" in text
+    script = (ROOT / "launch/prepare_data.sh").read_text()
+    for spec in (cfg.models.student, cfg.models.teacher):
+        assert Path(spec.path).name in script, spec.path
 
 
 def _drop(path: tuple[str, ...]):

@@ -113,6 +113,24 @@ def test_engine_specs_take_their_sections(cfg: RunConfig) -> None:
     assert [rollout.for_worker(i).seed for i in range(3)] == [7, 8, 9]
 
 
+def test_engine_specs_take_the_parallel_sizes() -> None:
+    cfg = config(
+        rollout={"backend": "vllm", "tensor_parallel_size": 2, "pipeline_parallel_size": 3},
+        teacher={"backend": "vllm", "tensor_parallel_size": 4},
+    )
+    rollout, teacher = EngineSpec.rollout(cfg, "/s"), EngineSpec.teacher(cfg, "/t")
+    assert (rollout.tensor_parallel_size, rollout.pipeline_parallel_size, rollout.devices) == (
+        2,
+        3,
+        6,
+    )
+    assert (teacher.tensor_parallel_size, teacher.pipeline_parallel_size, teacher.devices) == (
+        4,
+        1,
+        4,
+    )
+
+
 def test_specs_travel_to_actors(cfg: RunConfig) -> None:
     """Ray pickles a spec into every actor's constructor."""
     for spec in (LearnerSpec.from_config(cfg, "/s"), EngineSpec.rollout(cfg, "/s")):

@@ -125,6 +125,8 @@ def compare(
                 threads=threads,
                 seed=0,
                 max_logprobs=20,
+                tensor_parallel_size=1,
+                pipeline_parallel_size=1,
                 server=None,
             )
         )

@@ -86,6 +86,8 @@ def _rollout_engines(model_path: str, count: int) -> tuple[list[Any], Any]:
                 threads=1,
                 seed=i,
                 max_logprobs=20,
+                tensor_parallel_size=1,
+                pipeline_parallel_size=1,
                 server=None,
             )
         )
