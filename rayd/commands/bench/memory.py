@@ -140,7 +140,7 @@ def run(quick: bool, workdir: Path) -> dict[str, Any]:
         "vocab": int(AutoConfig.from_pretrained(model).vocab_size),
         "rows": rows,
         "completion_len": completion_len,
-        "steps": 2 if quick else 3,
+        "steps": 2 if quick else 5,
         "threads": min(2, os.cpu_count() or 1),
     }
     variants: dict[str, dict[str, Any]] = {}
