@@ -49,10 +49,6 @@ def peft_config(lora: LoraConfig, base_model: str | None = None) -> Any:
     )
 
 
-def is_lora_state(state: dict[str, Tensor]) -> bool:
-    return any(".lora_A." in key for key in state)
-
-
 def merged_state(state: dict[str, Tensor], lora: LoraConfig) -> dict[str, Tensor]:
     """The plain model's state dict from a LoRA student's: base keys, adapters merged in."""
     scaling = lora.alpha / lora.r
