@@ -222,9 +222,11 @@ class DriverState:
             "nonfinite_in_row": self.nonfinite_in_row,
             "first_eval": self.first_eval,
             "last_eval": self.last_eval,
-            # DeepSpeed cannot re-shard ZeRO state on load: `check_resumable` compares these.
+            # DeepSpeed cannot re-shard ZeRO state on load, nor load a LoRA student's state
+            # into another set of adapters: `check_resumable` compares these.
             "num_learners": cfg.learner.num_learners,
             "zero_stage": cfg.learner.zero_stage,
+            "lora": lora_settings(cfg),
         }
 
     def restore(self, saved: dict[str, Any]) -> None:
@@ -241,10 +243,12 @@ class DriverState:
 
     @staticmethod
     def check_resumable(cfg: RunConfig, saved: dict[str, Any]) -> None:
-        """DeepSpeed cannot re-shard ZeRO state to another learner count or stage on load."""
+        """DeepSpeed cannot re-shard ZeRO state to another learner count or stage on load, and
+        a LoRA student's checkpoint holds its adapters (none for full weights)."""
         for key, now in (
             ("num_learners", cfg.learner.num_learners),
             ("zero_stage", cfg.learner.zero_stage),
+            ("lora", lora_settings(cfg)),
         ):
             if saved and saved.get(key) != now:
                 raise ConfigError(
@@ -252,6 +256,11 @@ class DriverState:
                     f"with {saved.get(key)}; keep {saved.get(key)} or start a new run under a "
                     "new name"
                 )
+
+
+def lora_settings(cfg: RunConfig) -> dict[str, Any] | None:
+    """learner.lora as a checkpoint keeps it (checkpoints without the key are full-weight)."""
+    return cfg.learner.lora.model_dump() if cfg.learner.lora is not None else None
 
 
 class Run:

@@ -247,17 +247,17 @@ def check_engine_parallel(cfg: RunConfig, student: str, teachers: Sequence[str])
         if heads % tp:
             raise ConfigError(
                 f"config error: {name}.tensor_parallel_size={tp} does not divide the "
-                f"{heads} attention heads of {key} ({path})"
+                f"{heads} attention heads of {key}"
             )
         if kv_heads % tp and tp % kv_heads:
             raise ConfigError(
                 f"config error: {name}.tensor_parallel_size={tp} neither divides nor is a "
-                f"multiple of the {kv_heads} key/value heads of {key} ({path})"
+                f"multiple of the {kv_heads} key/value heads of {key}"
             )
         if pp > layers:
             raise ConfigError(
                 f"config error: {name}.pipeline_parallel_size={pp} is more than the {layers} "
-                f"layers of {key} ({path})"
+                f"layers of {key}"
             )
 
 

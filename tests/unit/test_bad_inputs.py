@@ -73,11 +73,16 @@ def no_tokenizer_model(tmp: Path) -> str:
     return str(dst)
 
 
-def existing_checkpoint(tmp: Path, corrupt: bool, num_learners: int = 1) -> list[str]:
+def existing_checkpoint(
+    tmp: Path, corrupt: bool, num_learners: int = 1, lora: dict | None = None
+) -> list[str]:
     store = CheckpointStore(tmp / "run" / "checkpoints")
     staging = store.staging_dir(4)
     (staging / "learner" / "x.pt").write_bytes(b"weights")
-    store.commit(staging, 4, {"num_learners": num_learners, "zero_stage": 2})
+    saved = {"num_learners": num_learners, "zero_stage": 2}
+    if lora is not None:
+        saved["lora"] = lora
+    store.commit(staging, 4, saved)
     if corrupt:
         (store.root / "step-000004" / "learner" / "x.pt").write_bytes(b"weightz")
     return [f"output_dir={tmp}/run"]
@@ -779,6 +784,18 @@ CASES = {
         lambda t: (None, existing_checkpoint(t, False, num_learners=4)),
         2,
         "learner.num_learners=1 but the checkpoint",
+    ),
+    "resume a LoRA run with full weights": (
+        lambda t: (
+            None,
+            existing_checkpoint(
+                t,
+                False,
+                lora={"r": 4, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear"},
+            ),
+        ),
+        2,
+        "learner.lora=None but the checkpoint to resume was saved with {'r': 4,",
     ),
     # --- cheap checks first ---
     "data file that does not parse, models not built yet": (
