@@ -69,18 +69,9 @@ class ModelsConfig(_Strict):
         return f"models.teachers[{index}].path"
 
 
-class RolloutConfig(_Strict):
-    backend: Literal["vllm", "hf"] = "vllm"
-    num_workers: int = Field(1, ge=1)
-    n: int = Field(1, ge=1, description="completions sampled per prompt")
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(64, ge=1)
-    max_model_len: int = Field(512, ge=8)
-    kv_cache_gib: float = Field(1.0, gt=0)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
-    threads: int = Field(1, ge=1)
+class EngineParallel(_Strict):
+    """How many devices one vLLM engine spans (rollout:, teacher:, rayd generate's engines:)."""
+
     tensor_parallel_size: int = Field(
         1,
         ge=1,
@@ -93,6 +84,20 @@ class RolloutConfig(_Strict):
         description="stages per engine that split the layers (vLLM pipeline parallel; at most "
         "the model's layers); with a GPU an engine's stages may sit on different nodes",
     )
+
+
+class RolloutConfig(EngineParallel):
+    backend: Literal["vllm", "hf"] = "vllm"
+    num_workers: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, description="completions sampled per prompt")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1)
+    max_model_len: int = Field(512, ge=8)
+    kv_cache_gib: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    threads: int = Field(1, ge=1)
     truncated: Literal["keep", "drop"] = Field(
         "keep",
         description="completions cut at max_new_tokens: keep = train on them; drop = leave "
@@ -100,7 +105,7 @@ class RolloutConfig(_Strict):
     )
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(EngineParallel):
     # vllm / hf: the teacher runs inside rayd's teacher actors. server: it is served elsewhere by
     # an OpenAI-compatible `vllm serve` (teacher.urls); the actors only send requests, and
     # models.teacher.path still names a local copy of its tokenizer and config.json (the
@@ -164,18 +169,6 @@ class TeacherConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     threads: int = Field(1, ge=1)
-    tensor_parallel_size: int = Field(
-        1,
-        ge=1,
-        description="devices per engine that split every layer (vLLM tensor parallel; must "
-        "divide the model's attention heads); cpus_per_worker / gpus_per_worker are per device",
-    )
-    pipeline_parallel_size: int = Field(
-        1,
-        ge=1,
-        description="stages per engine that split the layers (vLLM pipeline parallel; at most "
-        "the model's layers); with a GPU an engine's stages may sit on different nodes",
-    )
 
 
 class OptimConfig(_Strict):

@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 
 import rayd
 from rayd.cli import ArgumentParser
-from rayd.config import ConfigError, ModelSpec, _Strict, load_tree, validate
+from rayd.config import ConfigError, EngineParallel, ModelSpec, _Strict, load_tree, validate
 from rayd.data.prompts import encode_prompt
 from rayd.tasks import make_task
 from rayd.tasks.base import Task
@@ -58,7 +58,7 @@ class SamplingConfig(_Strict):
     max_new_tokens: int = Field(64, ge=1)
 
 
-class EnginesConfig(_Strict):
+class EnginesConfig(EngineParallel):
     backend: Literal["vllm", "hf"] = "vllm"
     num_workers: int = Field(1, ge=1)
     max_model_len: int = Field(512, ge=8)
@@ -66,12 +66,6 @@ class EnginesConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     threads: int = Field(1, ge=1)
-    tensor_parallel_size: int = Field(
-        1, ge=1, description="devices per engine that split every layer (vLLM tensor parallel)"
-    )
-    pipeline_parallel_size: int = Field(
-        1, ge=1, description="stages per engine that split the layers (vLLM pipeline parallel)"
-    )
 
     @model_validator(mode="after")
     def _parallel_needs_vllm(self) -> EnginesConfig:
