@@ -45,6 +45,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pretrain": {"task": "addition", "digits": 2, "steps": 300, "batch_size": 32, "lr": 3e-3},
     },
     "test-student": {"arch": {"layers": 1, "hidden": 32, "heads": 1}, "pretrain": None},
+    # The regimes world of issue 22 (docs/experiments/regimes.md): the demo teacher's arch and
+    # recipe on addition whose gold rationales write each column's operands in either order
+    # (swap) and state a wrong total then "!" and the right one in a tenth of the steps
+    # (repair). Use it with data.task_options {digits: 3, swap: 0.5, repair: 0.1}.
+    "repair-teacher": {
+        "arch": {"layers": 3, "hidden": 128, "heads": 4},
+        "pretrain": {
+            "task": "addition",
+            "task_options": {"digits": 3, "swap": 0.5, "repair": 0.1},
+            "steps": 1000,
+            "batch_size": 64,
+            "lr": 3e-3,
+        },
+    },
+    # The regimes world's student: one layer (0.08M params, ~10x smaller than the teacher), so
+    # that it cannot simply match the teacher by imitating its greedy traces (GKD's "student too
+    # small for the teacher" regime). Randomly initialised.
+    "regime-student": {"arch": {"layers": 1, "hidden": 64, "heads": 2}, "pretrain": None},
 }
 
 
@@ -147,6 +165,11 @@ def _build(name: str, preset: dict[str, Any], out: Path, seed: int) -> None:
         from rayd.tasks import make_task
 
         recipe = dict(recipe)
-        task = make_task(recipe.pop("task"), digits=recipe.pop("digits"), seed=seed)
+        # A recipe names its task's options under "task_options" (as a config's data section
+        # does); the older recipes' top-level "digits" stays valid, so their hashes do not move.
+        options = dict(recipe.pop("task_options", {}))
+        if "digits" in recipe:
+            options["digits"] = recipe.pop("digits")
+        task = make_task(recipe.pop("task"), seed=seed, **options)
         examples = task.examples("train", 4000)
         train_on_examples(out, examples, seed=seed, progress=f"building tiny:{name}", **recipe)
