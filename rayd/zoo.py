@@ -48,7 +48,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The regimes world of issue 22 (docs/experiments/regimes.md): the demo teacher's arch and
     # recipe on addition whose gold rationales write each column's operands in either order
     # (swap) and state a wrong total then "!" and the right one in a tenth of the steps
-    # (repair). Use it with data.task_options {digits: 3, swap: 0.5, repair: 0.1}.
+    # (repair). Use it with data.task_options {digits: 3, swap: 0.5, repair: 0.1}. Measured:
+    # 67% greedy held-out (the plain teacher ~100%): this recipe is short for the variant, whose
+    # swapped operands make the column lookup harder; 7.5 min to build on 2 shared cores.
     "repair-teacher": {
         "arch": {"layers": 3, "hidden": 128, "heads": 4},
         "pretrain": {
@@ -61,7 +63,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The regimes world's student: one layer (0.08M params, ~10x smaller than the teacher), so
     # that it cannot simply match the teacher by imitating its greedy traces (GKD's "student too
-    # small for the teacher" regime). Randomly initialised.
+    # small for the teacher" regime). Randomly initialised. Rationale SFT on repair-teacher's
+    # verified greedy traces: 13.8% / 33.0% / 42.6% at 1000 / 2000 / 4000 steps (teacher 67%).
     "regime-student": {"arch": {"layers": 1, "hidden": 64, "heads": 2}, "pretrain": None},
 }
 

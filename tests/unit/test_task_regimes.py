@@ -129,3 +129,21 @@ def test_presets_keep_their_cache_keys():
         "test-teacher-0b3b03504923"
     )
     assert PRESETS["repair-teacher"]["pretrain"]["task_options"] == VARIANT
+
+
+def test_report_corrupts_a_prefix_with_a_total_that_is_already_wrong():
+    from rayd.tasks.regimes_report import corrupted_prefixes
+
+    prompts = make_task("addition", **VARIANT).examples("eval", 100)
+    for row in corrupted_prefixes(prompts):
+        wrong = row["prefix"].rsplit("=", 1)[1]
+        right = row["repair"].removeprefix(REPAIR_MARKER).removesuffix(";")
+        # "=1" before a right "15" is not yet an error: such values are never drawn.
+        assert not right.startswith(wrong)
+        assert row["clean"].endswith("=" + right)
+        if row["slip"]:  # an operand copied wrong, summed consistently with it
+            last = row["slip"].removeprefix(row["example"].prompt).rsplit(";", 1)[-1]
+            operands, total = last.split("=")
+            assert sum(int(v) for v in operands.split("+")) == int(total)
+            clean = row["clean"].removeprefix(row["example"].prompt).rsplit(";", 1)[-1]
+            assert clean.split("=")[0] != operands
