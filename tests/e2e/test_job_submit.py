@@ -6,12 +6,12 @@ killing its process group stops exactly its processes (`ray stop` would stop eve
 machine). Ray 2.60 heads require an auth token: the test makes one and gives it to the head and
 the client, as a cluster operator would.
 
-1. a tiny distillation job reaches SUCCEEDED, its logs say where the student went, and the run
-   folder holds the student and the summary;
-2. a broken config reaches FAILED with the one-line config error in the job's logs;
-3. `ray job stop` (SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S from
+1. a broken config reaches FAILED with the one-line config error in the job's logs;
+2. `ray job stop` (SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S from
    launch/runtime_env.yaml) makes the job checkpoint and stop; submitting the same command again
-   resumes from that checkpoint and finishes.
+   resumes from that checkpoint and reaches SUCCEEDED: its logs say where the student went, and
+   the run folder holds the student and the summary. (One job does both: each job start costs
+   a minute on 2 cores.)
 """
 
 from __future__ import annotations
@@ -155,18 +155,6 @@ def job_args(out: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_tiny_job_succeeds_with_its_outputs(head, tmp_path):
-    submitted = head.submit("rayd-e2e-ok", *job_args(tmp_path / "run", "trainer.max_steps=3"))
-    assert submitted.returncode == 0, submitted.stderr
-    assert "ray job logs -f rayd-e2e-ok" in submitted.stderr
-    assert head.wait("rayd-e2e-ok") == "SUCCEEDED", head.logs("rayd-e2e-ok")[-3000:]
-    logs = head.logs("rayd-e2e-ok")
-    assert f"rayd: student saved to {tmp_path / 'run' / 'student'}" in logs
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 3 and not summary["preempted"]
-    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
-
-
 def test_broken_config_fails_with_the_clear_error_in_the_logs(head, tmp_path):
     submitted = head.submit("rayd-e2e-bad", *job_args(tmp_path / "bad", "learner.zero_stage=4"))
     assert submitted.returncode == 0, submitted.stderr
@@ -179,7 +167,9 @@ def test_broken_config_fails_with_the_clear_error_in_the_logs(head, tmp_path):
 
 def test_job_stop_checkpoints_and_the_same_command_resumes(head, tmp_path):
     args = job_args(tmp_path / "long", "trainer.max_steps=400", "trainer.eval_every=0")
-    assert head.submit("rayd-e2e-stop", *args).returncode == 0
+    submitted = head.submit("rayd-e2e-stop", *args)
+    assert submitted.returncode == 0, submitted.stderr
+    assert "ray job logs -f rayd-e2e-stop" in submitted.stderr
     metrics = tmp_path / "long" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.is_file() and '"loss"' in metrics.read_text()):  # a step has trained
@@ -196,6 +186,10 @@ def test_job_stop_checkpoints_and_the_same_command_resumes(head, tmp_path):
     resume = [*args[:-2], f"trainer.max_steps={saved['steps'] + 2}", "trainer.eval_every=0"]
     assert head.submit("rayd-e2e-resume", *resume).returncode == 0
     assert head.wait("rayd-e2e-resume") == "SUCCEEDED", head.logs("rayd-e2e-resume")[-3000:]
-    assert f"(step {saved['steps']})" in head.logs("rayd-e2e-resume")
+    logs = head.logs("rayd-e2e-resume")
+    assert f"(step {saved['steps']})" in logs
+    # The finished job's outputs: its logs say where the student went, and it is there.
+    assert f"rayd: student saved to {tmp_path / 'long' / 'student'}" in logs
+    assert (tmp_path / "long" / "student" / "model.safetensors").is_file()
     done = json.loads((tmp_path / "long" / "summary.json").read_text())
     assert done["steps"] == saved["steps"] + 2 and not done["preempted"]

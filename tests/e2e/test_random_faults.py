@@ -33,6 +33,10 @@ def overrides():
         "trainer.save_every=2",
         "trainer.learner_restarts=1000",
         "trainer.actor_restarts=1000",
+        # Transformers engines restart in seconds, vLLM's in 20-40 (test_resume.py restarts
+        # killed vLLM engines).
+        "rollout.backend=hf",
+        "teacher.backend=hf",
     ]
 
 

@@ -177,7 +177,15 @@ def interrupt(point: Point, driver: Driver, run_dir, resumed: int, step_s: float
 @pytest.mark.timeout(900 + 240 * POINTS)  # each point costs a driver start (Ray, actors)
 def test_interrupted_driver_resumes_bit_identical_at_every_point(tmp_path):
     began = time.time()
-    overrides = (f"trainer.max_steps={STEPS}", "trainer.save_every=1", f"trainer.seed={SEED}")
+    overrides = (
+        f"trainer.max_steps={STEPS}",
+        "trainer.save_every=1",
+        f"trainer.seed={SEED}",
+        # Transformers engines start in seconds, vLLM's in 20-40 (each point is a start);
+        # test_resume.py resumes the vLLM engines.
+        "rollout.backend=hf",
+        "teacher.backend=hf",
+    )
 
     def run_dir_and_config(name):
         cfg = config(tmp_path, name, *overrides)
