@@ -353,6 +353,24 @@ class AlgorithmConfig(_Strict):
     label_prefix: str = Field(
         "answer: ", min_length=1, description="on_policy/gkd: the label task's input prefix"
     )
+    # Distillation plus a task reward (verl, tinker, NeMo-RL; a reward scaled above 1 in ExOPD,
+    # arXiv 2602.12125): the task's verifier gives each on-policy sample 1 (right final
+    # answer) or 0; its advantage, the reward minus the mean over the prompt's rollout.n
+    # samples (over the step's on-policy samples when n = 1), is a sequence-level policy
+    # gradient on every token of the completion, added to distill_weight times the
+    # distillation loss.
+    reward_weight: float = Field(
+        0.0,
+        ge=0,
+        description="on_policy/gkd: weight of the verifier's sequence reward (may exceed 1); "
+        "0 = distillation only",
+    )
+    distill_weight: float = Field(
+        1.0,
+        ge=0,
+        description="on_policy/gkd: weight of the distillation loss; 0 with reward_weight > 0 "
+        "trains on the reward alone (the teacher still scores, for the reverse_kl metric)",
+    )
 
     @property
     def offline(self) -> bool:
@@ -526,6 +544,7 @@ class RunConfig(_Strict):
             )
         if self.algorithm.lmbda < 1.0 and self.algorithm.name != "gkd":
             raise ValueError("algorithm.lmbda < 1 (off-policy mixing) needs algorithm.name=gkd")
+        self._check_reward()
         if full:
             self._check_full_support()
         elif self.teacher.support != "teacher_topk":
@@ -549,6 +568,20 @@ class RunConfig(_Strict):
                 "trains on dataset completions and has none (set trainer.max_staleness=0)"
             )
         return self
+
+    def _check_reward(self) -> None:
+        algo = self.algorithm
+        mixed = algo.reward_weight > 0 or algo.distill_weight != 1.0
+        if mixed and algo.name not in ("on_policy", "gkd"):
+            raise ValueError(
+                "algorithm.reward_weight and algorithm.distill_weight weigh the student's own "
+                f"samples: they need algorithm.name=on_policy or gkd, not {algo.name}"
+            )
+        if algo.reward_weight == 0 and algo.distill_weight == 0:
+            raise ValueError(
+                "algorithm.distill_weight=0 with algorithm.reward_weight=0 trains on nothing: "
+                "set reward_weight > 0 (the reward alone) or distill_weight > 0"
+            )
 
     def _check_teacher_list(self) -> None:
         # Here rather than on ModelsConfig: its errors would print the whole models section.

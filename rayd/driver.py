@@ -51,6 +51,7 @@ from rayd.pipeline import (
     staleness_metrics,
 )
 from rayd.progress import stage
+from rayd.reward import advantages, rewards
 from rayd.rollout.worker import prompt_seeds
 from rayd.steps import weigh_steps
 from rayd.tasks.base import Task
@@ -463,11 +464,18 @@ class Run:
         if cfg.rollout.truncated == "drop":
             drop_truncated(batch, work.samples)
         step_stats: dict[str, float] = {}
+        if algo.reward_weight > 0:  # the verifier's reward beside distillation
+            scores = rewards(work.samples, self.prompts, self.prompts.task)
+            batch.advantage = advantages(work.samples, scores, per_prompt=cfg.rollout.n > 1)
+            rewarded = [r for r in scores if r is not None]
+            if rewarded:
+                step_stats["reward"] = sum(rewarded) / len(rewarded)
         if algo.step_weighting != "none":
             marker = (self.prompts.task or Task.default()).marker
-            batch.token_weight, step_stats = weigh_steps(
+            batch.token_weight, weighting = weigh_steps(
                 batch, work.samples, self.tokenizer, algo, marker
             )
+            step_stats.update(weighting)
         return batch, step_stats
 
     def log_step(

@@ -67,6 +67,10 @@ class LossSpec:
     # (`batch_loss(teacher_logits=...)`); the top-k fields of the batch are then unused
     full_vocab: bool = False
     skew: float = 0.1  # skew_kl, skew_reverse_kl: DistiLLM's alpha, in [0, 1) (0 = plain KL)
+    # Distillation plus a task reward: the loss is distill_weight * (the loss above) +
+    # reward_weight * `sequence_reward_pg` of batch.advantage, on the rows that carry one.
+    distill_weight: float = 1.0
+    reward_weight: float = 0.0
 
     def __post_init__(self) -> None:
         entry = LOSSES.get(self.kind)
@@ -95,6 +99,11 @@ class LossSpec:
             raise ValueError("feature_kd needs feature_pairs and teacher_hidden_size")
         if self.feature_weight < 0.0:
             raise ValueError(f"feature_weight must be >= 0, got {self.feature_weight}")
+        if self.distill_weight < 0.0 or self.reward_weight < 0.0:
+            raise ValueError(
+                f"distill_weight and reward_weight must be >= 0, got {self.distill_weight} "
+                f"and {self.reward_weight}"
+            )
 
 
 _TAIL_TEMPERATURE_ERROR = (
@@ -643,6 +652,40 @@ def token_logprobs(
     return out if mask is None else _per_token(out, mask)
 
 
+def policy_gradient(
+    student_logprobs: Tensor,
+    behavior_logprobs: Tensor,
+    advantage: Tensor,
+    mask: Tensor,
+    is_clip: float | None = None,
+) -> Tensor:
+    """Importance-sampled policy gradient: -ratio * advantage per token. All [B, T] -> [B, T].
+
+    ratio = exp(student_lp - behavior_lp) corrects for rollouts sampled by stale weights; the
+    advantage is detached. Its gradient is -ratio * advantage * d(student_lp); at ratio 1,
+    -advantage * d(student_lp).
+
+    is_clip: truncated importance sampling. The weight min(ratio, is_clip) is detached and
+    multiplies the score function, so a truncated token still gets the gradient
+    -is_clip * advantage * d(student_lp) (rather than none, as a clamp of the ratio would give).
+    Without truncation value and gradient equal those of -ratio * advantage.
+    """
+    zero = torch.zeros((), dtype=student_logprobs.dtype, device=student_logprobs.device)
+    s = torch.where(mask, student_logprobs, zero)
+    b = torch.where(mask, behavior_logprobs.detach(), zero)
+    a = torch.where(mask, advantage.detach().to(s.dtype), zero)
+    log_ratio = s - b
+    if is_clip is None:
+        ratio = log_ratio.exp()
+    else:
+        if not is_clip > 0.0:
+            raise ValueError(f"is_clip must be > 0, got {is_clip}")
+        # Clamping in log space first keeps exp() from overflowing on wildly stale tokens.
+        weight = log_ratio.detach().clamp(max=math.log(is_clip)).exp()
+        ratio = weight * (s - s.detach()).exp()
+    return _per_token(-ratio * a, mask)
+
+
 def token_reverse_kl_pg(
     student_logprobs: Tensor,
     behavior_logprobs: Tensor,
@@ -654,30 +697,27 @@ def token_reverse_kl_pg(
 
     Thinking Machines' "On-Policy Distillation" (Tinker recipe): the per-token reward is the
     negative sampled-token reverse KL, so advantage = teacher_lp - behavior_lp (detached), and
-    the importance-sampling loss is -ratio * advantage with ratio = exp(student_lp - behavior_lp)
-    correcting for rollouts sampled by stale weights. Its gradient is
-    -ratio * advantage * d(student_lp); at ratio 1, -advantage * d(student_lp).
-
-    is_clip: truncated importance sampling. The weight min(ratio, is_clip) is detached and
-    multiplies the score function, so a truncated token still gets the gradient
-    -is_clip * advantage * d(student_lp) (rather than none, as a clamp of the ratio would give).
-    Without truncation value and gradient equal those of -ratio * advantage.
+    the loss is `policy_gradient` of it.
     """
-    zero = torch.zeros((), dtype=student_logprobs.dtype, device=student_logprobs.device)
-    s = torch.where(mask, student_logprobs, zero)
-    b = torch.where(mask, behavior_logprobs.detach(), zero)
-    t = torch.where(mask, teacher_logprobs.detach(), zero)
-    advantage = t - b
-    log_ratio = s - b
-    if is_clip is None:
-        ratio = log_ratio.exp()
-    else:
-        if not is_clip > 0.0:
-            raise ValueError(f"is_clip must be > 0, got {is_clip}")
-        # Clamping in log space first keeps exp() from overflowing on wildly stale tokens.
-        weight = log_ratio.detach().clamp(max=math.log(is_clip)).exp()
-        ratio = weight * (s - s.detach()).exp()
-    return _per_token(-ratio * advantage, mask)
+    advantage = teacher_logprobs.detach() - behavior_logprobs.detach()
+    return policy_gradient(student_logprobs, behavior_logprobs, advantage, mask, is_clip)
+
+
+def sequence_reward_pg(
+    student_logprobs: Tensor,
+    behavior_logprobs: Tensor,
+    advantage: Tensor,
+    mask: Tensor,
+    is_clip: float | None = None,
+) -> Tensor:
+    """A sequence-level reward's policy gradient on every token of its row: REINFORCE with a
+    baseline. advantage [B] (the row's reward minus the baseline, detached); the others
+    [B, T] -> [B, T]. Summed over a row's tokens, its gradient is -advantage times the
+    gradient of the row's log-probability (ratio 1)."""
+    if advantage.shape != mask.shape[:1]:
+        raise ValueError(f"advantages {tuple(advantage.shape)} do not match {mask.shape[0]} rows")
+    per_token = advantage.to(mask.device).unsqueeze(-1).expand(mask.shape)
+    return policy_gradient(student_logprobs, behavior_logprobs, per_token, mask, is_clip)
 
 
 # Truncation of the stale-row importance weight when algorithm.is_clip is unset: the cap of
@@ -1051,6 +1091,8 @@ def batch_loss(
 
     batch.row_weight, when present, multiplies each row's loss (step_by_step's rationale task);
     batch.token_weight, when present, multiplies each token's loss (reasoning-step weights).
+    batch.advantage, when present, adds spec.reward_weight times `sequence_reward_pg` of it
+    to spec.distill_weight times the loss (metric "reward_loss": the reward term alone).
     Rows with batch.hard_target True (the on-policy modes' label task) take cross-entropy on
     their targets instead of the teacher signal; when the field is present the metrics add
     "label_loss" (their CE) and "label_tokens" (1 on their tokens), and "reverse_kl" is 0 on
@@ -1212,6 +1254,16 @@ def _finish(
         )
         loss = loss * weight.to(loss.dtype)
         metrics["is_weight"] = _per_token(weight, mask)
+
+    if ctx.spec.distill_weight != 1.0:
+        loss = loss * ctx.spec.distill_weight
+    if batch.advantage.numel() == mask.shape[0]:
+        # The task reward's policy gradient (rows without a reward carry advantage 0).
+        reward = sequence_reward_pg(
+            ctx.student_lp, ctx.behavior, batch.advantage, mask, ctx.spec.is_clip
+        )
+        loss = loss + ctx.spec.reward_weight * reward
+        metrics["reward_loss"] = reward.detach()
 
     distilled = mask
     if batch.hard_target.numel() == mask.shape[0]:

@@ -60,7 +60,7 @@ class TeacherScore:
         return cls(torch.zeros(length), ids, torch.zeros((length, k)))
 
 
-_PER_ROW = ("on_policy", "row_weight", "hard_target", "stale")
+_PER_ROW = ("on_policy", "row_weight", "hard_target", "stale", "advantage")
 
 
 @dataclass
@@ -88,6 +88,9 @@ class TrainBatch:
     # max_staleness >= 1); the top-k losses weight its tokens by a truncated importance ratio.
     # Empty when no row is stale.
     stale: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    # [B] float32, or empty: each row's task-reward advantage (algorithm.reward_weight > 0;
+    # the driver sets it after collate, rayd/reward.py), 0 on rows without a reward.
+    advantage: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
     @property
     def num_tokens(self) -> int:

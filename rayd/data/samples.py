@@ -29,13 +29,19 @@ def split_by_lambda(prompts: list[Prompt], lmbda: float, rng: random.Random):
 
 def check_offline_data(cfg: RunConfig, prompts: PromptSet) -> None:
     """The offline modes and gkd need a completion per training prompt; step_by_step needs the
-    answer and the rationale apart; the label task needs the answer."""
+    answer and the rationale apart; the label task and the task reward need the answer."""
     algo = cfg.algorithm
     where = cfg.data.train_dataset or cfg.data.source
     if algo.label_weight > 0 and any(p.answer is None for p in prompts.train):
         raise ConfigError(
             f"data error: {where}: algorithm.label_weight > 0 trains on gold answers, but some "
             "training rows have no 'answer' (a task, or a dataset with an answer column)"
+        )
+    if algo.reward_weight > 0 and any(p.answer is None for p in prompts.train):
+        raise ConfigError(
+            f"data error: {where}: algorithm.reward_weight > 0 rewards right answers, but some "
+            "training rows have no 'answer' to verify against (a task, or a dataset with an "
+            "answer column)"
         )
     if not (algo.offline or algo.lmbda < 1.0):
         return

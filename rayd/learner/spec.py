@@ -114,4 +114,6 @@ def loss_spec(
         feature_kind=algo.feature_loss,
         feature_weight=algo.feature_weight,
         full_vocab=cfg.teacher.support == "full",
+        distill_weight=algo.distill_weight,
+        reward_weight=algo.reward_weight,
     )

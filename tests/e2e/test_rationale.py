@@ -1,9 +1,13 @@
-"""On-policy rationale distillation end to end: divergence step weighting plus the label task.
+"""On-policy rationale distillation end to end: divergence step weighting, the label task and
+the task reward.
 
 A few real on-policy steps on a local Ray (rollout, teacher and a DeepSpeed learner actor): the
-student writes its own completions, the teacher scores them, the driver splits them into
-reasoning steps and weights the steps by where the student diverges, and every prompt also
-gets a label-task sample (prefix + prompt -> gold answer, cross-entropy). The transformers
+student writes its own completions (two per prompt), the teacher scores them, the driver splits
+them into reasoning steps and weights the steps by where the student diverges, every prompt
+also gets a label-task sample (prefix + prompt -> gold answer, cross-entropy), and the verifier
+rewards the completions with the right answer (a policy gradient beside distillation, reward
+scaled 2x). The student is tiny:test-reasoner, which gets some 2-digit sums right: a random
+one never would, and every advantage would be 0. The transformers
 rollout and teacher backends keep it short on 2 cores (tests/e2e/test_onpolicy.py covers
 vLLM); the weights themselves are checked exactly in tests/unit/test_steps.py.
 """
@@ -26,7 +30,7 @@ STEP_KEYS = (
 )
 
 
-def test_divergence_step_weighting_with_the_label_task(local_ray, tmp_path):
+def test_step_weighting_label_task_and_task_reward(local_ray, tmp_path):
     cfg = load_config(
         CONFIG,
         [
@@ -35,14 +39,17 @@ def test_divergence_step_weighting_with_the_label_task(local_ray, tmp_path):
             "rollout.backend=hf",
             "teacher.backend=hf",
             "learner.num_learners=1",
-            "learner.micro_batch_size=16",
-            "trainer.prompts_per_step=8",  # 8 rollouts + 8 label-task samples
+            "models.student.path=tiny:test-reasoner",
+            "rollout.n=2",
+            "learner.micro_batch_size=24",
+            "trainer.prompts_per_step=8",  # 16 rollouts + 8 label-task samples
             "trainer.max_steps=4",
             "trainer.eval_every=0",
             "data.eval_size=8",
             "algorithm.step_weighting=divergence",
             "algorithm.step_temperature=0.5",
             "algorithm.label_weight=0.5",
+            "algorithm.reward_weight=2.0",
             "logging.progress=false",
             "logging.tensorboard=false",
         ],
@@ -67,4 +74,8 @@ def test_divergence_step_weighting_with_the_label_task(local_ray, tmp_path):
         assert 0 < r["label_token_fraction"] < 1
         assert r["label_loss"] > 0
         assert "label_tokens" not in r  # turned into the fraction by the driver
+        # The reward: the share of the step's rollouts with the right answer.
+        assert 0 <= r["reward"] <= 1 and math.isfinite(r["reward_loss"])
+    # Some prompt's two samples disagreed: its advantages, and the reward term, are not 0.
+    assert any(0 < r["reward"] < 1 and r["reward_loss"] != 0 for r in steps)
     assert (run / "student" / "config.json").is_file()

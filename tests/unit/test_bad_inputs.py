@@ -741,6 +741,27 @@ CASES = {
         2,
         "algorithm.label_weight > 0 trains on gold answers, but some training rows have no",
     ),
+    "task reward without answers": (
+        lambda t: (
+            None,
+            [
+                "algorithm.reward_weight=1.0",
+                f"data.source={jsonl(t / 'd.jsonl', [{'prompt': '1+1='}] * 40)}",
+            ],
+        ),
+        2,
+        "algorithm.reward_weight > 0 rewards right answers, but some training rows have no",
+    ),
+    "task reward on an offline mode": (
+        lambda t: (None, ["algorithm.name=sft", "algorithm.reward_weight=1.0"]),
+        2,
+        "they need algorithm.name=on_policy or gkd, not sft",
+    ),
+    "neither distillation nor reward": (
+        lambda t: (None, ["algorithm.distill_weight=0"]),
+        2,
+        "algorithm.distill_weight=0 with algorithm.reward_weight=0 trains on nothing",
+    ),
     # --- stored teacher signal (rayd score) ---
     "stored signal of another k": (
         stored("k"),

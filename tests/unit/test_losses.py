@@ -24,6 +24,7 @@ from rayd.losses import (
     hinton_kd,
     masked_mean,
     reverse_kl,
+    sequence_reward_pg,
     skew_kl,
     stale_importance_weight,
     step_by_step_loss,
@@ -555,6 +556,52 @@ def test_pg_stale_ratio_and_truncation() -> None:
     (g,) = torch.autograd.grad(clipped.sum(), student)
     # Truncated token: gradient -is_clip * A * d(logp); the untruncated one is unchanged.
     torch.testing.assert_close(g, want)
+
+
+def test_sequence_reward_pg_is_reinforce_on_the_whole_row() -> None:
+    s, mask = _logits(19).requires_grad_(True), _mask()
+    targets = torch.tensor([[1, 4, 0], [2, 5, 3]])
+    student_lp = token_logprobs(s, targets, mask)
+    advantage = torch.tensor([0.75, -0.5], dtype=torch.float64)
+    loss = sequence_reward_pg(student_lp, student_lp.detach(), advantage, mask)
+    torch.testing.assert_close(loss, -advantage.unsqueeze(-1) * mask)  # ratio exactly 1
+    # Summed over a row: -advantage times the gradient of the row's log-probability.
+    (got,) = torch.autograd.grad(loss.sum(), s)
+    row_lp = token_logprobs(s, targets, mask).sum(-1)
+    (want,) = torch.autograd.grad(-(advantage * row_lp).sum(), s)
+    torch.testing.assert_close(got, want)
+    assert got[0].abs().sum() > 0 and got[1].abs().sum() > 0
+    with pytest.raises(ValueError, match="do not match 2 rows"):
+        sequence_reward_pg(student_lp, student_lp.detach(), advantage[:1], mask)
+
+
+def test_batch_loss_mixes_distillation_and_reward() -> None:
+    logits = _logits(26, (2, 3, V)).float().requires_grad_(True)
+    batch = _batch()
+    distill, _ = batch_loss(logits, batch, LossSpec("reverse_kl"))
+    batch.advantage = torch.tensor([0.5, -1.0])
+    student_lp = token_logprobs(logits, batch.input_ids[:, 1:], batch.loss_mask)
+    reward = sequence_reward_pg(
+        student_lp, batch.behavior_logprobs, batch.advantage, batch.loss_mask
+    )
+    mixed, metrics = batch_loss(
+        logits, batch, LossSpec("reverse_kl", distill_weight=0.5, reward_weight=2.0)
+    )
+    torch.testing.assert_close(mixed, 0.5 * distill + 2.0 * reward)
+    torch.testing.assert_close(metrics["reward_loss"], reward.detach())
+    assert mixed[batch.loss_mask].ne(0).all() and mixed[~batch.loss_mask].eq(0).all()
+    # The reward alone: the distillation term is gone, its gradient with it.
+    alone, _ = batch_loss(
+        logits, batch, LossSpec("on_policy_pg", distill_weight=0.0, reward_weight=1.0)
+    )
+    torch.testing.assert_close(alone, reward)
+    # Without advantages (reward_weight 0 in the config: the driver sets none) nothing changes.
+    batch.advantage = torch.zeros(0)
+    plain, metrics = batch_loss(logits, batch, LossSpec("reverse_kl"))
+    torch.testing.assert_close(plain, distill)
+    assert "reward_loss" not in metrics
+    with pytest.raises(ValueError, match="reward_weight must be >= 0"):
+        LossSpec("reverse_kl", reward_weight=-1.0)
 
 
 # ---------------------------------------------------------------------------------------------
