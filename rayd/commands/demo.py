@@ -27,7 +27,18 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 # Each run: (overrides of configs/demo/student.yaml, the run it continues from). `{traces}` is
 # the generated dataset, `{from}` the student of the run it continues from. "warmup" is a short
 # rationale SFT that on-policy distillation starts from (a random student samples nothing the
-# teacher can correct); it is a stage, not a reported method.
+# teacher can correct); it is a stage, not a reported method. From it, on-policy distillation
+# and continued SFT train the same number of steps with the same learning-rate schedule: a
+# fresh optimizer warms its learning rate up again (CONTINUED), since a full learning rate on
+# a fresh Adam state collapsed the warm student in its first step (issue 22).
+CONTINUED = [
+    "models.student.path={from}",
+    "trainer.max_steps={on_policy_steps}",
+    "trainer.eval_every=50",
+    "learner.optim.lr=1.0e-3",
+    "learner.optim.warmup_steps=10",
+    "learner.optim.schedule=constant",
+]
 METHODS: dict[str, tuple[list[str], str | None]] = {
     "sft": (["algorithm.name=sft", "data.train_dataset={traces}"], None),
     "step_by_step": (
@@ -47,18 +58,11 @@ METHODS: dict[str, tuple[list[str], str | None]] = {
         ],
         None,
     ),
-    "on_policy": (
-        [
-            "algorithm.name=on_policy",
-            "algorithm.loss=reverse_kl",
-            "models.student.path={from}",
-            "trainer.max_steps={on_policy_steps}",
-            "trainer.eval_every=50",
-            "learner.optim.lr=1.0e-3",
-            "learner.optim.warmup_steps=0",
-        ],
+    "sft_continued": (
+        ["algorithm.name=sft", "data.train_dataset={traces}", *CONTINUED],
         "warmup",
     ),
+    "on_policy": (["algorithm.name=on_policy", "algorithm.loss=reverse_kl", *CONTINUED], "warmup"),
 }
 STAGES = ("warmup",)  # runs that feed another and are not reported as methods
 BASELINE = ["algorithm.name=sft", "data.rationales=false", "models.teacher=null"]
@@ -117,11 +121,14 @@ def run_demo(
             print(f"rayd demo: {name}: trained in {duration(summary['seconds'])}", flush=True)
         runs[name] = {"summary": summary, "steps": total_steps, "overrides": args}
 
-    _stage("3/5 distilled students: rationale SFT, step-by-step, short SFT -> on-policy")
+    _stage(
+        "3/5 distilled students: rationale SFT, step-by-step; from a short SFT: continued SFT "
+        "and on-policy distillation"
+    )
     for method, (overrides, parent) in METHODS.items():
         if parent is not None:
             fills["from"] = runs[parent]["summary"]["student"]
-        own = {"warmup": warmup_steps, "on_policy": on_policy_steps}.get(method, steps)
+        own = warmup_steps if method == "warmup" else on_policy_steps if parent else steps
         run(method, overrides, own + (runs[parent]["steps"] if parent else 0))
 
     _stage("4/5 baseline: the same student on gold answers alone, no teacher")
@@ -167,6 +174,8 @@ def build_report(models, scores, runs, traces, eval_count, task_options) -> dict
         }
         if name in runs:
             e["steps"] = runs[name]["steps"]
+            e["seconds"] = runs[name]["summary"].get("seconds")  # this run's own training
+            e["continues_from"] = METHODS.get(name, ([], None))[1]
             e["command"] = "rayd train configs/demo/student.yaml " + " ".join(
                 runs[name]["overrides"]
             )
@@ -177,8 +186,18 @@ def build_report(models, scores, runs, traces, eval_count, task_options) -> dict
     students = {name: entry(name) for name in METHODS if name not in STAGES}
     best = max(students, key=lambda n: students[n]["accuracy"])
     best_acc = students[best]["accuracy"]
+    continued = {n: e for n, e in students.items() if e.get("continues_from")}
     return {
         "task": {"name": "addition", **task_options, "eval_prompts": eval_count},
+        # like with like: the rows that continue from the same student, at the same steps
+        "from_the_same_start": {
+            "start": next(iter(continued.values()))["continues_from"] if continued else None,
+            "start_steps": runs["warmup"]["steps"] if "warmup" in runs else 0,
+            "rows": {
+                n: {"accuracy": e["accuracy"], "seconds": e.get("seconds")}
+                for n, e in continued.items()
+            },
+        },
         "teacher": teacher,
         "baseline": baseline,
         "students": students,
@@ -205,14 +224,20 @@ def report_table(report: dict[str, Any]) -> str:
     rows = [("teacher", report["teacher"]), ("baseline (answers only)", report["baseline"])]
     rows += [(f"student: {name}", e) for name, e in report["students"].items()]
     teacher_params = report["teacher"]["params"]
+    same = report.get("from_the_same_start", {})
     lines = [
-        "| model | params | size vs teacher | train steps | held-out accuracy |",
-        "|---|---:|---:|---:|---:|",
+        "| model | params | size vs teacher | starts from | train steps | train time "
+        "| held-out accuracy |",
+        "|---|---:|---:|---|---:|---:|---:|",
     ]
     for name, e in rows:
+        start = e.get("continues_from")
+        start_text = f"{start} ({same.get('start_steps', '?')} SFT steps)" if start else "random"
+        seconds = e.get("seconds")
         lines.append(
             f"| {name} | {e['params'] / 1e6:.2f}M | {teacher_params / e['params']:.1f}x smaller "
-            f"| {e.get('steps', '-')} | {100 * e['accuracy']:.1f}% |"
+            f"| {start_text if 'steps' in e else '-'} | {e.get('steps', '-')} "
+            f"| {f'{seconds:.0f} s' if seconds else '-'} | {100 * e['accuracy']:.1f}% |"
         )
     lines[2] = lines[2].replace("1.0x smaller", "-")
     best = report["best"]
@@ -223,6 +248,17 @@ def report_table(report: dict[str, Any]) -> str:
         f"{best['over_baseline_points']:+.1f} points over the answers-only baseline "
         f"(targets: >= 90% and >= +15; {'met' if report['targets']['met'] else 'NOT met'}).",
     ]
+    if same.get("rows"):
+        compared = ", ".join(
+            f"{n} {100 * r['accuracy']:.1f}%"
+            + (f" in {r['seconds']:.0f} s" if r.get("seconds") else "")
+            for n, r in same["rows"].items()
+        )
+        lines.append(
+            f"From the same start ({same['start']}, {same['start_steps']} rationale SFT steps), "
+            f"the same number of steps and learning-rate schedule: {compared} (train time is "
+            "each run's own, start-up included)."
+        )
     return "\n".join(lines)
 
 
