@@ -32,17 +32,15 @@ def check_offline_data(cfg: RunConfig, prompts: PromptSet) -> None:
     answer and the rationale apart; the label task and the task reward need the answer."""
     algo = cfg.algorithm
     where = cfg.data.train_dataset or cfg.data.source
-    if algo.label_weight > 0 and any(p.answer is None for p in prompts.train):
-        raise ConfigError(
-            f"data error: {where}: algorithm.label_weight > 0 trains on gold answers, but some "
-            "training rows have no 'answer' (a task, or a dataset with an answer column)"
-        )
-    if algo.reward_weight > 0 and any(p.answer is None for p in prompts.train):
-        raise ConfigError(
-            f"data error: {where}: algorithm.reward_weight > 0 rewards right answers, but some "
-            "training rows have no 'answer' to verify against (a task, or a dataset with an "
-            "answer column)"
-        )
+    for key, use in (
+        ("label_weight", "trains on gold answers"),
+        ("reward_weight", "rewards right answers"),
+    ):
+        if getattr(algo, key) > 0 and any(p.answer is None for p in prompts.train):
+            raise ConfigError(
+                f"data error: {where}: algorithm.{key} > 0 {use}, but some training rows "
+                "have no 'answer' (a task, or a dataset with an answer column)"
+            )
     if not (algo.offline or algo.lmbda < 1.0):
         return
     if any(p.completion_ids is None for p in prompts.train):
