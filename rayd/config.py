@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -30,6 +38,27 @@ class ModelSpec(_Strict):
     # (see rayd/zoo.py); hub names work only where the machine can reach the hub.
     path: str
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # A preset's build (initialisation, pretraining) follows trainer.seed unless pinned here; a
+    # seed sweep pins its teacher (seed: 0) so that the seeds vary the student's training, not
+    # the teacher it learns from.
+    seed: int | None = Field(
+        None, ge=0, description="tiny:<preset> only: the seed of its build; default trainer.seed"
+    )
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_only_for_presets(cls, seed: int | None, info: ValidationInfo) -> int | None:
+        path = info.data.get("path", "")
+        if seed is not None and not path.startswith("tiny:"):
+            raise ValueError(
+                f"only a tiny:<preset> is built from a seed; {path!r} is a checkpoint whose "
+                "weights are already fixed (drop the seed)"
+            )
+        return seed
+
+    def build_seed(self, run_seed: int) -> int:
+        """The seed a tiny:<preset> is built with: its own if pinned, else the run's."""
+        return run_seed if self.seed is None else self.seed
 
 
 class TeacherSpec(ModelSpec):

@@ -109,7 +109,10 @@ def check_models(cfg: RunConfig) -> tuple[str, list[str], Any]:
     Equal `vocab_size` does not mean the same tokenizer, and the same tokenizer can come with
     different padded `vocab_size` (Qwen2.5-0.5B 151936 vs 7B 152064): compare the vocabularies.
     """
-    student = _resolve("models.student.path", cfg.models.student.path, cfg.trainer.seed)
+    student_spec = cfg.models.student
+    student = _resolve(
+        "models.student.path", student_spec.path, student_spec.build_seed(cfg.trainer.seed)
+    )
     s_tok = _tokenizer("models.student.path", student)
     if s_tok.pad_token_id is None:
         raise ConfigError("config error: models.student.path: the tokenizer has no pad token")
@@ -121,7 +124,10 @@ def check_models(cfg: RunConfig) -> tuple[str, list[str], Any]:
         )
     teachers = []
     for i, spec in enumerate(cfg.models.teacher_list):
-        teachers.append(check_teacher(cfg, cfg.models.teacher_key(i), spec.path, student, s_tok))
+        seed = spec.build_seed(cfg.trainer.seed)
+        teachers.append(
+            check_teacher(cfg, cfg.models.teacher_key(i), spec.path, student, s_tok, seed)
+        )
     if cfg.teacher.backend == "server":  # a served teacher answers, and tokenizes as the student
         from rayd.teacher.server_scorer import check_servers
 
@@ -136,10 +142,10 @@ def check_models(cfg: RunConfig) -> tuple[str, list[str], Any]:
     return student, teachers, s_tok
 
 
-def check_teacher(cfg: RunConfig, key: str, path: str, student: str, s_tok: Any) -> str:
+def check_teacher(cfg: RunConfig, key: str, path: str, student: str, s_tok: Any, seed: int) -> str:
     """One teacher against the student: same tokenizer, same stop tokens and chat template;
     errors name the teacher's config key (models.teacher.path, models.teachers[1].path)."""
-    teacher = _resolve(key, path, cfg.trainer.seed)
+    teacher = _resolve(key, path, seed)
     t_tok = _tokenizer(key, teacher)
     s_vocab, t_vocab = s_tok.get_vocab(), t_tok.get_vocab()
     if s_vocab != t_vocab:

@@ -114,7 +114,9 @@ def load_student(run: Path, cfg: RunConfig, source: str) -> tuple[Any, Any, dict
         origin = {"from": "final", "step": summary.get("steps"), "eval": summary.get("final")}
         return model, AutoTokenizer.from_pretrained(final), origin
     # The architecture and tokenizer are those the run started from; the weights the checkpoint's.
-    init = resolve_model_path(cfg.models.student.path, seed=cfg.trainer.seed)
+    init = resolve_model_path(
+        cfg.models.student.path, seed=cfg.models.student.build_seed(cfg.trainer.seed)
+    )
     state, step, last_eval = checkpoint_state(run)
     if cfg.learner.lora is not None:  # a LoRA student: its adapters merged into the weights
         from rayd.learner.lora import merged_state
@@ -314,7 +316,7 @@ def export_adapter(run: Path, out: Path, *, source: str = "auto", force: bool = 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         save_adapter(staging, adapters, cfg.learner.lora, base)
-        init = resolve_model_path(base, seed=cfg.trainer.seed)
+        init = resolve_model_path(base, seed=cfg.models.student.build_seed(cfg.trainer.seed))
         AutoTokenizer.from_pretrained(init).save_pretrained(staging)
         (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
         (staging / "README.md").write_text(adapter_card(record, str(out)))

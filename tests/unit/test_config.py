@@ -33,6 +33,28 @@ def test_label_task_adds_one_sample_per_prompt():
     assert cfg.algorithm.step_delimiter == ";"  # what the addition task's rationales end steps with
 
 
+def test_a_preset_builds_with_its_own_seed_or_the_runs():
+    cfg = load_config(
+        None,
+        [
+            "models.student.path=tiny:s",
+            "models.teacher.path=tiny:t",
+            "models.teacher.seed=0",
+            "trainer.seed=2",
+        ],
+    )
+    assert cfg.models.teacher.build_seed(cfg.trainer.seed) == 0  # pinned: the same teacher
+    assert cfg.models.student.build_seed(cfg.trainer.seed) == 2  # follows the run
+    with pytest.raises(ConfigError, match=r"models.teacher.seed: .*only a tiny:<preset>"):
+        load_config(None, [*BASE, "models.teacher.seed=0"])
+
+
+def test_regimes_configs_are_valid():
+    cfg = load_config(ROOT / "configs/regimes/student.yaml")
+    assert cfg.data.task_options == {"digits": 3, "swap": 0.5, "repair": 0.1}
+    assert cfg.models.student.path == "tiny:regime-student"
+
+
 def test_demo_config_is_valid():
     cfg = load_config(ROOT / "configs/demo/onpolicy.yaml")
     assert cfg.models.teacher.path.startswith("tiny:")
