@@ -64,6 +64,15 @@ METHODS: dict[str, tuple[list[str], str | None]] = {
     ),
     "on_policy": (["algorithm.name=on_policy", "algorithm.loss=reverse_kl", *CONTINUED], "warmup"),
 }
+# What this world can and cannot show, said in the report beside the figures it explains.
+REGIME = (
+    "Regime: plain addition has one valid rationale per sum, the teacher is nearly deterministic "
+    "and its traces are verified, and the student is big enough to learn them: the regime where "
+    "SFT on teacher rationales is expected to win, since it already imitates the teacher along "
+    "the only path that matters (docs/experiments/rationale-onpolicy-vs-sft.md). On-policy "
+    "distillation's regime, a student that SFT leaves below the teacher on a task with several "
+    "rationales and repairs, is measured in docs/experiments/plateau.md."
+)
 STAGES = ("warmup",)  # runs that feed another and are not reported as methods
 BASELINE = ["algorithm.name=sft", "data.rationales=false", "models.teacher=null"]
 
@@ -90,7 +99,10 @@ def run_demo(
     gen_cfg = load_generate_config(str(CONFIGS / "traces.yaml"), [f"output_dir={out / 'traces'}"])
 
     _stage("1/5 teacher: tiny:addition-teacher (trained on gold rationales once, then cached)")
-    teacher = resolve_model_path(base_cfg.models.teacher.path, seed=base_cfg.trainer.seed)
+    teacher_spec = base_cfg.models.teacher
+    teacher = resolve_model_path(
+        teacher_spec.path, seed=teacher_spec.build_seed(base_cfg.trainer.seed)
+    )
 
     _stage("2/5 teacher rationales: rayd generate configs/demo/traces.yaml")
     traces = generate(gen_cfg)
@@ -274,6 +286,8 @@ def write_report(out: Path, report: dict[str, Any], runs: dict[str, dict[str, An
         "greedy decoding. Produced by `make demo` (`rayd demo`).",
         "",
         table,
+        "",
+        REGIME,
         "",
         f"Teacher rationales: {traces['samples']} samples for {traces['prompts']} prompts, "
         f"{traces['kept']} kept; dropped: "

@@ -430,11 +430,18 @@ def test_outcome_of_an_unrun_cell_is_pending(tmp_path):
     assert Outcome(outcome.cell, "skipped").ok
 
 
-def test_the_shipped_example_sweep_is_valid():
-    # Keeps configs/sweeps/step_by_step.yaml (the README's example) in step with the config.
-    path = Path(__file__).resolve().parents[2] / "configs" / "sweeps" / "step_by_step.yaml"
-    sweep = load_sweep(path)
+SHIPPED_SWEEPS = Path(__file__).resolve().parents[2] / "configs" / "sweeps"
+
+
+@pytest.mark.parametrize(
+    ("name", "cells", "x_axis"),
+    [("step_by_step.yaml", 36, "data.train_fraction"), ("regimes_plateau.yaml", 15, "method")],
+)
+def test_the_shipped_sweeps_are_valid(name, cells, x_axis):
+    # Keeps configs/sweeps/ (the README's example, the published ablations) in step with the
+    # config: every cell validates, without running or building anything.
+    sweep = load_sweep(SHIPPED_SWEEPS / name)
     plans = [plan_cell(sweep, c) for c in expand(sweep)]
-    assert len(plans) == 36
+    assert len(plans) == cells
     assert all(p.action != "invalid" for p in plans), [p.reason for p in plans]
-    assert ablate.choose_x_axis(sweep) == "data.train_fraction"
+    assert ablate.choose_x_axis(sweep) == x_axis
