@@ -84,12 +84,13 @@ class ModelsConfig(_Strict):
 
     @property
     def teacher_list(self) -> list[TeacherSpec]:
-        """Every teacher, one or several, as (name, path, dtype, weight); [] for none."""
+        """Every teacher, one or several, as (name, path, dtype, seed, weight); [] for none."""
         if self.teachers is not None:
             return list(self.teachers)
         if self.teacher is None:
             return []
-        return [TeacherSpec(name="teacher", path=self.teacher.path, dtype=self.teacher.dtype)]
+        t = self.teacher
+        return [TeacherSpec(name="teacher", path=t.path, dtype=t.dtype, seed=t.seed)]
 
     def teacher_key(self, index: int) -> str:
         """The config key of a teacher's path, for error messages."""
