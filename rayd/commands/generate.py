@@ -277,7 +277,7 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     shards_dir = out / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
     try:
-        teacher_path = resolve_model_path(cfg.teacher.path, seed=cfg.seed)
+        teacher_path = resolve_model_path(cfg.teacher.path, seed=cfg.teacher.build_seed(cfg.seed))
     except ValueError as exc:
         raise ConfigError(f"config error: teacher.path: {exc}") from None
     if not (Path(teacher_path) / "config.json").is_file():
