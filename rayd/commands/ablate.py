@@ -776,8 +776,13 @@ def write_markdown(sweep: Sweep, outcomes: list[Outcome], path: Path, plots: lis
         if seed
         else "one run per row (no seed axis)"
     )
-    lines += ["", f"Final held-out metrics, {spread}; n = finished runs.", ""]
-    header = [spec.label(a) for a in kept] + ["n", *[spec.label(m) for m in metrics]]
+    lines += [
+        "",
+        f"Final held-out metrics, {spread}; n = finished runs; wall s = a run's mean wall time, "
+        "start-up included.",
+        "",
+    ]
+    header = [spec.label(a) for a in kept] + ["n", *[spec.label(m) for m in metrics], "wall s"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for group in groups:
@@ -789,7 +794,12 @@ def write_markdown(sweep: Sweep, outcomes: list[Outcome], path: Path, plots: lis
                 row.append(format_stat(metric, mean, std))
             else:
                 row.append("–")
+        walls = [o.wall_s for o in group.cells if o.ok and o.wall_s is not None]
+        row.append(f"{statistics.fmean(walls):.0f}" if walls else "–")
         lines.append("| " + " | ".join(row) + " |")
+    main_metric = choose_metric(sweep, outcomes)
+    if main_metric is not None:
+        lines += curve_table(sweep, groups, main_metric)
     bad = [o for o in outcomes if not o.ok]
     if bad:
         lines += ["", "Cells without results:", ""]
@@ -800,6 +810,33 @@ def write_markdown(sweep: Sweep, outcomes: list[Outcome], path: Path, plots: lis
     if plots:
         lines += [""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     path.write_text("\n".join(lines) + "\n")
+
+
+def curve_table(sweep: Sweep, groups: list[Group], metric: str) -> list[str]:
+    """`metric` at every evaluation step, mean ± std over each setting's finished seeds: a
+    comparison at equal steps, where settings ran for different numbers of steps."""
+    spec = sweep.spec
+    kept = [a for a in spec.axes if a != spec.seed_axis]
+    curves: list[dict[int, list[float]]] = []
+    for group in groups:
+        by_step: dict[int, list[float]] = {}
+        for o in group.cells:
+            if o.ok:
+                for r in _read_metrics(cell_dir(sweep, o.cell) / "metrics.jsonl"):
+                    if _is_number(r.get(metric)) and math.isfinite(r[metric]):
+                        by_step.setdefault(r["step"], []).append(float(r[metric]))
+        curves.append(by_step)
+    steps = sorted({s for by_step in curves for s in by_step})
+    if not steps:
+        return []
+    header = [spec.label(a) for a in kept] + [f"step {s}" for s in steps]
+    lines = ["", f"{spec.label(metric)} at each evaluation step, mean ± std over seeds:", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group, by_step in zip(groups, curves, strict=True):
+        row = [spec.label(_value_text(group.values[a])) for a in kept]
+        row += [format_stat(metric, *mean_std(by_step[s])) if s in by_step else "–" for s in steps]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def choose_metric(sweep: Sweep, outcomes: list[Outcome]) -> str | None:

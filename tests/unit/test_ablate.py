@@ -400,8 +400,12 @@ def test_only_report_writes_csv_markdown_and_plots(tmp_path, capsys):
 
     md = (sweep.out / "results.md").read_text()
     assert "| algorithm.loss | training data | n | eval/accuracy |" in md
-    assert "| reverse_kl | 0.25 | 2/2 | 35.0 ± 7.1 % | 20 ± 0 | 2.65 ± 0.071 |" in md
-    assert "| forward_kl | 1.0 | 1/2 | 40.0 % | 20 | 2.6 |" in md
+    assert "| reverse_kl | 0.25 | 2/2 | 35.0 ± 7.1 % | 20 ± 0 | 2.65 ± 0.071 | 12 |" in md
+    assert "| forward_kl | 1.0 | 1/2 | 40.0 % | 20 | 2.6 | 12 |" in md
+    # the main metric along the way, for comparisons at equal steps
+    assert "| algorithm.loss | training data | step 0 | step 4 |" in md
+    assert "| reverse_kl | 0.25 | 0.0 ± 0.0 % | 35.0 ± 7.1 % |" in md
+    assert "| forward_kl | 1.0 | 0.0 % | 40.0 % |" in md
     assert "- `forward_kl-train_fraction=1.0-seed=1`: failed (exit code 1): boom" in md
 
     plots = sorted(p.name for p in (sweep.out / "plots").iterdir())
@@ -419,7 +423,8 @@ def test_report_falls_back_to_reverse_kl_without_accuracy(tmp_path):
         finish_cell(sweep, cell, final={"eval/reverse_kl": 2.0 + i}, metrics=curve)
     assert ablate.main([str(path), "--only-report"]) == 0
     md = (sweep.out / "results.md").read_text()
-    assert "| n | eval/reverse_kl |\n|---|---|\n| 2/2 | 2.5 ± 0.71 |\n" in md
+    assert "| n | eval/reverse_kl | wall s |\n|---|---|---|\n| 2/2 | 2.5 ± 0.71 | 12 |\n" in md
+    assert "| step 1 |\n|---|\n| 2.5 ± 0.71 |\n" in md
     assert (sweep.out / "plots" / "final_reverse_kl_vs_cells.png").is_file()
 
 
