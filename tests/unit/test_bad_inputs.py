@@ -431,6 +431,11 @@ CASES = {
         2,
         "unknown tiny model 'tiny:giant'",
     ),
+    "build seed on a checkpoint": (
+        lambda t: (None, [f"models.teacher.path={t}", "models.teacher.seed=0"]),
+        2,
+        "models.teacher.seed: only a tiny:<preset> is built from a seed",
+    ),
     "model folder without config.json": (
         lambda t: (None, [f"models.student.path={t}"]),
         2,
