@@ -444,6 +444,13 @@ class DataConfig(_Strict):
         True, description="task data: completions with the gold rationale, or the answer alone"
     )
     eval_size: int = Field(32, ge=1)
+    split_seed: int | None = Field(
+        None,
+        ge=0,
+        description="the seed of the train/held-out split and of the rows' seeded order (a "
+        "task's pairs and its variants' rationales, a file's shuffle); unset: trainer.seed. "
+        "Pin it in a seed sweep, so that every seed is scored on the same held-out prompts",
+    )
     chat_template: Literal["auto", "never"] = Field(
         "auto",
         description="auto: prompts go in the student tokenizer's chat template when it has one "
@@ -453,6 +460,10 @@ class DataConfig(_Strict):
     bad_lines: Literal["error", "skip"] = Field(
         "error", description="a malformed JSONL line: stop with its file:line, or skip (counted)"
     )
+
+    def split_seed_for(self, run_seed: int) -> int:
+        """The seed the rows are split and ordered with: `split_seed` if pinned, else the run's."""
+        return run_seed if self.split_seed is None else self.split_seed
 
 
 class TrainerConfig(_Strict):

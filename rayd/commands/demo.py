@@ -148,7 +148,8 @@ def run_demo(
     run("baseline", [*BASELINE, f"trainer.max_steps={baseline_steps}"], baseline_steps)
 
     _stage(f"5/5 held-out evaluation: {eval_count} eval prompts, greedy decoding (vLLM)")
-    task = make_task("addition", seed=base_cfg.trainer.seed, **task_options)
+    split_seed = base_cfg.data.split_seed_for(base_cfg.trainer.seed)
+    task = make_task("addition", seed=split_seed, **task_options)
     models = {"teacher": teacher} | {
         name: r["summary"]["student"] for name, r in runs.items() if name not in STAGES
     }

@@ -3,8 +3,8 @@
 What it takes (the same as `rayd export`):
 - a run folder (`config.yaml` + `student/`): the run's final student, evaluated the way the run
   evaluated it: its task and options, prompt format (`data.chat_template`), eval split
-  (`data.eval_size`, `trainer.seed`), `rollout.max_new_tokens` and `max_model_len`, so
-  `rayd eval RUN` reproduces the run's final held-out accuracy (summary.json);
+  (`data.eval_size`, `data.split_seed` or else `trainer.seed`), `rollout.max_new_tokens` and
+  `max_model_len`, so `rayd eval RUN` reproduces the run's final held-out accuracy (summary.json);
 - a model folder (`config.json`): `RUN/student` counts as its run; a `rayd export` folder carries
   the same settings in `rayd_export.json`; any other model needs `--task`.
 Flags override what the run says; the first line printed says where each setting came from.
@@ -56,7 +56,7 @@ def run_settings(cfg: Any) -> dict[str, Any]:
         "task": source.removeprefix("task:") if source.startswith("task:") else None,
         "data_source": source,
         "options": dict(cfg.data.task_options),
-        "seed": cfg.trainer.seed,
+        "seed": cfg.data.split_seed_for(cfg.trainer.seed),
         "count": cfg.data.eval_size,
         "chat_template": cfg.data.chat_template,
         "max_new_tokens": cfg.rollout.max_new_tokens,

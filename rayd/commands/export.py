@@ -360,7 +360,8 @@ def run_task(cfg: RunConfig) -> Any:
     from rayd.tasks import make_task
 
     name = cfg.data.source.removeprefix("task:")
-    return make_task(name, seed=cfg.trainer.seed, **cfg.data.task_options)
+    seed = cfg.data.split_seed_for(cfg.trainer.seed)
+    return make_task(name, seed=seed, **cfg.data.task_options)
 
 
 def first_eval_prompt(cfg: RunConfig) -> tuple[str, str | None]:

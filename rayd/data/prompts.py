@@ -98,8 +98,9 @@ def read_rows(cfg: DataConfig, seed: int, route_field: str | None = None) -> Row
     training rows (e.g. teacher-written rationales from `rayd generate`); eval rows always come
     from `data.source`, so runs trained on different data are scored on the same held-out
     prompts. `route_field` (teacher.route_field): the column naming each row's teacher; task
-    rows have none.
+    rows have none. `seed` is the run's (trainer.seed): `data.split_seed` overrides it.
     """
+    seed = cfg.split_seed_for(seed)
     if cfg.source.startswith("task:"):
         name = cfg.source.removeprefix("task:")
         try:

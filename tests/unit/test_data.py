@@ -99,3 +99,33 @@ def test_addition_task_splits_are_disjoint_and_verifiable():
     assert task.is_correct(ex.completion, "85")
     assert not task.is_correct("7+8+0=15;A=84", "85")
     assert task.extract_answer("no answer") is None
+
+
+@pytest.mark.parametrize("source", ["task", "jsonl"])
+def test_split_seed_pins_the_held_out_prompts_across_run_seeds(tmp_path, source):
+    # A seed sweep varies sampling and data order; with data.split_seed pinned every seed is
+    # scored on the same held-out prompts, and unset the split follows trainer.seed as before.
+    from rayd.commands.eval import run_settings
+    from rayd.config import DataConfig, RunConfig
+    from rayd.data.prompts import read_rows
+
+    data: dict = {"eval_size": 20, "train_size": 200}
+    if source == "jsonl":
+        path = tmp_path / "rows.jsonl"
+        lines = [f'{{"prompt": "q{i}", "completion": "a{i}"}}' for i in range(100)]
+        path.write_text("\n".join(lines) + "\n")
+        data["source"] = str(path)
+
+    def held_out(run_seed: int, **extra) -> list[str]:
+        return [row[0] for row in read_rows(DataConfig(**data, **extra), run_seed).eval]
+
+    assert held_out(0) != held_out(1)
+    assert held_out(0, split_seed=7) == held_out(1, split_seed=7) == held_out(7)
+    cfg = RunConfig.model_validate(
+        {
+            "models": {"student": {"path": "s"}, "teacher": {"path": "t"}},
+            "data": {"split_seed": 7},
+            "trainer": {"seed": 1},
+        }
+    )
+    assert run_settings(cfg)["seed"] == 7  # `rayd eval RUN` scores the same prompts
