@@ -40,7 +40,7 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check rayd tests
-	$(PY) -m pytest -q -rs --durations=15 tests
+	$(PY) -m pytest -q -rs --durations=30 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit
