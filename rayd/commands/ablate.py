@@ -34,6 +34,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import types
@@ -933,6 +934,8 @@ def _plot_final(
             yerr=[p[2] for p in points],
             marker="o",
             capsize=3,
+            # Settings of a named axis (methods) are categories: a line between them means nothing.
+            linestyle="-" if numeric else "none",
             label=name,
         )
     if numeric:
@@ -940,7 +943,10 @@ def _plot_final(
         if min(xs) > 0 and max(xs) / min(xs) >= 100:
             ax.set_xscale("log")
     else:
-        ax.set_xticks(range(len(x_values)), [spec.label(t) for t in x_values])
+        # Long method names side by side overlap: wrapped onto lines of their own.
+        names = [textwrap.fill(spec.label(t), 16) for t in x_values]
+        ax.set_xticks(range(len(x_values)), names, fontsize=8)
+        ax.set_xlim(-0.5, len(x_values) - 0.5)
     ax.set_xlabel(spec.label(x_axis) if x_axis else "")
     unit = " (%)" if _scale(metric) == 100 else ""
     ax.set_ylabel(f"final {spec.label(metric)}{unit}")
