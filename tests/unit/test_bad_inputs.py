@@ -195,6 +195,11 @@ CASES = {
         2,
         "learner.zero_stage: Input should be less than or equal to 3",
     ),
+    "negative split seed": (
+        lambda t: (None, ["data.split_seed=-1"]),
+        2,
+        "data.split_seed: Input should be greater than or equal to 0",
+    ),
     "tensor parallel size not dividing the heads": (
         lambda t: (None, ["teacher.tensor_parallel_size=4"]),
         2,
