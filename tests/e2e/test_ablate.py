@@ -1,10 +1,11 @@
 """`rayd ablate` end to end: a 2 x 2 sweep of real training runs, its report, and a re-run.
 
-Each cell is `python -m rayd train` in its own process. The sweep runs two cells at a time, so
-they join one local Ray that the sweep starts (two local Ray instances would each claim the
-machine's cores). The cells use the transformers rollout and teacher backends and one learner:
-the sweep machinery is the subject here, and a vLLM engine's start-up would double the test's
-time on 2 cores (tests/e2e/test_onpolicy.py covers vLLM).
+Each cell is `python -m rayd train` in its own process, a Ray job on one local Ray that the
+sweep starts (a Ray start-up per cell would cost more than a tiny cell's training; two local Ray
+instances would each claim the machine's cores). The first sweep runs two cells at a time. The
+cells use the transformers rollout and teacher backends and one learner: the sweep machinery is
+the subject here, and a vLLM engine's start-up would double the test's time on 2 cores
+(tests/e2e/test_onpolicy.py covers vLLM).
 
 The second run of the same sweep must skip every cell: no new process, summaries untouched.
 """
@@ -119,6 +120,8 @@ def test_failed_cells_are_reported_and_the_rest_go_on(tmp_path, capsys):
     )
     assert ablate.main([str(path)]) == 1
     captured = capsys.readouterr()
+    # One cell at a time still runs on one Ray the sweep starts, not a Ray start per cell.
+    assert "cells join a local Ray at " in captured.out
     # The run's own one-line error (exit code 2, before any actor starts), from its log.
     assert "cell missing_model: failed" in captured.out
     assert "(exit code 2); last lines of its log.txt:" in captured.out
