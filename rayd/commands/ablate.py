@@ -553,10 +553,10 @@ def _cluster_for_cells(concurrency: int) -> Iterator[dict[str, str]]:
 
     Every cell is its own Ray job on one cluster: an existing one (RAY_ADDRESS, `ray job
     submit`), or a local one this process starts once and stops at the end, sized for
-    `concurrency` cells. Sequential cells so skip a Ray start each (5-6 s of a 40-step
-    cell), and concurrent ones share one scheduler: two local Ray instances on one machine
-    would each count the same cores as theirs. A cell's actors die with its driver, so a
-    failed cell leaves nothing to the next.
+    `concurrency` cells. Sequential cells so skip a Ray start each (measured in
+    docs/experiments/performance.md), and concurrent ones share one scheduler: two local Ray
+    instances on one machine would each count the same cores as theirs. A cell's actors die
+    with its driver, so a failed cell leaves nothing to the next.
     """
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")  # a crashed cell's log ends where it crashed
