@@ -131,8 +131,12 @@ class WorkerPool:
         timeout_s: float,
         max_reissues: int = 3,
         placement_groups: Sequence[Any] = (),
+        lost: type[Exception] = WorkerLost,
     ) -> None:
+        """`lost`: what a dead actor becomes once it cannot be re-issued to (a learner rank
+        that samples takes its whole group down: LearnerFailure)."""
         self.actors, self.name, self.timeout_s = actors, name, timeout_s
+        self.lost = lost
         # Multi-device engines' reservations: released with the actors.
         self.placement_groups = list(placement_groups)
         self.max_reissues = max_reissues
@@ -197,7 +201,7 @@ class WorkerPool:
                 attempts[i] += 1
                 what = f"{self.name}.{jobs[i][1]}"
                 if attempts[i] > self.max_reissues:
-                    raise WorkerLost(
+                    raise self.lost(
                         f"{what}: the actor died {attempts[i]} times on the same call; giving up"
                     ) from exc
                 self.faults += 1

@@ -117,7 +117,14 @@ class EngineParallel(_Strict):
 
 
 class RolloutConfig(EngineParallel):
-    backend: Literal["vllm", "hf"] = "vllm"
+    backend: Literal["vllm", "hf", "learner"] = Field(
+        "vllm",
+        description="vllm / hf: rollout actors (vLLM, or transformers generate) that get new "
+        "weights every step; learner: each learner rank samples its share of the prompts "
+        "with its own live weights (transformers generate), with no rollout actor and no "
+        "weight sync: for small students, where an engine's calls and syncs cost more than "
+        "its speed saves (docs/experiments/performance.md)",
+    )
     num_workers: int = Field(1, ge=1)
     n: int = Field(1, ge=1, description="completions sampled per prompt")
     temperature: float = Field(1.0, gt=0)
@@ -594,6 +601,7 @@ class RunConfig(_Strict):
             raise ValueError("algorithm.tail=true needs algorithm.temperature=1")
         self._check_memory_levers()
         self._check_engine_parallel()
+        self._check_rollout_in_learners()
         if (
             self.learner.optim.schedule == "linear"
             and self.trainer.max_steps <= self.learner.optim.warmup_steps
@@ -695,6 +703,25 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"teacher.support={support} shapes the top-k losses only: set algorithm.loss "
                 f"to {_either(TOPK_LOSSES)} (got {algo.resolved_loss})"
+            )
+
+    def _check_rollout_in_learners(self) -> None:
+        if self.rollout.backend != "learner":
+            return
+        if self.trainer.max_staleness > 0:
+            raise ValueError(
+                "rollout.backend=learner samples inside the learners, between their steps: "
+                "nothing overlaps, so set trainer.max_staleness=0 (or use rollout.backend=vllm)"
+            )
+        if self.learner.zero_stage == 3:
+            raise ValueError(
+                "rollout.backend=learner samples with each rank's whole weights, which "
+                "learner.zero_stage=3 shards: use zero_stage 0-2 (or rollout.backend=vllm)"
+            )
+        if self.rollout.num_workers != 1:
+            raise ValueError(
+                "rollout.num_workers: with rollout.backend=learner the learner ranks sample "
+                "(learner.num_learners of them); leave rollout.num_workers at 1"
             )
 
     def _check_engine_parallel(self) -> None:

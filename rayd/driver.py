@@ -6,6 +6,8 @@ One step of the loop:
 With trainer.max_staleness >= 1 the next step's rollouts start as soon as this step's are in,
 while the teacher scores this step and the learners train on it (from weights at most that many
 versions behind: rayd/pipeline.py).
+With rollout.backend=learner the learner ranks sample instead of rollout engines, from the
+weights they train: no sync, and no engine actor to start (small students).
 The offline modes (sft, step_by_step, logit_kd) take the dataset's completions instead of
 rollouts; the engines then get new weights only when an eval needs them. logit_kd over a
 dataset written by `rayd score` reads the teacher's top-k from it and starts no teacher.
@@ -509,9 +511,14 @@ class Run:
     # --- Weights, eval, checkpoint, export ---------------------------------------------------
 
     def sync_weights(self) -> None:
-        """New weights to every rollout engine (if they lag); the driver holds a reference."""
+        """New weights to every rollout engine (if they lag); the driver holds a reference.
+        rollout.backend=learner: the learners sample with the weights they train, and a
+        sample's version says so (their own step count), so nothing moves."""
         version = self.state.version
         if self.served == version:
+            return
+        if self.cfg.rollout.backend == "learner":
+            self.served = version
             return
         weights = self.learners.publish_weights()
         self.rollout.remember("load_weights", weights, version)  # for a restarted engine

@@ -311,10 +311,12 @@ def check_resources(
         with_teacher = cfg.algorithm.needs_teacher
     # Every teacher is a pool of its own with the `teacher:` section's settings.
     teachers = t.num_workers * len(cfg.models.teacher_list) if with_teacher else 0
+    # rollout.backend=learner: the learner ranks sample; no rollout actor asks for room
+    rollouts = 0 if r.backend == "learner" else r.num_workers
     for res, want, how in (
         (
             "GPU",
-            r.num_workers * _devices(r) * r.gpus_per_worker
+            rollouts * _devices(r) * r.gpus_per_worker
             + teachers * _devices(t) * t.gpus_per_worker
             + ln.num_learners * ln.gpus_per_learner,
             "rollout.num_workers*devices*gpus_per_worker + "
@@ -323,7 +325,7 @@ def check_resources(
         ),
         (
             "CPU",
-            r.num_workers * _devices(r) * r.cpus_per_worker
+            rollouts * _devices(r) * r.cpus_per_worker
             + teachers * _devices(t) * t.cpus_per_worker
             + ln.num_learners * ln.cpus_per_learner,
             "rollout/teacher cpus_per_worker x devices per engine, and learner.cpus_per_learner",
@@ -355,11 +357,14 @@ def start_workers(
     `teachers`: the resolved teacher paths, one pool each; `features` are feature_kd's layer
     pairs (empty otherwise); `vocab_size`: the shared tokenizer's (an ensemble's tail estimate).
     teacher.support=full starts no teacher actor: the learners hold the first teacher and the
-    handle is a `LearnerTeacher` over them.
+    handle is a `LearnerTeacher` over them. rollout.backend=learner starts no rollout actor:
+    the pool is the learner ranks, which sample with their own weights.
     """
     in_learners = cfg.teacher.support == "full"
     first_teacher = teachers[0] if teachers else None
-    rollout = start_rollout(cfg, EngineSpec.rollout(cfg, student))
+    rollout: WorkerPool | None = None
+    if cfg.rollout.backend != "learner":
+        rollout = start_rollout(cfg, EngineSpec.rollout(cfg, student))
     group: Teachers | LearnerTeacher | None = None
     learners: LearnerGroup | None = None
     try:
@@ -368,13 +373,16 @@ def start_workers(
         learners = LearnerGroup(LearnerSpec.from_config(cfg, student, first_teacher, features))
         if in_learners:
             group = LearnerTeacher(learners)
+        if rollout is None:  # rollout.backend=learner: the ranks sample
+            rollout = learners.sampling_pool()
         # Engines load in parallel; wait for all of them here so start-up errors surface at once.
         rollout.call_all("ready")
         if group is not None:
             group.ready()
     except BaseException:
         # A failed start must not leave engines holding CPUs/GPUs (a restart would need them).
-        rollout.shutdown()
+        if rollout is not None:
+            rollout.shutdown()
         if group is not None:
             group.shutdown()
         if learners is not None:

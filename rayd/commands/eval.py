@@ -62,7 +62,8 @@ def run_settings(cfg: Any) -> dict[str, Any]:
         "max_new_tokens": cfg.rollout.max_new_tokens,
         "max_model_len": cfg.rollout.max_model_len,
         "long_prompts": cfg.data.long_prompts,
-        "backend": cfg.rollout.backend,
+        # rollout.backend=learner sampled with transformers generate inside the learners
+        "backend": "hf" if cfg.rollout.backend == "learner" else cfg.rollout.backend,
         "dtype": cfg.models.student.dtype,
     }
 

@@ -124,6 +124,14 @@ class LearnerGroup:
         metrics["learner/pad_fraction"] = pad_fraction
         return metrics
 
+    def sampling_pool(self) -> cluster.WorkerPool:
+        """The ranks as the run's rollout pool (rollout.backend=learner): each samples a
+        contiguous share of the prompts with its live weights. A rank that dies is not
+        restored in place; the group is rebuilt (LearnerFailure), as after a train_step."""
+        return cluster.WorkerPool(
+            list(self._actors), "learner", self.timeout_s, max_reissues=0, lost=LearnerFailure
+        )
+
     def publish_weights(self) -> ray.ObjectRef:
         """Reference to the current weights as a safetensors blob, owned by rank 0.
 

@@ -18,6 +18,7 @@ from transformers import AutoConfig
 
 from rayd.config import LoraConfig, OptimConfig, RunConfig
 from rayd.losses import LossSpec
+from rayd.rollout.spec import EngineSpec
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class LearnerSpec:
     seed: int  # trainer.seed
     teacher_path: str | None  # teacher.support=full: the teacher each rank holds, else None
     teacher_dtype: str
+    # rollout.backend=learner: each rank samples its share of the rollouts with its live
+    # weights, as a rollout engine of this spec would; None: rollout actors sample.
+    rollout: EngineSpec | None
     # Merged last into the DeepSpeed config, key by key; None from the config (a test's knob).
     ds_overrides: dict[str, Any] | None
 
@@ -91,6 +95,7 @@ class LearnerSpec:
             seed=cfg.trainer.seed,
             teacher_path=teacher if loss.full_vocab else None,
             teacher_dtype=cfg.models.teacher_list[0].dtype if loss.full_vocab else "auto",
+            rollout=EngineSpec.rollout(cfg, student) if cfg.rollout.backend == "learner" else None,
             ds_overrides=None,
         )
 

@@ -16,7 +16,9 @@ import torch
 
 from rayd import device as devices
 from rayd.learner.spec import LearnerSpec
-from rayd.types import TrainBatch
+from rayd.rollout.hf_engine import HFEngine
+from rayd.rollout.worker import RolloutWorker
+from rayd.types import Sample, TrainBatch
 from rayd.weight_sync import serialize_state_dict
 
 
@@ -51,13 +53,28 @@ class LearnerWorker:
         with contextlib.redirect_stdout(io.StringIO()):
             deepspeed.init_distributed(dist_backend=self.device.dist_backend)
         self.learner = DeepSpeedLearner(spec)
+        # rollout.backend=learner: this rank also samples, from the very module it trains
+        # (no copy, no sync); its weight version is the number of steps it has taken.
+        self.sampler: RolloutWorker | None = None
+        if spec.rollout is not None:
+            engine = HFEngine(spec.rollout, model=self.learner.engine.module)
+            self.sampler = RolloutWorker(spec.rollout, engine=engine)
 
     def ready(self) -> dict[str, Any]:
         """Returns once the constructor (and so the process group) is complete."""
         return {"rank": self.rank, "device": self.device.kind, "pid": os.getpid()}
 
     def train_step(self, shard: TrainBatch, global_tokens: int) -> dict[str, float]:
-        return self.learner.train_step(shard, global_tokens)
+        metrics = self.learner.train_step(shard, global_tokens)
+        if self.sampler is not None:
+            self.sampler.weights_changed(self.sampler.weight_version() + 1)
+        return metrics
+
+    def generate(self, *args: Any, **kwargs: Any) -> list[Sample]:
+        """`RolloutWorker.generate` on this rank's live weights (rollout.backend=learner)."""
+        if self.sampler is None:
+            raise RuntimeError("this learner does not sample (rollout.backend is not learner)")
+        return self.sampler.generate(*args, **kwargs)
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         return self.learner.logprobs(batch)
@@ -90,4 +107,7 @@ class LearnerWorker:
         self.learner.save_checkpoint(directory, tag, client_state)
 
     def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any]:
-        return self.learner.load_checkpoint(directory, tag)
+        client_state = self.learner.load_checkpoint(directory, tag)
+        if self.sampler is not None:  # the driver's checkpoints: version = step
+            self.sampler.weights_changed(client_state["step"])
+        return client_state

@@ -13,9 +13,16 @@ Prompts are left-padded and sampled in micro-batches, because the processed scor
 scores within SCORES_BUDGET_BYTES, and never fewer than MIN_BATCH. With a small vocabulary that
 is the whole call: each micro-batch is a decoding loop of its own, and for a tiny model the loop's
 per-token cost, not its width, sets the time (rayd bench, section overhead).
+
+Given a `model`, it samples from a model another owner trains (rollout.backend=learner: a
+learner rank's own module, `live`): no copy of the weights, no load_weights, and the owner's
+train mode and RNG stream are left as they were.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
@@ -32,25 +39,38 @@ MIN_BATCH = 16
 class HFEngine:
     """`RolloutEngine` over a transformers causal LM."""
 
-    def __init__(self, spec: EngineSpec, *, batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        spec: EngineSpec,
+        *,
+        batch_size: int | None = None,
+        model: torch.nn.Module | None = None,
+    ) -> None:
+        """`model`: sample from this live model (a learner's own, maybe a peft wrapper) instead
+        of loading spec.model_path."""
         self.device = detect()
-        model_path = spec.model_path
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(model_path), dtype=resolve_dtype(spec.dtype, self.device)
-        )
-        self.model.to(self.device.torch_device()).eval()
+        self.live = model is not None
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(spec.model_path), dtype=resolve_dtype(spec.dtype, self.device)
+            )
+            model.to(self.device.torch_device()).eval()
+        self.model = model
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.model.config.eos_token_id
         if eos is None:
-            raise ValueError(f"{model_path} defines no eos_token_id: completions could never stop")
+            raise ValueError(
+                f"{spec.model_path} defines no eos_token_id: completions could never stop"
+            )
         self.eos_ids: list[int] = [eos] if isinstance(eos, int) else list(eos)
         pad = self.model.config.pad_token_id
         self.pad_id: int = self.eos_ids[0] if pad is None else int(pad)
         self.batch_size = batch_size  # None: from SCORES_BUDGET_BYTES per call
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        # Unseeded calls continue this stream, as vLLM's engine-level seed does.
-        torch.manual_seed(spec.seed)
+        if not self.live:
+            # Unseeded calls continue this stream, as vLLM's engine-level seed does.
+            torch.manual_seed(spec.seed)
 
     @torch.no_grad()
     def generate(
@@ -64,10 +84,41 @@ class HFEngine:
         seeds: list[int] | None = None,
         return_topk: int = 0,
     ) -> list[list[Completion]]:
+        with self._as_sampler():
+            return self._generate(
+                prompts, n, temperature, top_p, max_new_tokens, seeds, return_topk
+            )
+
+    @contextmanager
+    def _as_sampler(self) -> Iterator[None]:
+        """A live model's owner gets its module back in the mode it was in, and its RNG
+        stream (dropout, a resumed run's restored state) unmoved."""
+        if not self.live:
+            yield
+            return
+        training = self.model.training
+        self.model.eval()
+        devices = [torch.cuda.current_device()] if self.device.is_gpu else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                yield
+        finally:
+            self.model.train(training)
+
+    def _generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seeds: list[int] | None,
+        return_topk: int,
+    ) -> list[list[Completion]]:
         if seeds:
             # One global stream per call, from the first prompt's seed (this process is a
-            # dedicated actor); vLLM seeds every prompt, so the two backends draw different
-            # samples from the same seeds.
+            # dedicated actor, or `live` forks the stream); vLLM seeds every prompt, so the
+            # two backends draw different samples from the same seeds.
             torch.manual_seed(seeds[0])
         sampling = (
             dict(do_sample=True, temperature=temperature, top_p=top_p)
@@ -134,6 +185,8 @@ class HFEngine:
         return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def load_weights(self, blob: bytes) -> None:
+        if self.live:
+            raise RuntimeError("a live engine samples its owner's weights: nothing to load")
         state_dict = deserialize_state_dict(blob)
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
         # serialize_state_dict drops tensors that alias another one (tied embeddings): those are
@@ -151,8 +204,9 @@ class HFEngine:
     def logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         device = self.device.torch_device()
         result = []
-        for seq in sequences:  # one at a time: exact, no padding; this is a checking tool
-            ids = torch.tensor([seq], device=device)
-            logp = self.model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-            result.append(logp.gather(-1, ids[0, 1:, None]).squeeze(-1).cpu())
+        with self._as_sampler():
+            for seq in sequences:  # one at a time: exact, no padding; this is a checking tool
+                ids = torch.tensor([seq], device=device)
+                logp = self.model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+                result.append(logp.gather(-1, ids[0, 1:, None]).squeeze(-1).cpu())
         return result

@@ -17,7 +17,9 @@ from typing import Any, Literal
 
 from rayd.config import RunConfig
 
-Backend = Literal["vllm", "hf", "server"]  # server: teachers only (teacher.backend)
+# server: teachers only (teacher.backend); learner: rollouts only, sampled inside the learner
+# ranks (LearnerSpec.rollout), never an engine actor of its own
+Backend = Literal["vllm", "hf", "server", "learner"]
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The rollout actor: a plain class, wrapped with `ray.remote` where it is spawned.
 
-It owns one engine (vLLM or transformers), the tokenizer for decoding, and the version of the
+It owns one engine (vLLM or transformers; or, inside a learner rank, a transformers engine over
+the rank's live weights), the tokenizer for decoding, and the version of the
 weights it serves. Every `Sample` it returns carries that version, so the driver can check
 staleness instead of trusting it. A Ray restart re-runs the constructor and the worker is back at
 version 0 (the checkpoint it was built from): the driver re-syncs before using it again.
@@ -26,15 +27,18 @@ FAILED_LOAD = -1  # weight_version() after a failed load
 
 
 class RolloutWorker:
-    def __init__(self, spec: EngineSpec) -> None:
-        prepare_process(detect(), spec.threads)
+    def __init__(self, spec: EngineSpec, engine: RolloutEngine | None = None) -> None:
+        """`engine`: sample with this one, built by the process's owner (a learner rank
+        sampling with its live weights: rollout.backend=learner), instead of the spec's."""
+        if engine is None:
+            prepare_process(detect(), spec.threads)
         self.spec = spec
         self.backend = spec.backend
         self.max_model_len = spec.max_model_len
         self.max_logprobs = spec.max_logprobs
         self.vocab_size = int(AutoConfig.from_pretrained(spec.model_path).vocab_size)
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
-        self.engine: RolloutEngine = _make_engine(spec)
+        self.engine: RolloutEngine = engine if engine is not None else _make_engine(spec)
         self._version = 0
 
     def ready(self) -> bool:
@@ -145,6 +149,11 @@ class RolloutWorker:
             raise
         self._version = int(version)
         return self._version
+
+    def weights_changed(self, version: int) -> None:
+        """An injected engine's weights were changed in place by their owner (a learner's
+        optimizer step): they are `version` now."""
+        self._version = int(version)
 
     def logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """Teacher-forced log-probs of each token after the first ([len - 1] each), temperature 1.

@@ -5,7 +5,8 @@ distributions are far apart at step 0. On-policy distillation (student samples, 
 teacher's top-k at every completion token) must at least halve the held-out reverse
 KL(student || teacher) within the test's steps, at ZeRO-2 with the synchronous loop and at ZeRO-3
 with the pipelined one (trainer.max_staleness=1: rollouts one weight version behind, importance
-weighted), which costs no extra run.
+weighted), which costs no extra run; and with the learners sampling from their own weights
+(rollout.backend=learner: no rollout engine, no weight sync).
 
 The sampled-token policy-gradient loss (algorithm.loss=on_policy_pg) is covered by the loss and
 learner tests; on this 1-layer student it plateaus near half the initial KL within 120 steps
@@ -24,17 +25,21 @@ from rayd.driver import train
 CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
 
 
-@pytest.mark.parametrize(("zero_stage", "max_staleness"), [(2, 0), (3, 1)])
+@pytest.mark.parametrize(
+    ("zero_stage", "max_staleness", "rollout_backend"),
+    [(2, 0, "vllm"), (3, 1, "vllm"), (2, 0, "learner")],
+)
 def test_on_policy_distillation_halves_heldout_reverse_kl(
-    local_ray, tmp_path, zero_stage, max_staleness
+    local_ray, tmp_path, zero_stage, max_staleness, rollout_backend
 ):
     cfg = load_config(
         CONFIG,
         [
-            f"name=e2e-zero{zero_stage}",
+            f"name=e2e-zero{zero_stage}-{rollout_backend}",
             f"output_dir={tmp_path}/{{name}}",
             f"learner.zero_stage={zero_stage}",
             f"trainer.max_staleness={max_staleness}",
+            f"rollout.backend={rollout_backend}",
             "logging.progress=false",
         ],
     )

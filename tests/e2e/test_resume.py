@@ -12,7 +12,9 @@ corruption are in test_random_faults.py, against its own unbroken run.)
 A third run has its rollout engine killed (SIGKILL) and later its teacher: Ray restarts each,
 the pool re-sends the current weights and re-issues the call, and the losses are A's again. A
 fourth loses a learner rank: the whole group is rebuilt from the last checkpoint, and the losses
-are A's again.
+are A's again. With the learners sampling and scoring themselves (rollout.backend=learner,
+teacher.support=full: no engine actor) a run is preempted and resumed, and another loses a
+rank, each against its own unbroken run.
 
 The data set has 12 training prompts and a step takes 8, so the epoch boundary falls inside
 step 2; grad_accum=2 makes each step two micro-batches per learner.
@@ -126,6 +128,19 @@ def expected_pipelined(local_ray, tmp_path_factory):
 
 
 PIPELINED = "trainer.max_staleness=1"
+# No engine actor at all: the learners sample with their own weights and hold the teacher.
+COLOCATED = ("rollout.backend=learner", "teacher.support=full", "algorithm.loss=reverse_kl")
+
+
+@pytest.fixture(scope="module")
+def expected_colocated(local_ray, tmp_path_factory):
+    unbroken = config(tmp_path_factory.mktemp("colocated"), "colocated", *COLOCATED)
+    train(unbroken)
+    records = step_records(unbroken.run_dir)
+    # Each step is sampled by the weights it trains, and the samples say so.
+    assert [r["weight_version"] for r in records] == list(range(1, STEPS + 1))
+    assert [r["staleness/max"] for r in records] == [0.0] * STEPS
+    return [{k: r[k] for k in KEYS} for r in records]
 
 
 @pytest.mark.faults
@@ -231,4 +246,37 @@ def test_a_killed_learner_rebuilds_the_run_from_the_last_checkpoint(expected, tm
     got = step_records(cfg.run_dir)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [{k: r[k] for k in KEYS} for r in got] == expected
+    assert got[-1]["faults/learner_restarts"] == 1
+
+
+@pytest.mark.faults
+def test_learners_that_sample_resume_exactly_and_are_rebuilt_after_a_lost_rank(
+    expected_colocated, tmp_path
+):
+    # Preempted mid-run, resumed by the same call: the learners' sampler restarts at the
+    # checkpoint's weight version and draws what the unbroken run drew.
+    broken = config(tmp_path, "colocated-broken", "trainer.save_every=2", *COLOCATED)
+    when_step_logged(
+        broken.run_dir / "metrics.jsonl", 2, lambda: os.kill(os.getpid(), signal.SIGTERM)
+    )
+    first = train(broken)
+    assert first["preempted"] and 2 <= first["steps"] < STEPS
+    second = train(broken)
+    assert not second["preempted"] and second["steps"] == STEPS
+    got = step_records(broken.run_dir)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [{k: r[k] for k in KEYS} for r in got] == expected_colocated
+
+    # A rank killed (while sampling or training): the group is rebuilt from the last checkpoint.
+    lost = config(tmp_path, "colocated-lost", "trainer.save_every=2", *COLOCATED)
+    killer = when_step_logged(
+        lost.run_dir / "metrics.jsonl", 3, kill_actor("LearnerWorker", count=2)
+    )
+    summary = train(lost)
+    killer.join(timeout=1)
+    assert not killer.is_alive()
+    assert summary["steps"] == STEPS and not summary["preempted"]
+    got = step_records(lost.run_dir)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [{k: r[k] for k in KEYS} for r in got] == expected_colocated
     assert got[-1]["faults/learner_restarts"] == 1

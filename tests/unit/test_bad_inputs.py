@@ -373,7 +373,7 @@ CASES = {
     "unknown rollout backend": (
         lambda t: (None, ["rollout.backend=sglang"]),
         2,
-        "rollout.backend: Input should be 'vllm' or 'hf'",
+        "rollout.backend: Input should be 'vllm', 'hf' or 'learner'",
     ),
     "unknown algorithm": (
         lambda t: (None, ["algorithm.name=ppo"]),

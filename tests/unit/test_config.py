@@ -87,6 +87,13 @@ def test_demo_config_is_valid():
             "algorithm.label_weight applies to on_policy and gkd, not step_by_step",
         ),
         (["algorithm.label_weight=0.5"], "trainer.prompts_per_step * (rollout.n + 1 label-task"),
+        (["rollout.backend=learner", "trainer.max_staleness=1"], "set trainer.max_staleness=0"),
+        (["rollout.backend=learner", "learner.zero_stage=3"], "use zero_stage 0-2"),
+        (["rollout.backend=learner", "rollout.num_workers=2"], "leave rollout.num_workers at 1"),
+        (
+            ["rollout.backend=learner", "rollout.tensor_parallel_size=2"],
+            "need rollout.backend=vllm (got learner)",
+        ),
     ],
 )
 def test_bad_values_give_one_clear_line(overrides, needle):

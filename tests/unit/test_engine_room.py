@@ -53,3 +53,16 @@ def test_the_cluster_totals_count_every_device_of_an_engine() -> None:
     check_resources(cfg, {"CPU": 8.0})
     with pytest.raises(ConfigError, match=r"asks for 8 CPUs .* devices per engine.* has 7"):
         check_resources(cfg, {"CPU": 7.0})
+
+
+def test_learners_that_sample_start_no_rollout_engine_to_find_room_for() -> None:
+    cfg = RunConfig.model_validate(
+        {
+            "models": {"student": {"path": "/s"}, "teacher": {"path": "/t"}},
+            "rollout": {"backend": "learner", "cpus_per_worker": 4},
+        }
+    )
+    # 1 teacher CPU + 2 learners x 0.5: the rollout section's 4 CPUs start no actor
+    check_resources(cfg, {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="asks for 2 CPUs"):
+        check_resources(cfg, {"CPU": 1.5})

@@ -1,0 +1,80 @@
+"""The transformers engine over a live model (rollout.backend=learner: a learner rank samples with
+the module it trains): it draws what an engine loaded from the same weights draws, and leaves
+the owner's train mode and RNG stream as they were. No Ray: the engine is a plain class."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rayd.rollout.hf_engine import HFEngine
+from rayd.rollout.spec import EngineSpec
+from rayd.rollout.worker import RolloutWorker, prompt_seeds
+from rayd.zoo import resolve_model_path
+
+PROMPTS = [[1, 5, 6, 7], [1, 8, 9], [1, 10, 11, 12, 13]]
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return EngineSpec(
+        model_path=resolve_model_path("tiny:test-student", seed=0),
+        backend="learner",
+        dtype="float32",
+        max_model_len=64,
+        kv_cache_gib=0.25,
+        threads=1,
+        seed=0,
+        max_logprobs=20,
+        tensor_parallel_size=1,
+        pipeline_parallel_size=1,
+        server=None,
+    )
+
+
+def sample(engine, seeds):
+    return engine.generate(
+        PROMPTS, n=2, temperature=1.0, top_p=0.9, max_new_tokens=12, seeds=seeds, return_topk=3
+    )
+
+
+def test_a_live_engine_draws_what_a_loaded_one_does_and_leaves_its_owner_alone(spec):
+    loaded = HFEngine(spec.for_worker(0))
+    owned = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.float32).train()
+    live = HFEngine(spec, model=owned)
+    seeds = prompt_seeds(7, [0, 1, 2])
+
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    got = sample(live, seeds)
+    assert torch.equal(torch.get_rng_state(), rng_before), "the owner's RNG stream moved"
+    assert owned.training, "the owner's module was left in eval mode"
+
+    want = sample(loaded, seeds)
+    for got_prompt, want_prompt in zip(got, want, strict=True):
+        for g, w in zip(got_prompt, want_prompt, strict=True):
+            assert g.token_ids == w.token_ids
+            assert g.logprobs == pytest.approx(w.logprobs, abs=1e-6)
+            assert g.finish_reason == w.finish_reason
+            assert torch.equal(g.topk_ids, w.topk_ids)
+    # Same seeds, same draw: a resumed run samples what the unbroken one did.
+    assert [c.token_ids for p in sample(live, seeds) for c in p] == [
+        c.token_ids for p in got for c in p
+    ]
+
+
+def test_a_live_engine_follows_its_owners_updates_and_loads_nothing(spec):
+    owned = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.float32)
+    worker = RolloutWorker(spec, engine=HFEngine(spec, model=owned))
+    before = worker.logprobs([PROMPTS[0]])[0]
+    with torch.no_grad():  # what an optimizer step does: the same module, changed in place
+        owned.get_output_embeddings().weight.mul_(3.0)
+    worker.weights_changed(1)
+    after = worker.logprobs([PROMPTS[0]])[0]
+    assert not torch.allclose(before, after), "the engine did not see its owner's new weights"
+    assert worker.weight_version() == 1
+    samples = worker.generate(
+        [PROMPTS[0]], [0], seed=3, n=1, temperature=1.0, top_p=1.0, max_new_tokens=4
+    )
+    assert samples[0].weight_version == 1
+    with pytest.raises(RuntimeError, match="nothing to load"):
+        worker.engine.load_weights(b"")
