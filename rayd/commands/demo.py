@@ -39,6 +39,10 @@ CONTINUED = [
     "learner.optim.warmup_steps=10",
     "learner.optim.schedule=constant",
 ]
+# The demo's students are 0.14M parameters: their learners sample (no rollout engine to start,
+# no weights to sync), and on-policy distillation's teacher scores with transformers; at this
+# size an engine's calls cost more than its speed saves (docs/experiments/performance.md).
+SMALL = ["rollout.backend=learner"]
 METHODS: dict[str, tuple[list[str], str | None]] = {
     "sft": (["algorithm.name=sft", "data.train_dataset={traces}"], None),
     "step_by_step": (
@@ -62,7 +66,15 @@ METHODS: dict[str, tuple[list[str], str | None]] = {
         ["algorithm.name=sft", "data.train_dataset={traces}", *CONTINUED],
         "warmup",
     ),
-    "on_policy": (["algorithm.name=on_policy", "algorithm.loss=reverse_kl", *CONTINUED], "warmup"),
+    "on_policy": (
+        [
+            "algorithm.name=on_policy",
+            "algorithm.loss=reverse_kl",
+            "teacher.backend=hf",
+            *CONTINUED,
+        ],
+        "warmup",
+    ),
 }
 # What this world can and cannot show, said in the report beside the figures it explains.
 REGIME = (
@@ -118,7 +130,7 @@ def run_demo(
 
     def run(name: str, overrides: list[str], total_steps: int) -> None:
         args = [f"name={name}", f"output_dir={out}/{{name}}", f"trainer.max_steps={steps}"]
-        args += [o.format(**fills) for o in overrides]
+        args += [o.format(**fills) for o in [*SMALL, *overrides]]
         print("rayd train configs/demo/student.yaml " + " ".join(args), flush=True)
         cfg = load_config(base, args)
         summary_file = cfg.run_dir / "summary.json"

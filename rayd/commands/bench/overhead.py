@@ -1,11 +1,13 @@
 """Where a tiny on-policy run's time goes: its start-up and its steps, read from Ray's timeline.
 
 The run is the `trl` section's tiny pair (`trl.FULL`'s settings: tiny:test-student taught by
-tiny:test-teacher, one rollout engine, one teacher, two DeepSpeed learners, 32 prompts x 24 new
-tokens a step, synchronous loop), trained twice in this process on one local Ray started with
-RAY_PROFILING=1, so that `ray.timeline()` holds every actor call's execution interval: once with
-vLLM rollout and teacher engines (rayd's default), once with transformers ones (`backend: hf`),
-since at this size an engine's per-call cost, not its compute, may set the pace.
+tiny:test-teacher, two DeepSpeed learners, 32 prompts x 24 new tokens a step, synchronous loop),
+trained three times in this process on one local Ray started with RAY_PROFILING=1, so that
+`ray.timeline()` holds every actor call's execution interval: with a vLLM rollout engine and a
+vLLM teacher (top-k signal), with transformers ones (`backend: hf`), since at this size an
+engine's per-call cost, not its compute, may set the pace, and with no engine actor at all
+(`learner`: rollout.backend=learner and teacher.support=full, the learners sample with their own
+weights and hold the teacher; what the trl section runs for this pair).
 
 Per step (step 1 left out: cold actors), each a median over the timed steps, in seconds:
 - `step`: the driver's wall time of the step (metrics.jsonl);
@@ -40,8 +42,9 @@ from rayd.commands.bench import step_records, step_seconds
 
 ROLES = {"RolloutWorker": "rollout", "TeacherWorker": "teacher", "LearnerWorker": "learner"}
 STAGES = ("rollout", "teacher", "learner", "sync")
-# The rollout and teacher engines' backend, one run each: vLLM, then transformers.
-BACKENDS = ("vllm", "hf")
+# One run each: vLLM rollout and teacher engines, then transformers ones, then everything
+# inside the learners (rollout.backend=learner, teacher.support=full: no engine actor at all).
+BACKENDS = ("vllm", "hf", "learner")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +79,18 @@ def run(quick: bool, workdir: Path) -> dict[str, Any]:
     finally:
         ray.shutdown()
         os.environ.pop("RAY_PROFILING", None)
-    vllm, hf = runs["vllm"], runs["hf"]
+    vllm = runs["vllm"]
     return {
-        "hf_over_vllm_step": hf["per_step"]["step"] / vllm["per_step"]["step"],
-        "hf_over_vllm_startup": hf["startup"]["first_step_begins"]
-        / vllm["startup"]["first_step_begins"],
+        **{
+            f"{backend}_over_vllm_step": runs[backend]["per_step"]["step"]
+            / vllm["per_step"]["step"]
+            for backend in BACKENDS[1:]
+        },
+        **{
+            f"{backend}_over_vllm_startup": runs[backend]["startup"]["first_step_begins"]
+            / vllm["startup"]["first_step_begins"]
+            for backend in BACKENDS[1:]
+        },
         "ray_init": ray_init,
         **runs,
         "notes": f"the trl section's tiny pair, {steps} steps per backend, max_staleness=0, in "
@@ -90,20 +100,22 @@ def run(quick: bool, workdir: Path) -> dict[str, Any]:
 
 
 def _measure(workdir: Path, backend: str, steps: int) -> dict[str, Any]:
-    """One training run of the tiny pair with rollout and teacher on `backend`."""
+    """One training run of the tiny pair with rollout and teacher on `backend` (learner: both
+    inside the learners)."""
     import ray
 
     from rayd.commands.bench.trl import FULL, rayd_config
     from rayd.driver import train
 
-    cfg = rayd_config(dataclasses.replace(FULL, steps=steps, eval_every=steps), workdir / "run")
-    cfg = cfg.model_copy(
-        update={
-            "trainer": cfg.trainer.model_copy(update={"save_every": 0}),
-            "rollout": cfg.rollout.model_copy(update={"backend": backend}),
-            "teacher": cfg.teacher.model_copy(update={"backend": backend}),
-        }
-    )
+    settings = dataclasses.replace(FULL, steps=steps, eval_every=steps)
+    if backend == "learner":
+        settings = dataclasses.replace(settings, rollout_backend="learner", support="full")
+    else:
+        settings = dataclasses.replace(
+            settings, rollout_backend=backend, teacher_backend=backend, support="teacher_topk"
+        )
+    cfg = rayd_config(settings, workdir / "run")
+    cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"save_every": 0})})
     train_called = time.time()
     train(cfg)
     time.sleep(3)  # workers report their profile events about once a second

@@ -6,11 +6,13 @@ same order (TRL reads them unshuffled, in rayd's sampler order), one completion 
 generalized JSD with the same beta (both: 0 = forward KL, 1 = reverse KL), sampling and loss
 temperature, max new tokens, prompts per step, AdamW (same lr, betas, eps, no weight decay, no
 warmup, constant schedule, same clipping), number of steps and seed. What differs is each
-system's own design: rayd samples with vLLM in a rollout actor, scores with a teacher actor
-(top-k log-probs + a tail bin, `teacher.top_k`) or inside its learners (`teacher.support=full`,
-the whole vocabulary) and updates with DeepSpeed ZeRO learners; TRL generates with
-transformers `generate`, runs the teacher forward and a full-vocabulary chunked JSD in the one
-training process (given all the machine's threads).
+system's own design: rayd samples with vLLM in a rollout actor (SmolLM2) or inside its
+learners with their own weights (`rollout.backend=learner`, the tiny pair), scores with a
+teacher actor (top-k log-probs + a tail bin, `teacher.top_k`) or, as both presets do, inside its
+learners (`teacher.support=full`, the whole vocabulary: TRL's loss exactly) and updates with
+DeepSpeed ZeRO learners; TRL generates with transformers `generate`, runs the teacher forward
+and a full-vocabulary chunked JSD in the one training process (given all the machine's
+threads).
 
 Each system runs in a subprocess of its own, one after the other. Both save the student every
 `eval_every` steps (rayd: `trainer.save_every`; TRL: a callback after the step's clock stops);
@@ -79,8 +81,12 @@ class BenchSettings:
     trl_threads: tuple[int, ...] = (1, 2)
     num_learners: int = 2  # rayd's DeepSpeed data-parallel ranks
     learner_threads: int = 1  # torch threads of each learner
-    teacher_backend: str = "vllm"  # rayd's teacher actor: vLLM prompt log-probs, or "hf"
-    rollout_backend: str = "vllm"  # rayd's rollout engine: vLLM, or "hf" (transformers generate)
+    # rayd's teacher actor: vLLM prompt log-probs, or "hf" (none starts with support=full)
+    teacher_backend: str = "hf"
+    # rayd's rollouts: a vLLM engine, an "hf" one (transformers generate), or "learner": the
+    # learner ranks sample with their own weights. A model this small is the learner's case:
+    # an engine actor's calls and weight syncs cost more than it saves (section overhead).
+    rollout_backend: str = "learner"
     actor_threads: int = 1  # torch threads of each rayd rollout / teacher actor
     max_staleness: int = 0  # rayd's pipelined loop (trainer.max_staleness); TRL has none
     # rayd's teacher.top_k, one rayd run each: the first is the headline ("rayd"), the others
@@ -88,8 +94,9 @@ class BenchSettings:
     top_k: tuple[int, ...] = (8,)
     # rayd's teacher.support: teacher_topk (any backend), student_topk / union (the student's
     # own top-k ids scored exactly by an hf teacher; reverse KL then sees the student's mass),
-    # or full (the teacher inside each learner, the whole vocabulary: TRL's loss exactly)
-    support: str = "teacher_topk"
+    # or full (the teacher inside each learner, the whole vocabulary: TRL's loss exactly; with
+    # rollout_backend=learner no actor but the learners starts)
+    support: str = "full"
     eval_prompts: int = 128  # held-out prompts for the shared evaluator
 
     def __post_init__(self) -> None:
@@ -116,6 +123,8 @@ SMOLLM2 = BenchSettings(
     lr=1e-4,
     eval_prompts=16,
     teacher_backend="hf",
+    # a vLLM engine: 2.6x transformers' tokens/s at this size (section rollout)
+    rollout_backend="vllm",
     actor_threads=2,
     # TRL's loss exactly (the teacher inside each learner), in the synchronous loop: on two
     # cores the pipelined one only makes rollouts and learners share them, and its stale rows'
@@ -637,8 +646,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--engines",
-        choices=("vllm", "hf"),
-        help="rayd's rollout and teacher backend (default: vllm rollout; the preset's teacher)",
+        choices=("vllm", "hf", "learner"),
+        help="vllm / hf: rayd's rollout and teacher actors on that backend (teacher.support "
+        "teacher_topk unless --support); learner: no engine actor (rollouts and teacher inside "
+        "the learners). Default: the preset's",
     )
     parser.add_argument("--num-learners", type=int, help="rayd's learner.num_learners")
     parser.add_argument("--learner-threads", type=int, help="rayd's learner.threads")
@@ -658,14 +669,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k:
         top_k = tuple(int(k) for k in args.top_k.split(","))
         settings = dataclasses.replace(settings, top_k=top_k)
+    if args.engines == "learner":
+        settings = dataclasses.replace(settings, rollout_backend="learner", support="full")
+    elif args.engines:
+        settings = dataclasses.replace(
+            settings,
+            rollout_backend=args.engines,
+            teacher_backend=args.engines,
+            support="teacher_topk",
+        )
     if args.support:
         settings = dataclasses.replace(settings, support=args.support)
     if args.max_staleness is not None:
         settings = dataclasses.replace(settings, max_staleness=args.max_staleness)
-    if args.engines:
-        settings = dataclasses.replace(
-            settings, rollout_backend=args.engines, teacher_backend=args.engines
-        )
     if args.num_learners is not None:
         settings = dataclasses.replace(settings, num_learners=args.num_learners)
     if args.learner_threads is not None:
