@@ -1,13 +1,15 @@
-"""Rollout backend: transformers `generate`. The debugging backend and the measured baseline.
+"""Rollout backend: transformers models, sampled as `generate` samples. The debugging backend,
+the measured baseline, and the sampler of rollout.backend=learner.
 
 It follows the vLLM backend's conventions so the two are interchangeable:
-- log-probs of sampled tokens come from the processed scores (`output_scores=True`: after
-  temperature, top-p and the min-new-tokens eos mask), i.e. the distribution sampled from;
-  so do the top-k ids (`return_topk`), as vLLM's `logprobs=k` in processed mode;
+- log-probs of sampled tokens come from the processed scores (after temperature, top-p and the
+  min-new-tokens eos mask), i.e. the distribution sampled from; so do the top-k ids
+  (`return_topk`), as vLLM's `logprobs=k` in processed mode;
 - `min_new_tokens=1`; a completion ends at (and includes) the first eos;
 - sampling knobs a checkpoint's generation_config.json may carry (top_k, repetition penalty) are
-  pinned off, as vLLM ignores them when given explicit SamplingParams; transformers would
-  otherwise even apply its global default top_k=50.
+  not applied, as vLLM ignores them when given explicit SamplingParams.
+The loop is `Sampler`: transformers' own sampling steps without `generate`'s per-token
+machinery, drawing exactly what `generate` draws from the same seed.
 Prompts are left-padded and sampled in micro-batches, because the processed scores of a batch
 ([batch * n, new tokens, vocab]) are held until generation ends: as many prompts as keep those
 scores within SCORES_BUDGET_BYTES, and never fewer than MIN_BATCH. With a small vocabulary that
@@ -21,11 +23,14 @@ train mode and RNG stream are left as they were.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from rayd.device import detect, resolve_dtype
 from rayd.rollout.engine import Completion
@@ -120,35 +125,18 @@ class HFEngine:
             # dedicated actor, or `live` forks the stream); vLLM seeds every prompt, so the
             # two backends draw different samples from the same seeds.
             torch.manual_seed(seeds[0])
-        sampling = (
-            dict(do_sample=True, temperature=temperature, top_p=top_p)
-            if temperature > 0
-            else dict(do_sample=False)
-        )
-        config = GenerationConfig(
-            **sampling,
-            top_k=0,
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=1,
-            num_return_sequences=n,
-            eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
+        sampler = Sampler(self.eos_ids, self.pad_id, temperature, top_p, max_new_tokens, n)
         # The scores are float32 once stacked (below), whatever the model's dtype.
         per_prompt = n * max_new_tokens * self.vocab_size * 4
         size = self.batch_size or max(MIN_BATCH, SCORES_BUDGET_BYTES // per_prompt)
         result: list[list[Completion]] = []
         for start in range(0, len(prompts), size):
             batch = prompts[start : start + size]
-            result.extend(self._generate_batch(batch, n, config, return_topk))
+            result.extend(self._generate_batch(batch, n, sampler, return_topk))
         return result
 
     def _generate_batch(
-        self, prompts: list[list[int]], n: int, config: GenerationConfig, return_topk: int
+        self, prompts: list[list[int]], n: int, sampler: Sampler, return_topk: int
     ) -> list[list[Completion]]:
         device = self.device.torch_device()
         width = max(len(p) for p in prompts)
@@ -158,13 +146,11 @@ class HFEngine:
         for i, prompt in enumerate(prompts):
             input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
             attention_mask[i, width - len(prompt) :] = 1
-        out = self.model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            generation_config=config,
+        new_tokens, scores = sampler.run(
+            self.model, input_ids.to(device), attention_mask.to(device)
         )
-        new_tokens = out.sequences[:, width:].cpu()  # [B * n, S], rows grouped by prompt
-        scores = torch.stack(out.scores, dim=1).float().cpu()  # [B * n, S, V], processed
+        new_tokens = new_tokens.cpu()  # [B * n, S], rows grouped by prompt
+        scores = scores.cpu()  # [B * n, S, V] float32, processed
         logprobs = scores.log_softmax(-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         topk = scores.topk(return_topk, dim=-1).indices if return_topk else None
         eos = torch.tensor(self.eos_ids)
@@ -210,3 +196,81 @@ class HFEngine:
                 logp = self.model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
                 result.append(logp.gather(-1, ids[0, 1:, None]).squeeze(-1).cpu())
         return result
+
+
+class Sampler:
+    """transformers' sampling loop (`generate`'s `_sample`), without what rayd never asks of it.
+
+    The same steps in the same order: a float32 copy of the last logits, the processors (eos
+    masked before the first token, then temperature and top-p, transformers' own classes),
+    softmax and one `torch.multinomial` over the whole batch per token (greedy: argmax),
+    finished rows padded, a step per token until every row has its eos or max_new_tokens. So it
+    draws exactly what `generate` draws from the same seed (a unit test holds them equal). What
+    it leaves out is generate's per-token machinery, its config merging and checks, stopping
+    criteria and input preparation: for a tiny model that is a quarter of the call (rayd bench,
+    section overhead).
+    """
+
+    def __init__(
+        self,
+        eos_ids: list[int],
+        pad_id: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        n: int,
+    ) -> None:
+        self.eos_ids, self.pad_id, self.n = eos_ids, pad_id, n
+        self.max_new_tokens = max_new_tokens
+        self.do_sample = temperature > 0
+        self.warpers: list[Any] = []
+        if self.do_sample and temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+        if self.do_sample and top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+
+    def run(
+        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(new tokens [B * n, S], processed scores [B * n, S, V] float32) for left-padded
+        prompts; rows grouped by prompt, each padded after its eos."""
+        ids = input_ids.repeat_interleave(self.n, dim=0)
+        mask = attention_mask.repeat_interleave(self.n, dim=0)
+        eos = torch.tensor(self.eos_ids, device=ids.device)
+        unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+        cache = DynamicCache(config=model.config)
+        # Left padding: positions count the real tokens; a pad's own is never attended to.
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        step_ids = ids
+        tokens: list[torch.Tensor] = []
+        scores: list[torch.Tensor] = []
+        for step in range(self.max_new_tokens):
+            logits = (
+                model(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                .logits[:, -1]
+                .to(dtype=torch.float32, copy=True)
+            )
+            if step == 0:  # min_new_tokens=1: no empty completion
+                logits[:, eos] = -math.inf
+            for warp in self.warpers:
+                logits = warp(ids, logits)
+            if self.do_sample:
+                picked = torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(1)
+            else:
+                picked = logits.argmax(dim=-1)
+            picked = torch.where(unfinished, picked, self.pad_id)
+            tokens.append(picked)
+            scores.append(logits)
+            unfinished &= ~torch.isin(picked, eos)
+            if not unfinished.any():
+                break
+            step_ids = picked[:, None]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            positions = positions[:, -1:] + 1
+        return torch.stack(tokens, dim=1), torch.stack(scores, dim=1)

@@ -1,3 +1,6 @@
+import dataclasses
+import pickle
+
 import pytest
 import torch
 
@@ -66,6 +69,22 @@ def test_take_reorders_every_per_row_field_and_keeps_absent_ones():
     assert t.on_policy.tolist() == [False, True, True]
     assert t.loss_mask.sum().item() == b.loss_mask.sum().item()
     assert t.hard_target.numel() == 0 and t.teacher_hidden.numel() == 0
+
+
+def test_a_batch_crosses_a_process_boundary_as_it_was():
+    samples = [
+        Sample(prompt_ids=[5, 6], completion_ids=[7] * n, logprobs=[-0.5] * n, prompt_index=i)
+        for i, n in enumerate([1, 3, 2, 4])
+    ]
+    scores = [TeacherScore.empty(len(s.completion_ids), k=2) for s in samples]
+    batch = collate(samples, scores, pad_id=0)
+    batch.token_weight = torch.rand(batch.loss_mask.shape)
+    for shard in batch.split(2):  # column-trimmed views, as the learners get them
+        back = pickle.loads(pickle.dumps(shard))
+        for f in dataclasses.fields(shard):
+            want, got = getattr(shard, f.name), getattr(back, f.name)
+            assert got.dtype == want.dtype and torch.equal(got, want), f.name
+        back.loss_mask[0, 0] = False  # the receiver owns what it got
 
 
 def test_collate_rejects_length_mismatch():

@@ -1,14 +1,16 @@
-"""The transformers engine over a live model (rollout.backend=learner: a learner rank samples with
-the module it trains): it draws what an engine loaded from the same weights draws, and leaves
-the owner's train mode and RNG stream as they were. No Ray: the engine is a plain class."""
+"""The transformers rollout engine without Ray: its sampling loop draws exactly what transformers'
+`generate` draws, and over a live model (rollout.backend=learner: a learner rank samples with the
+module it trains) it draws what an engine loaded from the same weights draws, leaving the
+owner's train mode and RNG stream as they were."""
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from rayd.rollout.hf_engine import HFEngine
+from rayd.rollout.hf_engine import HFEngine, Sampler
 from rayd.rollout.spec import EngineSpec
 from rayd.rollout.worker import RolloutWorker, prompt_seeds
+from rayd.tasks import make_task
 from rayd.zoo import resolve_model_path
 
 PROMPTS = [[1, 5, 6, 7], [1, 8, 9], [1, 10, 11, 12, 13]]
@@ -78,3 +80,47 @@ def test_a_live_engine_follows_its_owners_updates_and_loads_nothing(spec):
     assert samples[0].weight_version == 1
     with pytest.raises(RuntimeError, match="nothing to load"):
         worker.engine.load_weights(b"")
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_p", "n"), [(1.0, 1.0, 1), (0.7, 0.9, 2), (1.3, 0.5, 3), (0.0, 1.0, 1)]
+)
+def test_the_sampling_loop_draws_what_transformers_generate_draws(temperature, top_p, n):
+    # The test teacher has learnt to end its answers: rows stop at different steps.
+    path = resolve_model_path("tiny:test-teacher", seed=0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    examples = make_task("addition", seed=0, digits=2).examples("eval", 6)
+    prompts = [tokenizer(e.prompt, add_special_tokens=False).input_ids for e in examples]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+    config = GenerationConfig(
+        **sampling,
+        top_k=0,
+        max_new_tokens=30,
+        min_new_tokens=1,
+        num_return_sequences=n,
+        eos_token_id=[eos],
+        pad_token_id=pad,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            want = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            tokens, scores = Sampler([eos], pad, temperature, top_p, 30, n).run(model, ids, mask)
+        assert torch.equal(tokens, want.sequences[:, width:])
+        assert torch.equal(scores, torch.stack(want.scores, dim=1))
+        assert (tokens == eos).any(1).any() and (tokens == pad).any(), "no row stopped early"
