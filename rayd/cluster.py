@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import ray
 from ray.util.placement_group import remove_placement_group
 
-from rayd.noise import quiet_known_noise, worker_runtime_env
+from rayd.noise import quiet_known_noise, worker_environ, worker_runtime_env
 from rayd.progress import is_terminal
 
 T = TypeVar("T")
@@ -78,14 +78,20 @@ def connect(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
         runtime_env = worker_runtime_env(_submitted_runtime_env())
         ray.init(address="auto", log_to_driver=log_to_driver, runtime_env=runtime_env)
     else:
+        # A local Ray's workers inherit the environment it starts in, and each rayd actor
+        # quiets the known noise itself (rayd.device.prepare_process): a job runtime env would
+        # do the same at 1.3 s of a tiny run's start-up (each worker spawned through Ray's
+        # runtime-env agent, none taken from the idle ones Ray starts). So does the dashboard
+        # (0.7 s): a local run has none; `ray start --head` and RAY_ADDRESS give one.
         # "local": without it ray.init joins a `ray start` cluster found on this machine, and
         # then refuses num_cpus (ValueError) instead of starting the local Ray promised here.
-        ray.init(
-            address="local",
-            num_cpus=num_cpus or max(8, os.cpu_count() or 1),
-            log_to_driver=log_to_driver,
-            runtime_env=worker_runtime_env(),
-        )
+        with worker_environ():
+            ray.init(
+                address="local",
+                num_cpus=num_cpus or max(8, os.cpu_count() or 1),
+                log_to_driver=log_to_driver,
+                include_dashboard=False,
+            )
 
 
 def _submitted_runtime_env() -> dict[str, Any]:

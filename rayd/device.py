@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rayd.noise import quiet_known_noise
+
 
 @dataclass(frozen=True)
 class Device:
@@ -47,7 +49,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def prepare_process(device: Device, threads: int | None = None) -> None:
-    """Process-wide settings that must happen before DeepSpeed or vLLM import their backends."""
+    """Process-wide settings that must happen before DeepSpeed or vLLM import their backends,
+    and the known library noise quieted (a local Ray's workers get no setup hook)."""
+    quiet_known_noise()
     os.environ.setdefault("DS_ACCELERATOR", device.ds_accelerator)
     if threads and not device.is_gpu:
         # Several actors share few cores: unbounded intra-op threads make them fight.

@@ -1,13 +1,13 @@
 """Library messages a rayd user cannot act on, kept out of the console and of job logs.
 
-Every rayd process (the driver, and through `worker_runtime_env` every Ray worker it starts)
-demotes a short list of known warnings from vLLM, DeepSpeed and Ray to DEBUG: they are not
-printed at the usual levels, and come back with `VLLM_LOGGING_LEVEL=DEBUG` (vLLM's) or a DEBUG
-level on the library's logger. Only messages listed here are touched, and nothing at ERROR
-or above; any other warning still shows. The `torch.distributed` deprecation FutureWarnings
-raised inside vLLM and DeepSpeed are ignored the same way (`python -W default` shows them).
-Worker progress bars of transformers and the Hub are turned off (a bar in a log is one long
-line).
+Every rayd process (the driver, every rayd actor as it starts, and on a joined cluster every Ray
+worker, through `worker_runtime_env`) demotes a short list of known warnings from vLLM,
+DeepSpeed and Ray to DEBUG: they are not printed at the usual levels, and come back with
+`VLLM_LOGGING_LEVEL=DEBUG` (vLLM's) or a DEBUG level on the library's logger. Only messages
+listed here are touched, and nothing at ERROR or above; any other warning still shows. The
+`torch.distributed` deprecation FutureWarnings raised inside vLLM and DeepSpeed are ignored the
+same way (`python -W default` shows them). Worker progress bars of transformers and the Hub are
+turned off (a bar in a log is one long line).
 
 Imports only the standard library: Ray imports it in every worker it starts.
 """
@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # Logger name (the emitting module) -> parts of the messages demoted there.
@@ -29,7 +31,11 @@ DEMOTED: dict[str, tuple[str, ...]] = {
         "Inductor compilation was disabled by user settings",
         "Model Runner V2 requires Triton; using the V1 model runner",
     ),
-    "vllm.platforms.cpu": ("Triton is not installed. triton-cpu is expected",),
+    "vllm.platforms.cpu": (
+        "Triton is not installed. triton-cpu is expected",
+        # on CPUs with AVX-512 BF16, for every model, mamba or not
+        "Reset SSM cache type to float32",
+    ),
     "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU backend",),
     "vllm.v1.worker.cpu_worker": (
         "libtcmalloc is not found in LD_PRELOAD",
@@ -82,8 +88,24 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message=FUTURE_WARNINGS, category=FutureWarning)
 
 
+@contextmanager
+def worker_environ() -> Iterator[None]:
+    """WORKER_ENV (a value the user set wins) in this process's environment for the block: a
+    local Ray started inside it passes it on to every worker; then the environment is as it
+    was."""
+    added = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def worker_runtime_env(taken: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The job-level Ray runtime env of a rayd run: the setup hook above and WORKER_ENV.
+    """The job-level Ray runtime env of a rayd run on a cluster it joins (RAY_ADDRESS, `ray job
+    submit`): the setup hook above and WORKER_ENV; a local Ray gets them by `worker_environ`
+    and `rayd.device.prepare_process` instead.
     `taken` is a runtime env already in force (a submitted job's): what it sets is left to it
     (Ray refuses to merge two values for one field or variable)."""
     taken = taken or {}

@@ -7,7 +7,7 @@ import io
 import logging
 import warnings
 
-from rayd.noise import quiet_known_noise, worker_runtime_env
+from rayd.noise import quiet_known_noise, worker_environ, worker_runtime_env
 
 
 def _shown(logger_name: str, level: int, message: str, *args: object, debug=False) -> str:
@@ -71,3 +71,16 @@ def test_worker_runtime_env_leaves_taken_fields(monkeypatch):
     assert worker_runtime_env(taken) == {}
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # the user's choice wins
     assert "env_vars" not in worker_runtime_env()
+
+
+def test_a_local_ray_starts_inside_the_worker_environment_then_it_is_restored(monkeypatch):
+    import os
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    with worker_environ():
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # the user's choice wins
+    with worker_environ():
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"

@@ -80,6 +80,10 @@ class BenchSettings:
     # generate 32 x 24 tokens of the test student 0.02-0.08 s on 1 thread, 1.5-5.5 s on 2)
     trl_threads: tuple[int, ...] = (1, 2)
     num_learners: int = 2  # rayd's DeepSpeed data-parallel ranks
+    # rayd's learner.zero_stage: plain data parallel for a model whose weights and Adam state
+    # are a few hundred KB (ZeRO-2's partitioning saves no memory there, and cost the tiny
+    # pair 2-4 ms of a 50 ms step: docs/experiments/performance.md)
+    zero_stage: int = 0
     learner_threads: int = 1  # torch threads of each learner
     # rayd's teacher actor: vLLM prompt log-probs, or "hf" (none starts with support=full)
     teacher_backend: str = "hf"
@@ -131,6 +135,7 @@ SMOLLM2 = BenchSettings(
     # importance weights slowed the KL per step (measured: README, Benchmarks)
     support="full",
     max_staleness=0,
+    zero_stage=2,  # rayd's default, which its published SmolLM2 figures ran with
     # two threads on a quiet machine; under load from other jobs TRL's 2-thread steps stalled
     # (72-88 s against 3-7 s on one thread): then pass trl_threads=(1,)
     trl_threads=(2,),
@@ -164,6 +169,7 @@ def rayd_config(s: BenchSettings, run_dir: Path, top_k: int | None = None) -> An
         },
         "learner": {
             "num_learners": s.num_learners,
+            "zero_stage": s.zero_stage,
             "micro_batch_size": s.prompts_per_step // s.num_learners,
             "threads": s.learner_threads,
             "grad_accum": 1,
