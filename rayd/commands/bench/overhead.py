@@ -2,12 +2,12 @@
 
 The run is the `trl` section's tiny pair (`trl.FULL`'s settings: tiny:test-student taught by
 tiny:test-teacher, two DeepSpeed learners, 32 prompts x 24 new tokens a step, synchronous loop),
-trained three times in this process on one local Ray started with RAY_PROFILING=1, so that
-`ray.timeline()` holds every actor call's execution interval: with a vLLM rollout engine and a
-vLLM teacher (top-k signal), with transformers ones (`backend: hf`), since at this size an
-engine's per-call cost, not its compute, may set the pace, and with no engine actor at all
-(`learner`: rollout.backend=learner and teacher.support=full, the learners sample with their own
-weights and hold the teacher; what the trl section runs for this pair).
+trained three times in this process, each on a local Ray of its own started with
+RAY_PROFILING=1, so that `ray.timeline()` holds every actor call's execution interval: with a
+vLLM rollout engine and a vLLM teacher (top-k signal), with transformers ones (`backend: hf`),
+since at this size an engine's per-call cost, not its compute, may set the pace, and with no
+engine actor at all (`learner`: rollout.backend=learner and teacher.support=full, the learners
+sample with their own weights and hold the teacher; what the trl section runs for this pair).
 
 Per step (step 1 left out: cold actors), each a median over the timed steps, in seconds:
 - `step`: the driver's wall time of the step (metrics.jsonl);
@@ -19,10 +19,11 @@ Per step (step 1 left out: cold actors), each a median over the timed steps, in 
   and result (de)serialisation, the object store, the driver's own Python between calls;
 - `calls.<Class.method>`: calls per step, and `exec.<Class.method>`: their execution seconds
   per step summed over actors.
-Start-up, in seconds from the moment `train()` is called (Ray is already up; `ray_init` is its
-own figure): when each role's first actor began its `__init__` (process start, imports and the
-driver's checks before it), how long the slowest `__init__` of the role took, when its last
-`ready` call returned, and when step 1 began (after the held-out eval of step 0).
+Start-up, in seconds from the moment `train()` is called (Ray is already up; each run's
+`ray_init` is its own figure): when each role's first actor began its `__init__` (process
+start, imports and the driver's checks before it), how long the slowest `__init__` of the role
+took, when its last `ready` call returned, and when step 1 began (after the held-out eval of
+step 0).
 
     rayd bench --only overhead
 """
@@ -71,11 +72,19 @@ def run(quick: bool, workdir: Path) -> dict[str, Any]:
         ray.shutdown()
     os.environ["RAY_PROFILING"] = "1"
     steps = 6 if quick else 20
+    runs: dict[str, dict[str, Any]] = {}
     try:
-        started = time.time()
-        cluster.connect()
-        ray_init = time.time() - started
-        runs = {backend: _measure(Path(workdir) / backend, backend, steps) for backend in BACKENDS}
+        # A Ray of its own per backend: one cluster's timeline stopped recording the third run's
+        # calls (the engines' runs fill Ray's task-event store).
+        for backend in BACKENDS:
+            started = time.time()
+            cluster.connect()
+            ray_init = time.time() - started
+            runs[backend] = {
+                **_measure(Path(workdir) / backend, backend, steps),
+                "ray_init": ray_init,
+            }
+            ray.shutdown()
     finally:
         ray.shutdown()
         os.environ.pop("RAY_PROFILING", None)
@@ -91,11 +100,10 @@ def run(quick: bool, workdir: Path) -> dict[str, Any]:
             / vllm["startup"]["first_step_begins"]
             for backend in BACKENDS[1:]
         },
-        "ray_init": ray_init,
         **runs,
         "notes": f"the trl section's tiny pair, {steps} steps per backend, max_staleness=0, in "
-        "one process on one local Ray started with RAY_PROFILING=1 (ray_init); step 1 left "
-        "out of per_step",
+        "one process, each backend on a local Ray of its own started with RAY_PROFILING=1 "
+        "(its ray_init); step 1 left out of per_step",
     }
 
 
