@@ -124,3 +124,17 @@ def test_the_sampling_loop_draws_what_transformers_generate_draws(temperature, t
         assert torch.equal(tokens, want.sequences[:, width:])
         assert torch.equal(scores, torch.stack(want.scores, dim=1))
         assert (tokens == eos).any(1).any() and (tokens == pad).any(), "no row stopped early"
+
+
+def test_a_lora_student_samples_through_its_peft_wrapper(spec):
+    from rayd.config import LoraConfig
+    from rayd.learner.lora import lora_model
+
+    base = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.float32)
+    wrapped = lora_model(base, LoraConfig(r=4, alpha=8, dropout=0.1)).train()
+    # Fresh adapters (B = 0) leave the outputs as they were: the loaded engine's draws.
+    seeds = prompt_seeds(5, [0, 1, 2])
+    got = sample(HFEngine(spec, model=wrapped), seeds)
+    want = sample(HFEngine(spec.for_worker(0)), seeds)
+    assert [c.token_ids for p in got for c in p] == [c.token_ids for p in want for c in p]
+    assert wrapped.training
