@@ -121,9 +121,9 @@ class RolloutConfig(EngineParallel):
         "vllm",
         description="vllm / hf: rollout actors (vLLM, or transformers generate) that get new "
         "weights every step; learner: each learner rank samples its share of the prompts "
-        "with its own live weights (transformers generate), with no rollout actor and no "
-        "weight sync: for small students, where an engine's calls and syncs cost more than "
-        "its speed saves (docs/experiments/performance.md)",
+        "with its own live weights (transformers, sampled as generate samples), with no "
+        "rollout actor and no weight sync: for small students, where an engine's calls and "
+        "syncs cost more than its speed saves (docs/experiments/performance.md)",
     )
     num_workers: int = Field(1, ge=1)
     n: int = Field(1, ge=1, description="completions sampled per prompt")
