@@ -90,9 +90,20 @@ class HFEngine:
         return_topk: int = 0,
     ) -> list[list[Completion]]:
         with self._as_sampler():
-            return self._generate(
-                prompts, n, temperature, top_p, max_new_tokens, seeds, return_topk
-            )
+            if seeds:
+                # One global stream per call, from the first prompt's seed (this process is a
+                # dedicated actor, or `live` forks the stream); vLLM seeds every prompt, so the
+                # two backends draw different samples from the same seeds.
+                torch.manual_seed(seeds[0])
+            sampler = Sampler(self.eos_ids, self.pad_id, temperature, top_p, max_new_tokens, n)
+            # The scores are float32 once stacked (below), whatever the model's dtype.
+            per_prompt = n * max_new_tokens * self.vocab_size * 4
+            size = self.batch_size or max(MIN_BATCH, SCORES_BUDGET_BYTES // per_prompt)
+            result: list[list[Completion]] = []
+            for start in range(0, len(prompts), size):
+                batch = prompts[start : start + size]
+                result.extend(self._generate_batch(batch, n, sampler, return_topk))
+            return result
 
     @contextmanager
     def _as_sampler(self) -> Iterator[None]:
@@ -109,31 +120,6 @@ class HFEngine:
                 yield
         finally:
             self.model.train(training)
-
-    def _generate(
-        self,
-        prompts: list[list[int]],
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_new_tokens: int,
-        seeds: list[int] | None,
-        return_topk: int,
-    ) -> list[list[Completion]]:
-        if seeds:
-            # One global stream per call, from the first prompt's seed (this process is a
-            # dedicated actor, or `live` forks the stream); vLLM seeds every prompt, so the
-            # two backends draw different samples from the same seeds.
-            torch.manual_seed(seeds[0])
-        sampler = Sampler(self.eos_ids, self.pad_id, temperature, top_p, max_new_tokens, n)
-        # The scores are float32 once stacked (below), whatever the model's dtype.
-        per_prompt = n * max_new_tokens * self.vocab_size * 4
-        size = self.batch_size or max(MIN_BATCH, SCORES_BUDGET_BYTES // per_prompt)
-        result: list[list[Completion]] = []
-        for start in range(0, len(prompts), size):
-            batch = prompts[start : start + size]
-            result.extend(self._generate_batch(batch, n, sampler, return_topk))
-        return result
 
     def _generate_batch(
         self, prompts: list[list[int]], n: int, sampler: Sampler, return_topk: int
