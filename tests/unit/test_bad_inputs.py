@@ -375,6 +375,21 @@ CASES = {
         2,
         "rollout.backend: Input should be 'vllm', 'hf' or 'learner'",
     ),
+    "learners that sample, in the pipelined loop": (
+        lambda t: (None, ["rollout.backend=learner", "trainer.max_staleness=1"]),
+        2,
+        "rollout.backend=learner samples inside the learners, between their steps",
+    ),
+    "learners that sample, at ZeRO-3": (
+        lambda t: (None, ["rollout.backend=learner", "learner.zero_stage=3"]),
+        2,
+        "learner.zero_stage=3 shards: use zero_stage 0-2",
+    ),
+    "learners that sample, with rollout workers": (
+        lambda t: (None, ["rollout.backend=learner", "rollout.num_workers=2"]),
+        2,
+        "leave rollout.num_workers at 1",
+    ),
     "unknown algorithm": (
         lambda t: (None, ["algorithm.name=ppo"]),
         2,
