@@ -170,32 +170,53 @@ def collate(
     if len(samples) != len(scores):
         raise ValueError(f"{len(samples)} samples but {len(scores)} teacher scores")
     k = max((s.topk_ids.shape[1] for s in scores), default=1)
-    length = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
-    b = len(samples)
-    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((b, length), dtype=torch.long)
-    loss_mask = torch.zeros((b, length - 1), dtype=torch.bool)
-    behavior = torch.zeros((b, length - 1))
-    teacher = torch.zeros((b, length - 1))
-    topk_ids = torch.zeros((b, length - 1, k), dtype=torch.long)
-    topk_lp = torch.zeros((b, length - 1, k))
-    for i, (sample, score) in enumerate(zip(samples, scores, strict=True)):
-        p, t = len(sample.prompt_ids), len(sample.completion_ids)
-        if score.token_logprobs.shape[0] != t:
+    for sample, score in zip(samples, scores, strict=True):
+        if not sample.prompt_ids:
+            raise ValueError(f"sample of prompt {sample.prompt_index} has an empty prompt")
+        if len(sample.logprobs) != len(sample.completion_ids):
             raise ValueError(
-                f"teacher scored {score.token_logprobs.shape[0]} tokens for a completion of {t}"
+                f"sample of prompt {sample.prompt_index} has {len(sample.logprobs)} log-probs "
+                f"for a completion of {len(sample.completion_ids)}"
             )
-        input_ids[i, : p + t] = torch.tensor(sample.prompt_ids + sample.completion_ids)
-        attention_mask[i, : p + t] = 1
-        # Target column j predicts input_ids[j + 1]: completion token 0 sits at column p - 1.
-        cols = slice(p - 1, p - 1 + t)
-        loss_mask[i, cols] = True
-        behavior[i, cols] = torch.tensor(sample.logprobs, dtype=torch.float32)
-        teacher[i, cols] = score.token_logprobs.float()
+        if score.token_logprobs.shape[0] != len(sample.completion_ids):
+            raise ValueError(
+                f"teacher scored {score.token_logprobs.shape[0]} tokens for a completion of "
+                f"{len(sample.completion_ids)}"
+            )
         if score.topk_ids.shape[1] != k:
             raise ValueError(f"teacher scores mix top-k widths {score.topk_ids.shape[1]} and {k}")
-        topk_ids[i, cols] = score.topk_ids
-        topk_lp[i, cols] = score.topk_logprobs.float()
+    prompt_len = torch.tensor([len(s.prompt_ids) for s in samples])
+    completion_len = torch.tensor([len(s.completion_ids) for s in samples])
+    length = int((prompt_len + completion_len).max())
+    b = len(samples)
+    # Whole-batch tensor ops rather than a few per row: a tiny step's 32 rows took 1.1 ms
+    # row by row, a quarter of the driver's time between two learner calls.
+    input_ids = torch.tensor(
+        [
+            s.prompt_ids
+            + s.completion_ids
+            + [pad_id] * (length - len(s.prompt_ids) - len(s.completion_ids))
+            for s in samples
+        ],
+        dtype=torch.long,
+    ).reshape(b, length)
+    attention_mask = (torch.arange(length) < (prompt_len + completion_len)[:, None]).long()
+    # Target column j predicts input_ids[j + 1]: completion token 0 sits at column p - 1.
+    first = (prompt_len - 1)[:, None]
+    columns = torch.arange(length - 1)
+    loss_mask = (columns >= first) & (columns < first + completion_len[:, None])
+    # A boolean mask selects row by row, each row's columns in order: the completions'
+    # per-token values, concatenated in sample order, land where they belong.
+    behavior = torch.zeros((b, length - 1))
+    behavior[loss_mask] = torch.tensor(
+        [lp for s in samples for lp in s.logprobs], dtype=torch.float32
+    )
+    teacher = torch.zeros((b, length - 1))
+    teacher[loss_mask] = torch.cat([s.token_logprobs.float() for s in scores])
+    topk_ids = torch.zeros((b, length - 1, k), dtype=torch.long)
+    topk_ids[loss_mask] = torch.cat([s.topk_ids for s in scores])
+    topk_lp = torch.zeros((b, length - 1, k))
+    topk_lp[loss_mask] = torch.cat([s.topk_logprobs.float() for s in scores])
     on_policy = torch.tensor([s.on_policy for s in samples], dtype=torch.bool)
     row_weight = torch.tensor([s.weight for s in samples], dtype=torch.float32)
     # Left empty unless some row needs it: every micro-batch of a step then reports the same
