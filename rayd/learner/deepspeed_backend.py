@@ -274,16 +274,18 @@ class DeepSpeedLearner:
         scale = self.grad_accum * self.world_size / max(global_tokens, 1)
         lr = float(self.engine.get_lr()[0])  # the rate this step will use
 
-        # Phase 1: every micro-batch's loss, finite on all ranks? (before any backward)
+        # Phase 1: every micro-batch's loss, finite on all ranks? (before any backward) The
+        # step's metric sums are known now too: one all-reduce carries both.
         first_loss, first_sums = self._loss(micro_batches[0])
         sums = [first_sums]
         for mb in micro_batches[1:]:
             with torch.no_grad():
                 sums.append(self._loss(mb)[1])
         local_bad = any(not math.isfinite(s["loss"].item()) for s in sums)
-        if self._any_rank(local_bad):
+        any_bad, totals = self._all_reduce_sums(sums, local_bad)
+        if any_bad:
             del first_loss  # frees the graph: no backward, no step, counters untouched
-            return self._metrics(sums, global_tokens, lr, grad_norm=float("nan"), skipped=True)
+            return self._metrics(totals, global_tokens, lr, grad_norm=float("nan"), skipped=True)
 
         # Phase 2: backward + step per micro-batch; DeepSpeed steps on the last one.
         plain = self._plain_torch_optimizer
@@ -309,7 +311,7 @@ class DeepSpeedLearner:
             norm = self.engine.get_global_grad_norm()
             grad_norm = math.nan if norm is None else float(norm)
             skipped = not self.engine.was_step_applied()  # ZeRO saw non-finite gradients
-        return self._metrics(sums, global_tokens, lr, grad_norm=grad_norm, skipped=skipped)
+        return self._metrics(totals, global_tokens, lr, grad_norm=grad_norm, skipped=skipped)
 
     def _loss(self, mb: TrainBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """(sum of the per-token loss, detached sums of loss and metrics) for one micro-batch."""
@@ -345,10 +347,18 @@ class DeepSpeedLearner:
             sums[name] = value.detach().float().sum()
         return total, sums
 
-    def _any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.torch_device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+    def _all_reduce_sums(
+        self, sums: list[dict[str, Tensor]], bad: bool
+    ) -> tuple[bool, dict[str, float]]:
+        """(whether any rank saw a non-finite loss, each metric summed over micro-batches and
+        ranks): the finite-loss vote rides in the metrics' all-reduce, one collective fewer
+        a step."""
+        names = sorted(sums[0])
+        flag = torch.tensor(1.0 if bad else 0.0, device=self.torch_device)
+        local = torch.stack([flag] + [torch.stack([s[n] for s in sums]).sum() for n in names])
+        dist.all_reduce(local, op=dist.ReduceOp.SUM)
+        flags, *values = local.tolist()
+        return flags > 0, dict(zip(names, values, strict=True))
 
     @property
     def _plain_torch_optimizer(self) -> bool:
@@ -366,22 +376,16 @@ class DeepSpeedLearner:
         ]
         return float(torch.stack(grads).norm()) if grads else 0.0
 
+    @staticmethod
     def _metrics(
-        self,
-        sums: list[dict[str, Tensor]],
+        totals: dict[str, float],
         global_tokens: int,
         lr: float,
         grad_norm: float,
         skipped: bool,
     ) -> dict[str, float]:
-        names = sorted(sums[0])
-        local = torch.stack([torch.stack([s[n] for s in sums]).sum() for n in names])
-        local = local.to(self.torch_device)
-        dist.all_reduce(local, op=dist.ReduceOp.SUM)
         denom = max(global_tokens, 1)
-        out = {
-            name: float(value) / denom for name, value in zip(names, local.tolist(), strict=True)
-        }
+        out = {name: value / denom for name, value in totals.items()}
         out.update(
             grad_norm=grad_norm,
             lr=lr,
