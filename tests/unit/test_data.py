@@ -87,11 +87,47 @@ def test_a_batch_crosses_a_process_boundary_as_it_was():
         back.loss_mask[0, 0] = False  # the receiver owns what it got
 
 
+def test_collate_places_each_rows_values_past_an_empty_completion():
+    # collate fills the per-token columns of all rows at once, in row order: a row without
+    # completion tokens must not shift the values of the rows after it.
+    rows = [([5, 6], [7, 8]), ([5], []), ([4, 4, 4], [9])]
+    samples = [
+        Sample(prompt_ids=p, completion_ids=c, logprobs=[-0.1 * (i + 1)] * len(c), prompt_index=i)
+        for i, (p, c) in enumerate(rows)
+    ]
+    scores = [
+        TeacherScore(
+            torch.full((len(c),), -1.0 - i),
+            torch.full((len(c), 2), 10 + i, dtype=torch.long),
+            torch.full((len(c), 2), -2.0 - i),
+        )
+        for i, (_, c) in enumerate(rows)
+    ]
+    b = collate(samples, scores, pad_id=0)
+    assert b.loss_mask.tolist() == [
+        [False, True, True],
+        [False, False, False],
+        [False, False, True],
+    ]
+    assert b.behavior_logprobs[0, 1:].tolist() == pytest.approx([-0.1, -0.1])
+    assert b.behavior_logprobs[2, 2].item() == pytest.approx(-0.3)
+    assert b.teacher_logprobs[2].tolist() == [0.0, 0.0, -3.0]
+    assert b.teacher_topk_ids[2, 2].tolist() == [12, 12]
+    assert b.teacher_topk_logprobs[0, 1:].tolist() == [[-2.0, -2.0], [-2.0, -2.0]]
+    assert b.input_ids.tolist() == [[5, 6, 7, 8], [5, 0, 0, 0], [4, 4, 4, 9]]
+
+
 def test_collate_rejects_length_mismatch():
     s = Sample(prompt_ids=[5], completion_ids=[7, 8], logprobs=[0.0, 0.0], prompt_index=0)
     bad = TeacherScore(torch.zeros(1), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2))
     with pytest.raises(ValueError, match="teacher scored 1 tokens for a completion of 2"):
         collate([s], [bad], pad_id=0)
+    fine = TeacherScore.empty(2)
+    short = dataclasses.replace(s, logprobs=[0.0])
+    with pytest.raises(ValueError, match="has 1 log-probs for a completion of 2"):
+        collate([short], [fine], pad_id=0)
+    with pytest.raises(ValueError, match="empty prompt"):
+        collate([dataclasses.replace(s, prompt_ids=[])], [fine], pad_id=0)
 
 
 def test_sampler_sees_every_prompt_once_per_epoch_and_resumes_exactly():
