@@ -32,7 +32,7 @@ from rayd.weight_sync import deserialize_state_dict
 pytestmark = pytest.mark.usefixtures("ray_local")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-LR, CLIP = 1e-2, 1.0
+LR, CLIP, EPS = 1e-2, 1.0, 1e-8
 LORA = {"r": 4, "alpha": 8.0}
 
 
@@ -57,9 +57,10 @@ def lever_group(student: Path, stage: int, levers: dict[str, Any]) -> LearnerGro
 
 
 def reference_step(model: torch.nn.Module, batch: TrainBatch, spec: Any) -> tuple[float, float]:
-    """One AdamW step (DeepSpeed's settings) on sum(per-token loss) / num_tokens; (loss, norm)."""
+    """One AdamW step (DeepSpeed's settings) on sum(per-token loss) / num_tokens; (loss, norm).
+    The gradients stay in the parameters' .grad (`assert_same_adam_step` reads them)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), eps=EPS, weight_decay=0.0)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     per_token, _ = batch_loss(logits[:, :-1], batch, spec)
     loss = per_token.sum() / batch.num_tokens
@@ -67,6 +68,23 @@ def reference_step(model: torch.nn.Module, batch: TrainBatch, spec: Any) -> tupl
     norm = float(torch.nn.utils.clip_grad_norm_(params, CLIP))
     optimizer.step()
     return float(loss.detach()), norm
+
+
+def assert_same_adam_step(got: dict[str, torch.Tensor], reference: torch.nn.Module) -> None:
+    """`got` holds the weights of the reference's first AdamW step (`reference_step`) within
+    1e-5, except where the reference's gradient is within a hundred of Adam's eps of zero.
+
+    A first step moves a weight by lr * g / (|g| + eps). Where |g| is near eps its size hangs on
+    the gradient's last digits, which a gradient summed in another order moves: on an AMD EPYC
+    (Zen 4) 1 weight in 4096, with g = 1.7e-8, stepped 1.3e-5 apart from the reference, though
+    loss and gradient norm agreed to 1e-7. Those weights only have to stay within one step."""
+    for name, param in reference.named_parameters():
+        grad = param.grad
+        assert grad is not None, name
+        steady = grad.abs() > 100 * EPS
+        gap = (got[name] - param.detach()).abs()
+        assert gap[steady].max() <= 1e-5, f"{name}: {gap[steady].max():.2e} apart"
+        assert gap.max() <= LR, f"{name}: more than a step apart ({gap.max():.2e})"
 
 
 def trainable(worker: Any) -> int:
@@ -138,7 +156,8 @@ def test_full_weight_levers_keep_the_update(
         assert first["loss"] == pytest.approx(ref_loss, rel=1e-5)
         assert first["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
         published = weights(learners.publish_weights())
-        assert_same_weights(published, model.state_dict(), atol=1e-5)
+        assert published.keys() == model.state_dict().keys()
+        assert_same_adam_step(published, model)
         fresh = AutoModelForCausalLM.from_pretrained(student_path)
         fresh.load_state_dict(published, strict=True)
         group_lp = learners.logprobs(batch)
