@@ -73,9 +73,10 @@ class HFEngine:
         self.pad_id: int = self.eos_ids[0] if pad is None else int(pad)
         self.batch_size = batch_size  # None: from SCORES_BUDGET_BYTES per call
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        if not self.live:
-            # Unseeded calls continue this stream, as vLLM's engine-level seed does.
-            torch.manual_seed(spec.seed)
+        # The engine's own random stream, never the process's: a live model's owner (its
+        # dropout, a resumed run's restored state) draws from the global one. Unseeded calls
+        # continue this stream, as vLLM's engine-level seed does.
+        self.generator = torch.Generator(self.device.torch_device()).manual_seed(spec.seed)
 
     @torch.no_grad()
     def generate(
@@ -91,11 +92,12 @@ class HFEngine:
     ) -> list[list[Completion]]:
         with self._as_sampler():
             if seeds:
-                # One global stream per call, from the first prompt's seed (this process is a
-                # dedicated actor, or `live` forks the stream); vLLM seeds every prompt, so the
-                # two backends draw different samples from the same seeds.
-                torch.manual_seed(seeds[0])
-            sampler = Sampler(self.eos_ids, self.pad_id, temperature, top_p, max_new_tokens, n)
+                # One stream per call, from the first prompt's seed; vLLM seeds every prompt,
+                # so the two backends draw different samples from the same seeds.
+                self.generator.manual_seed(seeds[0])
+            sampler = Sampler(
+                self.eos_ids, self.pad_id, temperature, top_p, max_new_tokens, n, self.generator
+            )
             # The scores are float32 once stacked (below), whatever the model's dtype.
             per_prompt = n * max_new_tokens * self.vocab_size * 4
             size = self.batch_size or max(MIN_BATCH, SCORES_BUDGET_BYTES // per_prompt)
@@ -107,17 +109,14 @@ class HFEngine:
 
     @contextmanager
     def _as_sampler(self) -> Iterator[None]:
-        """A live model's owner gets its module back in the mode it was in, and its RNG
-        stream (dropout, a resumed run's restored state) unmoved."""
+        """A live model's owner gets its module back in the mode it was in."""
         if not self.live:
             yield
             return
         training = self.model.training
         self.model.eval()
-        devices = [torch.cuda.current_device()] if self.device.is_gpu else []
         try:
-            with torch.random.fork_rng(devices=devices):
-                yield
+            yield
         finally:
             self.model.train(training)
 
@@ -205,8 +204,12 @@ class Sampler:
         top_p: float,
         max_new_tokens: int,
         n: int,
+        generator: torch.Generator | None = None,
     ) -> None:
+        """`generator`: the random stream of the draws (None: the process's global one, as
+        `generate` draws from)."""
         self.eos_ids, self.pad_id, self.n = eos_ids, pad_id, n
+        self.generator = generator
         self.max_new_tokens = max_new_tokens
         self.do_sample = temperature > 0
         self.warpers: list[Any] = []
@@ -251,7 +254,8 @@ class Sampler:
             for warp in self.warpers:
                 logits = warp(ids, logits)
             if self.do_sample:
-                picked = torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(1)
+                probs = logits.softmax(dim=-1)
+                picked = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
             else:
                 picked = logits.argmax(dim=-1)
             picked = torch.where(unfinished, picked, self.pad_id)

@@ -118,9 +118,11 @@ def test_the_sampling_loop_draws_what_transformers_generate_draws(temperature, t
         torch.manual_seed(seed)
         with torch.no_grad():
             want = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        torch.manual_seed(seed)
+        # The loop draws from a stream of its own, seeded as generate's global one was.
+        stream = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            tokens, scores = Sampler([eos], pad, temperature, top_p, 30, n).run(model, ids, mask)
+            sampler = Sampler([eos], pad, temperature, top_p, 30, n, stream)
+            tokens, scores = sampler.run(model, ids, mask)
         assert torch.equal(tokens, want.sequences[:, width:])
         assert torch.equal(scores, torch.stack(want.scores, dim=1))
         assert (tokens == eos).any(1).any() and (tokens == pad).any(), "no row stopped early"
