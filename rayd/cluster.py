@@ -115,6 +115,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def chunk_bounds(total: int, parts: int) -> list[int]:
+    """Where `parts` contiguous, near-equal chunks of `total` items start, and the end: chunk i
+    is items [bounds[i], bounds[i + 1]), empty when there are fewer items than parts."""
+    return [round(i * total / parts) for i in range(parts + 1)]
+
+
 def call_all(actors: Sequence[Any], method: str, *args: Any, **kwargs: Any) -> list[Any]:
     """Start `method` on every actor with the same arguments; returns the object refs."""
     return [getattr(actor, method).remote(*args, **kwargs) for actor in actors]
@@ -167,8 +173,7 @@ class WorkerPool:
         """As `map_chunks`, but yields `(chunk_index, chunk_result)` as each actor finishes, so
         the caller can pass a chunk on (to the teacher) while the others still run. Chunk i is
         always the same contiguous slice of the inputs: sorting by index restores the order."""
-        total = len(inputs[0])
-        bounds = [round(i * total / len(self.actors)) for i in range(len(self.actors) + 1)]
+        bounds = chunk_bounds(len(inputs[0]), len(self.actors))
         jobs = []
         for actor, lo, hi in zip(self.actors, bounds, bounds[1:], strict=False):
             if hi > lo:

@@ -7,7 +7,8 @@ With trainer.max_staleness >= 1 the next step's rollouts start as soon as this s
 while the teacher scores this step and the learners train on it (from weights at most that many
 versions behind: rayd/pipeline.py).
 With rollout.backend=learner the learner ranks sample instead of rollout engines, from the
-weights they train: no sync, and no engine actor to start (small students).
+weights they train: no sync, and no engine actor to start (small students). With the teacher in
+them too (teacher.support=full), a synchronous step is one call to each rank (`one_call`).
 The offline modes (sft, step_by_step, logit_kd) take the dataset's completions instead of
 rollouts; the engines then get new weights only when an eval needs them. logit_kd over a
 dataset written by `rayd score` reads the teacher's top-k from it and starts no teacher.
@@ -60,7 +61,7 @@ from rayd.tasks.base import Task
 from rayd.teacher.group import check_routes
 from rayd.teacher.signal import ask_teacher, teacher_signal
 from rayd.teacher.stored import load_stored_signal
-from rayd.types import Sample, TrainBatch, collate
+from rayd.types import Sample, TrainBatch, collate, drop_truncated
 from rayd.workers import (
     check_engine_parallel,
     check_engine_room,
@@ -113,32 +114,38 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             timer = StageTimer()
             step_start = time.perf_counter()
 
-            # 1-3. This step's prompts, rollouts and teacher signal (`draw`, `roll_out`,
-            #      `score`): the rollouts made ahead during the previous step
-            #      (max_staleness >= 1), or now from current weights.
-            if state.ahead is None:
-                if not algo.offline:
-                    with timer("sync"):
-                        run.sync_weights()
-                state.ahead = run.roll_out(run.draw(step), run.served)
-            if lag > 0 and step < last_step:
-                # The engines are idle: the next step's rollouts start now, beside this step's
-                # teacher scoring and learner step, from weights at most `lag` versions behind
-                # the learner that will train them.
-                if state.version + 1 - run.served > lag:
-                    with timer("sync"):
-                        run.sync_weights()
-                run.next_rollouts = run.rollout_thread.submit(
-                    run.roll_out, run.draw(step + 1), run.served
-                )
-            work = run.ready(state.ahead)
-            state.ahead = None
-            check_staleness(work.samples, state.version, lag)
+            if run.one_call:
+                # 1-4 in one round of calls: the learner ranks sample this step's prompts and
+                # train on them, the teacher inside them (`roll_out_and_train`).
+                work, metrics = run.roll_out_and_train(run.draw(step), timer)
+                step_stats: dict[str, float] = {}
+            else:
+                # 1-3. This step's prompts, rollouts and teacher signal (`draw`, `roll_out`,
+                #      `score`): the rollouts made ahead during the previous step
+                #      (max_staleness >= 1), or now from current weights.
+                if state.ahead is None:
+                    if not algo.offline:
+                        with timer("sync"):
+                            run.sync_weights()
+                    state.ahead = run.roll_out(run.draw(step), run.served)
+                if lag > 0 and step < last_step:
+                    # The engines are idle: the next step's rollouts start now, beside this
+                    # step's teacher scoring and learner step, from weights at most `lag`
+                    # versions behind the learner that will train them.
+                    if state.version + 1 - run.served > lag:
+                        with timer("sync"):
+                            run.sync_weights()
+                    run.next_rollouts = run.rollout_thread.submit(
+                        run.roll_out, run.draw(step + 1), run.served
+                    )
+                work = run.ready(state.ahead)
+                state.ahead = None
+                check_staleness(work.samples, state.version, lag)
 
-            # 4. One optimizer step on the learner group (data parallel, ZeRO).
-            batch, step_stats = run.batch(work)
-            with timer("learner"):
-                metrics = run.learners.train_step(batch)
+                # 4. One optimizer step on the learner group (data parallel, ZeRO).
+                batch, step_stats = run.batch(work)
+                with timer("learner"):
+                    metrics = run.learners.train_step(batch)
             state.version += 1
             state.step = step
             if run.next_rollouts is not None:  # its teacher signal is still being scored
@@ -337,6 +344,18 @@ class Run:
             trackers=trackers,
         )
         self.served = 0  # the weight version the rollout engines hold
+        # A step is one round of calls when the learner ranks sample (rollout.backend=learner)
+        # and hold the teacher, the loop is synchronous, and the driver has nothing to add
+        # between the samples and the update (a label task, rewards, step weights).
+        algo = cfg.algorithm
+        self.one_call = (
+            cfg.rollout.backend == "learner"
+            and cfg.trainer.max_staleness == 0
+            and self.in_learners
+            and algo.label_weight == 0
+            and algo.reward_weight == 0
+            and algo.step_weighting == "none"
+        )
         # max_staleness >= 1: the next step's rollouts are made on `rollout_thread` while the
         # teacher scores this step's and the learners train on it.
         self.rollout_thread = ThreadPoolExecutor(1, thread_name_prefix="rayd-rollout")
@@ -447,6 +466,35 @@ class Run:
         return Prepared(
             pending.step, chunks, pending.prompt_indices, scores, teacher_stats, seconds
         )
+
+    def roll_out_and_train(self, work: Draw, timer: StageTimer) -> tuple[Prepared, dict[str, Any]]:
+        """Steps 2-4 in one call to each learner rank (`one_call`): the ranks sample `work`'s
+        prompts with their current weights, as `roll_out` would have them, and train on the
+        batch `batch` would have built of the samples. The step's samples and its metrics; the
+        timer gets rank 0's sampling time as the rollout stage, the rest of the call as the
+        learner stage."""
+        r, state = self.cfg.rollout, self.state
+        if work.extra:  # `one_call` rules out every kind of row that is not a rollout
+            raise RuntimeError(f"step {work.step}: rows without a rollout in a one-call step")
+        indices = [p.index for p in work.on_policy]
+        start = time.perf_counter()
+        chunks, metrics = self.learners.roll_out_and_train(
+            [p.ids for p in work.on_policy],
+            indices,
+            prompt_seeds(rollout_seed(self.cfg.trainer.seed, work.step), indices),
+            pad_id=self.tokenizer.pad_token_id,
+            truncated=r.truncated,
+            n=r.n,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            max_new_tokens=r.max_new_tokens,
+            expect_version=state.version,
+        )
+        rollout_s = metrics.pop("rollout_s")
+        timer.seconds.update(rollout=rollout_s, learner=time.perf_counter() - start - rollout_s)
+        done = Prepared(work.step, chunks, work.prompt_indices)
+        check_staleness(done.samples, state.version, 0)
+        return done, metrics
 
     def ready(self, ahead: Pending | Prepared | None) -> Prepared | None:
         """The step made ahead with its teacher signal in."""
@@ -617,11 +665,3 @@ class Preemption:
 def rollout_seed(seed: int, step: int) -> int:
     """The sampling seed of a step: a resumed run draws the same rollouts as an unbroken one."""
     return random.Random(f"{seed}:rollout:{step}").getrandbits(31)
-
-
-def drop_truncated(batch: TrainBatch, samples: list[Sample]) -> None:
-    """rollout.truncated=drop: completions cut at max_new_tokens leave the loss (and its token
-    count); the row stays, since the learners expect a fixed number of rows."""
-    for row, sample in enumerate(samples):
-        if sample.on_policy and sample.finish_reason == "length":
-            batch.loss_mask[row] = False

@@ -250,6 +250,14 @@ def collate(
     )
 
 
+def drop_truncated(batch: TrainBatch, samples: list[Sample]) -> None:
+    """rollout.truncated=drop: completions cut at max_new_tokens leave the loss (and its token
+    count); the row stays, since the learners expect a fixed number of rows."""
+    for row, sample in enumerate(samples):
+        if sample.on_policy and sample.finish_reason == "length":
+            batch.loss_mask[row] = False
+
+
 def _collate_hidden(samples: list[Sample], scores: list[TeacherScore], length: int) -> torch.Tensor:
     """Teacher hidden states at the target columns, [B, L-1, n, D]; empty when none were sent."""
     present = [s.hidden is not None for s in scores]

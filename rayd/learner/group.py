@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rayd import cluster
 from rayd.learner.spec import LearnerSpec
 from rayd.learner.worker import LearnerWorker
-from rayd.types import TrainBatch, length_buckets, padded_cells
+from rayd.types import Sample, TrainBatch
 
 
 class LearnerFailure(RuntimeError):
@@ -40,9 +40,6 @@ class LearnerGroup:
             raise ValueError(f"num_learners must be >= 1, got {spec.num_learners}")
         self.spec = spec
         self.num_learners = num_learners = spec.num_learners
-        self.rows_per_step = spec.rows_per_step
-        self._splits = (num_learners, spec.grad_accum)  # ranks x micro-batches
-        self.length_bucketing = spec.length_bucketing
         self.timeout_s = call_timeout_s = spec.call_timeout_s
         self._actors: list[Any] = []
         self._pg: PlacementGroup | None = None
@@ -98,23 +95,12 @@ class LearnerGroup:
     def start_train_step(self, batch: TrainBatch) -> tuple[list[ray.ObjectRef], float]:
         """Starts the step and returns at once (the driver rolls out meanwhile); pass the refs
         to `finish_train_step`, which waits with the usual deadline."""
-        if len(batch) != self.rows_per_step:
-            raise ValueError(
-                f"learner batch has {len(batch)} rows but num_learners x micro_batch_size x "
-                f"grad_accum = {self.rows_per_step}: the driver must build batches of exactly "
-                "that size"
-            )
+        shards, pad_fraction = self.spec.shards(batch)
         # The loss is normalised by the token count of the whole batch, not of each shard.
         global_tokens = batch.num_tokens
-        lengths = batch.attention_mask.sum(dim=1).tolist()
-        if self.length_bucketing:  # similar lengths per micro-batch: less padding computed
-            order = length_buckets(lengths, *self._splits)
-            batch = batch.take(order)
-            lengths = [lengths[i] for i in order]
-        pad_fraction = 1.0 - sum(lengths) / max(padded_cells(lengths, *self._splits), 1)
         refs = [
             actor.train_step.remote(shard, global_tokens)
-            for actor, shard in zip(self._actors, batch.split(self.num_learners), strict=True)
+            for actor, shard in zip(self._actors, shards, strict=True)
         ]
         return refs, pad_fraction
 
@@ -123,6 +109,23 @@ class LearnerGroup:
         metrics = self._collect(refs, self.timeout_s, "learner train_step")[0]
         metrics["learner/pad_fraction"] = pad_fraction
         return metrics
+
+    def roll_out_and_train(
+        self, prompts: list[list[int]], prompt_indices: list[int], seeds: list[int], **kwargs: Any
+    ) -> tuple[list[list[Sample]], dict[str, float]]:
+        """One synchronous step of rollout.backend=learner in one round of calls: each rank
+        samples the share of the prompts `sampling_pool` would give it, and all train on the
+        step's batch (`LearnerWorker.roll_out_and_train`). Each rank's samples, in rank order,
+        and rank 0's metrics."""
+        bounds = cluster.chunk_bounds(len(prompts), self.num_learners)
+        refs = [
+            actor.roll_out_and_train.remote(
+                prompts[lo:hi], prompt_indices[lo:hi], seeds[lo:hi], **kwargs
+            )
+            for actor, lo, hi in zip(self._actors, bounds, bounds[1:], strict=False)
+        ]
+        results = self._collect(refs, self.timeout_s, "learner roll_out_and_train")
+        return [samples for samples, _ in results], results[0][1]
 
     def sampling_pool(self) -> cluster.WorkerPool:
         """The ranks as the run's rollout pool (rollout.backend=learner): each samples a

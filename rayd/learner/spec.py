@@ -19,6 +19,7 @@ from transformers import AutoConfig
 from rayd.config import LoraConfig, OptimConfig, RunConfig
 from rayd.losses import LossSpec
 from rayd.rollout.spec import EngineSpec
+from rayd.types import TrainBatch, length_buckets, padded_cells
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,26 @@ class LearnerSpec:
     def rows_per_step(self) -> int:
         """Rows of one optimizer step over the whole group."""
         return self.num_learners * self.micro_batch_size * self.grad_accum
+
+    def shards(self, batch: TrainBatch) -> tuple[list[TrainBatch], float]:
+        """A step's batch as the ranks train it: one shard per rank, in rank order, and the
+        share of the positions they compute that is padding. The driver splits the batch it
+        built so; a rank that built the batch itself (`LearnerWorker.roll_out_and_train`)
+        takes its own shard of the same split."""
+        if len(batch) != self.rows_per_step:
+            raise ValueError(
+                f"learner batch has {len(batch)} rows but num_learners x micro_batch_size x "
+                f"grad_accum = {self.rows_per_step}: the driver must build batches of exactly "
+                "that size"
+            )
+        splits = (self.num_learners, self.grad_accum)  # ranks x micro-batches
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        if self.length_bucketing:  # similar lengths per micro-batch: less padding computed
+            order = length_buckets(lengths, *splits)
+            batch = batch.take(order)
+            lengths = [lengths[i] for i in order]
+        pad_fraction = 1.0 - sum(lengths) / max(padded_cells(lengths, *splits), 1)
+        return batch.split(self.num_learners), pad_fraction
 
     @classmethod
     def from_config(

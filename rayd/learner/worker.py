@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import time
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from rayd import device as devices
 from rayd.learner.spec import LearnerSpec
 from rayd.rollout.hf_engine import HFEngine
 from rayd.rollout.worker import RolloutWorker
-from rayd.types import Sample, TrainBatch
+from rayd.types import Sample, TeacherScore, TrainBatch, collate, drop_truncated
 from rayd.weight_sync import serialize_state_dict
 
 
@@ -28,7 +29,7 @@ class LearnerWorker:
     def __init__(
         self, rank: int, world_size: int, master_addr: str, master_port: int, spec: LearnerSpec
     ) -> None:
-        self.rank = rank
+        self.rank, self.world_size, self.spec = rank, world_size, spec
         self.device = devices.detect()
         # Before DeepSpeed is imported: it reads DS_ACCELERATOR once, at import.
         devices.prepare_process(self.device, spec.threads)
@@ -75,6 +76,41 @@ class LearnerWorker:
         if self.sampler is None:
             raise RuntimeError("this learner does not sample (rollout.backend is not learner)")
         return self.sampler.generate(*args, **kwargs)
+
+    def roll_out_and_train(
+        self,
+        prompts: list[list[int]],
+        prompt_indices: list[int],
+        seeds: list[int],
+        *,
+        pad_id: int,
+        truncated: str,
+        **sampling: Any,
+    ) -> tuple[list[Sample], dict[str, float]]:
+        """`generate` on this rank's share of a step's prompts, then `train_step` on the step's
+        batch: a synchronous step of rollout.backend=learner when the driver has nothing to add
+        between the two (no teacher actor, reward or step weights), in one call instead of two.
+
+        The ranks swap their samples and each builds the batch the driver would have built
+        (collate, rollout.truncated, `LearnerSpec.shards`) and trains its own shard of it: the
+        same step as over two calls. Returns this rank's samples (the driver logs them) and the
+        step's metrics, with `rollout_s`, how long this rank sampled."""
+        start = time.perf_counter()
+        mine = self.generate(prompts, prompt_indices, seeds, **sampling)
+        sampled = time.perf_counter() - start
+        shares: list[list[Sample]] = [[] for _ in range(self.world_size)]
+        torch.distributed.all_gather_object(shares, mine)
+        samples = [sample for share in shares for sample in share]
+        # The teacher is in this rank (or there is none): no signal travels with the samples.
+        scores = [TeacherScore.empty(len(s.completion_ids)) for s in samples]
+        batch = collate(samples, scores, pad_id, learner_version=self.sampler.weight_version())
+        if truncated == "drop":  # rollout.truncated
+            drop_truncated(batch, samples)
+        shards, pad_fraction = self.spec.shards(batch)
+        metrics = self.train_step(shards[self.rank], batch.num_tokens)
+        metrics["learner/pad_fraction"] = pad_fraction
+        metrics["rollout_s"] = sampled
+        return mine, metrics
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         return self.learner.logprobs(batch)

@@ -272,3 +272,53 @@ def test_split_invariance(stage: int, student_path: Path, teacher_path: Path) ->
         assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-5)
         assert metrics["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
     assert_same_weights(w1, w2, atol=1e-5)
+
+
+def test_a_step_in_one_call_is_the_step_in_two(
+    student_path: Path, teacher_path: Path, tmp_path: Path
+) -> None:
+    """rollout.backend=learner with the teacher inside: `roll_out_and_train` (one call to each
+    rank) samples, builds and trains the very step the driver's two calls do (`generate` on
+    the ranks, the driver's collate, `train_step`): same samples, metrics and weights. One
+    prompt with 8 samples leaves one rank nothing to sample; it still trains its shard."""
+    cfg = RunConfig.model_validate(
+        {
+            "models": {
+                "student": {"path": str(student_path)},
+                "teacher": {"path": str(teacher_path)},
+            },
+            "rollout": {"backend": "learner", "n": 8, "max_new_tokens": 6, "max_model_len": 32},
+            "teacher": {"backend": "hf", "support": "full"},
+            "algorithm": {"name": "on_policy", "loss": "reverse_kl"},
+            "learner": {"num_learners": 2, "zero_stage": 2, "micro_batch_size": 2, "grad_accum": 2},
+            "trainer": {"max_steps": 10, "prompts_per_step": 1, "call_timeout_s": TIMEOUT_S},
+        }
+    )
+    prompts, indices, seeds = [[5, 9, 11, 4]], [3], [1234]
+    sampling = dict(n=8, temperature=1.0, top_p=1.0, max_new_tokens=6, expect_version=0)
+    spec = LearnerSpec.from_config(cfg, str(student_path), str(teacher_path))
+    with LearnerGroup(spec) as learners:
+        learners.save_checkpoint(str(tmp_path / "ckpt"), "start", {"step": 0})
+
+        chunks = dict(
+            learners.sampling_pool().map_chunks_as_completed(
+                "generate", prompts, indices, seeds, **sampling
+            )
+        )
+        apart = [s for key in sorted(chunks) for s in chunks[key]]
+        batch = collate(apart, [TeacherScore.empty(len(s.completion_ids)) for s in apart], 0)
+        two_calls = learners.train_step(batch)
+        weights_two = weights(learners.publish_weights())
+
+        learners.load_checkpoint(str(tmp_path / "ckpt"), "start")
+        shares, one_call = learners.roll_out_and_train(
+            prompts, indices, seeds, pad_id=0, truncated="keep", **sampling
+        )
+        assert sorted(len(share) for share in shares) == [0, 8]
+        together = [s for share in shares for s in share]
+        assert [(s.completion_ids, s.logprobs) for s in together] == [
+            (s.completion_ids, s.logprobs) for s in apart
+        ]
+        assert one_call.pop("rollout_s") > 0
+        assert one_call == two_calls
+        assert_same_weights(weights(learners.publish_weights()), weights_two, atol=0)

@@ -119,8 +119,7 @@ def test_config_defaults_keep_the_synchronous_loop_and_offline_modes_refuse_a_pi
 
 
 def test_dropped_truncated_completions_leave_the_loss_but_keep_their_row() -> None:
-    from rayd.driver import drop_truncated
-    from rayd.types import collate
+    from rayd.types import collate, drop_truncated
 
     samples = [_sample(0), _sample(1, finish_reason="length"), _sample(2, on_policy=False)]
     samples[2].finish_reason = "length"  # a dataset completion is never "truncated" by rollout
