@@ -121,3 +121,38 @@ def test_each_teacher_top_k_is_a_rayd_run_compared_with_trl(tmp_path):
         "target_kl": 1.0,
         "final_kl": 1.0,
     }
+
+
+def test_rounds_report_the_median_of_each_ratio_and_every_round(tmp_path, monkeypatch):
+    from rayd.commands.bench import trl
+
+    made = iter(
+        [  # tokens/s, time to KL, with start-up; step times and start-ups
+            (0.9, 0.6, 1.4, 0.050, 0.045, 13.0, 9.0),
+            (1.2, 0.8, 1.2, 0.040, 0.048, 12.0, 8.0),
+            (1.0, 0.5, 1.6, 0.045, 0.045, 14.0, 9.5),
+        ]
+    )
+
+    def compare_once(s, workdir):
+        rate, ttkl, startup, rayd_step, trl_step, rayd_up, trl_up = next(made)
+        return {
+            "tokens_per_s_ratio": rate,
+            "time_to_kl_ratio": ttkl,
+            "time_to_kl_ratio_with_startup": startup,
+            "rayd": {"seconds_per_step": rayd_step, "startup_s": rayd_up},
+            "trl": {"seconds_per_step": trl_step, "startup_s": trl_up},
+            "workdir": workdir.name,
+        }
+
+    monkeypatch.setattr(trl, "compare_once", compare_once)
+    result = trl.compare(dataclasses.replace(QUICK, rounds=3), tmp_path)
+    assert result["tokens_per_s_ratio"] == 1.0
+    assert result["time_to_kl_ratio"] == 0.6
+    assert result["time_to_kl_ratio_with_startup"] == 1.4
+    assert result["workdir"] == "round-3"  # the rest: the round with the median tokens/s ratio
+    assert [r["tokens_per_s_ratio"] for r in result["rounds"]] == [0.9, 1.2, 1.0]
+    assert [r["rayd_startup_s"] for r in result["rounds"]] == [13.0, 12.0, 14.0]
+    assert (tmp_path / "trl-bench.json").is_file()
+    with pytest.raises(ValueError, match="rounds"):
+        dataclasses.replace(QUICK, rounds=0)

@@ -14,7 +14,8 @@ DeepSpeed ZeRO learners; TRL generates with transformers `generate`, runs the te
 and a full-vocabulary chunked JSD in the one training process (given all the machine's
 threads).
 
-Each system runs in a subprocess of its own, one after the other. Both save the student every
+Each system runs in a subprocess of its own, one after the other; the tiny pair's whole
+comparison runs three times in a row (`BenchSettings.rounds`), its ratios the medians. Both save the student every
 `eval_every` steps (rayd: `trainer.save_every`; TRL: a callback after the step's clock stops);
 afterwards ONE evaluator (`heldout_reverse_kl`) scores every snapshot on the same held-out
 prompts: completions sampled from the snapshot with transformers at the training temperature
@@ -41,6 +42,7 @@ import dataclasses
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -102,6 +104,11 @@ class BenchSettings:
     # rollout_backend=learner no actor but the learners starts)
     support: str = "full"
     eval_prompts: int = 128  # held-out prompts for the shared evaluator
+    # The whole comparison (TRL, then rayd, then the evaluator) this many times in a row; the
+    # ratios are the medians over the rounds. This machine's speed drifts 20-40% within an
+    # hour, and one run of each system a minute apart rode that drift (0.85-1.16x tokens/s
+    # for the same code on the tiny pair: docs/experiments/performance.md).
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         if self.prompts_per_step % self.num_learners:
@@ -110,10 +117,12 @@ class BenchSettings:
             raise ValueError("top_k must list distinct teacher.top_k values")
         if self.steps % self.eval_every:
             raise ValueError("steps must be a multiple of eval_every (the last step is evaluated)")
+        if self.rounds < 1:
+            raise ValueError("rounds must be at least 1")
 
 
 QUICK = BenchSettings(steps=10, eval_every=5, eval_prompts=64)
-FULL = BenchSettings(steps=60, eval_every=10)
+FULL = BenchSettings(steps=60, eval_every=10, rounds=3)
 # A real pretrained pair (`make smollm2`): SmolLM2-135M-Instruct teaches its own 10-layer cut,
 # with rayd's settings for it (configs/smollm2/onpolicy.yaml: transformers teacher, 2 threads per
 # actor). Where compute per token, not per-call overhead, sets the pace.
@@ -593,9 +602,40 @@ def run(quick: bool, workdir: Path, settings: BenchSettings | None = None) -> di
 
 
 def compare(s: BenchSettings, workdir: Path) -> dict[str, Any]:
+    """`s.rounds` comparisons one after another (`compare_once`, each in workdir/round-<i>
+    when there are several). The ratios are their medians; everything else is the figures of
+    the round whose tokens/s ratio is the median; `rounds` lists every round's ratios and step
+    times."""
+    workdir = Path(workdir).resolve()
+    if s.rounds == 1:
+        return compare_once(s, workdir)
+    results = [compare_once(s, workdir / f"round-{i + 1}") for i in range(s.rounds)]
+    by_rate = sorted(results, key=lambda r: r["tokens_per_s_ratio"])
+    result = dict(by_rate[len(by_rate) // 2])
+    for key in RATIOS:
+        values = [r[key] for r in results]
+        result[key] = None if None in values else statistics.median(values)
+    result["rounds"] = [
+        {
+            **{key: r[key] for key in RATIOS},
+            "rayd_seconds_per_step": r["rayd"]["seconds_per_step"],
+            "trl_seconds_per_step": r["trl"]["seconds_per_step"],
+            "rayd_startup_s": r["rayd"]["startup_s"],
+            "trl_startup_s": r["trl"]["startup_s"],
+        }
+        for r in results
+    ]
+    (workdir / "trl-bench.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+# The headline figures of a comparison, which `compare` takes the median of over its rounds.
+RATIOS = ("tokens_per_s_ratio", "time_to_kl_ratio", "time_to_kl_ratio_with_startup")
+
+
+def compare_once(s: BenchSettings, workdir: Path) -> dict[str, Any]:
     """One comparison: TRL (per thread count) then rayd, each in its own process, then the
     shared evaluator over every snapshot."""
-    workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     runs = {
         f"trl_{threads}_threads": run_trl(s, workdir / f"trl-{threads}", threads)
