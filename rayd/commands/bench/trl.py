@@ -15,8 +15,9 @@ and a full-vocabulary chunked JSD in the one training process (given all the mac
 threads).
 
 Each system runs in a subprocess of its own, one after the other; the tiny pair's whole
-comparison runs three times in a row (`BenchSettings.rounds`), its ratios the medians. Both save the student every
-`eval_every` steps (rayd: `trainer.save_every`; TRL: a callback after the step's clock stops);
+comparison runs three times in a row (`BenchSettings.rounds`), its ratios the medians. Both
+save the student every `eval_every` steps (rayd: `trainer.save_every`; TRL: a callback after
+the step's clock stops);
 afterwards ONE evaluator (`heldout_reverse_kl`) scores every snapshot on the same held-out
 prompts: completions sampled from the snapshot with transformers at the training temperature
 (seed fixed), exact full-vocabulary KL(student || teacher) averaged over completion tokens.
