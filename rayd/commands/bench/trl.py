@@ -17,10 +17,10 @@ threads).
 Each system runs in a subprocess of its own, one after the other; the tiny pair's whole
 comparison runs three times in a row (`BenchSettings.rounds`), its ratios the medians. Both
 save the student every `eval_every` steps (rayd: `trainer.save_every`; TRL: a callback after
-the step's clock stops);
-afterwards ONE evaluator (`heldout_reverse_kl`) scores every snapshot on the same held-out
-prompts: completions sampled from the snapshot with transformers at the training temperature
-(seed fixed), exact full-vocabulary KL(student || teacher) averaged over completion tokens.
+the step's clock stops); afterwards ONE evaluator (`heldout_reverse_kl`) scores every snapshot
+on the same held-out prompts: completions sampled from the snapshot with transformers at the
+training temperature (seed fixed), exact full-vocabulary KL(student || teacher) averaged over
+completion tokens.
 Training time is the sum of step times (rayd: metrics.jsonl; TRL: step-begin/step-end
 callbacks), so start-up, evaluation and saving count for neither; the time to a target KL is
 interpolated linearly between evaluation points.
