@@ -5,7 +5,8 @@ the run time): the first step's loss and gradient norm equal a single-process re
 global token mean, training lowers the loss, published weights reproduce the group's log-probs
 in a fresh transformers model, NaN losses and NaN gradients skip the step without touching
 weights or optimizer state, and a checkpoint restored in a new group continues exactly like
-the original.
+the original. With the ranks sampling and holding the teacher, a step made in one call to each
+rank is the two-call step exactly.
 The first run on a machine also JIT-compiles DeepSpeed's shm comm op (about a minute, cached).
 """
 
