@@ -2,7 +2,8 @@
 lora) on real Ray + real DeepSpeed over gloo, two ranks, a tiny Llama.
 
 Each lever must leave the mathematics alone: the first update equals one AdamW step of a
-single-process reference (gradient clipping included) on the same batch, published weights
+single-process reference (gradient clipping included) on the same batch, wherever that step
+does not hang on a gradient's last digits (`assert_same_adam_step`), published weights
 reproduce the group's own log-probs in a fresh transformers model, and a checkpoint restored in
 a new group continues exactly like the original. A LoRA student's reference is peft in this
 process, started from the group's own initial adapters; what it publishes is the merged model.
