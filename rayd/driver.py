@@ -61,7 +61,7 @@ from rayd.tasks.base import Task
 from rayd.teacher.group import check_routes
 from rayd.teacher.signal import ask_teacher, teacher_signal
 from rayd.teacher.stored import load_stored_signal
-from rayd.types import Sample, TrainBatch, training_batch
+from rayd.types import Sample, TrainBatch, collate, drop_truncated
 from rayd.workers import (
     check_engine_parallel,
     check_engine_room,
@@ -424,35 +424,29 @@ class Run:
         hold (`engine_version`). Each rollout worker's chunk goes to the teacher as soon as it
         arrives; the teacher is still scoring when this returns. Runs on the driver's thread,
         or on the rollout thread while the learners train (the pipelined loop)."""
+        r = self.cfg.rollout
         timer = StageTimer()
         stream = self.teacher_stream()
         with timer("rollout"), stream.cancel_on_error():
-            args, sampling = self.rollout_request(work, engine_version)
-            arriving = self.rollout.map_chunks_as_completed("generate", *args, **sampling)
+            indices = [p.index for p in work.on_policy]
+            arriving = self.rollout.map_chunks_as_completed(
+                "generate",
+                [p.ids for p in work.on_policy],
+                indices,
+                # Over the whole batch: a prompt drawn twice draws apart on any two workers.
+                prompt_seeds(rollout_seed(self.cfg.trainer.seed, work.step), indices),
+                n=r.n,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                max_new_tokens=r.max_new_tokens,
+                expect_version=engine_version,
+                return_topk=self.cfg.student_topk,  # teacher.support: the student's ids
+            )
             for key, chunk in arriving:  # none without on-policy prompts
                 stream.add(key, chunk)
         if work.extra:
             stream.add(len(self.rollout), work.extra)
         return Pending(work.step, stream, work.prompt_indices, timer)
-
-    def rollout_request(
-        self, work: Draw, engine_version: int
-    ) -> tuple[tuple[list[list[int]], list[int], list[int]], dict[str, Any]]:
-        """What the samplers are asked for `work`'s on-policy prompts: (prompt ids, prompt
-        indices, seeds), sliced per worker, and the sampling settings."""
-        r = self.cfg.rollout
-        indices = [p.index for p in work.on_policy]
-        # Over the whole batch: a prompt drawn twice draws apart on any two workers.
-        seeds = prompt_seeds(rollout_seed(self.cfg.trainer.seed, work.step), indices)
-        sampling = {
-            "n": r.n,
-            "temperature": r.temperature,
-            "top_p": r.top_p,
-            "max_new_tokens": r.max_new_tokens,
-            "expect_version": engine_version,
-            "return_topk": self.cfg.student_topk,  # teacher.support: the student's ids
-        }
-        return ([p.ids for p in work.on_policy], indices, seeds), sampling
 
     def score(self, pending: Pending) -> Prepared:
         """Step 3: the teacher signal on every completion token: its log-prob and its
@@ -479,16 +473,22 @@ class Run:
         batch `batch` would have built of the samples. The step's samples and its metrics; the
         timer gets rank 0's sampling time as the rollout stage, the rest of the call as the
         learner stage."""
-        state = self.state
+        r, state = self.cfg.rollout, self.state
         if work.extra:  # `one_call` rules out every kind of row that is not a rollout
             raise RuntimeError(f"step {work.step}: rows without a rollout in a one-call step")
-        args, sampling = self.rollout_request(work, state.version)
+        indices = [p.index for p in work.on_policy]
         start = time.perf_counter()
         chunks, metrics = self.learners.roll_out_and_train(
-            *args,
+            [p.ids for p in work.on_policy],
+            indices,
+            prompt_seeds(rollout_seed(self.cfg.trainer.seed, work.step), indices),
             pad_id=self.tokenizer.pad_token_id,
-            truncated=self.cfg.rollout.truncated,
-            **sampling,
+            truncated=r.truncated,
+            n=r.n,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            max_new_tokens=r.max_new_tokens,
+            expect_version=state.version,
         )
         rollout_s = metrics.pop("rollout_s")
         timer.seconds.update(rollout=rollout_s, learner=time.perf_counter() - start - rollout_s)
@@ -505,13 +505,14 @@ class Run:
         its reasoning steps (rayd/steps.py); rows from older weights are marked stale
         (importance weights in the loss)."""
         cfg, algo = self.cfg, self.cfg.algorithm
-        batch = training_batch(
+        batch = collate(
             work.samples,
             work.scores,
             self.tokenizer.pad_token_id,
-            self.state.version,
-            cfg.rollout.truncated,
+            learner_version=self.state.version,
         )
+        if cfg.rollout.truncated == "drop":
+            drop_truncated(batch, work.samples)
         step_stats: dict[str, float] = {}
         if algo.reward_weight > 0:  # the verifier's reward beside distillation
             scores = rewards(work.samples, self.prompts, self.prompts.task)

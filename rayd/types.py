@@ -250,22 +250,6 @@ def collate(
     )
 
 
-def training_batch(
-    samples: list[Sample],
-    scores: list[TeacherScore],
-    pad_id: int,
-    learner_version: int,
-    truncated: str,
-) -> TrainBatch:
-    """A step's batch of samples as the learners train it: `collate`, and with
-    rollout.truncated=drop the cut completions out of the loss. Built by the driver, or by each
-    learner rank in a one-call step (`LearnerWorker.roll_out_and_train`)."""
-    batch = collate(samples, scores, pad_id, learner_version=learner_version)
-    if truncated == "drop":
-        drop_truncated(batch, samples)
-    return batch
-
-
 def drop_truncated(batch: TrainBatch, samples: list[Sample]) -> None:
     """rollout.truncated=drop: completions cut at max_new_tokens leave the loss (and its token
     count); the row stays, since the learners expect a fixed number of rows."""

@@ -19,7 +19,7 @@ from rayd import device as devices
 from rayd.learner.spec import LearnerSpec
 from rayd.rollout.hf_engine import HFEngine
 from rayd.rollout.worker import RolloutWorker
-from rayd.types import Sample, TeacherScore, TrainBatch, training_batch
+from rayd.types import Sample, TeacherScore, TrainBatch, collate, drop_truncated
 from rayd.weight_sync import serialize_state_dict
 
 
@@ -92,7 +92,7 @@ class LearnerWorker:
         between the two (no teacher actor, reward or step weights), in one call instead of two.
 
         The ranks swap their samples and each builds the batch the driver would have built
-        (`training_batch`, then `LearnerSpec.shards`) and trains its own shard of it: the
+        (collate, rollout.truncated, `LearnerSpec.shards`) and trains its own shard of it: the
         same step as over two calls. Returns this rank's samples (the driver logs them) and the
         step's metrics, with `rollout_s`, how long this rank sampled."""
         start = time.perf_counter()
@@ -103,7 +103,9 @@ class LearnerWorker:
         samples = [sample for share in shares for sample in share]
         # The teacher is in this rank (or there is none): no signal travels with the samples.
         scores = [TeacherScore.empty(len(s.completion_ids)) for s in samples]
-        batch = training_batch(samples, scores, pad_id, self.sampler.weight_version(), truncated)
+        batch = collate(samples, scores, pad_id, learner_version=self.sampler.weight_version())
+        if truncated == "drop":  # rollout.truncated
+            drop_truncated(batch, samples)
         shards, pad_fraction = self.spec.shards(batch)
         metrics = self.train_step(shards[self.rank], batch.num_tokens)
         metrics["learner/pad_fraction"] = pad_fraction
