@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from rayd.sampling import Sampling
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -99,9 +101,19 @@ class ModelsConfig(_Strict):
         return f"models.teachers[{index}].path"
 
 
-class EngineParallel(_Strict):
-    """How many devices one vLLM engine spans (rollout:, teacher:, rayd generate's engines:)."""
+class EngineSection(_Strict):
+    """The settings every pool of engine actors shares (rollout:, teacher:, `rayd generate`'s
+    engines:): how many actors, what each one's engine accepts and uses, and how many devices
+    one engine spans. Each section adds its own `backend` choices."""
 
+    num_workers: int = Field(1, ge=1, description="engine actors in the pool")
+    max_model_len: int = Field(
+        512, ge=8, description="prompt + completion tokens one engine accepts"
+    )
+    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM's KV-cache budget per engine")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    threads: int = Field(1, ge=1, description="torch / OpenMP threads of each engine process")
     tensor_parallel_size: int = Field(
         1,
         ge=1,
@@ -115,8 +127,32 @@ class EngineParallel(_Strict):
         "the model's layers); with a GPU an engine's stages may sit on different nodes",
     )
 
+    @property
+    def devices(self) -> int:
+        """Devices (GPUs, or CPU ranks) one engine spans."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
-class RolloutConfig(EngineParallel):
+    def parallel_problem(self, name: str, backend: str) -> str | None:
+        """Why this section's multi-device engine cannot start (`name`: the section's key), or
+        None. Checked by the config that holds the section: a section's own validator error
+        would print the whole section."""
+        if self.devices == 1:
+            return None
+        if backend != "vllm":
+            return (
+                f"{name}.tensor_parallel_size / pipeline_parallel_size > 1 need "
+                f"{name}.backend=vllm (got {backend}): only vLLM engines split a model over "
+                "devices"
+            )
+        if self.gpus_per_worker not in (0, 1):
+            return (
+                f"{name}.gpus_per_worker={self.gpus_per_worker:g}: a multi-device engine takes "
+                "whole GPUs (1 per device; 0 on a CPU machine)"
+            )
+        return None
+
+
+class RolloutConfig(EngineSection):
     backend: Literal["vllm", "hf", "learner"] = Field(
         "vllm",
         description="vllm / hf: rollout actors (vLLM, or transformers generate) that get new "
@@ -125,24 +161,29 @@ class RolloutConfig(EngineParallel):
         "rollout actor and no weight sync: for small students, where an engine's calls and "
         "syncs cost more than its speed saves (docs/experiments/performance.md)",
     )
-    num_workers: int = Field(1, ge=1)
     n: int = Field(1, ge=1, description="completions sampled per prompt")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
-    max_model_len: int = Field(512, ge=8)
-    kv_cache_gib: float = Field(1.0, gt=0)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
-    threads: int = Field(1, ge=1)
     truncated: Literal["keep", "drop"] = Field(
         "keep",
         description="completions cut at max_new_tokens: keep = train on them; drop = leave "
         "them out of the loss (the row stays in the batch; truncated_fraction counts them)",
     )
 
+    def sampling(self, return_topk: int = 0) -> Sampling:
+        """The training rollouts' sampling settings (`return_topk`: the student's top-k ids
+        that teacher.support needs, `RunConfig.student_topk`)."""
+        return Sampling(
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+            return_topk=return_topk,
+        )
 
-class TeacherConfig(EngineParallel):
+
+class TeacherConfig(EngineSection):
     # vllm / hf: the teacher runs inside rayd's teacher actors. server: it is served elsewhere by
     # an OpenAI-compatible `vllm serve` (teacher.urls); the actors only send requests, and
     # models.teacher.path still names a local copy of its tokenizer and config.json (the
@@ -167,7 +208,6 @@ class TeacherConfig(EngineParallel):
     max_concurrency: int = Field(
         8, ge=1, le=256, description="server: requests in flight at once per teacher actor"
     )
-    num_workers: int = Field(1, ge=1)
     top_k: int = Field(
         8,
         ge=1,
@@ -201,11 +241,6 @@ class TeacherConfig(EngineParallel):
         description="route: the JSONL / dataset column naming each row's teacher "
         "(rows without it are routed by hash)",
     )
-    max_model_len: int = Field(512, ge=8)
-    kv_cache_gib: float = Field(1.0, gt=0)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
-    threads: int = Field(1, ge=1)
 
 
 class OptimConfig(_Strict):
@@ -517,6 +552,12 @@ class WandbConfig(_Strict):
 class LoggingConfig(_Strict):
     tensorboard: bool = True
     progress: bool = True
+    samples: Literal["off", "tokens", "signal"] = Field(
+        "off",
+        description="samples.jsonl in the run folder, a line per training sample of every "
+        "step: tokens = its ids, text and log-probs; signal = also its teacher signal (top-k "
+        "ids and log-probs; large: docs/usage.md gives the size)",
+    )
     # Weights & Biases (`pip install 'rayd[tracking]'`): the run's config once, every step's
     # metrics; a resumed run continues the same W&B run. (No MLflow: mlflow-skinny pins
     # cachetools<8, vllm 0.32 needs cachetools>=8, so they cannot share an environment.)
@@ -726,20 +767,9 @@ class RunConfig(_Strict):
 
     def _check_engine_parallel(self) -> None:
         for name, section in (("rollout", self.rollout), ("teacher", self.teacher)):
-            devices = section.tensor_parallel_size * section.pipeline_parallel_size
-            if devices == 1:
-                continue
-            if section.backend != "vllm":
-                raise ValueError(
-                    f"{name}.tensor_parallel_size / pipeline_parallel_size > 1 need "
-                    f"{name}.backend=vllm (got {section.backend}): only vLLM engines split a "
-                    "model over devices"
-                )
-            if section.gpus_per_worker not in (0, 1):
-                raise ValueError(
-                    f"{name}.gpus_per_worker={section.gpus_per_worker:g}: a multi-device engine "
-                    "takes whole GPUs (1 per device; 0 on a CPU machine)"
-                )
+            problem = section.parallel_problem(name, section.backend)
+            if problem:
+                raise ValueError(problem)
 
     def _check_memory_levers(self) -> None:
         ln = self.learner

@@ -3,15 +3,19 @@
 One step of the loop:
     prompts -> weight sync to the rollout engines -> student rollouts (vLLM) -> teacher scores
     (top-k log-probs) -> learner step (DeepSpeed ZeRO) -> periodic eval / checkpoint.
-With trainer.max_staleness >= 1 the next step's rollouts start as soon as this step's are in,
-while the teacher scores this step and the learners train on it (from weights at most that many
-versions behind: rayd/pipeline.py).
-With rollout.backend=learner the learner ranks sample instead of rollout engines, from the
-weights they train: no sync, and no engine actor to start (small students). With the teacher in
-them too (teacher.support=full), a synchronous step is one call to each rank (`one_call`).
-The offline modes (sft, step_by_step, logit_kd) take the dataset's completions instead of
-rollouts; the engines then get new weights only when an eval needs them. logit_kd over a
-dataset written by `rayd score` reads the teacher's top-k from it and starts no teacher.
+How steps 1-4 are made is the run's step mode, chosen once (`step_mode`); the loop reads the
+same in every mode:
+- `Synchronous`: each step from the current weights, one stage after the other;
+- `Offline` (sft, step_by_step, logit_kd, feature_kd): the dataset's completions instead of
+  rollouts; the engines get new weights only when an eval needs them;
+- `Pipelined` (trainer.max_staleness >= 1): the next step's rollouts start as soon as this
+  step's are in, while the teacher scores this step and the learners train on it (from weights
+  at most that many versions behind: rayd/pipeline.py);
+- `OneCall`: the learner ranks sample (rollout.backend=learner, from the weights they train:
+  no sync, no engine actor) and hold the teacher (teacher.support=full), so a synchronous step
+  is one call to each rank.
+The teacher signal comes from one source, also chosen once (rayd/teacher/signal.py): teacher
+actors, a dataset written by `rayd score`, the learners themselves, or none.
 The same code runs under `ray job submit` (it joins that cluster) and on a laptop (it starts a
 local Ray). Everything a step needs is visible here; the actors only own their backends.
 """
@@ -25,53 +29,44 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import ray
 
 from rayd import cluster
 from rayd.checkpoint import LEARNER_TAG, CheckpointStore
-from rayd.config import ConfigError, RunConfig, save_config
-from rayd.data.prompts import PromptSampler, load_prompts, read_rows
-from rayd.data.samples import (
-    check_offline_data,
-    dataset_sample,
-    label_sample,
-    split_by_lambda,
-    step_by_step_samples,
-)
+from rayd.config import RunConfig, save_config
+from rayd.data.prompts import PromptSampler
+from rayd.data.samples import dataset_sample, label_sample, split_by_lambda, step_by_step_samples
 from rayd.evaluate import heldout_metrics
 from rayd.learner.group import LearnerFailure
-from rayd.metrics import MetricsLogger, StageTimer, per_own_tokens, start_trackers, step_metrics
+from rayd.metrics import (
+    MetricsLogger,
+    SamplesLog,
+    StageTimer,
+    per_own_tokens,
+    start_trackers,
+    step_metrics,
+)
 from rayd.pipeline import (
     Draw,
     Pending,
     Prepared,
     TeacherStream,
+    Trained,
     check_staleness,
     staleness_metrics,
 )
+from rayd.preflight import check_cluster, preflight
 from rayd.progress import stage
 from rayd.reward import advantages, rewards
-from rayd.rollout.worker import prompt_seeds
+from rayd.sampling import RolloutRequest, prompt_seeds, rollout_seed
+from rayd.state import DriverState
 from rayd.steps import weigh_steps
 from rayd.tasks.base import Task
-from rayd.teacher.group import check_routes
-from rayd.teacher.signal import ask_teacher, teacher_signal
-from rayd.teacher.stored import load_stored_signal
-from rayd.types import Sample, TrainBatch, collate, drop_truncated
-from rayd.workers import (
-    check_engine_parallel,
-    check_engine_room,
-    check_model_paths,
-    check_models,
-    check_resources,
-    export_student,
-    feature_pairs,
-    start_workers,
-)
+from rayd.teacher.signal import TeacherSignal, TeacherSource
+from rayd.types import Sample, TrainBatch, training_batch
+from rayd.workers import export_student, start_workers
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
@@ -104,8 +99,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
     """One attempt at the job: set-up, resume (or the first eval), the loop, export."""
     run = Run(cfg, learner_restarts)  # every cheap check first, then the actors
-    state, algo = run.state, cfg.algorithm
-    lag, last_step = cfg.trainer.max_staleness, cfg.trainer.max_steps
+    state, last_step = run.state, cfg.trainer.max_steps
     step = state.step
     preempted = False
     try:
@@ -114,49 +108,17 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
             timer = StageTimer()
             step_start = time.perf_counter()
 
-            if run.one_call:
-                # 1-4 in one round of calls: the learner ranks sample this step's prompts and
-                # train on them, the teacher inside them (`roll_out_and_train`).
-                work, metrics = run.roll_out_and_train(run.draw(step), timer)
-                step_stats: dict[str, float] = {}
-            else:
-                # 1-3. This step's prompts, rollouts and teacher signal (`draw`, `roll_out`,
-                #      `score`): the rollouts made ahead during the previous step
-                #      (max_staleness >= 1), or now from current weights.
-                if state.ahead is None:
-                    if not algo.offline:
-                        with timer("sync"):
-                            run.sync_weights()
-                    state.ahead = run.roll_out(run.draw(step), run.served)
-                if lag > 0 and step < last_step:
-                    # The engines are idle: the next step's rollouts start now, beside this
-                    # step's teacher scoring and learner step, from weights at most `lag`
-                    # versions behind the learner that will train them.
-                    if state.version + 1 - run.served > lag:
-                        with timer("sync"):
-                            run.sync_weights()
-                    run.next_rollouts = run.rollout_thread.submit(
-                        run.roll_out, run.draw(step + 1), run.served
-                    )
-                work = run.ready(state.ahead)
-                state.ahead = None
-                check_staleness(work.samples, state.version, lag)
-
-                # 4. One optimizer step on the learner group (data parallel, ZeRO).
-                batch, step_stats = run.batch(work)
-                with timer("learner"):
-                    metrics = run.learners.train_step(batch)
+            # 1-4. This step's prompts, rollouts, teacher signal and learner update, made as
+            #      the run's step mode makes them (synchronous, offline, pipelined, one call).
+            done = run.steps.take(step, timer)
             state.version += 1
             state.step = step
-            if run.next_rollouts is not None:  # its teacher signal is still being scored
-                with timer("rollout_wait"):
-                    state.ahead, run.next_rollouts = run.next_rollouts.result(), None
-            step_time = time.perf_counter() - step_start
-            run.log_step(step, work, metrics, step_stats, timer, step_time)
+            run.log_step(step, done, timer, time.perf_counter() - step_start)
 
             # 5. A skipped (non-finite) update left the weights as they were; many in a row
             #    mean the run is broken, and stopping keeps the last good checkpoint intact.
-            state.nonfinite_in_row = state.nonfinite_in_row + 1 if metrics.get("skipped") else 0
+            skipped = done.metrics.get("skipped")
+            state.nonfinite_in_row = state.nonfinite_in_row + 1 if skipped else 0
             if state.nonfinite_in_row >= cfg.trainer.max_nonfinite_in_row:
                 raise NumericsError(
                     f"{state.nonfinite_in_row} non-finite updates in a row (step {step}; "
@@ -204,73 +166,132 @@ class NumericsError(RuntimeError):
     """Too many non-finite updates in a row: the run stops rather than corrupt the weights."""
 
 
-@dataclass
-class DriverState:
-    """All of the driver that a checkpoint restores: with the learners' own checkpoint, a
-    resumed run goes on exactly as the unbroken one would."""
-
-    sampler: PromptSampler  # the training-prompt cursor
-    rng: random.Random  # GKD's on/off-policy draws
-    step: int = 0  # the last step trained
-    version: int = 0  # the learners' weights: one version per step
-    nonfinite_in_row: int = 0
-    first_eval: dict[str, float] | None = None
-    last_eval: dict[str, float] | None = None
-    # The next step, made ahead (pipelined). The sampler and RNG have already drawn it, so a
-    # checkpoint holds its samples: they came from weights the checkpoint does not hold.
-    ahead: Pending | Prepared | None = None
-
-    def to_json(self, cfg: RunConfig) -> dict[str, Any]:
-        """The checkpoint's driver state; `ahead` must be scored (`Prepared`) or None. The
-        step number is added by the checkpoint store."""
-        assert not isinstance(self.ahead, Pending), "score the step made ahead before saving"
-        return {
-            "version": self.version,
-            "sampler": self.sampler.state(),
-            "rng": self.rng.getstate(),
-            "prefetched": self.ahead.to_state() if self.ahead is not None else None,
-            "nonfinite_in_row": self.nonfinite_in_row,
-            "first_eval": self.first_eval,
-            "last_eval": self.last_eval,
-            # DeepSpeed cannot re-shard ZeRO state on load, nor load a LoRA student's state
-            # into another set of adapters: `check_resumable` compares these.
-            "num_learners": cfg.learner.num_learners,
-            "zero_stage": cfg.learner.zero_stage,
-            "lora": lora_settings(cfg),
-        }
-
-    def restore(self, saved: dict[str, Any]) -> None:
-        """The state `to_json` saved; `ahead` comes back unscored (its signal is recomputed)."""
-        self.sampler.restore(saved["sampler"])
-        version, internal, gauss = saved["rng"]  # JSON turned its tuples into lists
-        self.rng.setstate((version, tuple(internal), gauss))
-        self.step = saved["step"]
-        self.version = saved["version"]
-        self.nonfinite_in_row = saved["nonfinite_in_row"]
-        self.first_eval, self.last_eval = saved["first_eval"], saved["last_eval"]
-        prefetched = saved.get("prefetched")
-        self.ahead = Prepared.from_state(prefetched) if prefetched else None
-
-    @staticmethod
-    def check_resumable(cfg: RunConfig, saved: dict[str, Any]) -> None:
-        """DeepSpeed cannot re-shard ZeRO state to another learner count or stage on load, and
-        a LoRA student's checkpoint holds its adapters (none for full weights)."""
-        for key, now in (
-            ("num_learners", cfg.learner.num_learners),
-            ("zero_stage", cfg.learner.zero_stage),
-            ("lora", lora_settings(cfg)),
-        ):
-            if saved and saved.get(key) != now:
-                raise ConfigError(
-                    f"config error: learner.{key}={now} but the checkpoint to resume was saved "
-                    f"with {saved.get(key)}; keep {saved.get(key)} or start a new run under a "
-                    "new name"
-                )
+# --- How steps 1-4 are made: one mode per run ---------------------------------------------
 
 
-def lora_settings(cfg: RunConfig) -> dict[str, Any] | None:
-    """learner.lora as a checkpoint keeps it (checkpoints without the key are full-weight)."""
-    return cfg.learner.lora.model_dump() if cfg.learner.lora is not None else None
+class Synchronous:
+    """Each step from the current weights: sync, draw, roll out, score, train, in turn.
+
+    A step made ahead (`DriverState.ahead`: a pipelined run's checkpoint holds one) is taken
+    as it is; only `Pipelined` makes new ones. `settle` finishes its teacher signal (the eval
+    and a checkpoint need the engines and the teacher to themselves)."""
+
+    syncs_weights = True  # the engines get the learners' weights before every rollout
+    lag = 0  # how many versions behind the learner a step's rollouts may be
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def take(self, step: int, timer: StageTimer) -> Trained:
+        run, state = self.run, self.run.state
+        if state.ahead is None:
+            if self.syncs_weights:
+                with timer("sync"):
+                    run.sync_weights()
+            state.ahead = run.roll_out(run.draw(step), run.served)
+        self.start_next(step, timer)
+        work = run.ready(state.ahead)
+        state.ahead = None
+        check_staleness(work.samples, state.version, self.lag)
+        # 4. One optimizer step on the learner group (data parallel, ZeRO).
+        batch, stats = run.batch(work)
+        with timer("learner"):
+            metrics = run.learners.train_step(batch)
+        self.finish_next(timer)
+        return Trained(work, metrics, stats)
+
+    def start_next(self, step: int, timer: StageTimer) -> None:
+        """Start making step + 1 while this one trains (`Pipelined`)."""
+
+    def finish_next(self, timer: StageTimer) -> None:
+        """Wait for step + 1's rollouts; they become `DriverState.ahead` (`Pipelined`)."""
+
+    def settle(self) -> None:
+        """The step made ahead, if any, with its teacher signal in."""
+        self.run.state.ahead = self.run.ready(self.run.state.ahead)
+
+    def before_save(self) -> None:
+        """What a checkpoint needs first: the step made ahead settled (its samples go in)."""
+        self.settle()
+
+    def close(self) -> None:
+        """No call of the mode's own may go on behind the driver's back."""
+
+
+class Offline(Synchronous):
+    """The dataset's completions, no rollouts: the engines get new weights only for an eval."""
+
+    syncs_weights = False
+
+
+class Pipelined(Synchronous):
+    """trainer.max_staleness >= 1: the next step's rollouts are made on a thread of their own
+    while the teacher scores this step's and the learners train on it."""
+
+    def __init__(self, run: Run) -> None:
+        super().__init__(run)
+        self.lag = run.cfg.trainer.max_staleness
+        self.last_step = run.cfg.trainer.max_steps
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="rayd-rollout")
+        self.next: Future[Pending] | None = None
+
+    def start_next(self, step: int, timer: StageTimer) -> None:
+        if step >= self.last_step:
+            return
+        # The engines are idle: the next step's rollouts start now, beside this step's
+        # teacher scoring and learner step, from weights at most `lag` versions behind the
+        # learner that will train them.
+        run = self.run
+        if run.state.version + 1 - run.served > self.lag:
+            with timer("sync"):
+                run.sync_weights()
+        self.next = self.thread.submit(run.roll_out, run.draw(step + 1), run.served)
+
+    def finish_next(self, timer: StageTimer) -> None:
+        if self.next is not None:  # its teacher signal is still being scored
+            with timer("rollout_wait"):
+                self.run.state.ahead, self.next = self.next.result(), None
+
+    def before_save(self) -> None:
+        super().before_save()
+        # The resumed run's engines start from the checkpoint's weights; the unbroken run's
+        # must hold the same from here on, or their next rollouts would differ.
+        self.run.sync_weights()
+
+    def close(self) -> None:
+        self.thread.shutdown(wait=True)
+        made = self.next
+        if made is not None and not made.exception():
+            made.result().stream.close()
+
+
+class OneCall(Synchronous):
+    """Steps 2-4 in one call to each learner rank (`Run.roll_out_and_train`): the ranks sample
+    this step's prompts with the weights they train, and train on them, the teacher inside."""
+
+    def take(self, step: int, timer: StageTimer) -> Trained:
+        if self.run.state.ahead is not None:  # a checkpoint's step made ahead, by another mode
+            return super().take(step, timer)
+        work, metrics = self.run.roll_out_and_train(self.run.draw(step), timer)
+        return Trained(work, metrics, {})
+
+
+def step_mode(cfg: RunConfig, teacher: TeacherSource) -> type[Synchronous]:
+    """The run's step mode. One call a step needs the learners to sample and to hold the
+    teacher, a synchronous loop, and nothing for the driver to add between the samples and
+    the update (a label task's rows, rewards, step weights)."""
+    algo = cfg.algorithm
+    if cfg.trainer.max_staleness > 0:
+        return Pipelined
+    if algo.offline:
+        return Offline
+    driver_adds = algo.label_weight > 0 or algo.reward_weight > 0 or algo.step_weighting != "none"
+    if cfg.rollout.backend == "learner" and teacher == "learners" and not driver_adds:
+        return OneCall
+    return Synchronous
+
+
+# --- What a run works on ----------------------------------------------------------------------
 
 
 class Run:
@@ -285,83 +306,43 @@ class Run:
         self.store = CheckpointStore(run_dir / "checkpoints", cfg.trainer.keep_checkpoints)
         self.resume_from = self.store.select(cfg.trainer.resume)
         self.saved = self.resume_from.driver_state() if self.resume_from else {}
-        DriverState.check_resumable(cfg, self.saved)
+        DriverState.check_resumable(cfg.learner, self.saved)
         save_config(cfg, run_dir / "config.yaml")
-        # The data files are read and checked before any model is resolved: check_models
-        # builds a tiny:<preset> model that is not cached yet, which can take minutes.
-        check_model_paths(cfg)
-        rows = read_rows(cfg.data, cfg.trainer.seed, route_field=cfg.teacher.route_field)
-        check_offline_data(cfg, rows.unencoded())
-        check_routes(cfg, rows.unencoded())
-        self.student_path, teacher_paths, self.tokenizer = check_models(cfg)
-        check_engine_parallel(cfg, self.student_path, teacher_paths)
-        # feature_kd and stored signal take one teacher (the config refuses several for them)
-        teacher_path = teacher_paths[0] if teacher_paths else None
-        self.features = feature_pairs(cfg, self.student_path, teacher_path)  # else []
-        self.prompts = load_prompts(
-            cfg.data,
-            self.tokenizer,
-            cfg.rollout.max_model_len - cfg.rollout.max_new_tokens,
-            cfg.trainer.seed,
-            route_field=cfg.teacher.route_field,
-            rows=rows,
-        )
-        check_offline_data(cfg, self.prompts)  # again: long prompts may have been dropped
-        check_routes(cfg, self.prompts)
-        # logit_kd over a `rayd score` dataset reads the teacher's top-k from disk: no teacher.
-        self.stored = load_stored_signal(cfg, self.prompts, teacher_path, self.tokenizer)
-        # teacher.support=full: the learners run the teacher (the eval asks learner rank 0 too).
-        self.in_learners = cfg.teacher.support == "full"
-        if self.stored is not None and self.in_learners:
-            raise ConfigError(
-                "config error: teacher.support=full runs the teacher inside the learners, but "
-                "the dataset carries a stored top-k signal (rayd score): drop one of the two"
-            )
+        checked = preflight(cfg)
+        self.student_path, self.tokenizer = checked.student_path, checked.tokenizer
+        self.prompts = checked.prompts
         trackers = start_trackers(run_dir, cfg)  # W&B when enabled: after the checks
         cluster.connect()
-        teacher_actors = self.stored is None and not self.in_learners
-        check_resources(cfg, ray.cluster_resources(), with_teacher=teacher_actors)
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-        check_engine_room(cfg, nodes, with_teacher=teacher_actors)
-        # One actor pool per teacher; several are combined per teacher.combine.
+        check_cluster(cfg, checked, ray.cluster_resources(), nodes)
         with stage("starting the rollout, teacher and learner actors"):
-            self.rollout, self.teacher, self.learners = start_workers(
-                cfg,
-                self.student_path,
-                teacher_paths if self.stored is None else None,
-                self.features,
-                vocab_size=len(self.tokenizer),
-            )
+            self.rollout, teacher, self.learners = start_workers(cfg, checked)
+        self.teacher = TeacherSignal(
+            checked.teacher,
+            cfg.teacher,
+            teacher,
+            checked.stored,
+            checked.features,
+            self.prompts.train,
+        )
         self.state = DriverState(
             PromptSampler(len(self.prompts.train), cfg.trainer.seed),
             random.Random(cfg.trainer.seed),
         )
+        start_step = self.saved.get("step", 0)
         self.log = MetricsLogger(
-            run_dir,
-            cfg.logging,
-            cfg.trainer.max_steps,
-            start_step=self.saved.get("step", 0),
-            trackers=trackers,
+            run_dir, cfg.logging, cfg.trainer.max_steps, start_step=start_step, trackers=trackers
+        )
+        self.samples_log = (
+            SamplesLog(run_dir, cfg.logging.samples, start_step)
+            if cfg.logging.samples != "off"
+            else None
         )
         self.served = 0  # the weight version the rollout engines hold
-        # A step is one round of calls when the learner ranks sample (rollout.backend=learner)
-        # and hold the teacher, the loop is synchronous, and the driver has nothing to add
-        # between the samples and the update (a label task, rewards, step weights).
-        algo = cfg.algorithm
-        self.one_call = (
-            cfg.rollout.backend == "learner"
-            and cfg.trainer.max_staleness == 0
-            and self.in_learners
-            and algo.label_weight == 0
-            and algo.reward_weight == 0
-            and algo.step_weighting == "none"
-        )
-        # max_staleness >= 1: the next step's rollouts are made on `rollout_thread` while the
-        # teacher scores this step's and the learners train on it.
-        self.rollout_thread = ThreadPoolExecutor(1, thread_name_prefix="rayd-rollout")
+        self.sampling = cfg.rollout.sampling(cfg.student_topk)  # teacher.support: student ids
         # Every teacher call of the run's streams, in order, on one thread (see TeacherStream).
         self.teacher_thread = ThreadPoolExecutor(1, thread_name_prefix="rayd-teacher")
-        self.next_rollouts: Future[Pending] | None = None
+        self.steps = step_mode(cfg, checked.teacher)(self)
         self.preemption = Preemption()
 
     # --- Start: a resumed run's state, or a fresh run's first eval --------------------------
@@ -419,28 +400,35 @@ class Run:
             ]
         return Draw(step, list(drawn), on_policy, extra)
 
+    def rollout_request(self, work: Draw, version: int) -> RolloutRequest:
+        """`work`'s on-policy prompts as one sampling request, to be served by weights of
+        `version`, whoever samples them (rollout engines, or the learner ranks)."""
+        indices = [p.index for p in work.on_policy]
+        return RolloutRequest(
+            [p.ids for p in work.on_policy],
+            indices,
+            # Over the whole batch: a prompt drawn twice draws apart on any two workers.
+            prompt_seeds(rollout_seed(self.cfg.trainer.seed, work.step), indices),
+            self.sampling,
+            version,
+        )
+
     def roll_out(self, work: Draw, engine_version: int) -> Pending:
         """Step 2: the student's rollouts of `work`'s prompts from the weights the engines
         hold (`engine_version`). Each rollout worker's chunk goes to the teacher as soon as it
         arrives; the teacher is still scoring when this returns. Runs on the driver's thread,
         or on the rollout thread while the learners train (the pipelined loop)."""
-        r = self.cfg.rollout
         timer = StageTimer()
         stream = self.teacher_stream()
+        request = self.rollout_request(work, engine_version)
         with timer("rollout"), stream.cancel_on_error():
-            indices = [p.index for p in work.on_policy]
             arriving = self.rollout.map_chunks_as_completed(
                 "generate",
-                [p.ids for p in work.on_policy],
-                indices,
-                # Over the whole batch: a prompt drawn twice draws apart on any two workers.
-                prompt_seeds(rollout_seed(self.cfg.trainer.seed, work.step), indices),
-                n=r.n,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                max_new_tokens=r.max_new_tokens,
-                expect_version=engine_version,
-                return_topk=self.cfg.student_topk,  # teacher.support: the student's ids
+                request.prompts,
+                request.prompt_indices,
+                request.seeds,
+                sampling=request.sampling,
+                expect_version=request.expect_version,
             )
             for key, chunk in arriving:  # none without on-policy prompts
                 stream.add(key, chunk)
@@ -457,38 +445,28 @@ class Run:
         with timer("teacher"):
             chunks, scored = pending.stream.finish()
             samples = [s for chunk in chunks for s in chunk]
-            scores, teacher_stats = teacher_signal(
-                self.cfg, self.teacher, self.stored, samples, scored
-            )
+            scores, teacher_stats = self.teacher.signal(samples, scored)
         seconds = timer.seconds
-        if not self.teacher_actors and self.stored is None:  # no teacher stage to report
+        if not self.teacher.has_stage:
             seconds.pop("teacher", None)
         return Prepared(
             pending.step, chunks, pending.prompt_indices, scores, teacher_stats, seconds
         )
 
     def roll_out_and_train(self, work: Draw, timer: StageTimer) -> tuple[Prepared, dict[str, Any]]:
-        """Steps 2-4 in one call to each learner rank (`one_call`): the ranks sample `work`'s
+        """Steps 2-4 in one call to each learner rank (`OneCall`): the ranks sample `work`'s
         prompts with their current weights, as `roll_out` would have them, and train on the
         batch `batch` would have built of the samples. The step's samples and its metrics; the
         timer gets rank 0's sampling time as the rollout stage, the rest of the call as the
         learner stage."""
-        r, state = self.cfg.rollout, self.state
-        if work.extra:  # `one_call` rules out every kind of row that is not a rollout
+        state = self.state
+        if work.extra:  # `step_mode` rules out every kind of row that is not a rollout
             raise RuntimeError(f"step {work.step}: rows without a rollout in a one-call step")
-        indices = [p.index for p in work.on_policy]
         start = time.perf_counter()
         chunks, metrics = self.learners.roll_out_and_train(
-            [p.ids for p in work.on_policy],
-            indices,
-            prompt_seeds(rollout_seed(self.cfg.trainer.seed, work.step), indices),
+            self.rollout_request(work, state.version),
             pad_id=self.tokenizer.pad_token_id,
-            truncated=r.truncated,
-            n=r.n,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            max_new_tokens=r.max_new_tokens,
-            expect_version=state.version,
+            drop_truncated=self.cfg.rollout.truncated == "drop",
         )
         rollout_s = metrics.pop("rollout_s")
         timer.seconds.update(rollout=rollout_s, learner=time.perf_counter() - start - rollout_s)
@@ -505,14 +483,13 @@ class Run:
         its reasoning steps (rayd/steps.py); rows from older weights are marked stale
         (importance weights in the loss)."""
         cfg, algo = self.cfg, self.cfg.algorithm
-        batch = collate(
+        batch = training_batch(
             work.samples,
             work.scores,
             self.tokenizer.pad_token_id,
-            learner_version=self.state.version,
+            self.state.version,
+            drop_truncated=cfg.rollout.truncated == "drop",
         )
-        if cfg.rollout.truncated == "drop":
-            drop_truncated(batch, work.samples)
         step_stats: dict[str, float] = {}
         if algo.reward_weight > 0:  # the verifier's reward beside distillation
             scores = rewards(work.samples, self.prompts, self.prompts.task)
@@ -528,22 +505,16 @@ class Run:
             step_stats.update(weighting)
         return batch, step_stats
 
-    def log_step(
-        self,
-        step: int,
-        work: Prepared,
-        metrics: dict[str, Any],
-        step_stats: dict[str, float],
-        timer: StageTimer,
-        step_time: float,
-    ) -> None:
-        """The step's line in metrics.jsonl (and TensorBoard, W&B, the progress bar)."""
+    def log_step(self, step: int, done: Trained, timer: StageTimer, step_time: float) -> None:
+        """The step's line in metrics.jsonl (and TensorBoard, W&B, the progress bar), and its
+        samples in samples.jsonl when logging.samples asks for them."""
+        work, metrics = done.work, done.metrics
         samples = work.samples
         tokens = sum(len(s.completion_ids) for s in samples)
-        if self.teacher is None and self.stored is None:  # no teacher scores: meaningless
+        if not self.teacher.has_signal:  # no teacher scores: meaningless
             metrics.pop("reverse_kl", None)
         per_own_tokens(metrics)
-        metrics.update(step_stats)
+        metrics.update(done.stats)
         metrics.update(work.teacher_stats)
         seconds = {**work.seconds, **timer.seconds}
         metrics.update(step_metrics(samples, tokens, seconds, step_time, self.state.version))
@@ -552,9 +523,11 @@ class Run:
         # metrics.jsonl (non-numbers stay out of TensorBoard and W&B).
         metrics["prompt_indices"] = work.prompt_indices
         metrics["faults/rollout"] = self.rollout.faults
-        metrics["faults/teacher"] = self.teacher.faults if self.teacher is not None else 0
+        metrics["faults/teacher"] = self.teacher.faults
         metrics["faults/learner_restarts"] = self.learner_restarts
         self.log.log(step, metrics)
+        if self.samples_log is not None:
+            self.samples_log.log(step, samples, work.scores if self.teacher.has_stage else None)
 
     # --- Weights, eval, checkpoint, export ---------------------------------------------------
 
@@ -576,25 +549,25 @@ class Run:
     def evaluate(self, step: int) -> dict[str, float]:
         """Held-out metrics of the current weights. The eval uses the teacher and the engines,
         which a step made ahead must not share: its teacher signal is finished first."""
-        self.state.ahead = self.ready(self.state.ahead)
+        self.steps.settle()
         self.sync_weights()
-        prompts = self.prompts
         metrics = heldout_metrics(
-            self.rollout, self.teacher, prompts.eval, prompts.task, self.cfg, self.state.version
+            self.rollout,
+            self.teacher.handle,
+            self.prompts.eval,
+            self.prompts.task,
+            max_new_tokens=self.cfg.rollout.max_new_tokens,
+            seed=self.cfg.trainer.seed,
+            version=self.state.version,
         )
         self.log.log(step, metrics, advance=False)
         return metrics
 
     def save(self, step: int) -> None:
-        state = self.state
-        state.ahead = self.ready(state.ahead)  # its samples go into the checkpoint
-        if self.cfg.trainer.max_staleness > 0:
-            # The resumed run's engines start from the checkpoint's weights; the unbroken run's
-            # must hold the same from here on, or their next rollouts would differ.
-            self.sync_weights()
+        self.steps.before_save()
         staging = self.store.staging_dir(step)
         self.learners.save_checkpoint(str(staging / "learner"), LEARNER_TAG, {"step": step})
-        self.store.commit(staging, step, state.to_json(self.cfg))
+        self.store.commit(staging, step, self.state.to_json(self.cfg.learner))
 
     def export(self) -> None:
         export_student(
@@ -603,39 +576,24 @@ class Run:
 
     # --- Plumbing -----------------------------------------------------------------------------
 
-    @property
-    def teacher_actors(self) -> bool:
-        """Whether teacher actors score the rollouts (not a stored signal, not the learners)."""
-        return self.teacher is not None and self.stored is None and not self.in_learners
-
     def teacher_stream(self, chunks: Sequence[list[Sample]] = ()) -> TeacherStream:
         """A stream to the teacher actors (none for a stored signal, no teacher, or a teacher
         inside the learners), fed with `chunks` if given (a restored prefetched step's)."""
-        ask = None
-        if self.teacher_actors:
-            ask = partial(
-                ask_teacher,
-                self.cfg,
-                self.teacher,
-                features=self.features,
-                prompts=self.prompts.train,
-            )
-        stream = TeacherStream(ask, self.teacher_thread)
+        stream = TeacherStream(self.teacher.scorer, self.teacher_thread)
         for key, chunk in enumerate(chunks):
             stream.add(key, chunk)
         return stream
 
     def close(self) -> None:
         # No rollout or teacher call may go on behind the driver's back once the pools go.
-        self.rollout_thread.shutdown(wait=True)
-        for made in (self.state.ahead, self.next_rollouts):
-            if isinstance(made, Future) and made.done() and not made.exception():
-                made = made.result()
-            if isinstance(made, Pending):
-                made.stream.close()
+        self.steps.close()
+        if isinstance(self.state.ahead, Pending):
+            self.state.ahead.stream.close()
         self.teacher_thread.shutdown(wait=True)
         self.log.close()
-        for pool in (self.rollout, self.teacher):
+        if self.samples_log is not None:
+            self.samples_log.close()
+        for pool in (self.rollout, self.teacher.handle):
             if pool is not None:
                 pool.shutdown()
         self.learners.shutdown()
@@ -660,8 +618,3 @@ class Preemption:
     def restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-def rollout_seed(seed: int, step: int) -> int:
-    """The sampling seed of a step: a resumed run draws the same rollouts as an unbroken one."""
-    return random.Random(f"{seed}:rollout:{step}").getrandbits(31)

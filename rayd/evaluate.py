@@ -1,19 +1,26 @@
-"""Held-out evaluation with the live rollout and teacher actors.
+"""Evaluation: the held-out metrics of a training run, and a model folder's task accuracy.
 
-Reverse KL(student || teacher) is estimated on the student's own samples, per token:
+`heldout_metrics` runs with the live rollout and teacher actors of a run. Reverse
+KL(student || teacher) is estimated on the student's own samples, per token:
     mean_t [log p_student(x_t) - log p_teacher(x_t)],  x ~ student at temperature 1,
 the quantity on-policy distillation minimises. A fixed seed makes successive evals comparable.
 With several teachers the teacher is the one training distils from: the ensemble's exact
 log sum_i w_i p_i(x_t), or under routing each prompt's own teacher; eval/teacher/<name>/
 reverse_kl adds each teacher's alone (ensemble: on every sample; route: on its prompts).
 Accuracy (greedy decoding + the task's verifier) is added when the prompts come from a task.
+
+`evaluate_model` scores a finished model folder on a task's eval split in an engine actor of
+its own (`rayd eval`, `rayd export`'s card, `rayd demo`).
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from rayd.cluster import WorkerPool
-from rayd.config import RunConfig
 from rayd.data.prompts import Prompt
+from rayd.sampling import Sampling
 from rayd.tasks.base import Task
 from rayd.teacher.group import LearnerTeacher, Teachers
 
@@ -23,19 +30,21 @@ def heldout_metrics(
     teacher: Teachers | LearnerTeacher | None,
     prompts: list[Prompt],
     task: Task | None,
-    cfg: RunConfig,
+    *,
+    max_new_tokens: int,
+    seed: int,
     version: int,
 ) -> dict[str, float]:
+    """The eval/ metrics of the weights the engines serve (`version`): reverse KL to the
+    teacher on `seed`-drawn temperature-1 samples, greedy accuracy when the prompts have a
+    task, completion lengths. `teacher` None: accuracy only (sft, step_by_step)."""
     ids, indices = [p.ids for p in prompts], [p.index for p in prompts]
     samples = rollout.map_chunks(
         "generate",
         ids,
         indices,
-        n=1,
-        temperature=1.0,
-        top_p=1.0,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        seed=cfg.trainer.seed,
+        sampling=Sampling.plain(max_new_tokens),
+        seed=seed,
         expect_version=version,
     )
     tokens = sum(len(s.completion_ids) for s in samples)
@@ -56,14 +65,136 @@ def heldout_metrics(
             "generate",
             ids,
             indices,
-            n=1,
-            temperature=0.0,
-            top_p=1.0,
-            max_new_tokens=cfg.rollout.max_new_tokens,
+            sampling=Sampling.greedy(max_new_tokens),
             expect_version=version,
         )
         correct = [
             task.is_correct(s.text, p.answer or "") for s, p in zip(greedy, prompts, strict=True)
         ]
         out["eval/accuracy"] = sum(correct) / len(correct)
+    return out
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """Unbiased pass@k from n samples with `correct` right (Chen et al. 2021, Codex)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per prompt, got {n}")
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
+
+
+def eval_prompts(
+    tokenizer: Any,
+    task: Task,
+    count: int,
+    *,
+    chat_template: bool,
+    max_prompt_len: int,
+    long_prompts: str = "error",
+) -> tuple[list[Any], list[list[int]]]:
+    """(examples, prompt ids) of the eval split, encoded as training encodes them
+    (rayd.data.prompts.encode_row: chat template, data.long_prompts)."""
+    from rayd.config import DataConfig
+    from rayd.data.prompts import encode_row
+
+    data = DataConfig(chat_template="auto" if chat_template else "never", long_prompts=long_prompts)
+    examples, ids = [], []
+    for e in task.examples("eval", count):
+        encoded = encode_row(tokenizer, e.prompt, None, max_prompt_len, data, "eval")
+        if encoded is not None:  # None: data.long_prompts=drop dropped it
+            examples.append(e)
+            ids.append(encoded[0])
+    return examples, ids
+
+
+def evaluate_model(
+    model: str,
+    task: Task,
+    *,
+    count: int = 200,
+    ks: tuple[int, ...] = (),
+    samples: int = 0,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+    backend: str = "vllm",
+    max_model_len: int | None = None,
+    seed: int = 0,
+    chat_template: bool = True,
+    long_prompts: str = "error",
+    dtype: str = "auto",
+) -> dict[str, Any]:
+    """Greedy accuracy (and pass@k from `samples` draws per prompt) on the eval split, generated
+    by a rollout engine actor on the local or joined Ray cluster."""
+    import ray
+    from transformers import AutoConfig, AutoTokenizer
+
+    from rayd import cluster
+    from rayd.config import RolloutConfig
+    from rayd.rollout.group import engine_runtime_env
+    from rayd.rollout.spec import EngineSpec
+    from rayd.rollout.worker import RolloutWorker
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    if max_model_len is None:  # the model's own limit, capped where the KV cache stays small
+        positions = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", 512)
+        max_model_len = min(int(positions), 2048)
+    examples, ids = eval_prompts(
+        tokenizer,
+        task,
+        count,
+        chat_template=chat_template,
+        max_prompt_len=max_model_len - max_new_tokens,
+        long_prompts=long_prompts,
+    )
+    indices = list(range(len(examples)))
+    cluster.connect()
+    worker = (
+        ray.remote(RolloutWorker)
+        .options(num_cpus=1, runtime_env=engine_runtime_env())
+        .remote(
+            EngineSpec.from_section(
+                model,
+                RolloutConfig(backend=backend, max_model_len=max_model_len),
+                dtype=dtype,
+                seed=seed,
+                max_logprobs=20,
+            )
+        )
+    )
+    try:
+        greedy = cluster.get(
+            worker.generate.remote(ids, indices, sampling=Sampling.greedy(max_new_tokens)),
+            3600,
+            "eval generate",
+        )
+        right = [task.is_correct(s.text, e.answer) for s, e in zip(greedy, examples, strict=True)]
+        out: dict[str, Any] = {
+            "model": model,
+            "prompts": len(examples),
+            "accuracy": sum(right) / len(right),
+            "completion_len": sum(len(s.completion_ids) for s in greedy) / len(greedy),
+            "examples": [
+                {"prompt": e.prompt, "answer": e.answer, "completion": s.text, "correct": ok}
+                for e, s, ok in zip(examples[:5], greedy, right, strict=False)
+            ],
+        }
+        if ks:
+            n = max(samples, max(ks))
+            drawn = cluster.get(
+                worker.generate.remote(
+                    ids, indices, sampling=Sampling(n, temperature, 1.0, max_new_tokens), seed=seed
+                ),
+                3600,
+                "eval sample",
+            )
+            correct = [0] * len(examples)
+            for s in drawn:
+                correct[s.prompt_index] += task.is_correct(s.text, examples[s.prompt_index].answer)
+            for k in ks:
+                out[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(correct)
+            out["samples_per_prompt"] = n
+            out["temperature"] = temperature
+    finally:
+        ray.kill(worker)
     return out

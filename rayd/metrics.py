@@ -9,11 +9,11 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rayd.config import ConfigError, LoggingConfig, RunConfig
 from rayd.progress import Progress
-from rayd.types import Sample
+from rayd.types import Sample, TeacherScore
 
 
 class StageTimer:
@@ -115,6 +115,28 @@ class Trackers:
             self._wandb.finish()
 
 
+def open_step_log(path: Path, start_step: int) -> TextIO:
+    """A per-step JSON-lines log for appending. `start_step` > 0 resumes a run: records after
+    that step (work the checkpoint does not hold, which will be redone) are dropped; a fresh
+    start in a reused folder moves the old log aside."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if start_step and path.exists():
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by the crash that interrupted the run
+            if record.get("step", 0) <= start_step:
+                kept.append(line)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    elif path.exists():
+        path.rename(path.with_name(f"{path.stem}-before-{int(time.time())}{path.suffix}"))
+    return path.open("a")
+
+
 class MetricsLogger:
     """`start_step` > 0 resumes a run: records after that step (work the checkpoint does not
     hold, which will be redone) are dropped from metrics.jsonl and TensorBoard."""
@@ -127,14 +149,9 @@ class MetricsLogger:
         start_step: int = 0,
         trackers: Trackers | None = None,
     ):
-        run_dir.mkdir(parents=True, exist_ok=True)
         self._trackers = trackers
         self.path = run_dir / "metrics.jsonl"
-        if start_step and self.path.exists():
-            self._truncate_after(start_step)
-        elif self.path.exists():  # a fresh start in a reused folder: keep the old log aside
-            self.path.rename(run_dir / f"metrics-before-{int(time.time())}.jsonl")
-        self._file = self.path.open("a")
+        self._file = open_step_log(self.path, start_step)
         self._tb = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -147,19 +164,6 @@ class MetricsLogger:
             enabled=cfg.progress,
             unit="step",
         )
-
-    def _truncate_after(self, step: int) -> None:
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by the crash that interrupted the run
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, Any], advance: bool = True) -> None:
         record = {"step": step, "time": time.time(), **metrics}
@@ -214,3 +218,61 @@ def step_metrics(
     out["truncated_fraction"] = sum(s.finish_reason == "length" for s in samples) / len(samples)
     out["weight_version"] = version
     return out
+
+
+class SamplesLog:
+    """samples.jsonl in the run folder (logging.samples): one line per training sample of
+    every step, as the learners got it; docs/usage.md gives the fields and their size.
+    `level`: "tokens" (the sample: ids, text, behaviour log-probs, version, flags) or
+    "signal" (also its teacher signal: token log-probs and the top-k ids and log-probs, or
+    null where it has none: a label-task row, a teacher inside the learners, no teacher)."""
+
+    def __init__(self, run_dir: Path, level: str, start_step: int = 0) -> None:
+        if level not in ("tokens", "signal"):
+            raise ValueError(f"samples log level {level!r}: expected 'tokens' or 'signal'")
+        self.level = level
+        self.path = run_dir / "samples.jsonl"
+        self._file = open_step_log(self.path, start_step)
+
+    def log(self, step: int, samples: list[Sample], scores: list[TeacherScore] | None) -> None:
+        """`scores`: the samples' teacher signal, or None where the batch carries none (the
+        teacher inside the learners, no teacher); a hard target's is never logged."""
+        lines = []
+        for i, sample in enumerate(samples):
+            record: dict[str, Any] = {"step": step, **sample_record(sample)}
+            if self.level == "signal":
+                scored = scores is not None and not sample.hard_target
+                record["teacher"] = signal_record(scores[i]) if scored else None  # type: ignore[index]
+            lines.append(json.dumps(record))
+        self._file.write("".join(line + "\n" for line in lines))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def sample_record(sample: Sample) -> dict[str, Any]:
+    """A sample as plain JSON values (`Sample` field names)."""
+    ids = sample.student_topk_ids
+    return {
+        "prompt_index": sample.prompt_index,
+        "prompt_ids": list(sample.prompt_ids),
+        "completion_ids": list(sample.completion_ids),
+        "text": sample.text,
+        "logprobs": list(sample.logprobs),
+        "finish_reason": sample.finish_reason,
+        "weight_version": sample.weight_version,
+        "on_policy": sample.on_policy,
+        "hard_target": sample.hard_target,
+        "weight": sample.weight,
+        "student_topk_ids": None if ids is None else ids.tolist(),
+    }
+
+
+def signal_record(score: TeacherScore) -> dict[str, Any]:
+    """A sample's teacher signal as plain JSON values (`TeacherScore` field names)."""
+    return {
+        "token_logprobs": score.token_logprobs.tolist(),
+        "topk_ids": score.topk_ids.tolist(),
+        "topk_logprobs": score.topk_logprobs.tolist(),
+    }

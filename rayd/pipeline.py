@@ -4,9 +4,9 @@ scoring that runs beside the rollouts.
 - `TeacherStream`: the teacher scores each rollout worker's chunk as soon as it arrives, on one
   background thread, while the driver waits for the other chunks; results are put back in chunk
   order, so nothing depends on which worker finished first.
-- `Draw` -> `Pending` -> `Prepared`: one step's prompts, its rollouts (the teacher still
-  scoring), its teacher signal. Pipelined, the next step's rollouts run on a thread of their
-  own while the teacher scores this step's and the learners train on it.
+- `Draw` -> `Pending` -> `Prepared` -> `Trained`: one step's prompts, its rollouts (the teacher
+  still scoring), its teacher signal, its learner step. Pipelined, the next step's rollouts run
+  on a thread of their own while the teacher scores this step's and the learners train on it.
 - `Prepared`: one step's samples and teacher signal, made before its learner step starts (the
   previous step's learner step runs meanwhile). Its samples go into a checkpoint's driver state
   (`to_state` / `from_state`): they came from weights the checkpoint does not hold.
@@ -136,6 +136,16 @@ class Prepared:
     def from_state(cls, state: dict[str, Any]) -> Prepared:
         chunks = [[_sample_from_state(s) for s in c] for c in state["chunks"]]
         return cls(step=state["step"], chunks=chunks, prompt_indices=state["prompt_indices"])
+
+
+@dataclass
+class Trained:
+    """One step done: what it trained on, the learners' metrics, and the driver's own
+    statistics of the batch (the task reward, step weighting)."""
+
+    work: Prepared
+    metrics: dict[str, Any]
+    stats: dict[str, float]
 
 
 def _sample_state(sample: Sample) -> dict[str, Any]:

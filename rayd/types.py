@@ -250,12 +250,23 @@ def collate(
     )
 
 
-def drop_truncated(batch: TrainBatch, samples: list[Sample]) -> None:
-    """rollout.truncated=drop: completions cut at max_new_tokens leave the loss (and its token
-    count); the row stays, since the learners expect a fixed number of rows."""
-    for row, sample in enumerate(samples):
-        if sample.on_policy and sample.finish_reason == "length":
-            batch.loss_mask[row] = False
+def training_batch(
+    samples: list[Sample],
+    scores: list[TeacherScore],
+    pad_id: int,
+    learner_version: int,
+    drop_truncated: bool,
+) -> TrainBatch:
+    """A step's samples and their teacher signal as the learners train them, wherever the
+    batch is built (the driver, or each learner rank of a one-call step): `collate`, then,
+    with rollout.truncated=drop (`drop_truncated`), completions cut at max_new_tokens leave
+    the loss and its token count. Their rows stay: the learners expect a fixed row count."""
+    batch = collate(samples, scores, pad_id, learner_version=learner_version)
+    if drop_truncated:
+        for row, sample in enumerate(samples):
+            if sample.on_policy and sample.finish_reason == "length":
+                batch.loss_mask[row] = False
+    return batch
 
 
 def _collate_hidden(samples: list[Sample], scores: list[TeacherScore], length: int) -> torch.Tensor:

@@ -93,10 +93,10 @@ def run_demo(
     out: Path, steps: int, warmup_steps: int, on_policy_steps: int, eval_count: int
 ) -> dict[str, Any]:
     from rayd import cluster
-    from rayd.commands.eval import evaluate_model
     from rayd.commands.generate import generate, load_generate_config
     from rayd.config import load_config
     from rayd.driver import train
+    from rayd.evaluate import evaluate_model
     from rayd.progress import duration
     from rayd.tasks import make_task
     from rayd.zoo import resolve_model_path

@@ -111,139 +111,6 @@ def resolve_target(path: Path, who: str) -> Target:
     )
 
 
-def pass_at_k(n: int, correct: int, k: int) -> float:
-    """Unbiased pass@k from n samples with `correct` right (Chen et al. 2021, Codex)."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples per prompt, got {n}")
-    if n - correct < k:
-        return 1.0
-    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
-
-
-def eval_prompts(
-    tokenizer: Any,
-    task: Task,
-    count: int,
-    *,
-    chat_template: bool,
-    max_prompt_len: int,
-    long_prompts: str = "error",
-) -> tuple[list[Any], list[list[int]]]:
-    """(examples, prompt ids) of the eval split, encoded as training encodes them
-    (rayd.data.prompts.encode_row: chat template, data.long_prompts)."""
-    from rayd.config import DataConfig
-    from rayd.data.prompts import encode_row
-
-    data = DataConfig(chat_template="auto" if chat_template else "never", long_prompts=long_prompts)
-    examples, ids = [], []
-    for e in task.examples("eval", count):
-        encoded = encode_row(tokenizer, e.prompt, None, max_prompt_len, data, "eval")
-        if encoded is not None:  # None: data.long_prompts=drop dropped it
-            examples.append(e)
-            ids.append(encoded[0])
-    return examples, ids
-
-
-def evaluate_model(
-    model: str,
-    task: Task,
-    *,
-    count: int = 200,
-    ks: tuple[int, ...] = (),
-    samples: int = 0,
-    temperature: float = 1.0,
-    max_new_tokens: int = 64,
-    backend: str = "vllm",
-    max_model_len: int | None = None,
-    seed: int = 0,
-    chat_template: bool = True,
-    long_prompts: str = "error",
-    dtype: str = "auto",
-) -> dict[str, Any]:
-    """Greedy accuracy (and pass@k from `samples` draws per prompt) on the eval split, generated
-    by a rollout engine actor on the local or joined Ray cluster."""
-    import ray
-    from transformers import AutoConfig, AutoTokenizer
-
-    from rayd import cluster
-    from rayd.config import RolloutConfig
-    from rayd.rollout.group import engine_runtime_env
-    from rayd.rollout.spec import EngineSpec
-    from rayd.rollout.worker import RolloutWorker
-
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    if max_model_len is None:  # the model's own limit, capped where the KV cache stays small
-        positions = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", 512)
-        max_model_len = min(int(positions), 2048)
-    examples, ids = eval_prompts(
-        tokenizer,
-        task,
-        count,
-        chat_template=chat_template,
-        max_prompt_len=max_model_len - max_new_tokens,
-        long_prompts=long_prompts,
-    )
-    indices = list(range(len(examples)))
-    cluster.connect()
-    worker = (
-        ray.remote(RolloutWorker)
-        .options(num_cpus=1, runtime_env=engine_runtime_env())
-        .remote(
-            EngineSpec.from_section(
-                model,
-                RolloutConfig(backend=backend, max_model_len=max_model_len),
-                dtype=dtype,
-                seed=seed,
-                max_logprobs=20,
-            )
-        )
-    )
-    try:
-        greedy = cluster.get(
-            worker.generate.remote(
-                ids, indices, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens
-            ),
-            3600,
-            "eval generate",
-        )
-        right = [task.is_correct(s.text, e.answer) for s, e in zip(greedy, examples, strict=True)]
-        out: dict[str, Any] = {
-            "model": model,
-            "prompts": len(examples),
-            "accuracy": sum(right) / len(right),
-            "completion_len": sum(len(s.completion_ids) for s in greedy) / len(greedy),
-            "examples": [
-                {"prompt": e.prompt, "answer": e.answer, "completion": s.text, "correct": ok}
-                for e, s, ok in zip(examples[:5], greedy, right, strict=False)
-            ],
-        }
-        if ks:
-            n = max(samples, max(ks))
-            drawn = cluster.get(
-                worker.generate.remote(
-                    ids,
-                    indices,
-                    n=n,
-                    temperature=temperature,
-                    top_p=1.0,
-                    max_new_tokens=max_new_tokens,
-                    seed=seed,
-                ),
-                3600,
-                "eval sample",
-            )
-            correct = [0] * len(examples)
-            for s in drawn:
-                correct[s.prompt_index] += task.is_correct(s.text, examples[s.prompt_index].answer)
-            for k in ks:
-                out[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(correct)
-            out["samples_per_prompt"] = n
-            out["temperature"] = temperature
-    finally:
-        ray.kill(worker)
-    return out
-
-
 def _parse_options(items: list[str]) -> dict[str, Any]:
     import yaml
 
@@ -419,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     print(describe(settings, where), flush=True)
+    from rayd.evaluate import evaluate_model  # Ray, torch and the engines: after the checks
+
     model = str(target.model)
     result = evaluate_model(
         model,

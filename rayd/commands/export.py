@@ -182,7 +182,7 @@ def task_accuracy(model_dir: Path, cfg: RunConfig, count: int) -> float | None:
     task = run_task(cfg)
     if task is None:
         return None
-    from rayd.commands.eval import evaluate_model
+    from rayd.evaluate import evaluate_model
 
     result = evaluate_model(
         str(model_dir),

@@ -31,12 +31,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 import rayd
 from rayd.cli import ArgumentParser
-from rayd.config import ConfigError, EngineParallel, ModelSpec, _Strict, load_tree, validate
+from rayd.config import ConfigError, EngineSection, ModelSpec, _Strict, load_tree, validate
 from rayd.data.prompts import encode_prompt
+from rayd.sampling import Sampling
 from rayd.tasks import make_task
 from rayd.tasks.base import Task
 
@@ -57,26 +58,13 @@ class SamplingConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
 
+    @property
+    def params(self) -> Sampling:
+        return Sampling(self.n, self.temperature, self.top_p, self.max_new_tokens)
 
-class EnginesConfig(EngineParallel):
+
+class EnginesConfig(EngineSection):
     backend: Literal["vllm", "hf"] = "vllm"
-    num_workers: int = Field(1, ge=1)
-    max_model_len: int = Field(512, ge=8)
-    kv_cache_gib: float = Field(1.0, gt=0)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
-    threads: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _parallel_needs_vllm(self) -> EnginesConfig:
-        if self.tensor_parallel_size * self.pipeline_parallel_size > 1:
-            if self.backend != "vllm":
-                raise ValueError(
-                    "tensor_parallel_size / pipeline_parallel_size > 1 need backend=vllm"
-                )
-            if self.gpus_per_worker not in (0, 1):
-                raise ValueError("a multi-device engine takes whole GPUs (gpus_per_worker 1 or 0)")
-        return self
 
 
 class PromptsConfig(_Strict):
@@ -125,6 +113,9 @@ def load_generate_config(path: str | None, overrides: list[str] | None = None) -
     cfg = validate(GenerateConfig, load_tree(path, overrides))
     if cfg.sampling.temperature == 0 and cfg.sampling.n > 1:
         raise ConfigError("config error: sampling.n > 1 needs sampling.temperature > 0")
+    problem = cfg.engines.parallel_problem("engines", cfg.engines.backend)
+    if problem:
+        raise ConfigError(f"config error: {problem}")
     return cfg
 
 
@@ -411,10 +402,7 @@ def _write_shards(cfg, teacher_path, questions, shards, todo, shards_dir) -> Non
                 "generate",
                 ids,
                 indices,
-                n=s.n,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                max_new_tokens=s.max_new_tokens,
+                sampling=s.params,
                 seed=cfg.seed * 100_003 + i,  # per shard: a redone shard draws the same samples
             )
             rows = []

@@ -55,8 +55,8 @@ BLOCK = 512  # rows per round of teacher calls: bounds the scores held in flight
 
 def score_dataset(cfg: RunConfig, out: str | Path | None = None) -> dict[str, Any]:
     """Score every row of `cfg.data.train_dataset` with the teacher actors; returns a summary."""
+    from rayd.preflight import check_model_paths, check_models
     from rayd.teacher.stored import tokenizer_sha256, weights_sha256
-    from rayd.workers import check_model_paths, check_models
 
     if cfg.algorithm.name != "logit_kd":
         raise ConfigError(
@@ -215,8 +215,9 @@ def _score_pairs(
 
     from rayd import cluster
     from rayd.progress import Progress, stage
+    from rayd.rollout.group import start_pool
     from rayd.rollout.spec import EngineSpec
-    from rayd.teacher.group import start_teacher_pool
+    from rayd.teacher.worker import TeacherWorker
 
     order = list(pairs)
     blocks = [order[lo : lo + BLOCK] for lo in range(0, len(order), BLOCK)]
@@ -244,7 +245,8 @@ def _score_pairs(
                 f"config error: teacher.num_workers * teacher.{res.lower()}s_per_worker = "
                 f"{t.num_workers * want:g} {res}s but the Ray cluster has {have.get(res, 0.0):g}"
             )
-    pool = start_teacher_pool(cfg, EngineSpec.teacher(cfg, teacher_path))
+    spec = EngineSpec.teacher(cfg, teacher_path)
+    pool = start_pool(TeacherWorker, [spec] * t.num_workers, t, cfg.trainer, "teacher")
     bar = None
     try:
         with stage(f"starting {t.num_workers} teacher engine(s)"):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from rayd.config import AlgorithmConfig, ConfigError, RunConfig
-from rayd.data.prompts import Prompt, PromptSet
+from rayd.config import AlgorithmConfig
+from rayd.data.prompts import Prompt
 from rayd.tasks.base import Task
 from rayd.types import Sample
 
@@ -25,36 +25,6 @@ def split_by_lambda(prompts: list[Prompt], lmbda: float, rng: random.Random):
     for p in prompts:
         (on if rng.random() < lmbda or p.completion_ids is None else off).append(p)
     return on, off
-
-
-def check_offline_data(cfg: RunConfig, prompts: PromptSet) -> None:
-    """The offline modes and gkd need a completion per training prompt; step_by_step needs the
-    answer and the rationale apart; the label task and the task reward need the answer."""
-    algo = cfg.algorithm
-    where = cfg.data.train_dataset or cfg.data.source
-    for key, use in (
-        ("label_weight", "trains on gold answers"),
-        ("reward_weight", "rewards right answers"),
-    ):
-        if getattr(algo, key) > 0 and any(p.answer is None for p in prompts.train):
-            raise ConfigError(
-                f"data error: {where}: algorithm.{key} > 0 {use}, but some training rows "
-                "have no 'answer' (a task, or a dataset with an answer column)"
-            )
-    if not (algo.offline or algo.lmbda < 1.0):
-        return
-    if any(p.completion_ids is None for p in prompts.train):
-        raise ConfigError(
-            f"data error: {where}: algorithm.name={algo.name} trains on completions, but some "
-            f"training rows have no {cfg.data.completion_field!r} field (data.completion_field)"
-        )
-    if algo.name == "step_by_step" and any(
-        p.answer is None or p.rationale is None for p in prompts.train
-    ):
-        raise ConfigError(
-            f"data error: {where}: algorithm.name=step_by_step needs 'answer' and 'rationale' "
-            "for every training row (rayd generate and the built-in tasks write both)"
-        )
 
 
 def step_by_step_samples(

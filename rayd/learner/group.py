@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rayd import cluster
 from rayd.learner.spec import LearnerSpec
 from rayd.learner.worker import LearnerWorker
+from rayd.sampling import RolloutRequest
 from rayd.types import Sample, TrainBatch
 
 
@@ -111,16 +112,16 @@ class LearnerGroup:
         return metrics
 
     def roll_out_and_train(
-        self, prompts: list[list[int]], prompt_indices: list[int], seeds: list[int], **kwargs: Any
+        self, request: RolloutRequest, *, pad_id: int, drop_truncated: bool
     ) -> tuple[list[list[Sample]], dict[str, float]]:
         """One synchronous step of rollout.backend=learner in one round of calls: each rank
         samples the share of the prompts `sampling_pool` would give it, and all train on the
         step's batch (`LearnerWorker.roll_out_and_train`). Each rank's samples, in rank order,
         and rank 0's metrics."""
-        bounds = cluster.chunk_bounds(len(prompts), self.num_learners)
+        bounds = cluster.chunk_bounds(len(request), self.num_learners)
         refs = [
             actor.roll_out_and_train.remote(
-                prompts[lo:hi], prompt_indices[lo:hi], seeds[lo:hi], **kwargs
+                request.part(lo, hi), pad_id=pad_id, drop_truncated=drop_truncated
             )
             for actor, lo, hi in zip(self._actors, bounds, bounds[1:], strict=False)
         ]

@@ -19,7 +19,8 @@ from rayd import device as devices
 from rayd.learner.spec import LearnerSpec
 from rayd.rollout.hf_engine import HFEngine
 from rayd.rollout.worker import RolloutWorker
-from rayd.types import Sample, TeacherScore, TrainBatch, collate, drop_truncated
+from rayd.sampling import RolloutRequest
+from rayd.types import Sample, TeacherScore, TrainBatch, training_batch
 from rayd.weight_sync import serialize_state_dict
 
 
@@ -78,34 +79,33 @@ class LearnerWorker:
         return self.sampler.generate(*args, **kwargs)
 
     def roll_out_and_train(
-        self,
-        prompts: list[list[int]],
-        prompt_indices: list[int],
-        seeds: list[int],
-        *,
-        pad_id: int,
-        truncated: str,
-        **sampling: Any,
+        self, request: RolloutRequest, *, pad_id: int, drop_truncated: bool
     ) -> tuple[list[Sample], dict[str, float]]:
-        """`generate` on this rank's share of a step's prompts, then `train_step` on the step's
-        batch: a synchronous step of rollout.backend=learner when the driver has nothing to add
-        between the two (no teacher actor, reward or step weights), in one call instead of two.
+        """`generate` on this rank's share of a step's prompts (`request`), then `train_step`
+        on the step's batch: a synchronous step of rollout.backend=learner when the driver has
+        nothing to add between the two (no teacher actor, reward or step weights), in one call
+        instead of two.
 
         The ranks swap their samples and each builds the batch the driver would have built
-        (collate, rollout.truncated, `LearnerSpec.shards`) and trains its own shard of it: the
-        same step as over two calls. Returns this rank's samples (the driver logs them) and the
+        (`training_batch`, then `LearnerSpec.shards`) and trains its own shard of it: the same
+        step as over two calls. Returns this rank's samples (the driver logs them) and the
         step's metrics, with `rollout_s`, how long this rank sampled."""
         start = time.perf_counter()
-        mine = self.generate(prompts, prompt_indices, seeds, **sampling)
+        mine = self.generate(
+            request.prompts,
+            request.prompt_indices,
+            request.seeds,
+            sampling=request.sampling,
+            expect_version=request.expect_version,
+        )
         sampled = time.perf_counter() - start
         shares: list[list[Sample]] = [[] for _ in range(self.world_size)]
         torch.distributed.all_gather_object(shares, mine)
         samples = [sample for share in shares for sample in share]
         # The teacher is in this rank (or there is none): no signal travels with the samples.
         scores = [TeacherScore.empty(len(s.completion_ids)) for s in samples]
-        batch = collate(samples, scores, pad_id, learner_version=self.sampler.weight_version())
-        if truncated == "drop":  # rollout.truncated
-            drop_truncated(batch, samples)
+        version = self.sampler.weight_version()  # type: ignore[union-attr]  # it sampled
+        batch = training_batch(samples, scores, pad_id, version, drop_truncated)
         shards, pad_fraction = self.spec.shards(batch)
         metrics = self.train_step(shards[self.rank], batch.num_tokens)
         metrics["learner/pad_fraction"] = pad_fraction

@@ -10,6 +10,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from rayd.sampling import Sampling
+
 
 class Completion(NamedTuple):
     """One sampled continuation of one prompt."""
@@ -26,18 +28,11 @@ class Completion(NamedTuple):
 
 class RolloutEngine(Protocol):
     def generate(
-        self,
-        prompts: list[list[int]],
-        *,
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_new_tokens: int,
-        seeds: list[int] | None = None,
-        return_topk: int = 0,
+        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int] | None = None
     ) -> list[list[Completion]]:
-        """Per prompt, `n` completions of at least one token each (with their top-k ids when
-        `return_topk` > 0). `seeds`: one per prompt, or None to continue the engine's stream."""
+        """Per prompt, `sampling.n` completions of at least one token each (with their top-k
+        ids when `sampling.return_topk` > 0). `seeds`: one per prompt, or None to continue the
+        engine's stream."""
         ...
 
     def load_weights(self, blob: bytes) -> None:

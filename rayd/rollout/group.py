@@ -2,7 +2,8 @@
 
 `start_rollout` builds it from the student's `EngineSpec` (worker i seeded seed + i) and the
 `rollout:` section's pool settings; the pool does the rest (deadlines, restarts, re-issues).
-Also the Ray options every engine actor (rollout or teacher) starts with.
+Also what every pool of engine actors (rollout or teacher) starts with: `start_pool`, the Ray
+options, placement groups for multi-device engines.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayd.cluster import WorkerPool
-from rayd.config import RunConfig
+from rayd.config import EngineSection, TrainerConfig
 from rayd.rollout.spec import EngineSpec
 from rayd.rollout.worker import RolloutWorker
 
@@ -34,15 +35,15 @@ def engine_runtime_env() -> dict[str, Any]:
     }
 
 
-def engine_options(cfg: RunConfig, cpus: float, gpus: float) -> dict[str, Any]:
-    """Ray options of a rollout or teacher engine actor."""
+def engine_options(cpus: float, gpus: float, restarts: int) -> dict[str, Any]:
+    """Ray options of a rollout or teacher engine actor (`restarts`: trainer.actor_restarts)."""
     return {
         "num_cpus": cpus,
         "num_gpus": gpus,
         "runtime_env": engine_runtime_env(),
         # Ray restarts a dead engine; the pool restores its state and re-issues the call
         # (max_task_retries=0: Ray must not replay a call on an engine without weights).
-        "max_restarts": cfg.trainer.actor_restarts,
+        "max_restarts": restarts,
         "max_task_retries": 0,
     }
 
@@ -126,20 +127,33 @@ def placed_in(group: PlacementGroup, options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def start_rollout(cfg: RunConfig, spec: EngineSpec) -> WorkerPool:
-    """`rollout.num_workers` actors of `spec` (`EngineSpec.rollout`), not yet waited for
-    (`call_all("ready")`)."""
-    r = cfg.rollout
+def start_pool(
+    cls: type,
+    specs: Sequence[EngineSpec],
+    section: EngineSection,
+    trainer: TrainerConfig,
+    name: str,
+) -> WorkerPool:
+    """A pool of engine actors of `cls`, one per spec, with the Ray resources of `section` (a
+    rollout: or teacher: config section) and the deadlines and restarts of `trainer`; not yet
+    waited for (`call_all("ready")`)."""
     actors, groups = spawn_engines(
-        RolloutWorker,
-        [spec.for_worker(i) for i in range(r.num_workers)],
-        engine_options(cfg, r.cpus_per_worker, r.gpus_per_worker),
-        cfg.trainer.call_timeout_s,
+        cls,
+        specs,
+        engine_options(section.cpus_per_worker, section.gpus_per_worker, trainer.actor_restarts),
+        trainer.call_timeout_s,
     )
     return WorkerPool(
         actors,
-        "rollout",
-        cfg.trainer.call_timeout_s,
-        max_reissues=cfg.trainer.actor_restarts,
+        name,
+        trainer.call_timeout_s,
+        max_reissues=trainer.actor_restarts,
         placement_groups=groups,
     )
+
+
+def start_rollout(section: EngineSection, trainer: TrainerConfig, spec: EngineSpec) -> WorkerPool:
+    """`rollout.num_workers` actors of `spec` (`EngineSpec.rollout`), worker i seeded seed + i;
+    not yet waited for (`call_all("ready")`)."""
+    specs = [spec.for_worker(i) for i in range(section.num_workers)]
+    return start_pool(RolloutWorker, specs, section, trainer, "rollout")

@@ -35,6 +35,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 from rayd.device import detect, resolve_dtype
 from rayd.rollout.engine import Completion
 from rayd.rollout.spec import EngineSpec
+from rayd.sampling import Sampling
 from rayd.weight_sync import deserialize_state_dict
 
 SCORES_BUDGET_BYTES = 256 << 20
@@ -80,16 +81,10 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(
-        self,
-        prompts: list[list[int]],
-        *,
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_new_tokens: int,
-        seeds: list[int] | None = None,
-        return_topk: int = 0,
+        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int] | None = None
     ) -> list[list[Completion]]:
+        n, max_new_tokens, return_topk = sampling.n, sampling.max_new_tokens, sampling.return_topk
+        temperature, top_p = sampling.temperature, sampling.top_p
         with self._as_sampler():
             if seeds:
                 # One stream per call, from the first prompt's seed; vLLM seeds every prompt,

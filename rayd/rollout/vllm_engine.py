@@ -36,6 +36,7 @@ from vllm.inputs import TokensPrompt
 from rayd.device import detect, dtype_name, resolve_dtype
 from rayd.rollout.engine import Completion
 from rayd.rollout.spec import EngineSpec
+from rayd.sampling import Sampling
 
 EXTENSION = "rayd.rollout.vllm_ext.WeightSyncExtension"
 
@@ -90,24 +91,17 @@ class VLLMEngine:
         self.llm = build_llm(spec, worker_extension_cls=EXTENSION)
 
     def generate(
-        self,
-        prompts: list[list[int]],
-        *,
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_new_tokens: int,
-        seeds: list[int] | None = None,
-        return_topk: int = 0,
+        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int] | None = None
     ) -> list[list[Completion]]:
+        return_topk = sampling.return_topk
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         params = [
             SamplingParams(
-                n=n,
-                temperature=temperature,
-                top_p=top_p,
-                max_tokens=max_new_tokens,
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
                 min_tokens=1,
                 logprobs=return_topk,
                 seed=None if seeds is None else seeds[i],

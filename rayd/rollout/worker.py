@@ -12,8 +12,6 @@ Inputs are checked here, before the engine sees them: over-long prompts have hun
 
 from __future__ import annotations
 
-import random
-
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
@@ -21,6 +19,7 @@ from rayd.cluster import NeedsRestore
 from rayd.device import detect, prepare_process
 from rayd.rollout.engine import RolloutEngine
 from rayd.rollout.spec import EngineSpec
+from rayd.sampling import Sampling, prompt_seeds
 from rayd.types import Sample
 
 FAILED_LOAD = -1  # weight_version() after a failed load
@@ -55,18 +54,14 @@ class RolloutWorker:
         prompt_indices: list[int],
         seeds: list[int] | None = None,
         *,
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_new_tokens: int,
+        sampling: Sampling,
         seed: int | None = None,
         expect_version: int | None = None,
-        return_topk: int = 0,
     ) -> list[Sample]:
-        """`n` samples per prompt, prompt-major (all samples of prompts[0] first).
+        """`sampling.n` samples per prompt, prompt-major (all samples of prompts[0] first).
 
-        `return_topk=k`: each Sample also carries the ids of the sampling distribution's k most
-        likely tokens at every completion position (`student_topk_ids`).
+        `sampling.return_topk=k`: each Sample also carries the ids of the sampling
+        distribution's k most likely tokens at every completion position (`student_topk_ids`).
 
         `expect_version`: refuse (NeedsRestore) unless these weights are served, e.g. after Ray
         restarted this actor with the initial student and before the pool re-sent the weights.
@@ -91,12 +86,7 @@ class RolloutWorker:
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if seed is not None:
             seeds = prompt_seeds(seed, prompt_indices)
-        if n < 1 or max_new_tokens < 1:
-            raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got {n} and {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(
-                f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}"
-            )
+        return_topk, max_new_tokens = sampling.return_topk, sampling.max_new_tokens
         most = min(self.max_logprobs, self.vocab_size)
         if not 0 <= return_topk <= most:
             raise ValueError(
@@ -111,15 +101,7 @@ class RolloutWorker:
                     f"prompt {index} has {len(prompt)} tokens; with max_new_tokens="
                     f"{max_new_tokens} at most {limit} fit in max_model_len={self.max_model_len}"
                 )
-        per_prompt = self.engine.generate(
-            prompts,
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            seeds=seeds,
-            return_topk=return_topk,
-        )
+        per_prompt = self.engine.generate(prompts, sampling, seeds=seeds)
         samples = []
         for index, prompt, completions in zip(prompt_indices, prompts, per_prompt, strict=True):
             for c in completions:
@@ -187,18 +169,3 @@ def _make_engine(spec: EngineSpec) -> RolloutEngine:
 
         return HFEngine(spec)
     raise ValueError(f"unknown rollout backend {spec.backend!r}; expected 'vllm' or 'hf'")
-
-
-def prompt_seeds(seed: int, prompt_indices: list[int]) -> list[int]:
-    """One sampling seed per prompt, from a call's seed and the prompt's dataset index (and,
-    for a prompt listed twice, its occurrence), so a seed depends neither on where the prompt
-    sits in its worker's slice nor on how many workers share the batch. Computed over a whole
-    batch (as the training driver does), the copies of a prompt drawn twice get different
-    seeds whichever workers they land on. 30 bits: vLLM's child j of an n-sample request
-    uses seed + j."""
-    seen: dict[int, int] = {}
-    seeds = []
-    for index in prompt_indices:
-        k = seen[index] = seen.get(index, -1) + 1
-        seeds.append(random.Random(f"{seed}:{index}:{k}").getrandbits(30))
-    return seeds

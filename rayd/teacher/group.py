@@ -25,10 +25,10 @@ import ray
 import torch
 
 from rayd.cluster import WorkerPool, side_by_side
-from rayd.config import ConfigError, RunConfig
-from rayd.data.prompts import Prompt, PromptSet
+from rayd.config import TeacherConfig, TeacherSpec, TrainerConfig
+from rayd.data.prompts import Prompt
 from rayd.mixture import hash_route, mix_scores, union_support
-from rayd.rollout.group import engine_options, spawn_engines
+from rayd.rollout.group import start_pool
 from rayd.rollout.spec import EngineSpec
 from rayd.teacher.scorer import TeacherSignalError
 from rayd.teacher.worker import TeacherWorker
@@ -280,66 +280,34 @@ def _same_supports(per_pair: Sequence[Sequence[TeacherScore]]) -> bool:
     return True
 
 
-def check_routes(cfg: RunConfig, prompts: PromptSet) -> None:
-    """teacher.route_field's values name teachers, and the field exists in the training rows
-    (a misspelt field would otherwise route every row by hash without a word)."""
-    field = cfg.teacher.route_field
-    if field is None or cfg.models.teachers is None:
-        return
-    names = [t.name for t in cfg.models.teachers]
-    where = cfg.data.train_dataset or cfg.data.source
-    for split, rows in (("train", prompts.train), ("eval", prompts.eval)):
-        for p in rows:
-            where = cfg.data.source if split == "eval" else where
-            if p.route is not None and p.route not in names:
-                raise ConfigError(
-                    f"data error: {where}: a {split} row has {field}={p.route!r}, which names no "
-                    f"teacher (models.teachers: {', '.join(names)})"
-                )
-    if all(p.route is None for p in prompts.train):
-        raise ConfigError(
-            f"data error: {where}: no training row has the field {field!r} "
-            "(teacher.route_field); remove it to route every row by hash"
-        )
-
-
-def start_teacher_pool(cfg: RunConfig, spec: EngineSpec, index: int = 0) -> WorkerPool:
-    """`teacher.num_workers` actors of teacher `index` of models.teacher(s) built from `spec`
-    (`EngineSpec.teacher`), not yet waited for (`call_all("ready")`)."""
-    t = cfg.teacher
-    actors, groups = spawn_engines(
-        TeacherWorker,
-        [spec] * t.num_workers,
-        engine_options(cfg, t.cpus_per_worker, t.gpus_per_worker),
-        cfg.trainer.call_timeout_s,
-    )
-    name = cfg.models.teacher_list[index].name
-    return WorkerPool(
-        actors,
-        "teacher" if cfg.models.teachers is None else f"teacher[{name}]",
-        cfg.trainer.call_timeout_s,
-        max_reissues=cfg.trainer.actor_restarts,
-        placement_groups=groups,
-    )
-
-
-def start_teachers(cfg: RunConfig, paths: Sequence[str], *, vocab_size: int) -> Teachers | None:
-    """One pool per teacher at the resolved `paths` (config order), combined per
-    teacher.combine; None when there is none. Not yet waited for (`ready()`); on a failed start
-    the pools already started are shut down."""
+def start_teachers(
+    specs: Sequence[EngineSpec],
+    teachers: Sequence[TeacherSpec],
+    section: TeacherConfig,
+    trainer: TrainerConfig,
+    *,
+    vocab_size: int,
+) -> Teachers | None:
+    """One pool of `teacher.num_workers` actors per teacher (`specs`: their `EngineSpec`s;
+    `teachers`: their names and weights, config order), combined per teacher.combine; None
+    when there is none. Not yet waited for (`ready()`); on a failed start the pools already
+    started are shut down."""
     pools: list[WorkerPool] = []
+    several = len(specs) > 1
     try:
-        for i, path in enumerate(paths):
-            pools.append(start_teacher_pool(cfg, EngineSpec.teacher(cfg, path, i), i))
+        for spec, teacher in zip(specs, teachers, strict=True):
+            name = f"teacher[{teacher.name}]" if several else "teacher"
+            pools.append(
+                start_pool(TeacherWorker, [spec] * section.num_workers, section, trainer, name)
+            )
         if not pools:
             return None
-        specs = cfg.models.teacher_list
         return Teachers(
             pools,
-            [t.name for t in specs],
-            [t.weight for t in specs],
-            combine=cfg.teacher.combine,
-            backend=cfg.teacher.backend,
+            [t.name for t in teachers],
+            [t.weight for t in teachers],
+            combine=section.combine,
+            backend=section.backend,
             vocab_size=vocab_size,
         )
     except BaseException:

@@ -2,9 +2,10 @@
 
 `rayd score` writes a copy of a dataset with the teacher's top-k as ragged columns (SIGNAL_COLUMNS)
 and `teacher_signal.json` (SIGNAL_FILE) beside them. A logit_kd run whose `data.train_dataset` is
-such a folder reads the columns and starts no teacher actor: `load_stored_signal` first refuses a
-signal with another k than `teacher.top_k`, another tokenizer, or another teacher than
-`models.teacher.path` (by the hash of its weights), naming the file and the field.
+such a folder reads the columns and starts no teacher actor (`stored_signal_folder`):
+`load_stored_signal` first refuses a signal with another k than `teacher.top_k`, another
+tokenizer, or another teacher than `models.teacher.path` (by the hash of its weights), naming
+the file and the field.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rayd.config import ConfigError, RunConfig
+from rayd.config import ConfigError
 from rayd.data.prompts import PromptSet
 from rayd.teacher.scorer import Pair, TeacherSignalError, check_scores
 from rayd.types import TeacherScore
@@ -87,22 +88,28 @@ class StoredSignal:
         return scores
 
 
+def stored_signal_folder(algorithm: str, train_dataset: str | None) -> Path | None:
+    """The `rayd score` folder a run reads its teacher signal from: a logit_kd run's
+    `data.train_dataset` when it holds SIGNAL_FILE; None means the teacher scores online."""
+    if algorithm != "logit_kd" or train_dataset is None:
+        return None
+    folder = Path(train_dataset)
+    return folder if (folder / SIGNAL_FILE).is_file() else None
+
+
 def load_stored_signal(
-    cfg: RunConfig, prompts: PromptSet, teacher_path: str | None, tokenizer: Any
-) -> StoredSignal | None:
-    """The stored signal when a logit_kd run's `data.train_dataset` was written by `rayd score`
-    (checked against this run's teacher, tokenizer, k and tokens); None means score online."""
-    if cfg.algorithm.name != "logit_kd" or cfg.data.train_dataset is None:
-        return None
-    folder = Path(cfg.data.train_dataset)
+    folder: Path,
+    prompts: PromptSet,
+    *,
+    top_k: int,
+    tokenizer: Any,
+    teacher_path: str,
+    teacher_setting: str,
+) -> StoredSignal:
+    """The signal `rayd score` stored in `folder` for the training prompts, checked against
+    this run's k (`top_k`: teacher.top_k), tokenizer and teacher (the resolved `teacher_path`,
+    named in errors as `teacher_setting`: models.teacher.path's value) and every row's tokens."""
     marker = folder / SIGNAL_FILE
-    if not marker.is_file():
-        return None
-    if cfg.models.teachers is not None:
-        raise ConfigError(
-            f"data error: {marker}: the stored signal is one teacher's (rayd score), but the "
-            "run has several (models.teachers), which score online: train on the unscored dataset"
-        )
     from datasets import load_from_disk
 
     try:
@@ -113,25 +120,23 @@ def load_stored_signal(
         if not isinstance(info, dict) or key not in info:
             raise ConfigError(f"data error: {marker}: no {key!r} field; run rayd score again")
     k = info["top_k"]
-    if k != cfg.teacher.top_k:
+    if k != top_k:
         raise ConfigError(
             f"data error: {marker}: top_k: the stored teacher signal has k={k} but "
-            f"teacher.top_k={cfg.teacher.top_k}; set teacher.top_k={k} or score again "
-            "(rayd score)"
+            f"teacher.top_k={top_k}; set teacher.top_k={k} or score again (rayd score)"
         )
     if info["tokenizer_sha256"] != tokenizer_sha256(tokenizer):
         raise ConfigError(
             f"data error: {marker}: tokenizer_sha256: the signal was scored with another "
             "tokenizer than models.student.path's; score again with this run's models"
         )
-    assert teacher_path is not None and cfg.models.teacher is not None  # logit_kd needs one
     sha = weights_sha256(teacher_path)
     if info["teacher_weights_sha256"] != sha:
         scored_by = info.get("teacher", {}).get("path", "?")
         raise ConfigError(
             f"data error: {marker}: teacher_weights_sha256: the signal was scored by teacher "
             f"{scored_by!r} (weights {info['teacher_weights_sha256'][:12]}), but "
-            f"models.teacher.path={cfg.models.teacher.path!r} has weights {sha[:12]}; score "
+            f"models.teacher.path={teacher_setting!r} has weights {sha[:12]}; score "
             "again with this teacher"
         )
     ds = load_from_disk(str(folder))

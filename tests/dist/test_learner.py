@@ -27,6 +27,7 @@ from rayd.config import RunConfig
 from rayd.learner.group import LearnerGroup
 from rayd.learner.spec import LearnerSpec
 from rayd.losses import LossSpec, batch_loss
+from rayd.sampling import RolloutRequest
 from rayd.types import Sample, TeacherScore, TrainBatch, collate, padded_cells
 from rayd.weight_sync import deserialize_state_dict
 
@@ -295,15 +296,19 @@ def test_a_step_in_one_call_is_the_step_in_two(
             "trainer": {"max_steps": 10, "prompts_per_step": 1, "call_timeout_s": TIMEOUT_S},
         }
     )
-    prompts, indices, seeds = [[5, 9, 11, 4]], [3], [1234]
-    sampling = dict(n=8, temperature=1.0, top_p=1.0, max_new_tokens=6, expect_version=0)
+    request = RolloutRequest([[5, 9, 11, 4]], [3], [1234], cfg.rollout.sampling(), 0)
     spec = LearnerSpec.from_config(cfg, str(student_path), str(teacher_path))
     with LearnerGroup(spec) as learners:
         learners.save_checkpoint(str(tmp_path / "ckpt"), "start", {"step": 0})
 
         chunks = dict(
             learners.sampling_pool().map_chunks_as_completed(
-                "generate", prompts, indices, seeds, **sampling
+                "generate",
+                request.prompts,
+                request.prompt_indices,
+                request.seeds,
+                sampling=request.sampling,
+                expect_version=request.expect_version,
             )
         )
         apart = [s for key in sorted(chunks) for s in chunks[key]]
@@ -312,9 +317,7 @@ def test_a_step_in_one_call_is_the_step_in_two(
         weights_two = weights(learners.publish_weights())
 
         learners.load_checkpoint(str(tmp_path / "ckpt"), "start")
-        shares, one_call = learners.roll_out_and_train(
-            prompts, indices, seeds, pad_id=0, truncated="keep", **sampling
-        )
+        shares, one_call = learners.roll_out_and_train(request, pad_id=0, drop_truncated=False)
         assert sorted(len(share) for share in shares) == [0, 8]
         together = [s for share in shares for s in share]
         assert [(s.completion_ids, s.logprobs) for s in together] == [

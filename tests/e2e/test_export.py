@@ -24,15 +24,17 @@ from rayd.commands.eval import main as eval_main
 from rayd.commands.export import export
 from rayd.config import load_config
 from rayd.driver import train
-from rayd.rollout.spec import EngineSpec
 from rayd.rollout.worker import RolloutWorker
+from rayd.sampling import Sampling
+
+from helpers import engine_spec
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
 PROMPTS = ["12+34=", "50+7=", "99+1=", "8+8="]
 
 
 @pytest.fixture(scope="module")
-def run(local_ray, tmp_path_factory):
+def run(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("export-run")
     cfg = load_config(
         CONFIG,
@@ -85,28 +87,12 @@ def test_export_loads_in_transformers_and_vllm_with_the_learners_greedy_output(r
     engine = (
         ray.remote(RolloutWorker)
         .options(num_cpus=1)
-        .remote(
-            EngineSpec(
-                model_path=str(tmp_path / "ckpt"),
-                backend="vllm",
-                dtype="auto",
-                max_model_len=64,
-                kv_cache_gib=0.25,
-                threads=1,
-                seed=0,
-                max_logprobs=20,
-                tensor_parallel_size=1,
-                pipeline_parallel_size=1,
-                server=None,
-            )
-        )
+        .remote(engine_spec(tmp_path / "ckpt", "vllm", dtype="auto", max_model_len=64))
     )
     try:
         ids = [tokenizer(t, add_special_tokens=False).input_ids for t in PROMPTS]
         samples = get(
-            engine.generate.remote(
-                ids, list(range(len(ids))), n=1, temperature=0.0, top_p=1.0, max_new_tokens=16
-            ),
+            engine.generate.remote(ids, list(range(len(ids))), sampling=Sampling.greedy(16)),
             300,
             "vllm greedy",
         )

@@ -26,7 +26,7 @@ CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
-def run(local_ray, tmp_path_factory):
+def run(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-run")
     cfg = load_config(
         CONFIG,

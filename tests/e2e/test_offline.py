@@ -20,7 +20,7 @@ CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
-def traces(local_ray, tmp_path_factory):
+def traces(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("traces")
     cfg = load_generate_config(
         None,

@@ -30,7 +30,7 @@ CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
     [(2, 0, "vllm"), (3, 1, "vllm"), (2, 0, "learner")],
 )
 def test_on_policy_distillation_halves_heldout_reverse_kl(
-    local_ray, tmp_path, zero_stage, max_staleness, rollout_backend
+    ray_local, tmp_path, zero_stage, max_staleness, rollout_backend
 ):
     cfg = load_config(
         CONFIG,

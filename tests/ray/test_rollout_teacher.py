@@ -19,11 +19,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rayd.cluster import get
 from rayd.models import build_tiny_llama
 from rayd.rollout.spec import EngineSpec
-from rayd.rollout.worker import RolloutWorker, prompt_seeds
+from rayd.rollout.worker import RolloutWorker
+from rayd.sampling import Sampling, prompt_seeds
 from rayd.teacher.scorer import TeacherSignalError, check_scores
 from rayd.teacher.worker import TeacherWorker
 from rayd.types import TeacherScore
 from rayd.weight_sync import serialize_state_dict
+
+import helpers
 
 MAX_LEN = 256
 TIMEOUT = 300  # seconds; generous for a busy 2-core machine, still a deadline
@@ -31,19 +34,7 @@ BACKENDS = ["vllm", "hf"]
 
 
 def engine_spec(path, backend: str, max_model_len: int = MAX_LEN) -> EngineSpec:
-    return EngineSpec(
-        model_path=str(path),
-        backend=backend,  # type: ignore[arg-type]
-        dtype="auto",
-        max_model_len=max_model_len,
-        kv_cache_gib=0.25,
-        threads=1,
-        seed=0,
-        max_logprobs=20,
-        tensor_parallel_size=1,
-        pipeline_parallel_size=1,
-        server=None,
-    )
+    return helpers.engine_spec(path, backend, dtype="auto", max_model_len=max_model_len)
 
 
 def load_hf(path) -> torch.nn.Module:
@@ -118,7 +109,7 @@ def test_rollout_samples_are_well_formed_and_match_transformers(
     gen = torch.Generator().manual_seed(0)
     vocab = student.config.vocab_size
     prompts = [random_ids(gen, length, vocab) for length in (5, 17, 40)]
-    kwargs = dict(n=2, temperature=0.8, top_p=0.95, max_new_tokens=12, seed=123, return_topk=4)
+    kwargs = dict(sampling=Sampling(2, 0.8, 0.95, 12, return_topk=4), seed=123)
     samples = get(actor.generate.remote(prompts, [7, 8, 9], **kwargs), TIMEOUT, "generate")
 
     assert len(samples) == 6
@@ -149,7 +140,7 @@ def test_rollout_samples_are_well_formed_and_match_transformers(
         torch.testing.assert_close(dist.gather(-1, ids), top, atol=1e-3, rtol=0)
 
     # The same seed draws the same samples, with or without the top-k ids.
-    kwargs["return_topk"] = 0
+    kwargs["sampling"] = Sampling(2, 0.8, 0.95, 12)
     again = get(actor.generate.remote(prompts, [7, 8, 9], **kwargs), TIMEOUT, "generate")
     assert [s.completion_ids for s in again] == [s.completion_ids for s in samples]
     assert all(s.student_topk_ids is None for s in again)
@@ -255,7 +246,7 @@ def test_check_scores_refuses_non_finite_signal():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_overlong_prompt_is_refused_before_the_engine(backend, workers):
     actor = workers.rollout[backend]
-    kwargs = dict(n=1, temperature=1.0, top_p=1.0, max_new_tokens=16)
+    kwargs = dict(sampling=Sampling.plain(16))
     with pytest.raises(ValueError, match="max_model_len=256"):
         get(actor.generate.remote([[5] * (MAX_LEN - 16 + 1)], [0], **kwargs), TIMEOUT, "generate")
     with pytest.raises(ValueError, match=r"need 2\.\.255"):
@@ -290,7 +281,7 @@ def test_weight_sync_is_proven_by_logprobs(backend, workers, student, other_stud
         return get(actor.logprobs.remote(sequences), TIMEOUT, "logprobs")
 
     def rollout():
-        kwargs = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=5)
+        kwargs = dict(sampling=Sampling(2, 1.0, 1.0, 8), seed=5)
         return get(actor.generate.remote([long_prompt], [0], **kwargs), TIMEOUT, "generate")
 
     for got, want in zip(engine_logprobs(), old, strict=True):
@@ -332,7 +323,7 @@ def test_partial_weight_blob_is_refused(backend, workers, student):
         get(actor.load_weights.remote(serialize_state_dict(state), 3), TIMEOUT, "load_weights")
     # Some layers may hold new weights and others old ones: the worker says so and refuses.
     assert get(actor.weight_version.remote(), TIMEOUT, "weight_version") == -1
-    kwargs = dict(n=1, temperature=1.0, top_p=1.0, max_new_tokens=4)
+    kwargs = dict(sampling=Sampling.plain(4))
     with pytest.raises(RuntimeError, match="load weights again"):
         get(actor.generate.remote([[5, 6]], [0], **kwargs), TIMEOUT, "generate")
     # A complete load brings it back.

@@ -37,6 +37,8 @@ from rayd.teacher.scorer import TeacherSignalError, check_scores
 from rayd.teacher.server_scorer import check_servers
 from rayd.teacher.worker import TeacherWorker
 
+from helpers import engine_spec
+
 MAX_LEN = 128
 TOP_K = 8
 START_S = 300  # the server's start deadline: about 40 s on a quiet 2-core machine
@@ -111,19 +113,8 @@ def server(tiny_teacher, tmp_path_factory):
 
 
 def spec(path, backend: str, urls: tuple[str, ...] = ()) -> EngineSpec:
-    return EngineSpec(
-        model_path=str(path),
-        backend=backend,  # type: ignore[arg-type]
-        dtype="float32",
-        max_model_len=MAX_LEN,
-        kv_cache_gib=0.25,
-        threads=1,
-        seed=0,
-        max_logprobs=20,
-        tensor_parallel_size=1,
-        pipeline_parallel_size=1,
-        server=ServerSpec(urls, timeout_s=60, retries=1, max_concurrency=4) if urls else None,
-    )
+    server = ServerSpec(urls, timeout_s=60, retries=1, max_concurrency=4) if urls else None
+    return engine_spec(path, backend, max_model_len=MAX_LEN, server=server)
 
 
 def test_served_scores_equal_the_in_ray_teachers(ray_local, server, tiny_teacher):

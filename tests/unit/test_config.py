@@ -168,7 +168,7 @@ def test_teacher_support_asks_the_rollouts_and_the_teacher_for_the_right_ids(
     from rayd.teacher.group import Teachers
 
     pool = RecordingPool()
-    ask_teacher(cfg, Teachers.single(pool), samples)  # type: ignore[arg-type]
+    ask_teacher(cfg.teacher, Teachers.single(pool), samples)  # type: ignore[arg-type]
     name, inputs, kw = pool.call
     assert (name, kw) == (method, kwargs)
     assert inputs[0] == [([1], [2, 3])]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from rayd.config import ConfigError, RunConfig
-from rayd.workers import check_engine_room, check_resources
+from rayd.preflight import check_engine_room, check_resources
 
 
 def config(**teacher: object) -> RunConfig:

@@ -7,7 +7,6 @@ from collections import Counter
 
 import pytest
 
-from rayd.commands.eval import pass_at_k
 from rayd.commands.generate import (
     ContaminationIndex,
     FiltersConfig,
@@ -17,6 +16,7 @@ from rayd.commands.generate import (
     words,
 )
 from rayd.config import ConfigError
+from rayd.evaluate import pass_at_k
 from rayd.tasks import AdditionTask, JsonlTask, make_task
 from rayd.tasks.base import Task
 

@@ -8,35 +8,24 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from rayd.rollout.hf_engine import HFEngine, Sampler
-from rayd.rollout.spec import EngineSpec
-from rayd.rollout.worker import RolloutWorker, prompt_seeds
+from rayd.rollout.worker import RolloutWorker
+from rayd.sampling import Sampling, prompt_seeds
 from rayd.tasks import make_task
 from rayd.zoo import resolve_model_path
+
+from helpers import engine_spec
 
 PROMPTS = [[1, 5, 6, 7], [1, 8, 9], [1, 10, 11, 12, 13]]
 
 
 @pytest.fixture(scope="module")
 def spec():
-    return EngineSpec(
-        model_path=resolve_model_path("tiny:test-student", seed=0),
-        backend="learner",
-        dtype="float32",
-        max_model_len=64,
-        kv_cache_gib=0.25,
-        threads=1,
-        seed=0,
-        max_logprobs=20,
-        tensor_parallel_size=1,
-        pipeline_parallel_size=1,
-        server=None,
-    )
+    path = resolve_model_path("tiny:test-student", seed=0)
+    return engine_spec(path, "learner", max_model_len=64)
 
 
 def sample(engine, seeds):
-    return engine.generate(
-        PROMPTS, n=2, temperature=1.0, top_p=0.9, max_new_tokens=12, seeds=seeds, return_topk=3
-    )
+    return engine.generate(PROMPTS, Sampling(2, 1.0, 0.9, 12, return_topk=3), seeds=seeds)
 
 
 def test_a_live_engine_draws_what_a_loaded_one_does_and_leaves_its_owner_alone(spec):
@@ -74,9 +63,7 @@ def test_a_live_engine_follows_its_owners_updates_and_loads_nothing(spec):
     after = worker.logprobs([PROMPTS[0]])[0]
     assert not torch.allclose(before, after), "the engine did not see its owner's new weights"
     assert worker.weight_version() == 1
-    samples = worker.generate(
-        [PROMPTS[0]], [0], seed=3, n=1, temperature=1.0, top_p=1.0, max_new_tokens=4
-    )
+    samples = worker.generate([PROMPTS[0]], [0], seed=3, sampling=Sampling.plain(4))
     assert samples[0].weight_version == 1
     with pytest.raises(RuntimeError, match="nothing to load"):
         worker.engine.load_weights(b"")

@@ -8,7 +8,7 @@ import pytest
 
 from rayd.config import ConfigError
 from rayd.models import build_tiny_llama
-from rayd.workers import _resolve
+from rayd.preflight import _resolve
 
 
 def test_hub_id_resolves_to_the_cached_snapshot(tmp_path, monkeypatch):

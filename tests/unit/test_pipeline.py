@@ -119,11 +119,13 @@ def test_config_defaults_keep_the_synchronous_loop_and_offline_modes_refuse_a_pi
 
 
 def test_dropped_truncated_completions_leave_the_loss_but_keep_their_row() -> None:
-    from rayd.types import collate, drop_truncated
+    from rayd.types import training_batch
 
     samples = [_sample(0), _sample(1, finish_reason="length"), _sample(2, on_policy=False)]
     samples[2].finish_reason = "length"  # a dataset completion is never "truncated" by rollout
-    batch = collate(samples, [TeacherScore.empty(3) for _ in samples], pad_id=0)
-    drop_truncated(batch, samples)
+    scores = [TeacherScore.empty(3) for _ in samples]
+    batch = training_batch(samples, scores, 0, learner_version=0, drop_truncated=True)
     assert len(batch) == 3
     assert batch.loss_mask.sum(1).tolist() == [3, 0, 3]
+    kept = training_batch(samples, scores, 0, learner_version=0, drop_truncated=False)
+    assert kept.loss_mask.sum(1).tolist() == [3, 3, 3]

@@ -2,7 +2,7 @@
 
 import itertools
 
-from rayd.rollout.worker import prompt_seeds
+from rayd.sampling import prompt_seeds
 
 
 def test_a_prompt_keeps_its_seed_wherever_it_sits_in_the_call():

@@ -10,7 +10,8 @@ import torch
 from rayd.config import ConfigError, load_config
 from rayd.data.prompts import Prompt, PromptSet, load_prompts
 from rayd.mixture import hash_route
-from rayd.teacher.group import Teachers, check_routes
+from rayd.preflight import check_routes
+from rayd.teacher.group import Teachers
 from rayd.types import Sample, TeacherScore
 
 TWO = [

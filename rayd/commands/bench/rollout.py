@@ -110,6 +110,7 @@ def compare(
     from rayd.rollout.group import engine_runtime_env
     from rayd.rollout.spec import EngineSpec
     from rayd.rollout.worker import RolloutWorker
+    from rayd.sampling import Sampling
 
     longest = max(map(len, prompts)) + max_new_tokens
     vllm_actor = (
@@ -135,7 +136,7 @@ def compare(
 
     def vllm_call() -> int:
         ref = vllm_actor.generate.remote(
-            prompts, indices, n=1, temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=0
+            prompts, indices, sampling=Sampling.plain(max_new_tokens), seed=0
         )
         return sum(len(s.completion_ids) for s in ray.get(ref, timeout=1800))
 

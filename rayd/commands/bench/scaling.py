@@ -24,6 +24,7 @@ from typing import Any
 import ray
 
 from rayd.cluster import WorkerPool, get
+from rayd.sampling import Sampling
 
 TIMEOUT_S = 900
 TINY = "tiny:addition-student"
@@ -124,10 +125,7 @@ def rollout_scaling(quick: bool) -> dict[str, Any]:
                     "generate",
                     prompts,
                     indices,
-                    n=1,
-                    temperature=1.0,
-                    top_p=1.0,
-                    max_new_tokens=64 if quick else 128,
+                    sampling=Sampling.plain(64 if quick else 128),
                     seed=0,
                 )
                 return sum(len(s.completion_ids) for s in samples)
