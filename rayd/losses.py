@@ -17,7 +17,9 @@ Distributions: p_T teacher, p_S student; forward KL = KL(p_T || p_S), reverse KL
 
 The learner's entry point is `batch_loss`: one shared preparation (`LossContext`), the loss
 named by `LossSpec.kind` from the table `LOSSES` (add one with `@register(name)`), one shared
-finish. The other functions here are the same maths on plain tensors.
+finish. The other public functions are the pieces it is built of that other rooms use too
+(`token_logprobs`, `full_vocab_rows`, `sequence_reward_pg`). The oracles the table is tested
+against are in tests/reference_losses.py, written without this module.
 """
 
 from __future__ import annotations
@@ -117,15 +119,6 @@ _TAIL_TEMPERATURE_ERROR = (
 # Helpers
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `x` over positions where `mask` is True; 0 (not NaN) when nothing is selected.
-
-    x: any shape, mask: same shape (bool). Returns a scalar.
-    """
-    total = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
-    return total / mask.sum().clamp(min=1)
-
-
 def _zero_masked(x: Tensor, mask: Tensor, fill: float = 0.0) -> Tensor:
     """`x` where `mask` is True, `fill` elsewhere; mask [B, T] broadcasts over trailing dims."""
     while mask.dim() < x.dim():
@@ -196,56 +189,8 @@ def _skew_kl_lp(log_s: Tensor, log_t: Tensor, alpha: float, reverse: bool) -> Te
     return _kl(log_p, log_m)
 
 
-def _tempered_log_softmax(logits: Tensor, temperature: float) -> Tensor:
-    if not temperature > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return F.log_softmax(_as_float(logits) / temperature, dim=-1)
-
-
-def _check_same_shape(student_logits: Tensor, teacher_logits: Tensor) -> None:
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ in shape (vocabulary sizes must match)"
-        )
-
-
-def _full_vocab_pair(
-    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float
-) -> tuple[Tensor, Tensor]:
-    """Tempered log-softmaxes [B, T, V] of student and teacher, finite at masked positions."""
-    _check_same_shape(student_logits, teacher_logits)
-    log_s = _tempered_log_softmax(_zero_masked(student_logits, mask), temperature)
-    # The teacher is a fixed target: no gradient flows into it.
-    log_t = _tempered_log_softmax(_zero_masked(teacher_logits.detach(), mask), temperature)
-    return log_s, log_t
-
-
 def _per_token(x: Tensor, mask: Tensor) -> Tensor:
     return _zero_masked(x, mask)
-
-
-def full_vocab_divergence(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor,
-    kind: str,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-) -> Tensor:
-    """Per-token divergence over the whole vocabulary, [B, T, V] logits -> [B, T], 0 where masked.
-
-    kind: "forward_kl" (also logit_kd's soft term), "reverse_kl" or "jsd" (`beta`, TRL's
-    convention). Only the mask's N positions are taken out first (`full_vocab_rows`), so
-    prompt and padding columns cost nothing. The teacher is a fixed target (detached); both
-    sides are tempered by `temperature`.
-    """
-    _check_same_shape(student_logits, teacher_logits)
-    targets = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)[mask]
-    rows, _, _ = full_vocab_rows(
-        student_logits[mask], teacher_logits[mask], targets, kind, beta, temperature
-    )
-    return _scatter_rows(rows, mask)
 
 
 def full_vocab_rows(
@@ -367,72 +312,6 @@ class _FullVocabDivergence(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
-# Full-vocabulary divergences (teacher logits available, e.g. an in-process HF teacher)
-
-
-def forward_kl(
-    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0
-) -> Tensor:
-    """KL(p_T || p_S) per token, both at `temperature`. logits [B, T, V], mask [B, T] -> [B, T]."""
-    log_s, log_t = _full_vocab_pair(student_logits, teacher_logits, mask, temperature)
-    return _per_token(_kl(log_t, log_s), mask)
-
-
-def reverse_kl(
-    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0
-) -> Tensor:
-    """KL(p_S || p_T) per token, both at `temperature`. logits [B, T, V], mask [B, T] -> [B, T]."""
-    log_s, log_t = _full_vocab_pair(student_logits, teacher_logits, mask, temperature)
-    return _per_token(_kl(log_s, log_t), mask)
-
-
-def generalized_jsd(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-) -> Tensor:
-    """Generalized JSD(beta) of GKD (Agarwal et al. 2024) per token, TRL's convention.
-
-    beta=0 is exactly forward KL, beta=1 exactly reverse KL; in between
-    beta * KL(p_T || m) + (1 - beta) * KL(p_S || m) with m = beta * p_T + (1 - beta) * p_S.
-    logits [B, T, V], mask [B, T] -> [B, T].
-    """
-    log_s, log_t = _full_vocab_pair(student_logits, teacher_logits, mask, temperature)
-    return _per_token(_generalized_jsd_lp(log_s, log_t, beta), mask)
-
-
-def tvd(
-    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0
-) -> Tensor:
-    """Total variation distance 0.5 * sum |p_S - p_T| per token. [B, T, V], [B, T] -> [B, T]."""
-    log_s, log_t = _full_vocab_pair(student_logits, teacher_logits, mask, temperature)
-    return _per_token(_tvd_lp(log_s, log_t), mask)
-
-
-def skew_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor,
-    alpha: float = 0.1,
-    temperature: float = 1.0,
-    reverse: bool = False,
-) -> Tensor:
-    """DistiLLM's skew KL (Ko et al. 2024) per token. [B, T, V], [B, T] -> [B, T].
-
-    reverse=False (SKL):  KL(p_T || alpha * p_T + (1 - alpha) * p_S)
-    reverse=True  (SRKL): KL(p_S || alpha * p_S + (1 - alpha) * p_T)
-    alpha=0 gives plain forward (reverse) KL. This is the true KL; DistiLLM's code drops the
-    constant teacher-entropy term of SKL, which changes the value but not the gradient.
-    """
-    if not 0.0 <= alpha < 1.0:
-        raise ValueError(f"skew KL alpha must lie in [0, 1), got {alpha}")
-    log_s, log_t = _full_vocab_pair(student_logits, teacher_logits, mask, temperature)
-    return _per_token(_skew_kl_lp(log_s, log_t, alpha, reverse), mask)
-
-
-# ---------------------------------------------------------------------------------------------
 # Sparse top-k divergences (the teacher sent only its top-k log-probs)
 
 
@@ -545,88 +424,6 @@ def _topk_bins(
         return log_s, log_t
     empty = F.pad(repeated, (0, log_s.shape[-1] - k))
     return log_s.masked_fill(empty, _EMPTY_BIN), log_t.masked_fill(empty, _EMPTY_BIN)
-
-
-def topk_forward_kl(
-    student_logits: Tensor,
-    teacher_topk_ids: Tensor,
-    teacher_topk_logprobs: Tensor,
-    mask: Tensor,
-    tail: bool = True,
-    temperature: float = 1.0,
-) -> Tensor:
-    """KL(p_T || p_S) over the teacher's top-k bins (+ tail). See `_topk_bins` for the bins.
-
-    student_logits [B, T, V], teacher_topk_ids [B, T, k] int64, teacher_topk_logprobs
-    [B, T, k] (temperature 1), mask [B, T] -> [B, T].
-    """
-    log_s, log_t = _topk_bins(
-        student_logits, teacher_topk_ids, teacher_topk_logprobs, mask, tail, temperature
-    )
-    return _per_token(_kl(log_t, log_s), mask)
-
-
-def topk_reverse_kl(
-    student_logits: Tensor,
-    teacher_topk_ids: Tensor,
-    teacher_topk_logprobs: Tensor,
-    mask: Tensor,
-    tail: bool = True,
-    temperature: float = 1.0,
-) -> Tensor:
-    """KL(p_S || p_T) over the teacher's top-k bins (+ tail). Shapes as `topk_forward_kl`."""
-    log_s, log_t = _topk_bins(
-        student_logits, teacher_topk_ids, teacher_topk_logprobs, mask, tail, temperature
-    )
-    return _per_token(_kl(log_s, log_t), mask)
-
-
-def topk_generalized_jsd(
-    student_logits: Tensor,
-    teacher_topk_ids: Tensor,
-    teacher_topk_logprobs: Tensor,
-    mask: Tensor,
-    beta: float = 0.5,
-    tail: bool = True,
-    temperature: float = 1.0,
-) -> Tensor:
-    """Generalized JSD(beta) (TRL's convention) over the top-k bins (+ tail). -> [B, T]."""
-    log_s, log_t = _topk_bins(
-        student_logits, teacher_topk_ids, teacher_topk_logprobs, mask, tail, temperature
-    )
-    return _per_token(_generalized_jsd_lp(log_s, log_t, beta), mask)
-
-
-def topk_tvd(
-    student_logits: Tensor,
-    teacher_topk_ids: Tensor,
-    teacher_topk_logprobs: Tensor,
-    mask: Tensor,
-    tail: bool = True,
-    temperature: float = 1.0,
-) -> Tensor:
-    """Total variation distance (`tvd`) over the top-k bins (+ tail). -> [B, T]."""
-    log_s, log_t = _topk_bins(
-        student_logits, teacher_topk_ids, teacher_topk_logprobs, mask, tail, temperature
-    )
-    return _per_token(_tvd_lp(log_s, log_t), mask)
-
-
-def topk_skew_kl(
-    student_logits: Tensor,
-    teacher_topk_ids: Tensor,
-    teacher_topk_logprobs: Tensor,
-    mask: Tensor,
-    alpha: float = 0.1,
-    reverse: bool = False,
-    tail: bool = True,
-    temperature: float = 1.0,
-) -> Tensor:
-    """DistiLLM's skew KL (`skew_kl`; reverse: SRKL) over the top-k bins (+ tail). -> [B, T]."""
-    log_s, log_t = _topk_bins(
-        student_logits, teacher_topk_ids, teacher_topk_logprobs, mask, tail, temperature
-    )
-    return _per_token(_skew_kl_lp(log_s, log_t, alpha, reverse), mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -759,31 +556,6 @@ def stale_importance_weight(
     return torch.where(use, weight, torch.ones_like(weight))
 
 
-def cross_entropy(student_logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-    """-log p_S(target) per token. logits [B, T, V], targets [B, T], mask [B, T] -> [B, T]."""
-    return -token_logprobs(student_logits, targets, mask)
-
-
-def hinton_kd(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    targets: Tensor,
-    mask: Tensor,
-    temperature: float = 2.0,
-    alpha: float = 0.5,
-) -> Tensor:
-    """Hinton et al. (2015) KD per token: alpha * T^2 * KL(p_T^T || p_S^T) + (1 - alpha) * CE.
-
-    The T^2 factor keeps the soft-target gradient on the scale of the hard-target one. CE is at
-    temperature 1. logits [B, T, V], targets/mask [B, T] -> [B, T].
-    """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"hinton_kd alpha must lie in [0, 1], got {alpha}")
-    soft = forward_kl(student_logits, teacher_logits, mask, temperature)
-    hard = cross_entropy(student_logits, targets, mask)
-    return alpha * temperature**2 * soft + (1.0 - alpha) * hard
-
-
 def feature_loss(
     student_hidden: Tensor,
     teacher_hidden: Tensor,
@@ -811,79 +583,6 @@ def feature_loss(
     else:
         raise ValueError(f"feature_loss kind must be 'mse' or 'cosine', got {kind!r}")
     return _per_token(per_token, mask)
-
-
-def step_by_step_loss(
-    label_loss: Tensor, rationale_loss: Tensor, rationale_weight: float
-) -> Tensor:
-    """Distilling Step-by-Step (Hsieh et al. 2023) multi-task loss: L_label + w * L_rationale.
-
-    Both losses have the same shape (scalars, or per-token [B, T] from two prefixed tasks).
-    """
-    if rationale_weight < 0.0:
-        raise ValueError(f"rationale_weight must be >= 0, got {rationale_weight}")
-    return label_loss + rationale_weight * rationale_loss
-
-
-# ---------------------------------------------------------------------------------------------
-# Reasoning-step weights (on-policy rationale distillation)
-
-
-StepWeighting = Literal["none", "uniform", "divergence"]
-
-
-def step_token_weights(
-    step_ids: Tensor,
-    mask: Tensor,
-    mode: Literal["uniform", "divergence"],
-    reverse_kl: Tensor | None = None,
-    temperature: float = 1.0,
-) -> Tensor:
-    """Per-token loss weights that share each completion's weight among its reasoning steps.
-
-    step_ids [B, T] int64: the step of each token (0, 1, ... within its row; any value where
-    `mask` is False). mask [B, T] bool. reverse_kl [B, T]: the per-token reverse-KL estimate
-    behaviour_lp - teacher_lp (divergence only; detached here). Returns [B, T] float32.
-
-    A row with N tokens in S non-empty steps gives step s (n_s tokens) the total weight
-    N * share_s, spread evenly over its tokens (N * share_s / n_s each), so every row's mean
-    token weight is 1 and the loss stays on the scale of unweighted training:
-      uniform:    share_s = 1 / S: a long step no longer outweighs a short one;
-      divergence: share_s = softmax_s(d_s / temperature), d_s the step's mean reverse KL:
-                  the steps where the student strays most get the most weight;
-                  temperature -> inf gives uniform, -> 0 all weight on the worst step.
-    Masked positions and rows without tokens get weight 0 (never NaN).
-    """
-    if mode not in ("uniform", "divergence"):
-        raise ValueError(f"step weighting mode must be 'uniform' or 'divergence', got {mode!r}")
-    if not temperature > 0.0:
-        raise ValueError(f"step weighting temperature must be > 0, got {temperature}")
-    if step_ids.shape != mask.shape:
-        raise ValueError(f"step ids {tuple(step_ids.shape)} and mask {tuple(mask.shape)} differ")
-    ids = torch.where(mask, step_ids, 0)
-    if ids.numel() and int(ids.min()) < 0:
-        raise ValueError("step ids must be >= 0 at every unmasked position")
-    steps = int(ids.max()) + 1 if ids.numel() else 1
-    rows = mask.shape[0]
-    ones = mask.to(torch.float64)
-    counts = torch.zeros(rows, steps, dtype=torch.float64).scatter_add_(1, ids, ones)
-    present = counts > 0
-    if mode == "uniform":
-        share = present / present.sum(1, keepdim=True).clamp(min=1)
-    else:
-        if reverse_kl is None:
-            raise ValueError("divergence step weighting needs the per-token reverse_kl")
-        kl = torch.where(mask, reverse_kl.detach().to(torch.float64), 0.0)
-        sums = torch.zeros_like(counts).scatter_add_(1, ids, kl)
-        step_mean = sums / counts.clamp(min=1)
-        # Empty steps (ids skipped) and empty rows must get no share and no NaN: -inf logits
-        # vanish in the softmax; an all-empty row gets finite zeros instead of 0/0.
-        logits = torch.where(present, step_mean / temperature, -math.inf)
-        logits = torch.where(present.any(1, keepdim=True), logits, 0.0)
-        share = torch.softmax(logits, dim=1) * present
-    per_step = counts.sum(1, keepdim=True) * share / counts.clamp(min=1)
-    weights = torch.gather(per_step, 1, ids)
-    return torch.where(mask, weights, 0.0).float()
 
 
 # ---------------------------------------------------------------------------------------------

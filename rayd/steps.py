@@ -4,20 +4,74 @@ weights of on-policy rationale distillation, and where the student diverges from
 A completion such as "7+8+0=15;4+3+1=8;A=85</s>" has the steps "7+8+0=15;", "4+3+1=8;" and
 "A=85</s>": a step ends with the delimiter, and the answer, from the task's last marker on, is a
 step of its own (delimiters inside it do not split it). The driver does this with the tokenizer;
-the weights themselves are the pure torch `rayd.losses.step_token_weights`.
+the weights themselves are the pure torch `step_token_weights` below.
 """
 
 from __future__ import annotations
 
 import bisect
-from typing import Any
+import math
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from rayd.config import AlgorithmConfig
-from rayd.losses import step_token_weights
 from rayd.types import Sample, TrainBatch
+
+
+def step_token_weights(
+    step_ids: Tensor,
+    mask: Tensor,
+    mode: Literal["uniform", "divergence"],
+    reverse_kl: Tensor | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Per-token loss weights that share each completion's weight among its reasoning steps.
+
+    step_ids [B, T] int64: the step of each token (0, 1, ... within its row; any value where
+    `mask` is False). mask [B, T] bool. reverse_kl [B, T]: the per-token reverse-KL estimate
+    behaviour_lp - teacher_lp (divergence only; detached here). Returns [B, T] float32.
+
+    A row with N tokens in S non-empty steps gives step s (n_s tokens) the total weight
+    N * share_s, spread evenly over its tokens (N * share_s / n_s each), so every row's mean
+    token weight is 1 and the loss stays on the scale of unweighted training:
+      uniform:    share_s = 1 / S: a long step no longer outweighs a short one;
+      divergence: share_s = softmax_s(d_s / temperature), d_s the step's mean reverse KL:
+                  the steps where the student strays most get the most weight;
+                  temperature -> inf gives uniform, -> 0 all weight on the worst step.
+    Masked positions and rows without tokens get weight 0 (never NaN).
+    """
+    if mode not in ("uniform", "divergence"):
+        raise ValueError(f"step weighting mode must be 'uniform' or 'divergence', got {mode!r}")
+    if not temperature > 0.0:
+        raise ValueError(f"step weighting temperature must be > 0, got {temperature}")
+    if step_ids.shape != mask.shape:
+        raise ValueError(f"step ids {tuple(step_ids.shape)} and mask {tuple(mask.shape)} differ")
+    ids = torch.where(mask, step_ids, 0)
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError("step ids must be >= 0 at every unmasked position")
+    steps = int(ids.max()) + 1 if ids.numel() else 1
+    rows = mask.shape[0]
+    ones = mask.to(torch.float64)
+    counts = torch.zeros(rows, steps, dtype=torch.float64).scatter_add_(1, ids, ones)
+    present = counts > 0
+    if mode == "uniform":
+        share = present / present.sum(1, keepdim=True).clamp(min=1)
+    else:
+        if reverse_kl is None:
+            raise ValueError("divergence step weighting needs the per-token reverse_kl")
+        kl = torch.where(mask, reverse_kl.detach().to(torch.float64), 0.0)
+        sums = torch.zeros_like(counts).scatter_add_(1, ids, kl)
+        step_mean = sums / counts.clamp(min=1)
+        # Empty steps (ids skipped) and empty rows must get no share and no NaN: -inf logits
+        # vanish in the softmax; an all-empty row gets finite zeros instead of 0/0.
+        logits = torch.where(present, step_mean / temperature, -math.inf)
+        logits = torch.where(present.any(1, keepdim=True), logits, 0.0)
+        share = torch.softmax(logits, dim=1) * present
+    per_step = counts.sum(1, keepdim=True) * share / counts.clamp(min=1)
+    weights = torch.gather(per_step, 1, ids)
+    return torch.where(mask, weights, 0.0).float()
 
 
 def step_ids_of_pieces(pieces: list[str], delimiter: str, marker: str | None) -> list[int]:

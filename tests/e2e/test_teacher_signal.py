@@ -24,6 +24,7 @@ import rayd.workers as workers_module
 from rayd.commands.score import score_dataset
 from rayd.config import load_config
 from rayd.driver import train
+from rayd.losses import token_logprobs
 from rayd.rollout.spec import EngineSpec
 from rayd.tasks import make_task
 from rayd.teacher.worker import TeacherWorker
@@ -31,6 +32,7 @@ from rayd.types import TeacherScore, collate
 from rayd.zoo import resolve_model_path
 
 from helpers import logged_samples, step_records
+from reference_losses import full_vocab
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
 
@@ -102,8 +104,6 @@ def test_on_policy_jsd_over_the_whole_vocabulary(ray_local, tmp_path, monkeypatc
 
     # Step 1 trained the initial student: its loss is the exact full-vocabulary JSD (token
     # mean) and its reverse_kl metric uses the teacher's log-probs of the sampled tokens.
-    from rayd.losses import generalized_jsd, token_logprobs
-
     ((samples, _),) = logged_samples(cfg.run_dir, steps=1)
     empty = [TeacherScore.empty(len(s.completion_ids)) for s in samples]
     pad_id = AutoTokenizer.from_pretrained(cfg.run_dir / "student").pad_token_id
@@ -117,7 +117,7 @@ def test_on_policy_jsd_over_the_whole_vocabulary(ray_local, tmp_path, monkeypatc
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask
             ).logits[:, :-1]
     mask, tokens = batch.loss_mask, batch.loss_mask.sum()
-    jsd = generalized_jsd(models["student"], models["teacher"], mask, beta=cfg.algorithm.beta)
+    jsd = full_vocab("jsd", models["student"], models["teacher"], mask, beta=cfg.algorithm.beta)
     assert steps[0]["loss"] == pytest.approx(float(jsd.sum() / tokens), rel=1e-4)
     teacher_lp = token_logprobs(models["teacher"], batch.input_ids[:, 1:], mask)
     gap = ((batch.behavior_logprobs - teacher_lp) * mask).sum() / tokens

@@ -1,4 +1,5 @@
-"""Losses against direct reference formulas, hand-computed numbers, masking and gradients."""
+"""rayd's training losses (`batch_loss`, the one entry point the learners call) against the
+oracles of tests/reference_losses.py, hand-computed numbers, masking and gradients."""
 
 from __future__ import annotations
 
@@ -17,28 +18,15 @@ from rayd.losses import (
     LossSpec,
     _topk_bins,
     batch_loss,
-    cross_entropy,
     feature_loss,
-    forward_kl,
-    generalized_jsd,
-    hinton_kd,
-    masked_mean,
-    reverse_kl,
     sequence_reward_pg,
-    skew_kl,
     stale_importance_weight,
-    step_by_step_loss,
-    step_token_weights,
     token_logprobs,
     token_reverse_kl_pg,
-    topk_forward_kl,
-    topk_generalized_jsd,
-    topk_reverse_kl,
-    topk_skew_kl,
-    topk_tvd,
-    tvd,
 )
-from rayd.types import Sample, TeacherScore, collate
+from rayd.types import Sample, TeacherScore, TrainBatch, collate
+
+import reference_losses as ref
 
 # The machine is shared: one thread keeps these small tensors fast and the neighbours happy.
 torch.set_num_threads(1)
@@ -54,6 +42,60 @@ def _logits(seed: int, shape: tuple[int, ...] = (B, T, V), scale: float = 2.0) -
 
 def _mask() -> torch.Tensor:
     return torch.tensor([[True, True, False], [False, True, True]])
+
+
+def _loss_batch(
+    mask: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    ids: torch.Tensor | None = None,
+    logprobs: torch.Tensor | None = None,
+) -> TrainBatch:
+    """A TrainBatch whose targets, top-k ids and log-probs are the given [B, T] / [B, T, k]
+    tensors (zeros where not given), aligned so that `batch_loss` reads them at [B, T]."""
+    b, t = mask.shape
+    targets = torch.zeros(b, t, dtype=torch.long) if targets is None else targets
+    input_ids = torch.cat([torch.zeros(b, 1, dtype=torch.long), targets], dim=1)
+    ids = torch.zeros(b, t, 1, dtype=torch.long) if ids is None else ids
+    logprobs = torch.zeros(b, t, 1) if logprobs is None else logprobs
+    zeros = torch.zeros(b, t)
+    return TrainBatch(input_ids, torch.ones_like(input_ids), mask, zeros, zeros, ids, logprobs)
+
+
+def full_loss(
+    kind: str,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    targets: torch.Tensor | None = None,
+    **knobs,
+) -> torch.Tensor:
+    """rayd's per-token loss `kind` over the whole vocabulary (teacher.support=full)."""
+    spec = LossSpec(kind, temperature=temperature, full_vocab=True, **knobs)  # type: ignore[arg-type]
+    batch = _loss_batch(mask, targets)
+    return batch_loss(student_logits, batch, spec, teacher_logits=teacher_logits)[0]
+
+
+def topk_loss(
+    kind: str,
+    student_logits: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    tail: bool = True,
+    temperature: float = 1.0,
+    targets: torch.Tensor | None = None,
+    **knobs,
+) -> torch.Tensor:
+    """rayd's per-token loss `kind` over the bins of the teacher's top-k `ids` (+ tail)."""
+    spec = LossSpec(kind, tail=tail, temperature=temperature, **knobs)  # type: ignore[arg-type]
+    batch = _loss_batch(mask, targets, ids, logprobs)
+    return batch_loss(student_logits, batch, spec)[0]
+
+
+def sft_loss(student_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
+    """rayd's cross-entropy (algorithm sft) per token."""
+    return batch_loss(student_logits, _loss_batch(mask, targets), LossSpec("sft"))[0]
 
 
 def _ref_kl(p: torch.Tensor, q: torch.Tensor) -> float:
@@ -98,16 +140,24 @@ def test_hand_computed_two_tokens() -> None:
     s, t, m = _two_token_example()
     # forward, token 0: 0.75 ln(0.75/0.5) + 0.25 ln(0.25/0.5) = 0.130812
     # reverse, token 0: 0.5 ln(0.5/0.75) + 0.5 ln(0.5/0.25) = 0.143841 (token 1: swapped)
-    assert forward_kl(s, t, m)[0].tolist() == pytest.approx([0.130812, 0.143841], abs=1e-6)
-    assert reverse_kl(s, t, m)[0].tolist() == pytest.approx([0.143841, 0.130812], abs=1e-6)
+    assert full_loss("forward_kl", s, t, m)[0].tolist() == pytest.approx(
+        [0.130812, 0.143841], abs=1e-6
+    )
+    assert full_loss("reverse_kl", s, t, m)[0].tolist() == pytest.approx(
+        [0.143841, 0.130812], abs=1e-6
+    )
     # m = [0.625, 0.375]: 0.5 * (KL(T||m) + KL(S||m)) = 0.5 * (0.035375 + 0.032269)
-    assert generalized_jsd(s, t, m, beta=0.5)[0, 0].item() == pytest.approx(0.033822, abs=1e-6)
-    assert generalized_jsd(s, t, m, beta=0.25)[0, 0].item() == pytest.approx(0.024870, abs=1e-6)
-    assert tvd(s, t, m)[0].tolist() == pytest.approx([0.25, 0.25], abs=1e-9)
+    assert full_loss("jsd", s, t, m, beta=0.5)[0, 0].item() == pytest.approx(0.033822, abs=1e-6)
+    assert full_loss("jsd", s, t, m, beta=0.25)[0, 0].item() == pytest.approx(0.024870, abs=1e-6)
+    # tvd and the skew KLs have no full-vocabulary form: bins over both tokens, no tail.
+    lp, ids = t.log_softmax(-1).sort(dim=-1, descending=True)
+    tvd = topk_loss("tvd", s, ids, lp, m, tail=False)
+    assert tvd[0].tolist() == pytest.approx([0.25, 0.25], abs=1e-9)
     # KL(p_T || 0.1 p_T + 0.9 p_S), m = [0.525, 0.475]
-    assert skew_kl(s, t, m, alpha=0.1)[0, 0].item() == pytest.approx(0.107043, abs=1e-6)
+    skew = topk_loss("skew_kl", s, ids, lp, m, tail=False, skew=0.1)
+    assert skew[0, 0].item() == pytest.approx(0.107043, abs=1e-6)
     # Cross-entropy of target 0 under p_S: ln 2, then ln(4/3).
-    ce = cross_entropy(s, torch.tensor([[0, 0]]), m)
+    ce = sft_loss(s, torch.tensor([[0, 0]]), m)
     assert ce[0].tolist() == pytest.approx([LN(2.0), LN(4.0 / 3.0)], abs=1e-9)
 
 
@@ -126,12 +176,15 @@ def test_full_vocab_against_references(temperature: float) -> None:
     want_fkl = _per_position(lambda a, b: cat_kl(b, a), st, tt) * mask
     want_rkl = _per_position(cat_kl, st, tt) * mask
     want_tvd = _per_position(lambda a, b: 0.5 * (a.softmax(-1) - b.softmax(-1)).abs().sum(), st, tt)
-    torch.testing.assert_close(forward_kl(s, t, mask, temperature), want_fkl)
-    torch.testing.assert_close(reverse_kl(s, t, mask, temperature), want_rkl)
-    torch.testing.assert_close(tvd(s, t, mask, temperature), want_tvd * mask)
+    torch.testing.assert_close(full_loss("forward_kl", s, t, mask, temperature), want_fkl)
+    torch.testing.assert_close(full_loss("reverse_kl", s, t, mask, temperature), want_rkl)
+    # The bins-only divergences over every token, without a tail: the full distributions.
+    lp, ids = t.log_softmax(-1).sort(dim=-1, descending=True)
+    got = topk_loss("tvd", s, ids, lp, mask, tail=False, temperature=temperature)
+    torch.testing.assert_close(got, want_tvd * mask)
     for beta in (0.1, 0.5, 0.9):
         want = _per_position(lambda a, b, beta=beta: _ref_jsd(a, b, beta), st, tt) * mask
-        torch.testing.assert_close(generalized_jsd(s, t, mask, beta, temperature), want)
+        torch.testing.assert_close(full_loss("jsd", s, t, mask, temperature, beta=beta), want)
     for alpha in (0.0, 0.1, 0.5):
 
         def skl(a, b, alpha=alpha):
@@ -142,9 +195,10 @@ def test_full_vocab_against_references(temperature: float) -> None:
             p_s, p_t = a.softmax(-1), b.softmax(-1)
             return _ref_kl(p_s, alpha * p_s + (1 - alpha) * p_t)
 
-        got = skew_kl(s, t, mask, alpha, temperature)
+        bins = dict(tail=False, temperature=temperature, skew=alpha)
+        got = topk_loss("skew_kl", s, ids, lp, mask, **bins)
         torch.testing.assert_close(got, _per_position(skl, st, tt) * mask)
-        got = skew_kl(s, t, mask, alpha, temperature, reverse=True)
+        got = topk_loss("skew_reverse_kl", s, ids, lp, mask, **bins)
         torch.testing.assert_close(got, _per_position(srkl, st, tt) * mask)
 
 
@@ -152,7 +206,7 @@ def test_full_vocab_gradients_match_reference() -> None:
     mask = _mask()
     s = _logits(2).requires_grad_(True)
     t = _logits(3)
-    generalized_jsd(s, t, mask, beta=0.3).sum().backward()
+    full_loss("jsd", s, t, mask, beta=0.3).sum().backward()
     got = s.grad.clone()
     s.grad = None
     p_s, p_t = s.softmax(-1), t.softmax(-1)
@@ -165,12 +219,16 @@ def test_full_vocab_gradients_match_reference() -> None:
 
 def test_jsd_beta_limits() -> None:
     s, t, mask = _logits(4), _logits(5), _mask()
-    torch.testing.assert_close(generalized_jsd(s, t, mask, beta=0.0), forward_kl(s, t, mask))
-    torch.testing.assert_close(generalized_jsd(s, t, mask, beta=1.0), reverse_kl(s, t, mask))
+    forward, reverse = full_loss("forward_kl", s, t, mask), full_loss("reverse_kl", s, t, mask)
+    torch.testing.assert_close(full_loss("jsd", s, t, mask, beta=0.0), forward)
+    torch.testing.assert_close(full_loss("jsd", s, t, mask, beta=1.0), reverse)
+    torch.testing.assert_close(ref.full_vocab("jsd", s, t, mask, beta=0.0), forward)
     # The interior of TRL's formula goes to 0 at both ends: the ends really are special cases.
-    assert generalized_jsd(s, t, mask, beta=1e-6).abs().max() < 1e-4
+    assert full_loss("jsd", s, t, mask, beta=1e-6).abs().max() < 1e-4
+    lp, ids = t.log_softmax(-1).sort(dim=-1, descending=True)
+    assert topk_loss("jsd", s, ids, lp, mask, tail=False, beta=1e-6).abs().max() < 1e-4
     with pytest.raises(ValueError, match="beta"):
-        generalized_jsd(s, t, mask, beta=1.5)
+        full_loss("jsd", s, t, mask, beta=1.5)
 
 
 def test_teacher_zero_probability_tokens() -> None:
@@ -180,7 +238,7 @@ def test_teacher_zero_probability_tokens() -> None:
     s = _logits(24).requires_grad_(True)
     t = _logits(25)
     t[..., 1] = float("-inf")
-    got = forward_kl(s, t, mask)
+    got = full_loss("forward_kl", s, t, mask)
     p_t = t.softmax(-1)
     want = _per_position(lambda a, b: _ref_kl(b.softmax(-1), a.softmax(-1)), s.detach(), t)
     torch.testing.assert_close(got, want * mask)
@@ -188,7 +246,7 @@ def test_teacher_zero_probability_tokens() -> None:
     # d KL(p_T || softmax(s)) / ds = softmax(s) - p_T
     torch.testing.assert_close(grad, (s.detach().softmax(-1) - p_t) * mask.unsqueeze(-1))
     lp, ids = t.log_softmax(-1).sort(dim=-1, descending=True)
-    got = topk_forward_kl(s, ids, lp, mask, tail=False)
+    got = topk_loss("forward_kl", s, ids, lp, mask, tail=False)
     torch.testing.assert_close(got, want * mask)
     (grad,) = torch.autograd.grad(got.sum(), s)
     assert torch.isfinite(grad).all()
@@ -196,14 +254,15 @@ def test_teacher_zero_probability_tokens() -> None:
 
 def test_temperature_scales_both_sides() -> None:
     s, t, mask = _logits(6), _logits(7), _mask()
-    torch.testing.assert_close(forward_kl(s, t, mask, 3.0), forward_kl(s / 3, t / 3, mask))
-    assert not torch.allclose(forward_kl(s, t, mask, 3.0), forward_kl(s, t, mask))
+    hot = full_loss("forward_kl", s, t, mask, 3.0)
+    torch.testing.assert_close(hot, full_loss("forward_kl", s / 3, t / 3, mask))
+    assert not torch.allclose(hot, full_loss("forward_kl", s, t, mask))
 
 
 def test_hinton_kd() -> None:
     s, t, mask = _logits(8), _logits(9), _mask()
     targets = torch.tensor([[1, 4, 0], [2, 5, 3]])
-    got = hinton_kd(s, t, targets, mask, temperature=2.0, alpha=0.7)
+    got = full_loss("logit_kd", s, t, mask, 2.0, targets, alpha=0.7)
     ce = F.cross_entropy(s.reshape(-1, V), targets.reshape(-1), reduction="none").view(B, T)
     kl = _per_position(
         lambda a, b: kl_divergence(Categorical(logits=b), Categorical(logits=a)), s / 2, t / 2
@@ -216,7 +275,8 @@ def test_cross_entropy_and_token_logprobs() -> None:
     targets = torch.tensor([[1, 4, -100], [-100, 5, 3]])  # -100 at masked positions is tolerated
     safe = targets.clamp(min=0)
     want = F.cross_entropy(s.reshape(-1, V), safe.reshape(-1), reduction="none").view(B, T) * mask
-    torch.testing.assert_close(cross_entropy(s, targets, mask), want)
+    torch.testing.assert_close(sft_loss(s, targets, mask), want)
+    torch.testing.assert_close(ref.cross_entropy(s, targets, mask), want)
     full = s.log_softmax(-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(token_logprobs(s, safe), full)
 
@@ -233,21 +293,22 @@ def _poison(x: torch.Tensor, mask: torch.Tensor, values: list[float]) -> torch.T
 
 
 def _all_losses(s, t, ids, lp, targets, mask):
-    """Every per-token loss of the module on the same inputs."""
+    """Every training loss on the same inputs, and the two pieces the table builds on."""
     torch.manual_seed(0)  # the same projection on every call
     proj = torch.nn.Linear(V, 4, dtype=torch.float64)
     return {
-        "forward_kl": forward_kl(s, t, mask, 2.0),
-        "reverse_kl": reverse_kl(s, t, mask),
-        "jsd": generalized_jsd(s, t, mask, 0.4),
-        "tvd": tvd(s, t, mask),
-        "skew": skew_kl(s, t, mask, 0.1),
-        "skew_r": skew_kl(s, t, mask, 0.1, reverse=True),
-        "topk_f": topk_forward_kl(s, ids, lp, mask),
-        "topk_r": topk_reverse_kl(s, ids, lp, mask, tail=False, temperature=2.0),
-        "topk_j": topk_generalized_jsd(s, ids, lp, mask, 0.5),
-        "ce": cross_entropy(s, targets, mask),
-        "hinton": hinton_kd(s, t, targets, mask),
+        "forward_kl": full_loss("forward_kl", s, t, mask, 2.0),
+        "reverse_kl": full_loss("reverse_kl", s, t, mask),
+        "jsd": full_loss("jsd", s, t, mask, beta=0.4),
+        "tvd": topk_loss("tvd", s, ids, lp, mask),
+        "skew": topk_loss("skew_kl", s, ids, lp, mask, skew=0.1),
+        "skew_r": topk_loss("skew_reverse_kl", s, ids, lp, mask, skew=0.1),
+        "topk_f": topk_loss("forward_kl", s, ids, lp, mask),
+        "topk_r": topk_loss("reverse_kl", s, ids, lp, mask, tail=False, temperature=2.0),
+        "topk_j": topk_loss("jsd", s, ids, lp, mask, beta=0.5),
+        "ce": sft_loss(s, targets, mask),
+        "hinton": full_loss("logit_kd", s, t, mask, 2.0, targets),
+        "logit_kd": topk_loss("logit_kd", s, ids, lp, mask, targets=targets),
         "feat": feature_loss(s, t[..., :4], proj, mask, "mse"),
         "feat_cos": feature_loss(s, t[..., :4], proj, mask, "cosine"),
         "pg": token_reverse_kl_pg(token_logprobs(s, targets, mask), lp[..., 0], lp[..., 1], mask),
@@ -308,17 +369,10 @@ def test_all_masked_gives_zero_and_finite_grads() -> None:
     s, t, ids, lp, targets = _clean_inputs()
     s = s.requires_grad_(True)
     for name, value in _all_losses(s, t, ids, lp, targets, mask).items():
-        total = masked_mean(value, mask)
+        total = value.sum()
         assert total.item() == 0.0, name
         (grad,) = torch.autograd.grad(total, s)
         assert torch.isfinite(grad).all() and (grad == 0).all(), name
-
-
-def test_masked_mean() -> None:
-    x = torch.tensor([[1.0, float("nan"), 3.0]])
-    mask = torch.tensor([[True, False, True]])
-    assert masked_mean(x, mask).item() == 2.0
-    assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,25 +384,18 @@ def test_topk_full_width_without_tail_equals_full_vocab() -> None:
     # Teacher top-k = all V tokens in descending order, as vLLM would send them.
     lp, ids = t.log_softmax(-1).sort(dim=-1, descending=True)
     for temperature in (1.0, 2.0):
-        torch.testing.assert_close(
-            topk_forward_kl(s, ids, lp, mask, tail=False, temperature=temperature),
-            forward_kl(s, t, mask, temperature),
-        )
-        torch.testing.assert_close(
-            topk_reverse_kl(s, ids, lp, mask, tail=False, temperature=temperature),
-            reverse_kl(s, t, mask, temperature),
-        )
-        torch.testing.assert_close(
-            topk_generalized_jsd(s, ids, lp, mask, 0.3, tail=False, temperature=temperature),
-            generalized_jsd(s, t, mask, 0.3, temperature),
-        )
+        for kind, knobs in (("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3})):
+            got = topk_loss(kind, s, ids, lp, mask, tail=False, temperature=temperature, **knobs)
+            torch.testing.assert_close(got, full_loss(kind, s, t, mask, temperature, **knobs))
+            torch.testing.assert_close(got, ref.full_vocab(kind, s, t, mask, temperature, **knobs))
     # With the tail bin the (empty) tail is a clamped speck of mass: still equal to ~1e-6.
-    torch.testing.assert_close(
-        topk_forward_kl(s, ids, lp, mask, tail=True), forward_kl(s, t, mask), atol=1e-6, rtol=0
-    )
-    torch.testing.assert_close(
-        topk_reverse_kl(s, ids, lp, mask, tail=True), reverse_kl(s, t, mask), atol=1e-6, rtol=0
-    )
+    for kind in ("forward_kl", "reverse_kl"):
+        torch.testing.assert_close(
+            topk_loss(kind, s, ids, lp, mask, tail=True),
+            full_loss(kind, s, t, mask),
+            atol=1e-6,
+            rtol=0,
+        )
 
 
 def _tail_example() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -363,20 +410,26 @@ def test_tail_bin_hand_example() -> None:
     s, ids, lp, m = _tail_example()
     # Bins: teacher [0.5, 0.3, tail 0.2], student [0.4, 0.4, tail 0.2].
     # 0.5 ln(0.5/0.4) + 0.3 ln(0.3/0.4) + 0.2 ln(0.2/0.2) = 0.025267
-    assert topk_forward_kl(s, ids, lp, m, tail=True).item() == pytest.approx(0.025267, abs=1e-6)
-    assert topk_reverse_kl(s, ids, lp, m, tail=True).item() == pytest.approx(0.025815, abs=1e-6)
-    # Without the tail both renormalise within k: [0.625, 0.375] vs [0.5, 0.5].
-    assert topk_forward_kl(s, ids, lp, m, tail=False).item() == pytest.approx(0.031584, abs=1e-6)
+    for fn in (topk_loss, ref.topk):
+        assert fn("forward_kl", s, ids, lp, m, tail=True).item() == pytest.approx(
+            0.025267, abs=1e-6
+        )
+        assert fn("reverse_kl", s, ids, lp, m, tail=True).item() == pytest.approx(
+            0.025815, abs=1e-6
+        )
+        # Without the tail both renormalise within k: [0.625, 0.375] vs [0.5, 0.5].
+        got = fn("forward_kl", s, ids, lp, m, tail=False).item()
+        assert got == pytest.approx(0.031584, abs=1e-6)
     want = 0.5 * _ref_kl(torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.45, 0.35, 0.2])) + 0.5 * (
         _ref_kl(torch.tensor([0.4, 0.4, 0.2]), torch.tensor([0.45, 0.35, 0.2]))
     )
-    assert topk_generalized_jsd(s, ids, lp, m, 0.5).item() == pytest.approx(want, abs=1e-6)
+    assert topk_loss("jsd", s, ids, lp, m, beta=0.5).item() == pytest.approx(want, abs=1e-6)
 
 
 def test_tail_gradient_flows_through_student_logsumexp() -> None:
     s, ids, lp, m = _tail_example()
     s = s.requires_grad_(True)
-    topk_forward_kl(s, ids, lp, m, tail=True).sum().backward()
+    topk_loss("forward_kl", s, ids, lp, m, tail=True).sum().backward()
     # Reference: the same bins built from a full softmax.
     s_ref = s.detach().clone().requires_grad_(True)
     p = s_ref.softmax(-1)[0, 0]
@@ -392,8 +445,8 @@ def test_topk_teacher_mass_near_one_stays_finite() -> None:
     s = _logits(16, (1, 1, V)).requires_grad_(True)
     ids = torch.tensor([[[0, 1]]])
     lp = torch.tensor([[[LN(0.7), LN(0.3) + 1e-6]]], dtype=torch.float64)
-    for fn in (topk_forward_kl, topk_reverse_kl, topk_generalized_jsd):
-        value = fn(s, ids, lp, torch.ones(1, 1, dtype=torch.bool))
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        value = topk_loss(kind, s, ids, lp, torch.ones(1, 1, dtype=torch.bool))
         (grad,) = torch.autograd.grad(value.sum(), s)
         assert torch.isfinite(value).all() and torch.isfinite(grad).all()
 
@@ -401,7 +454,7 @@ def test_topk_teacher_mass_near_one_stays_finite() -> None:
 def test_topk_temperature_rules() -> None:
     s, ids, lp, m = _tail_example()
     with pytest.raises(ValueError, match=r"tail=True needs temperature 1\.0"):
-        topk_forward_kl(s, ids, lp, m, tail=True, temperature=2.0)
+        topk_loss("forward_kl", s, ids, lp, m, tail=True, temperature=2.0)
     with pytest.raises(ValueError, match=r"tail=True needs temperature 1\.0"):
         LossSpec("forward_kl", temperature=2.0)
     LossSpec("forward_kl", temperature=2.0, tail=False)
@@ -410,14 +463,14 @@ def test_topk_temperature_rules() -> None:
     pt = torch.tensor([0.5, 0.3]) ** 0.5
     ps = torch.tensor([0.4, 0.4]) ** 0.5
     want = _ref_kl(pt / pt.sum(), ps / ps.sum())
-    got = topk_forward_kl(s, ids, lp, m, tail=False, temperature=2.0).item()
+    got = topk_loss("forward_kl", s, ids, lp, m, tail=False, temperature=2.0).item()
     assert got == pytest.approx(want, abs=1e-6)
 
 
 def test_topk_ids_outside_student_vocab_raise() -> None:
     s, _, lp, m = _tail_example()
     with pytest.raises(ValueError, match="share a tokenizer"):
-        topk_forward_kl(s, torch.tensor([[[2, 7]]]), lp, m)
+        topk_loss("forward_kl", s, torch.tensor([[[2, 7]]]), lp, m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,11 +487,11 @@ def test_student_support_reverse_kl_is_exact_at_full_width() -> None:
     s, t, mask = _logits(40), _logits(41), _mask()
     ids, lp = _student_support(s, t, V)
     # The teacher's mass over the chosen ids is 1: the tail is a clamped speck, not NaN.
-    got = topk_reverse_kl(s, ids, lp, mask, tail=True)
-    torch.testing.assert_close(got, reverse_kl(s, t, mask), atol=1e-6, rtol=0)
-    for fn in (topk_forward_kl, topk_reverse_kl, topk_generalized_jsd):
+    got = topk_loss("reverse_kl", s, ids, lp, mask, tail=True)
+    torch.testing.assert_close(got, ref.full_vocab("reverse_kl", s, t, mask), atol=1e-6, rtol=0)
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
         x = s.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(fn(x, ids, lp, mask).sum(), x)
+        (grad,) = torch.autograd.grad(topk_loss(kind, x, ids, lp, mask).sum(), x)
         assert torch.isfinite(grad).all()
 
 
@@ -448,17 +501,17 @@ def test_student_support_reverse_kl_approaches_the_exact_value_from_below() -> N
     # reaches the full-vocabulary value at k = V.
     s, t = _logits(42, (4, 8, 32)), _logits(43, (4, 8, 32))
     mask = torch.ones(4, 8, dtype=torch.bool)
-    exact = reverse_kl(s, t, mask)
+    exact = ref.full_vocab("reverse_kl", s, t, mask)
     previous = torch.zeros_like(exact)
     for k in (1, 2, 4, 8, 16, 32):
         ids, lp = _student_support(s, t, k)
-        got = topk_reverse_kl(s, ids, lp, mask, tail=True)
+        got = topk_loss("reverse_kl", s, ids, lp, mask, tail=True)
         assert (got >= previous - 1e-9).all() and (got <= exact + 1e-6).all()
         previous = got
     torch.testing.assert_close(previous, exact, atol=1e-6, rtol=0)
     # Where the student's mass is concentrated, a few of its tokens already give most of it.
     ids, lp = _student_support(s, t, 8)
-    assert topk_reverse_kl(s, ids, lp, mask).mean() > 0.8 * exact.mean()
+    assert topk_loss("reverse_kl", s, ids, lp, mask).mean() > 0.8 * exact.mean()
 
 
 def test_support_order_and_repeated_ids_do_not_matter() -> None:
@@ -471,17 +524,13 @@ def test_support_order_and_repeated_ids_do_not_matter() -> None:
     repeat = torch.tensor([0, 1, 2, 0, 2])
     repeated = ids[..., repeat], lp[..., repeat]
     for tail, temperature in ((True, 1.0), (False, 1.0), (False, 2.0)):
-        for name, fn in (
-            ("forward", topk_forward_kl),
-            ("reverse", topk_reverse_kl),
-            ("jsd", lambda *a, **kw: topk_generalized_jsd(*a, beta=0.3, **kw)),
-        ):
+        for name, knobs in (("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3})):
             x = s.clone().requires_grad_(True)
-            want = fn(x, ids, lp, mask, tail=tail, temperature=temperature)
+            want = topk_loss(name, x, ids, lp, mask, tail, temperature, **knobs)
             (want_grad,) = torch.autograd.grad(want.sum(), x)
             for variant in (shuffled, repeated):
                 x = s.clone().requires_grad_(True)
-                got = fn(x, *variant, mask, tail=tail, temperature=temperature)
+                got = topk_loss(name, x, *variant, mask, tail, temperature, **knobs)
                 (grad,) = torch.autograd.grad(got.sum(), x)
                 torch.testing.assert_close(got, want, msg=f"{name} tail={tail}")
                 torch.testing.assert_close(grad, want_grad, msg=f"{name} tail={tail}")
@@ -509,14 +558,18 @@ def test_batch_loss_over_a_union_support() -> None:
     batch = collate([sample], [score], pad_id=0)
     logits = s.float()  # [1, L-1 = 4, V]: prompt of 1 token, completion of 4
     loss, _ = batch_loss(logits, batch, LossSpec("reverse_kl"))
-    want = topk_reverse_kl(
-        logits, support[None].gather(-1, order[None]), lp[None].float(), batch.loss_mask
+    want = ref.topk(
+        "reverse_kl",
+        logits,
+        support[None].gather(-1, order[None]),
+        lp[None].float(),
+        batch.loss_mask,
     )
     torch.testing.assert_close(loss, want)
     # Four distinct ids hold the student's top-2 and more: at least as close to the exact value.
-    exact = reverse_kl(logits.double(), t, batch.loss_mask)
+    exact = ref.full_vocab("reverse_kl", logits.double(), t, batch.loss_mask)
     ids_s, lp_s = _student_support(logits.double(), t, 2)
-    alone = topk_reverse_kl(logits.double(), ids_s, lp_s, batch.loss_mask)
+    alone = topk_loss("reverse_kl", logits.double(), ids_s, lp_s, batch.loss_mask)
     assert (alone <= loss.double() + 1e-6).all() and (loss.double() <= exact + 1e-5).all()
 
 
@@ -605,7 +658,7 @@ def test_batch_loss_mixes_distillation_and_reward() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Feature and step-by-step losses
+# Feature loss
 
 
 def test_feature_loss() -> None:
@@ -619,11 +672,6 @@ def test_feature_loss() -> None:
     torch.testing.assert_close(feature_loss(hs, ht, proj, mask, "cosine"), cos * mask)
     with pytest.raises(ValueError, match="does not match"):
         feature_loss(hs, ht[..., :2], proj, mask)
-
-
-def test_step_by_step_loss() -> None:
-    got = step_by_step_loss(torch.tensor(2.0), torch.tensor(3.0), rationale_weight=0.5)
-    assert got.item() == 3.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,16 +721,14 @@ def test_batch_loss_columns_and_values() -> None:
     loss, _ = batch_loss(logits, batch, LossSpec("sft"))
     torch.testing.assert_close(loss.detach(), -student_lp)
 
-    for kind, fn in (("forward_kl", topk_forward_kl), ("reverse_kl", topk_reverse_kl)):
+    ids, lp = batch.teacher_topk_ids, batch.teacher_topk_logprobs
+    for kind in ("forward_kl", "reverse_kl"):
         for tail in (True, False):
             loss, _ = batch_loss(logits, batch, LossSpec(kind, tail=tail))
-            ids, lp = batch.teacher_topk_ids, batch.teacher_topk_logprobs
-            torch.testing.assert_close(loss, fn(logits, ids, lp, mask, tail=tail))
+            torch.testing.assert_close(loss, ref.topk(kind, logits, ids, lp, mask, tail=tail))
             assert (loss[~mask] == 0).all() and (loss[mask] > 0).all()
     loss, _ = batch_loss(logits, batch, LossSpec("jsd", beta=0.3, tail=False, temperature=2.0))
-    want = topk_generalized_jsd(
-        logits, batch.teacher_topk_ids, batch.teacher_topk_logprobs, mask, 0.3, False, 2.0
-    )
+    want = ref.topk("jsd", logits, ids, lp, mask, False, 2.0, beta=0.3)
     torch.testing.assert_close(loss, want)
 
 
@@ -711,14 +757,12 @@ def test_batch_loss_full_vocab_equals_the_full_vocabulary_losses() -> None:
     clean_s = torch.where(mask.unsqueeze(-1), student, 0.0)
     clean_t = torch.where(mask.unsqueeze(-1), teacher, 0.0)
     cases = (
-        (LossSpec("forward_kl", full_vocab=True), forward_kl(clean_s, clean_t, mask)),
-        (LossSpec("reverse_kl", full_vocab=True), reverse_kl(clean_s, clean_t, mask)),
-        (
-            LossSpec("jsd", beta=0.3, temperature=2.0, full_vocab=True),
-            generalized_jsd(clean_s, clean_t, mask, beta=0.3, temperature=2.0),
-        ),
+        (LossSpec("forward_kl", full_vocab=True), {}),
+        (LossSpec("reverse_kl", full_vocab=True), {}),
+        (LossSpec("jsd", beta=0.3, temperature=2.0, full_vocab=True), {"beta": 0.3}),
     )
-    for spec, want in cases:
+    for spec, knobs in cases:
+        want = ref.full_vocab(spec.kind, clean_s, clean_t, mask, spec.temperature, **knobs)
         s = student.clone().requires_grad_(True)
         loss, metrics = batch_loss(s, batch, spec, teacher_logits=teacher)
         torch.testing.assert_close(loss, want)
@@ -727,20 +771,15 @@ def test_batch_loss_full_vocab_equals_the_full_vocabulary_losses() -> None:
             metrics["reverse_kl"], (batch.behavior_logprobs - teacher_lp) * mask
         )
         (grad,) = torch.autograd.grad(loss.sum(), s)
-        ref = clean_s.clone().requires_grad_(True)
-        fn = {"forward_kl": forward_kl, "reverse_kl": reverse_kl}.get(spec.kind)
-        ref_loss = (
-            fn(ref, clean_t, mask)
-            if fn
-            else generalized_jsd(ref, clean_t, mask, beta=0.3, temperature=2.0)
-        )
-        (want_grad,) = torch.autograd.grad(ref_loss.sum(), ref)
+        reference = clean_s.clone().requires_grad_(True)
+        ref_loss = ref.full_vocab(spec.kind, reference, clean_t, mask, spec.temperature, **knobs)
+        (want_grad,) = torch.autograd.grad(ref_loss.sum(), reference)
         torch.testing.assert_close(grad, want_grad)
         assert (grad[1, 1:] == 0).all()
 
     spec = LossSpec("logit_kd", alpha=0.3, temperature=2.0, full_vocab=True)  # no tail rule
     loss, metrics = batch_loss(student, batch, spec, teacher_logits=teacher)
-    soft = hinton_kd(clean_s, clean_t, targets, mask, temperature=2.0, alpha=1.0)
+    soft = ref.hinton(clean_s, clean_t, targets, mask, temperature=2.0, alpha=1.0)
     torch.testing.assert_close(metrics["soft_loss"], soft)
     ce = -token_logprobs(clean_s, targets, mask)
     torch.testing.assert_close(loss, 0.3 * soft + 0.7 * ce)
@@ -752,7 +791,6 @@ def test_full_vocab_divergence_with_zero_probability_teacher_tokens(chunk_rows, 
     mass on some tokens: values and gradients finite and equal to autograd's reference, in one
     chunk of rows or one row per chunk."""
     import rayd.losses
-    from rayd.losses import full_vocab_divergence
 
     monkeypatch.setattr(rayd.losses, "_CHUNK_ROWS", chunk_rows)
 
@@ -760,16 +798,12 @@ def test_full_vocab_divergence_with_zero_probability_teacher_tokens(chunk_rows, 
     holes = finite.clone()
     holes[..., :2] = -math.inf  # reverse KL is infinite there: it takes the finite teacher
     mask = _mask()
-    for kind, teacher, ref in (
-        ("forward_kl", holes, forward_kl),
-        ("jsd", holes, lambda s, t, m: generalized_jsd(s, t, m, beta=0.5)),
-        ("reverse_kl", finite, reverse_kl),
-    ):
+    for kind, teacher in (("forward_kl", holes), ("jsd", holes), ("reverse_kl", finite)):
         s = student.clone().requires_grad_(True)
-        got = full_vocab_divergence(s, teacher, mask, kind, beta=0.5)
+        got = full_loss(kind, s, teacher, mask, beta=0.5)
         (grad,) = torch.autograd.grad(got.sum(), s)
         r = student.clone().requires_grad_(True)
-        want = ref(r, teacher, mask)
+        want = ref.full_vocab(kind, r, teacher, mask, beta=0.5)
         (want_grad,) = torch.autograd.grad(want.sum(), r)
         assert torch.isfinite(got).all() and torch.isfinite(grad).all()
         torch.testing.assert_close(got, want)
@@ -829,9 +863,8 @@ def test_full_vocab_rows_target_logprobs() -> None:
     torch.testing.assert_close(student_lp, token_logprobs(student / 1.5, targets))
     torch.testing.assert_close(teacher_lp, token_logprobs(teacher / 1.5, targets))
     mask = torch.ones(1, 5, dtype=torch.bool)
-    torch.testing.assert_close(
-        values, reverse_kl(student[None], teacher[None], mask, temperature=1.5)[0]
-    )
+    want = ref.full_vocab("reverse_kl", student[None], teacher[None], mask, temperature=1.5)
+    torch.testing.assert_close(values, want[0])
 
 
 def test_batch_loss_full_vocab_contract() -> None:
@@ -848,7 +881,8 @@ def test_batch_loss_full_vocab_contract() -> None:
     loss, _ = batch_loss(
         logits, batch, LossSpec("reverse_kl", full_vocab=True), teacher_logits=wide
     )
-    torch.testing.assert_close(loss, reverse_kl(logits, wide[..., :V], batch.loss_mask))
+    want = ref.full_vocab("reverse_kl", logits, wide[..., :V], batch.loss_mask)
+    torch.testing.assert_close(loss, want)
 
 
 def test_batch_loss_off_policy_rows_use_the_student_as_behaviour() -> None:
@@ -896,7 +930,7 @@ def test_batch_loss_logit_kd_is_hinton_over_topk_bins() -> None:
     for temperature, tail in ((1.0, True), (2.0, False)):
         spec = LossSpec("logit_kd", alpha=0.3, temperature=temperature, tail=tail)
         loss, metrics = batch_loss(logits, batch, spec)
-        soft = topk_forward_kl(logits, ids, lp, mask, tail=tail, temperature=temperature)
+        soft = ref.topk("forward_kl", logits, ids, lp, mask, tail=tail, temperature=temperature)
         torch.testing.assert_close(loss, 0.3 * temperature**2 * soft + 0.7 * ce)
         torch.testing.assert_close(metrics["hard_loss"], ce)
         torch.testing.assert_close(metrics["soft_loss"], temperature**2 * soft)
@@ -981,70 +1015,6 @@ def test_batch_loss_feature_kd_is_ce_plus_weighted_feature_distance() -> None:
         batch_loss(logits, batch, spec)
     with pytest.raises(ValueError, match="feature_pairs"):
         LossSpec("feature_kd")
-
-
-# ---------------------------------------------------------------------------------------------
-# Reasoning-step weights, on a hand-made row: steps [0, 0, 0 | 1 | 2, 2] (n = 3, 1, 2; N = 6).
-
-STEP_IDS = torch.tensor([[0, 0, 0, 1, 2, 2, 7]])  # the last column is masked: any id
-STEP_MASK = torch.tensor([[True] * 6 + [False]])
-
-
-def test_uniform_step_weights_give_each_step_equal_total_weight() -> None:
-    w = step_token_weights(STEP_IDS, STEP_MASK, "uniform")
-    # Each step gets N / S = 2 in total: 2/3 per token of the 3-token step, 2 for the
-    # 1-token step, 1 per token of the 2-token step; the row's mean token weight is 1.
-    expected = torch.tensor([[2 / 3, 2 / 3, 2 / 3, 2.0, 1.0, 1.0, 0.0]])
-    torch.testing.assert_close(w, expected)
-    assert w.dtype == torch.float32
-    assert w[STEP_MASK].mean().item() == pytest.approx(1.0)
-
-
-def test_divergence_step_weights_follow_softmax_of_step_mean_reverse_kl() -> None:
-    # Step means d = (0, ln 2, 0): step 0 averages -1, 0, 1; step 1 is one token of ln 2;
-    # step 2 averages 0.5, -0.5. softmax(d / 1) -> shares 1/4, 1/2, 1/4 of N = 6 -> per token
-    # 6/4/3, 6/2/1, 6/4/2. The masked column's NaN must not leak.
-    kl = torch.tensor([[-1.0, 0.0, 1.0, LN(2), 0.5, -0.5, float("nan")]])
-    w = step_token_weights(STEP_IDS, STEP_MASK, "divergence", kl, temperature=1.0)
-    torch.testing.assert_close(w, torch.tensor([[0.5, 0.5, 0.5, 3.0, 0.75, 0.75, 0.0]]))
-    # Temperature 2 halves the logits: the same shares need d = (0, 2 ln 2, 0).
-    w2 = step_token_weights(STEP_IDS, STEP_MASK, "divergence", 2 * kl, temperature=2.0)
-    torch.testing.assert_close(w2, w)
-    # A very high temperature is uniform; a very low one puts everything on the worst step.
-    hot = step_token_weights(STEP_IDS, STEP_MASK, "divergence", kl, temperature=1e6)
-    torch.testing.assert_close(hot, step_token_weights(STEP_IDS, STEP_MASK, "uniform"))
-    cold = step_token_weights(STEP_IDS, STEP_MASK, "divergence", kl, temperature=1e-3)
-    torch.testing.assert_close(cold, torch.tensor([[0.0, 0.0, 0.0, 6.0, 0.0, 0.0, 0.0]]))
-
-
-def test_step_weights_masking_single_step_and_empty_rows() -> None:
-    ids = torch.tensor([[0, 0, 0, 0], [0, 0, 3, 3], [5, 5, 5, 5]])  # row 1 skips ids 1 and 2
-    mask = torch.tensor([[True, True, True, False], [True, True, True, True], [False] * 4])
-    kl = torch.tensor([[9.0, -9.0, 1.0, float("inf")], [0.0, 0.0, 0.0, 0.0], [float("nan")] * 4])
-    for mode in ("uniform", "divergence"):
-        w = step_token_weights(ids, mask, mode, kl)
-        assert torch.isfinite(w).all()
-        # One step (no delimiter): every token weighs 1 whatever its reverse KL.
-        torch.testing.assert_close(w[0], torch.tensor([1.0, 1.0, 1.0, 0.0]))
-        # Skipped ids are empty steps: they take no share. Two steps of 2 tokens: all 1.
-        torch.testing.assert_close(w[1], torch.ones(4))
-        # An empty completion: zeros, no NaN.
-        assert (w[2] == 0).all()
-    empty = step_token_weights(
-        torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.bool), "uniform"
-    )
-    assert empty.shape == (0, 0)
-
-
-def test_step_weights_reject_bad_input() -> None:
-    with pytest.raises(ValueError, match="needs the per-token reverse_kl"):
-        step_token_weights(STEP_IDS, STEP_MASK, "divergence")
-    with pytest.raises(ValueError, match="temperature"):
-        step_token_weights(STEP_IDS, STEP_MASK, "divergence", torch.zeros(1, 7), temperature=0.0)
-    with pytest.raises(ValueError, match="'uniform' or 'divergence'"):
-        step_token_weights(STEP_IDS, STEP_MASK, "none")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=">= 0"):
-        step_token_weights(-STEP_IDS, STEP_MASK, "uniform")
 
 
 def test_batch_loss_token_weights_scale_tokens_and_survive_slicing() -> None:
@@ -1161,34 +1131,37 @@ def test_collate_marks_on_policy_rows_behind_the_learner_as_stale() -> None:
 
 
 def _direct_losses(logits, batch, hidden, projection):
-    """What batch_loss must give for every name in LOSSES, from the module's direct functions
-    (top-k path, temperature 1, tail=True unless named)."""
+    """What batch_loss must give for every name in LOSSES, from the references (top-k path,
+    temperature 1, tail=True unless named)."""
     mask, targets = batch.loss_mask, batch.input_ids[:, 1:]
     ids, lp = batch.teacher_topk_ids, batch.teacher_topk_logprobs
     student_lp = token_logprobs(logits, targets, mask)
-    ce = cross_entropy(logits, targets, mask)
+    ce = ref.cross_entropy(logits, targets, mask)
     features = feature_loss(hidden, batch.teacher_hidden[:, :, 0], projection[0], mask)
     return {
         "on_policy_pg": (
             LossSpec("on_policy_pg"),
             token_reverse_kl_pg(student_lp, batch.behavior_logprobs, batch.teacher_logprobs, mask),
         ),
-        "forward_kl": (LossSpec("forward_kl"), topk_forward_kl(logits, ids, lp, mask)),
+        "forward_kl": (LossSpec("forward_kl"), ref.topk("forward_kl", logits, ids, lp, mask)),
         "reverse_kl": (
             LossSpec("reverse_kl", tail=False),
-            topk_reverse_kl(logits, ids, lp, mask, False),
+            ref.topk("reverse_kl", logits, ids, lp, mask, False),
         ),
-        "jsd": (LossSpec("jsd", beta=0.3), topk_generalized_jsd(logits, ids, lp, mask, 0.3)),
-        "tvd": (LossSpec("tvd"), topk_tvd(logits, ids, lp, mask)),
-        "skew_kl": (LossSpec("skew_kl", skew=0.2), topk_skew_kl(logits, ids, lp, mask, 0.2)),
+        "jsd": (LossSpec("jsd", beta=0.3), ref.topk("jsd", logits, ids, lp, mask, beta=0.3)),
+        "tvd": (LossSpec("tvd"), ref.topk("tvd", logits, ids, lp, mask)),
+        "skew_kl": (
+            LossSpec("skew_kl", skew=0.2),
+            ref.topk("skew_kl", logits, ids, lp, mask, skew=0.2),
+        ),
         "skew_reverse_kl": (
             LossSpec("skew_reverse_kl", skew=0.3, tail=False, temperature=2.0),
-            topk_skew_kl(logits, ids, lp, mask, 0.3, reverse=True, tail=False, temperature=2.0),
+            ref.topk("skew_reverse_kl", logits, ids, lp, mask, False, 2.0, skew=0.3),
         ),
         "sft": (LossSpec("sft"), ce),
         "logit_kd": (
             LossSpec("logit_kd", alpha=0.3),
-            0.3 * topk_forward_kl(logits, ids, lp, mask) + 0.7 * ce,
+            0.3 * ref.topk("forward_kl", logits, ids, lp, mask) + 0.7 * ce,
         ),
         "feature_kd": (
             LossSpec(
@@ -1220,22 +1193,21 @@ def test_tvd_and_skew_kl_over_every_token_equal_the_full_vocabulary_forms() -> N
     s, t, mask = _logits(43), _logits(44), _mask()
     lp, ids = t.log_softmax(-1).sort(dim=-1, descending=True)  # k = V
     for temperature in (1.0, 2.0):
-        torch.testing.assert_close(
-            topk_tvd(s, ids, lp, mask, tail=False, temperature=temperature),
-            tvd(s, t, mask, temperature),
-        )
-        for reverse in (False, True):
+        for kind in ("tvd", "skew_kl", "skew_reverse_kl"):
             torch.testing.assert_close(
-                topk_skew_kl(s, ids, lp, mask, 0.1, reverse, tail=False, temperature=temperature),
-                skew_kl(s, t, mask, 0.1, temperature, reverse),
+                topk_loss(kind, s, ids, lp, mask, tail=False, temperature=temperature, skew=0.1),
+                ref.full_vocab(kind, s, t, mask, temperature, skew=0.1),
             )
-    torch.testing.assert_close(topk_tvd(s, ids, lp, mask), tvd(s, t, mask), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        topk_loss("tvd", s, ids, lp, mask), ref.full_vocab("tvd", s, t, mask), atol=1e-6, rtol=0
+    )
     # skew 0 is the plain KL in either direction
     torch.testing.assert_close(
-        topk_skew_kl(s, ids, lp, mask, 0.0), topk_forward_kl(s, ids, lp, mask)
+        topk_loss("skew_kl", s, ids, lp, mask, skew=0.0), topk_loss("forward_kl", s, ids, lp, mask)
     )
     torch.testing.assert_close(
-        topk_skew_kl(s, ids, lp, mask, 0.0, reverse=True), topk_reverse_kl(s, ids, lp, mask)
+        topk_loss("skew_reverse_kl", s, ids, lp, mask, skew=0.0),
+        topk_loss("reverse_kl", s, ids, lp, mask),
     )
 
 

@@ -9,7 +9,13 @@ import torch
 
 from rayd.config import load_config
 from rayd.models import build_char_tokenizer
-from rayd.steps import completion_step_ids, step_ids_of_pieces, step_metrics, weigh_steps
+from rayd.steps import (
+    completion_step_ids,
+    step_ids_of_pieces,
+    step_metrics,
+    step_token_weights,
+    weigh_steps,
+)
 from rayd.tasks import AdditionTask
 from rayd.types import Sample, TeacherScore, collate
 
@@ -157,3 +163,67 @@ def test_label_task_sample_and_step_by_step_samples() -> None:
     assert rationale.prompt_ids == enc("why: 1+2=")
     assert rationale.completion_ids == [*enc("1+2+0=3;"), tok.eos_token_id]
     assert not answer.hard_target and rationale.weight == algo.rationale_weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Reasoning-step weights, on a hand-made row: steps [0, 0, 0 | 1 | 2, 2] (n = 3, 1, 2; N = 6).
+
+STEP_IDS = torch.tensor([[0, 0, 0, 1, 2, 2, 7]])  # the last column is masked: any id
+STEP_MASK = torch.tensor([[True] * 6 + [False]])
+
+
+def test_uniform_step_weights_give_each_step_equal_total_weight() -> None:
+    w = step_token_weights(STEP_IDS, STEP_MASK, "uniform")
+    # Each step gets N / S = 2 in total: 2/3 per token of the 3-token step, 2 for the
+    # 1-token step, 1 per token of the 2-token step; the row's mean token weight is 1.
+    expected = torch.tensor([[2 / 3, 2 / 3, 2 / 3, 2.0, 1.0, 1.0, 0.0]])
+    torch.testing.assert_close(w, expected)
+    assert w.dtype == torch.float32
+    assert w[STEP_MASK].mean().item() == pytest.approx(1.0)
+
+
+def test_divergence_step_weights_follow_softmax_of_step_mean_reverse_kl() -> None:
+    # Step means d = (0, ln 2, 0): step 0 averages -1, 0, 1; step 1 is one token of ln 2;
+    # step 2 averages 0.5, -0.5. softmax(d / 1) -> shares 1/4, 1/2, 1/4 of N = 6 -> per token
+    # 6/4/3, 6/2/1, 6/4/2. The masked column's NaN must not leak.
+    kl = torch.tensor([[-1.0, 0.0, 1.0, math.log(2), 0.5, -0.5, float("nan")]])
+    w = step_token_weights(STEP_IDS, STEP_MASK, "divergence", kl, temperature=1.0)
+    torch.testing.assert_close(w, torch.tensor([[0.5, 0.5, 0.5, 3.0, 0.75, 0.75, 0.0]]))
+    # Temperature 2 halves the logits: the same shares need d = (0, 2 ln 2, 0).
+    w2 = step_token_weights(STEP_IDS, STEP_MASK, "divergence", 2 * kl, temperature=2.0)
+    torch.testing.assert_close(w2, w)
+    # A very high temperature is uniform; a very low one puts everything on the worst step.
+    hot = step_token_weights(STEP_IDS, STEP_MASK, "divergence", kl, temperature=1e6)
+    torch.testing.assert_close(hot, step_token_weights(STEP_IDS, STEP_MASK, "uniform"))
+    cold = step_token_weights(STEP_IDS, STEP_MASK, "divergence", kl, temperature=1e-3)
+    torch.testing.assert_close(cold, torch.tensor([[0.0, 0.0, 0.0, 6.0, 0.0, 0.0, 0.0]]))
+
+
+def test_step_weights_masking_single_step_and_empty_rows() -> None:
+    ids = torch.tensor([[0, 0, 0, 0], [0, 0, 3, 3], [5, 5, 5, 5]])  # row 1 skips ids 1 and 2
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True], [False] * 4])
+    kl = torch.tensor([[9.0, -9.0, 1.0, float("inf")], [0.0, 0.0, 0.0, 0.0], [float("nan")] * 4])
+    for mode in ("uniform", "divergence"):
+        w = step_token_weights(ids, mask, mode, kl)
+        assert torch.isfinite(w).all()
+        # One step (no delimiter): every token weighs 1 whatever its reverse KL.
+        torch.testing.assert_close(w[0], torch.tensor([1.0, 1.0, 1.0, 0.0]))
+        # Skipped ids are empty steps: they take no share. Two steps of 2 tokens: all 1.
+        torch.testing.assert_close(w[1], torch.ones(4))
+        # An empty completion: zeros, no NaN.
+        assert (w[2] == 0).all()
+    empty = step_token_weights(
+        torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.bool), "uniform"
+    )
+    assert empty.shape == (0, 0)
+
+
+def test_step_weights_reject_bad_input() -> None:
+    with pytest.raises(ValueError, match="needs the per-token reverse_kl"):
+        step_token_weights(STEP_IDS, STEP_MASK, "divergence")
+    with pytest.raises(ValueError, match="temperature"):
+        step_token_weights(STEP_IDS, STEP_MASK, "divergence", torch.zeros(1, 7), temperature=0.0)
+    with pytest.raises(ValueError, match="'uniform' or 'divergence'"):
+        step_token_weights(STEP_IDS, STEP_MASK, "none")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=">= 0"):
+        step_token_weights(-STEP_IDS, STEP_MASK, "uniform")

@@ -9,8 +9,9 @@ tiny model's vocabulary is measured; SmolLM2's (49152) and Qwen's (151936) are c
 payload sizes, where the pickling overhead is negligible.
 
 Fidelity: one batch of the tiny student's own samples, scored in-process by the tiny teacher
-(full logits). The top-k losses of rayd/losses.py (with the tail bin) are compared with the
-exact full-vocabulary divergences on the same batch, per k.
+(full logits). The learners' top-k losses (`batch_loss` over the teacher's top-k bins with the
+tail bin) are compared with their exact full-vocabulary forms (teacher.support=full) on the
+same batch, per k.
 """
 
 from __future__ import annotations
@@ -99,8 +100,9 @@ def _student_batch(
 def loss_figures(quick: bool) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rayd import losses
+    from rayd.losses import LossSpec, batch_loss
     from rayd.tasks import make_task
+    from rayd.types import TrainBatch
     from rayd.zoo import resolve_model_path
 
     student_path = resolve_model_path("tiny:test-student")
@@ -120,22 +122,31 @@ def loss_figures(quick: bool) -> dict[str, Any]:
     tokens = int(mask.sum())
     t_logprobs = t_logits.log_softmax(-1)
 
-    def mean(per_token: torch.Tensor) -> float:
-        return float(per_token.sum() / tokens)
+    def training_loss(kind: str, full: bool, k: int = 1) -> float:
+        """The learners' token-mean loss `kind` on this batch: over the whole vocabulary
+        (teacher.support=full) or over the teacher's top-k bins with the tail."""
+        top = t_logprobs.topk(k, dim=-1)
+        batch = TrainBatch(
+            input_ids,
+            attn,
+            mask,
+            torch.zeros(mask.shape),
+            torch.zeros(mask.shape),
+            top.indices,
+            top.values,
+        )
+        spec = LossSpec(kind, full_vocab=full)  # type: ignore[arg-type]
+        loss, _ = batch_loss(s_logits, batch, spec, teacher_logits=t_logits if full else None)
+        return float(loss.sum() / tokens)
 
-    exact = {
-        "reverse_kl": mean(losses.reverse_kl(s_logits, t_logits, mask)),
-        "forward_kl": mean(losses.forward_kl(s_logits, t_logits, mask)),
-    }
-    topk_fn = {"reverse_kl": losses.topk_reverse_kl, "forward_kl": losses.topk_forward_kl}
     out: dict[str, Any] = {}
-    for kind, full in exact.items():
+    for kind in ("reverse_kl", "forward_kl"):
+        full = training_loss(kind, full=True)
         per_k: dict[str, Any] = {}
         for k in KS:
             if k > t_logits.shape[-1]:
                 continue
-            top = t_logprobs.topk(k, dim=-1)
-            sparse = mean(topk_fn[kind](s_logits, top.indices, top.values, mask, tail=True))
+            sparse = training_loss(kind, full=False, k=k)
             per_k[f"k{k}"] = {
                 "topk_loss": sparse,
                 "abs_diff": abs(sparse - full),
