@@ -14,16 +14,18 @@ import pytest
 import yaml
 
 from rayd.commands import ablate
-from rayd.commands.ablate import (
-    Outcome,
+from rayd.commands.ablate import plots
+from rayd.commands.ablate.report import aggregate, format_stat, mean_std
+from rayd.commands.ablate.run import Outcome, outcome_from_files, plan_cell, prepare_cell_folder
+from rayd.commands.ablate.sweep import (
     SweepError,
     cell_config,
     cell_dir,
+    cell_id,
+    cell_token,
     expand,
     load_sweep,
-    mean_std,
-    plan_cell,
-    prepare_cell_folder,
+    yaml_value,
 )
 from rayd.config import save_config
 
@@ -134,14 +136,14 @@ def test_a_bundle_axis_sets_several_keys_and_axes_win_over_overrides(tmp_path):
     ],
 )
 def test_cell_id_parts_are_filesystem_safe(axis, value, bundle, token):
-    assert ablate.cell_token(axis, value, bundle) == token
+    assert cell_token(axis, value, bundle) == token
 
 
 def test_long_cell_ids_are_cut_with_a_stable_hash():
-    long = ablate.cell_id(["x" * 80, "y" * 80])
+    long = cell_id(["x" * 80, "y" * 80])
     assert len(long) == 111
-    assert long == ablate.cell_id(["x" * 80, "y" * 80])
-    assert long != ablate.cell_id(["x" * 80, "y" * 79 + "z"])
+    assert long == cell_id(["x" * 80, "y" * 80])
+    assert long != cell_id(["x" * 80, "y" * 79 + "z"])
 
 
 def test_values_that_give_the_same_id_are_a_sweep_error(tmp_path):
@@ -216,7 +218,7 @@ def test_main_reports_a_bad_sweep_with_exit_code_2(tmp_path, capsys):
 def test_override_values_survive_the_key_value_round_trip(value):
     from rayd.config import parse_overrides
 
-    assert parse_overrides([f"k={ablate._yaml_value(value)}"]) == [("k", value)]
+    assert parse_overrides([f"k={yaml_value(value)}"]) == [("k", value)]
 
 
 def test_a_cell_with_a_bad_config_is_invalid_and_the_others_are_not(tmp_path, capsys):
@@ -318,10 +320,10 @@ def test_mean_and_sample_std():
 
 
 def test_stat_formatting():
-    assert ablate.format_stat("eval/accuracy", 0.5, 0.1414) == "50.0 ± 14.1 %"
-    assert ablate.format_stat("eval/accuracy", 0.25, None) == "25.0 %"
-    assert ablate.format_stat("eval/reverse_kl", 2.34567, 0.0123) == "2.346 ± 0.012"
-    assert ablate.format_stat("eval/completion_len", 20.0, 0.0) == "20 ± 0"
+    assert format_stat("eval/accuracy", 0.5, 0.1414) == "50.0 ± 14.1 %"
+    assert format_stat("eval/accuracy", 0.25, None) == "25.0 %"
+    assert format_stat("eval/reverse_kl", 2.34567, 0.0123) == "2.346 ± 0.012"
+    assert format_stat("eval/completion_len", 20.0, 0.0) == "20 ± 0"
 
 
 def fake_results(tmp_path):
@@ -352,9 +354,9 @@ def fake_results(tmp_path):
 
 def test_aggregate_groups_over_seeds(tmp_path):
     _, sweep = fake_results(tmp_path)
-    outcomes = [ablate._outcome_from_files(sweep, c) for c in expand(sweep)]
+    outcomes = [outcome_from_files(sweep, c) for c in expand(sweep)]
     assert [o.status for o in outcomes] == ["done"] * 7 + ["failed"]
-    groups = ablate.aggregate(sweep, outcomes)
+    groups = aggregate(sweep, outcomes)
     assert [g.values for g in groups] == [
         {"algorithm.loss": "reverse_kl", "data.train_fraction": 0.25},
         {"algorithm.loss": "reverse_kl", "data.train_fraction": 1.0},
@@ -430,7 +432,7 @@ def test_report_falls_back_to_reverse_kl_without_accuracy(tmp_path):
 
 def test_outcome_of_an_unrun_cell_is_pending(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, GRID))
-    outcome = ablate._outcome_from_files(sweep, expand(sweep)[0])
+    outcome = outcome_from_files(sweep, expand(sweep)[0])
     assert (outcome.status, outcome.ok) == ("pending", False)
     assert Outcome(outcome.cell, "skipped").ok
 
@@ -449,4 +451,4 @@ def test_the_shipped_sweeps_are_valid(name, cells, x_axis):
     plans = [plan_cell(sweep, c) for c in expand(sweep)]
     assert len(plans) == cells
     assert all(p.action != "invalid" for p in plans), [p.reason for p in plans]
-    assert ablate.choose_x_axis(sweep) == x_axis
+    assert plots.choose_x_axis(sweep) == x_axis

@@ -1,0 +1,222 @@
+"""A sweep's results: results.csv, the results.md table (mean ± std over seeds), and the
+files both are written from."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rayd.commands.ablate.run import Outcome
+from rayd.commands.ablate.sweep import Sweep, cell_dir, value_text
+
+
+def _metric_keys(outcomes: list[Outcome]) -> list[str]:
+    keys: dict[str, None] = {}
+    for o in outcomes:
+        if o.ok and o.summary:
+            keys.update(
+                dict.fromkeys(
+                    k
+                    for k, v in (o.summary.get("final") or {}).items()
+                    if isinstance(v, int | float)
+                )
+            )
+    # Accuracy first: it is the number a reader looks for.
+    return sorted(keys, key=lambda k: (k != "eval/accuracy", k))
+
+
+def write_csv(sweep: Sweep, outcomes: list[Outcome], path: Path) -> None:
+    axes = list(sweep.spec.axes)
+    metrics = _metric_keys(outcomes)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            ["cell", *axes, "status", "exit_code", "steps", *metrics, "wall_s", "error"]
+        )
+        for o in outcomes:
+            final = (o.summary or {}).get("final") or {}
+            writer.writerow(
+                [
+                    o.cell.id,
+                    *[value_text(o.cell.values[a]) for a in axes],
+                    "done" if o.status == "skipped" else o.status,
+                    "" if o.exit_code is None else o.exit_code,
+                    (o.summary or {}).get("steps", ""),
+                    *[final.get(m, "") for m in metrics],
+                    "" if o.wall_s is None else f"{o.wall_s:.1f}",
+                    o.error.splitlines()[-1] if o.error else "",
+                ]
+            )
+
+
+@dataclass
+class Group:
+    """Cells that differ only in their seed."""
+
+    values: dict[str, Any]  # non-seed axis -> value
+    cells: list[Outcome] = field(default_factory=list)
+    stats: dict[str, tuple[float, float | None, int]] = field(default_factory=dict)
+
+    @property
+    def done(self) -> int:
+        return sum(o.ok for o in self.cells)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1); no spread from a single value."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(sweep: Sweep, outcomes: list[Outcome]) -> list[Group]:
+    """Groups in product order; per final metric: (mean, std, n) over the group's seeds."""
+    seed = sweep.spec.seed_axis
+    kept = [a for a in sweep.spec.axes if a != seed]
+    groups: dict[tuple[str, ...], Group] = {}
+    for o in outcomes:
+        values = {a: o.cell.values[a] for a in kept}
+        key = tuple(value_text(v) for v in values.values())
+        groups.setdefault(key, Group(values)).cells.append(o)
+    metrics = _metric_keys(outcomes)
+    for group in groups.values():
+        for metric in metrics:
+            xs = [
+                float(o.summary["final"][metric])
+                for o in group.cells
+                if o.ok
+                and o.summary
+                and isinstance(o.summary.get("final", {}).get(metric), int | float)
+            ]
+            xs = [x for x in xs if math.isfinite(x)]
+            if xs:
+                mean, std = mean_std(xs)
+                group.stats[metric] = (mean, std, len(xs))
+    return list(groups.values())
+
+
+def format_stat(metric: str, mean: float, std: float | None) -> str:
+    if metric.endswith("accuracy"):
+        text = f"{100 * mean:.1f}"
+        return f"{text} ± {100 * std:.1f} %" if std is not None else f"{text} %"
+    return f"{mean:.4g} ± {std:.2g}" if std is not None else f"{mean:.4g}"
+
+
+def write_markdown(sweep: Sweep, outcomes: list[Outcome], path: Path, plots: list[Path]) -> None:
+    spec = sweep.spec
+    seed = spec.seed_axis
+    groups = aggregate(sweep, outcomes)
+    metrics = _metric_keys(outcomes)
+    kept = [a for a in spec.axes if a != seed]
+    seeds_per_group = len(spec.axes[seed]) if seed else 1
+    lines = [f"# Sweep `{spec.name}`", ""]
+    lines.append(f"Base config `{sweep.base}`; {len(outcomes)} cells.")
+    if spec.overrides:
+        shared = ", ".join(f"`{k}={value_text(v)}`" for k, v in spec.overrides.items())
+        lines.append(f"Every cell: {shared}.")
+    for axis in spec.axes:
+        if spec.is_bundle_axis(axis):
+            for bundle, overrides in spec.axes[axis].items():
+                sets = ", ".join(f"`{k}={value_text(v)}`" for k, v in (overrides or {}).items())
+                lines.append(f"- {spec.label(axis)} = {spec.label(bundle)}: {sets or 'the base'}")
+    spread = (
+        f"mean ± sample standard deviation over the seeds ({spec.label(seed)})"
+        if seed
+        else "one run per row (no seed axis)"
+    )
+    lines += [
+        "",
+        f"Final held-out metrics, {spread}; n = finished runs; wall s = a run's mean wall time, "
+        "start-up included.",
+        "",
+    ]
+    header = [spec.label(a) for a in kept] + ["n", *[spec.label(m) for m in metrics], "wall s"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for group in groups:
+        row = [spec.label(value_text(group.values[a])) for a in kept]
+        row.append(f"{group.done}/{seeds_per_group}")
+        for metric in metrics:
+            if metric in group.stats:
+                mean, std, _ = group.stats[metric]
+                row.append(format_stat(metric, mean, std))
+            else:
+                row.append("–")
+        walls = [o.wall_s for o in group.cells if o.ok and o.wall_s is not None]
+        row.append(f"{statistics.fmean(walls):.0f}" if walls else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    main_metric = choose_metric(sweep, outcomes)
+    if main_metric is not None:
+        lines += curve_table(sweep, groups, main_metric)
+    bad = [o for o in outcomes if not o.ok]
+    if bad:
+        lines += ["", "Cells without results:", ""]
+        for o in bad:
+            last = o.error.splitlines()[-1] if o.error else ""
+            code = f" (exit code {o.exit_code})" if o.exit_code is not None else ""
+            lines.append(f"- `{o.cell.id}`: {o.status}{code}{': ' + last if last else ''}")
+    if plots:
+        lines += [""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def curve_table(sweep: Sweep, groups: list[Group], metric: str) -> list[str]:
+    """`metric` at every evaluation step, mean ± std over each setting's finished seeds: a
+    comparison at equal steps, where settings ran for different numbers of steps."""
+    spec = sweep.spec
+    kept = [a for a in spec.axes if a != spec.seed_axis]
+    curves: list[dict[int, list[float]]] = []
+    for group in groups:
+        by_step: dict[int, list[float]] = {}
+        for o in group.cells:
+            if o.ok:
+                for r in read_metrics(cell_dir(sweep, o.cell) / "metrics.jsonl"):
+                    if is_number(r.get(metric)) and math.isfinite(r[metric]):
+                        by_step.setdefault(r["step"], []).append(float(r[metric]))
+        curves.append(by_step)
+    steps = sorted({s for by_step in curves for s in by_step})
+    if not steps:
+        return []
+    header = [spec.label(a) for a in kept] + [f"step {s}" for s in steps]
+    lines = ["", f"{spec.label(metric)} at each evaluation step, mean ± std over seeds:", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group, by_step in zip(groups, curves, strict=True):
+        row = [spec.label(value_text(group.values[a])) for a in kept]
+        row += [format_stat(metric, *mean_std(by_step[s])) if s in by_step else "–" for s in steps]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def choose_metric(sweep: Sweep, outcomes: list[Outcome]) -> str | None:
+    if sweep.spec.report.metric:
+        return sweep.spec.report.metric
+    keys = _metric_keys(outcomes)
+    for metric in ("eval/accuracy", "eval/reverse_kl"):
+        if metric in keys:
+            return metric
+    return keys[0] if keys else None
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    records = []
+    try:
+        text = path.read_text()
+    except OSError:
+        return records
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
