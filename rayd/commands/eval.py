@@ -214,9 +214,7 @@ def describe(settings: dict[str, Any], where: dict[str, str]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    import json
-
+def _parser() -> argparse.ArgumentParser:
     from rayd.cli import ArgumentParser, positive_int
 
     parser = ArgumentParser(
@@ -261,39 +259,64 @@ def main(argv: list[str] | None = None) -> int:
         "data.chat_template)",
     )
     parser.add_argument("--out", type=Path, help="JSON file (default: MODEL/eval-TASK.json)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@dataclass(frozen=True)
+class _Request:
+    """`rayd eval`'s checked command line: what to evaluate, how, and where it came from."""
+
+    target: Target
+    ks: tuple[int, ...]
+    settings: dict[str, Any]
+    where: dict[str, str]
+    task: Task
+
+
+def _checked(args: argparse.Namespace) -> _Request:
+    """The command line against the target it names; TargetError (one line) when it does not
+    fit."""
+    target = resolve_target(args.target, "rayd eval: PATH")
+    if target.model is None:
+        raise TargetError(
+            f"rayd eval: PATH: the run {str(target.run)!r} has no student/ (it did not "
+            "finish); export its newest checkpoint (rayd export RUN --out DIR), then "
+            "evaluate DIR"
+        )
+    ks = _parse_ks(args.pass_k)
+    if args.samples and not ks:
+        raise TargetError("rayd eval: --samples: draws for pass@k; give --pass-k too")
+    if ks and args.samples and args.samples < max(ks):
+        raise TargetError(
+            f"rayd eval: --samples {args.samples}: pass@{max(ks)} needs at least "
+            f"{max(ks)} draws per prompt"
+        )
+    settings, where = settle(target, args)
+    if args.out is not None and args.out.is_dir():
+        raise TargetError(f"rayd eval: --out {str(args.out)!r} is a folder; give a file")
+    return _Request(target, ks, settings, where, _make_task(settings))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+
+    args = _parser().parse_args(argv)
     try:
-        target = resolve_target(args.target, "rayd eval: PATH")
-        if target.model is None:
-            raise TargetError(
-                f"rayd eval: PATH: the run {str(target.run)!r} has no student/ (it did not "
-                "finish); export its newest checkpoint (rayd export RUN --out DIR), then "
-                "evaluate DIR"
-            )
-        ks = _parse_ks(args.pass_k)
-        if args.samples and not ks:
-            raise TargetError("rayd eval: --samples: draws for pass@k; give --pass-k too")
-        if ks and args.samples and args.samples < max(ks):
-            raise TargetError(
-                f"rayd eval: --samples {args.samples}: pass@{max(ks)} needs at least "
-                f"{max(ks)} draws per prompt"
-            )
-        settings, where = settle(target, args)
-        if args.out is not None and args.out.is_dir():
-            raise TargetError(f"rayd eval: --out {str(args.out)!r} is a folder; give a file")
-        task = _make_task(settings)
+        request = _checked(args)
     except TargetError as exc:
         print(exc, file=sys.stderr)
         return 2
+    target, settings, where = request.target, request.settings, request.where
     print(describe(settings, where), flush=True)
     from rayd.evaluate import evaluate_model  # Ray, torch and the engines: after the checks
 
+    assert target.model is not None  # _checked refused a run without student/
     model = str(target.model)
     result = evaluate_model(
         model,
-        task,
+        request.task,
         count=settings["count"],
-        ks=ks,
+        ks=request.ks,
         samples=args.samples,
         temperature=args.temperature,
         max_new_tokens=settings["max_new_tokens"],
@@ -312,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or target.model / f"eval-{settings['task']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
+    _print_result(model, result, run_accuracy)
+    print(f"rayd eval: written {out}")
+    return 0
+
+
+def _print_result(model: str, result: dict[str, Any], run_accuracy: float | None) -> None:
     metrics = [k for k in result if k == "accuracy" or k.startswith("pass@")]
     print(f"{'model':<40} {'prompts':>8} " + " ".join(f"{m:>9}" for m in metrics))
     print(
@@ -323,8 +352,6 @@ def main(argv: list[str] | None = None) -> int:
             f"rayd eval: the run's own final held-out accuracy (summary.json): "
             f"{100 * run_accuracy:.1f}%"
         )
-    print(f"rayd eval: written {out}")
-    return 0
 
 
 def _make_task(settings: dict[str, Any]) -> Task:

@@ -132,7 +132,7 @@ def test_presets_keep_their_cache_keys():
 
 
 def test_report_corrupts_a_prefix_with_a_total_that_is_already_wrong():
-    from rayd.tasks.regimes_report import corrupted_prefixes
+    from rayd.commands.bench.regimes import corrupted_prefixes
 
     prompts = make_task("addition", **VARIANT).examples("eval", 100)
     for row in corrupted_prefixes(prompts):

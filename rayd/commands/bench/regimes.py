@@ -1,6 +1,7 @@
-"""Measure the regimes of the addition variant (issue 22; docs/experiments/regimes.md).
+"""Measure the regimes of the addition variant (docs/experiments/regimes.md): a measurement
+script beside the benches, not a `rayd bench` section.
 
-    python -m rayd.tasks.regimes_report [--parts a,b,c] [--json out.json]
+    python -m rayd.commands.bench.regimes [--parts a,b,c] [--json out.json]
 
 One process, plain transformers, no Ray: the teacher pre-trained on the variant
 (tiny:repair-teacher, task options {digits: 3, swap: 0.5, repair: 0.1}) is measured for
@@ -328,7 +329,7 @@ def part_c(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rayd.tasks.regimes_report")
+    parser = argparse.ArgumentParser(prog="python -m rayd.commands.bench.regimes")
     parser.add_argument("--teacher", default="tiny:repair-teacher")
     parser.add_argument("--plain-teacher", default="tiny:addition-teacher")
     parser.add_argument("--parts", default="a,b,c")
