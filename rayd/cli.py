@@ -52,6 +52,17 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def config_parser(
+    prog: str, description: str, config_help: str = "YAML config file"
+) -> ArgumentParser:
+    """The parser of a command that takes a config file and dotted key=value overrides
+    (train, generate, score); a command adds its own flags."""
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("config", help=config_help)
+    parser.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides")
+    return parser
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
     return _int_at_least(text, 1, "a positive integer")

@@ -80,9 +80,10 @@ def connect(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     else:
         # A local Ray's workers inherit the environment it starts in, and each rayd actor
         # quiets the known noise itself (rayd.device.prepare_process): a job runtime env would
-        # do the same at 1.3 s of a tiny run's start-up (each worker spawned through Ray's
-        # runtime-env agent, none taken from the idle ones Ray starts). So does the dashboard
-        # (0.7 s): a local run has none; `ray start --head` and RAY_ADDRESS give one.
+        # do the same at a cost to a tiny run's start-up (each worker spawned through Ray's
+        # runtime-env agent, none taken from the idle ones Ray starts), and so would the
+        # dashboard (docs/experiments/performance.md). A local run has neither; `ray start
+        # --head` and RAY_ADDRESS give a dashboard.
         # "local": without it ray.init joins a `ray start` cluster found on this machine, and
         # then refuses num_cpus (ValueError) instead of starting the local Ray promised here.
         with worker_environ():

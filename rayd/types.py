@@ -119,7 +119,8 @@ class TrainBatch:
 
     def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
         """Pickled as numpy arrays, which Ray passes out of band; a torch tensor goes through
-        torch.save, which made a tiny step's batch cost 3 ms a call against 1 (measured)."""
+        torch.save, which tripled a tiny step's batch's round trip
+        (docs/experiments/performance.md)."""
         return _batch_from_arrays, (
             {f.name: _to_array(getattr(self, f.name)) for f in fields(self)},
         )
@@ -189,8 +190,8 @@ def collate(
     completion_len = torch.tensor([len(s.completion_ids) for s in samples])
     length = int((prompt_len + completion_len).max())
     b = len(samples)
-    # Whole-batch tensor ops rather than a few per row: a tiny step's 32 rows took 1.1 ms
-    # row by row, over a third of the driver's time between two learner calls.
+    # Whole-batch tensor ops rather than a few per row: row by row, collating was a third of
+    # the driver's time between two learner calls (docs/experiments/performance.md).
     input_ids = torch.tensor(
         [
             s.prompt_ids

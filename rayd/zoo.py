@@ -48,9 +48,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The regimes world of issue 22 (docs/experiments/regimes.md): the demo teacher's arch and
     # recipe on addition whose gold rationales write each column's operands in either order
     # (swap) and state a wrong total then "!" and the right one in a tenth of the steps
-    # (repair). Use it with data.task_options {digits: 3, swap: 0.5, repair: 0.1}. Measured:
-    # 67% greedy held-out (the plain teacher ~100%): this recipe is short for the variant, whose
-    # swapped operands make the column lookup harder; 7.5 min to build on 2 shared cores.
+    # (repair). Use it with data.task_options {digits: 3, swap: 0.5, repair: 0.1}. This recipe
+    # is short for the variant, whose swapped operands make the column lookup harder: its
+    # accuracy and build time are in docs/experiments/regimes.md.
     "repair-teacher": {
         "arch": {"layers": 3, "hidden": 128, "heads": 4},
         "pretrain": {

@@ -16,6 +16,9 @@ import torch
 from rayd.rollout.spec import EngineSpec
 from rayd.types import Sample, TeacherScore
 
+# The end-to-end tests' base run: the tiny test pair on-policy (configs/demo/tiny.yaml says more)
+TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "tiny.yaml")
+
 
 def engine_spec(path: str | Path, backend: str = "hf", **changes: Any) -> EngineSpec:
     """A one-device engine of the model at `path`, small enough for a 2-core machine: fp32,

@@ -18,10 +18,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 from rayd.checkpoint import file_sha256
 from rayd.cli import ArgumentParser, output_folder, positive_int
 from rayd.config import ConfigError
+from rayd.staging import staged_folder
 
 _LAYER_KEY = re.compile(r"^(model\.layers\.)(\d+)(\..*)$")
 
@@ -256,19 +255,11 @@ def convert(
         "rayd_version": __version__,
         "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    # Written next to its destination and renamed: a crash never leaves a half checkpoint that a
-    # later run would load.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    # Staged and renamed: a crash never leaves a half checkpoint that a later run would load.
+    with staged_folder(out) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "rayd_convert.json").write_text(json.dumps(record, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return record
 
 

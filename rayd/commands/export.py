@@ -21,10 +21,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +33,7 @@ from rayd.commands.eval import (
     run_settings,
 )
 from rayd.commands.model_card import adapter_card, model_card
+from rayd.staging import staged_folder
 
 if TYPE_CHECKING:
     from rayd.config import RunConfig
@@ -251,9 +250,7 @@ def export(
         "provenance": provenance(run, cfg),
         "exported": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         del model
@@ -268,11 +265,6 @@ def export(
         record["example"] = card_example(staging, cfg)
         (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
         (staging / "README.md").write_text(model_card(record, cfg, str(out)))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return record
 
 
@@ -313,19 +305,12 @@ def export_adapter(run: Path, out: Path, *, source: str = "auto", force: bool = 
     }
     from rayd.zoo import resolve_model_path
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         save_adapter(staging, adapters, cfg.learner.lora, base)
         init = resolve_model_path(base, seed=cfg.models.student.build_seed(cfg.trainer.seed))
         AutoTokenizer.from_pretrained(init).save_pretrained(staging)
         (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
         (staging / "README.md").write_text(adapter_card(record, str(out)))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return record
 
 

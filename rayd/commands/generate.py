@@ -34,7 +34,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 import rayd
-from rayd.cli import ArgumentParser
+from rayd.cli import config_parser
 from rayd.config import ConfigError, EngineSection, ModelSpec, _Strict, load_tree, validate
 from rayd.data.prompts import encode_prompt
 from rayd.sampling import Sampling
@@ -447,10 +447,7 @@ def _save_dataset(path: Path, kept: list[dict[str, Any]], task: Task) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="rayd generate", description=__doc__.split("\n")[0])
-    parser.add_argument("config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides")
-    args = parser.parse_args(argv)
+    args = config_parser("rayd generate", __doc__.split("\n")[0]).parse_args(argv)
     try:
         cfg = load_generate_config(args.config, args.overrides)
         summary = generate(cfg)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import rayd
-from rayd.cli import ArgumentParser, output_folder
+from rayd.cli import config_parser, output_folder
 from rayd.config import ConfigError, RunConfig, load_config
 from rayd.data.prompts import encode_row, read_dataset_dir
 
@@ -318,9 +318,7 @@ def _write(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="rayd score", description=__doc__.split("\n")[0])
-    parser.add_argument("config", help="YAML config of the logit_kd run")
-    parser.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides")
+    parser = config_parser("rayd score", __doc__.split("\n")[0], "YAML config of the logit_kd run")
     parser.add_argument(
         "--out",
         default=None,

@@ -7,15 +7,12 @@ import json
 import sys
 
 from rayd.checkpoint import CheckpointError
-from rayd.cli import ArgumentParser
+from rayd.cli import config_parser
 from rayd.config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="rayd train", description=__doc__.split("\n")[0])
-    parser.add_argument("config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides")
-    args = parser.parse_args(argv)
+    args = config_parser("rayd train", __doc__.split("\n")[0]).parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

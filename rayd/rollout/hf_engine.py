@@ -214,8 +214,8 @@ class Sampler:
             self.warpers.append(TopPLogitsWarper(top_p))
 
     # Inference mode, not just no_grad: no version counters or autograd metadata on the
-    # step's small tensors. The same numbers; a tiny model's decoding ran 10% faster (18.9 ->
-    # 17.0 ms for 16 prompts x 24 tokens). Its outputs are only read, never trained through.
+    # step's small tensors. The same numbers, and a tiny model decodes faster
+    # (docs/experiments/performance.md). Its outputs are only read, never trained through.
     @torch.inference_mode()
     def run(
         self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor

@@ -51,8 +51,7 @@ def build_llm(spec: EngineSpec, *, worker_extension_cls: str | None = None) -> L
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         # The engine core in this process, not a child: on CPU the child and this process's
         # busy-polling client share the same few cores, and every weight load is pickled to
-        # the child (measured on 2 cores, SmolLM2 10-layer student, 16 x 128 tokens: generate
-        # 5.5 s -> 4.0 s, a 243 MiB weight load 1.2 s -> 0.3 s).
+        # the child: slower sampling and weight loads (docs/experiments/performance.md).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     extra: dict[str, Any] = {}
     if worker_extension_cls:

@@ -27,9 +27,8 @@ from rayd.driver import train
 from rayd.rollout.worker import RolloutWorker
 from rayd.sampling import Sampling
 
-from helpers import engine_spec
+from helpers import TINY_CONFIG, engine_spec
 
-CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
 PROMPTS = ["12+34=", "50+7=", "99+1=", "8+8="]
 
 
@@ -37,7 +36,7 @@ PROMPTS = ["12+34=", "50+7=", "99+1=", "8+8="]
 def run(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("export-run")
     cfg = load_config(
-        CONFIG,
+        TINY_CONFIG,
         [
             f"output_dir={out}",
             "trainer.max_steps=4",

@@ -22,14 +22,14 @@ from rayd.driver import train
 from rayd.learner.lora import ADAPTER_DIR, ADAPTER_WEIGHTS
 from rayd.zoo import resolve_model_path
 
-CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
+from helpers import TINY_CONFIG
 
 
 @pytest.fixture(scope="module")
 def run(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-run")
     cfg = load_config(
-        CONFIG,
+        TINY_CONFIG,
         [
             f"output_dir={out}",
             "trainer.max_steps=4",

@@ -16,7 +16,7 @@ from rayd.commands.generate import generate, load_generate_config
 from rayd.config import load_config
 from rayd.driver import train
 
-CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
+from helpers import TINY_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_generate_writes_a_verified_dataset_and_resumes_by_shard(traces):
 )
 def test_offline_mode_loss_falls(traces, tmp_path, mode):
     cfg = load_config(
-        CONFIG,
+        TINY_CONFIG,
         [
             f"output_dir={tmp_path}/{{name}}",
             "algorithm.loss=null",

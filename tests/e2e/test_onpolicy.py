@@ -14,15 +14,15 @@ learner tests; on this 1-layer student it plateaus near half the initial KL with
 """
 
 import json
-from pathlib import Path
 
 import pytest
 
 from rayd.config import load_config
 from rayd.driver import train
 
+from helpers import TINY_CONFIG
+
 # Shared with the README's command for the figures: 120 steps, dense reverse KL, 2 learners.
-CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
 
 
 @pytest.mark.parametrize(
@@ -33,7 +33,7 @@ def test_on_policy_distillation_halves_heldout_reverse_kl(
     ray_local, tmp_path, zero_stage, max_staleness, rollout_backend
 ):
     cfg = load_config(
-        CONFIG,
+        TINY_CONFIG,
         [
             f"name=e2e-zero{zero_stage}-{rollout_backend}",
             f"output_dir={tmp_path}/{{name}}",

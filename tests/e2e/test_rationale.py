@@ -14,12 +14,12 @@ vLLM); the weights themselves are checked exactly in tests/unit/test_steps.py.
 
 import json
 import math
-from pathlib import Path
 
 from rayd.config import load_config
 from rayd.driver import train
 
-CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
+from helpers import TINY_CONFIG
+
 STEP_KEYS = (
     "steps/count",
     "steps/reverse_kl_first",
@@ -32,7 +32,7 @@ STEP_KEYS = (
 
 def test_step_weighting_label_task_and_task_reward(ray_local, tmp_path):
     cfg = load_config(
-        CONFIG,
+        TINY_CONFIG,
         [
             "name=e2e-rationale",
             f"output_dir={tmp_path}/{{name}}",

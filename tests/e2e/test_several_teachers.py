@@ -10,7 +10,6 @@ tiny:test-reasoner, transformers backends), a random student, on-policy dense re
 """
 
 import json
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -23,9 +22,8 @@ from rayd.preflight import check_models
 from rayd.tasks import make_task
 from rayd.zoo import resolve_model_path
 
-from helpers import logged_samples, step_records
+from helpers import TINY_CONFIG, logged_samples, step_records
 
-CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
 TEACHERS = (
     "models.teachers=[{name: adder, path: 'tiny:test-teacher', weight: 0.7}, "
     "{name: reasoner, path: 'tiny:test-reasoner', weight: 0.3}]"
@@ -60,7 +58,7 @@ def teacher_logprobs(seed: int) -> dict[str, object]:
 
 def test_ensemble_of_two_teachers(ray_local, tmp_path):
     cfg = load_config(
-        CONFIG,
+        TINY_CONFIG,
         [*COMMON, "name=ensemble", f"output_dir={tmp_path}/{{name}}", "trainer.max_steps=30"],
     )
     summary = train(cfg)
@@ -122,7 +120,7 @@ def test_routed_teachers(ray_local, tmp_path):
         f"data.source={data}",
         "trainer.max_steps=6",
     ]
-    cfg = load_config(CONFIG, overrides)
+    cfg = load_config(TINY_CONFIG, overrides)
     summary = train(cfg)
     steps = step_records(cfg.run_dir)
     assert len(steps) == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)

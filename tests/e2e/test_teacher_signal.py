@@ -31,15 +31,13 @@ from rayd.teacher.worker import TeacherWorker
 from rayd.types import TeacherScore, collate
 from rayd.zoo import resolve_model_path
 
-from helpers import logged_samples, step_records
+from helpers import TINY_CONFIG, logged_samples, step_records
 from reference_losses import full_vocab
-
-CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
 
 
 def test_on_policy_reverse_kl_over_the_students_top_k(ray_local, tmp_path):
     cfg = load_config(
-        CONFIG,
+        TINY_CONFIG,
         [
             "name=student-topk",
             f"output_dir={tmp_path}/{{name}}",
@@ -83,7 +81,7 @@ def test_on_policy_jsd_over_the_whole_vocabulary(ray_local, tmp_path, monkeypatc
     monkeypatch.setattr(signal_module, "ask_teacher", no_teacher_actor)
     monkeypatch.setattr(workers_module, "start_teachers", no_teacher_actor)
     cfg = load_config(
-        CONFIG,
+        TINY_CONFIG,
         [
             "name=full-vocab",
             f"output_dir={tmp_path}/{{name}}",
@@ -155,7 +153,7 @@ def test_logit_kd_from_stored_teacher_signal(ray_local, tmp_path, gold_dataset, 
         "learner.optim.lr=3.0e-3",
         "logging.progress=false",
     ]
-    cfg = load_config(CONFIG, [*common, "name=score", f"data.train_dataset={gold_dataset}"])
+    cfg = load_config(TINY_CONFIG, [*common, "name=score", f"data.train_dataset={gold_dataset}"])
     # An interrupted job: every block scored, then stopped before the dataset was written.
     monkeypatch.setattr(score_module, "BLOCK", 64)  # 160 rows: 3 blocks
     write = score_module._write
@@ -205,7 +203,7 @@ def test_logit_kd_from_stored_teacher_signal(ray_local, tmp_path, gold_dataset, 
         raise AssertionError("a run over a stored signal started a teacher actor")
 
     monkeypatch.setattr(workers_module, "start_teachers", no_teacher_actor)
-    stored = load_config(CONFIG, [*common, "name=stored", f"data.train_dataset={scored}"])
+    stored = load_config(TINY_CONFIG, [*common, "name=stored", f"data.train_dataset={scored}"])
     summary = train(stored)
     losses = [r["loss"] for r in step_records(stored.run_dir)]
     assert len(losses) == 30

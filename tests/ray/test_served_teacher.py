@@ -37,13 +37,12 @@ from rayd.teacher.scorer import TeacherSignalError, check_scores
 from rayd.teacher.server_scorer import check_servers
 from rayd.teacher.worker import TeacherWorker
 
-from helpers import engine_spec
+from helpers import TINY_CONFIG, engine_spec
 
 MAX_LEN = 128
 TOP_K = 8
 START_S = 300  # the server's start deadline: about 40 s on a quiet 2-core machine
 TIMEOUT = 300
-CONFIG = str(Path(__file__).parents[2] / "configs" / "demo" / "tiny.yaml")
 REPORT = Path(__file__).resolve().parents[2] / "runs" / "reports" / "served_teacher.json"
 
 
@@ -220,7 +219,7 @@ def test_on_policy_run_trains_against_the_server_and_stops_when_it_dies(
 ):
     """Last in the module: it kills the shared server."""
     cfg = load_config(
-        CONFIG,
+        TINY_CONFIG,
         [
             "name=served",
             f"output_dir={tmp_path}/{{name}}",
