@@ -129,3 +129,98 @@ def test_dropped_truncated_completions_leave_the_loss_but_keep_their_row() -> No
     assert batch.loss_mask.sum(1).tolist() == [3, 0, 3]
     kept = training_batch(samples, scores, 0, learner_version=0, drop_truncated=False)
     assert kept.loss_mask.sum(1).tolist() == [3, 3, 3]
+
+
+def test_the_samples_log_reads_back_as_the_learners_got_it_and_resumes_like_the_metrics(
+    tmp_path,
+) -> None:
+    from rayd.metrics import SamplesLog
+
+    from helpers import logged_samples
+
+    ids = torch.tensor([[3, 7], [4, 8], [5, 9]])
+    steps = {
+        1: [_sample(0, 0, student_topk_ids=ids), _sample(1, 0, hard_target=True)],
+        2: [_sample(2, 1), _sample(3, 1, finish_reason="length")],
+        3: [_sample(4, 2)],
+    }
+    scores = {
+        s: [
+            TeacherScore(torch.full((3,), -0.5 * s), torch.tensor([[1, 2]] * 3), torch.ones(3, 2))
+            for _ in samples
+        ]
+        for s, samples in steps.items()
+    }
+    log = SamplesLog(tmp_path, "signal")
+    for step, samples in steps.items():
+        log.log(step, samples, scores[step] if step != 3 else None)
+    log.close()
+    back = logged_samples(tmp_path)
+    assert [len(samples) for samples, _ in back] == [2, 2, 1]
+    for (got, signal), step in zip(back, steps, strict=True):
+        for sample, want, score, want_score in zip(
+            got, steps[step], signal, scores[step], strict=True
+        ):
+            if want.student_topk_ids is not None:
+                assert torch.equal(sample.student_topk_ids, want.student_topk_ids)
+                sample.student_topk_ids = want.student_topk_ids
+            assert sample == want  # every field, the log-probs bit for bit
+            if want.hard_target or step == 3:  # no signal: a label row, or none in the batch
+                assert score is None
+            else:
+                assert torch.equal(score.token_logprobs, want_score.token_logprobs)
+                assert torch.equal(score.topk_ids, want_score.topk_ids)
+                assert torch.equal(score.topk_logprobs, want_score.topk_logprobs)
+
+    # Resumed from the checkpoint of step 1: steps 2 and 3 will be redone, so they go.
+    SamplesLog(tmp_path, "tokens", start_step=1).close()
+    assert [len(s) for s, _ in logged_samples(tmp_path)] == [2]
+    # A fresh start in the same folder keeps the old log aside.
+    SamplesLog(tmp_path, "tokens").close()
+    assert not (tmp_path / "samples.jsonl").read_text()
+    assert len(list(tmp_path.glob("samples-before-*.jsonl"))) == 1
+    tokens = SamplesLog(tmp_path, "tokens")
+    tokens.log(1, steps[1], scores[1])
+    tokens.close()
+    record = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
+    assert "teacher" not in record and record["completion_ids"] == [3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "source", "mode"),
+    [
+        ([], "actors", "Synchronous"),
+        (["trainer.max_staleness=1"], "actors", "Pipelined"),
+        (["algorithm.name=sft", "algorithm.loss=null"], "none", "Offline"),
+        (["rollout.backend=learner"], "actors", "Synchronous"),
+        (
+            ["rollout.backend=learner", "teacher.support=full", "teacher.backend=hf"],
+            "learners",
+            "OneCall",
+        ),
+        # the driver adds to the batch between the samples and the update: two calls
+        (
+            ["rollout.backend=learner", "teacher.support=full", "algorithm.step_weighting=uniform"],
+            "learners",
+            "Synchronous",
+        ),
+        (
+            ["rollout.backend=learner", "teacher.support=full", "algorithm.reward_weight=0.5"],
+            "learners",
+            "Synchronous",
+        ),
+    ],
+)
+def test_each_run_makes_its_steps_in_the_one_mode_that_fits(overrides, source, mode) -> None:
+    from rayd.config import load_config
+    from rayd.driver import step_mode
+    from rayd.teacher.signal import teacher_source
+
+    base = [
+        "models.student.path=tiny:test-student",
+        "models.teacher.path=tiny:test-teacher",
+        "algorithm.loss=reverse_kl",
+    ]
+    cfg = load_config(None, [*base, *overrides])
+    assert teacher_source(cfg.algorithm.needs_teacher, cfg.teacher.support, False) == source
+    assert step_mode(cfg, source).__name__ == mode

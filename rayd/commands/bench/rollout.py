@@ -107,6 +107,7 @@ def _converted(name: str, source: str | Callable[[], str], layers: int | None = 
 def compare(
     model_path: str, prompts: list[list[int]], max_new_tokens: int, threads: int, reps: int
 ) -> dict[str, Any]:
+    from rayd.config import RolloutConfig
     from rayd.rollout.group import engine_runtime_env
     from rayd.rollout.spec import EngineSpec
     from rayd.rollout.worker import RolloutWorker
@@ -117,18 +118,12 @@ def compare(
         ray.remote(RolloutWorker)
         .options(num_cpus=1, runtime_env=engine_runtime_env())
         .remote(
-            EngineSpec(
-                model_path=model_path,
-                backend="vllm",
+            EngineSpec.from_section(
+                model_path,
+                RolloutConfig(max_model_len=max(256, longest), kv_cache_gib=0.5, threads=threads),
                 dtype="auto",
-                max_model_len=max(256, longest),
-                kv_cache_gib=0.5,
-                threads=threads,
                 seed=0,
                 max_logprobs=20,
-                tensor_parallel_size=1,
-                pipeline_parallel_size=1,
-                server=None,
             )
         )
     )

@@ -63,6 +63,7 @@ def _rollout_engines(model_path: str, count: int) -> tuple[list[Any], Any]:
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    from rayd.config import RolloutConfig
     from rayd.rollout.group import engine_runtime_env
     from rayd.rollout.spec import EngineSpec
     from rayd.rollout.worker import RolloutWorker
@@ -78,18 +79,12 @@ def _rollout_engines(model_path: str, count: int) -> tuple[list[Any], Any]:
                 pg, placement_group_bundle_index=i
             ),
         ).remote(
-            EngineSpec(
-                model_path=model_path,
-                backend="vllm",
+            EngineSpec.from_section(
+                model_path,
+                RolloutConfig(max_model_len=256, kv_cache_gib=0.25),
                 dtype="auto",
-                max_model_len=256,
-                kv_cache_gib=0.25,
-                threads=1,
                 seed=i,
                 max_logprobs=20,
-                tensor_parallel_size=1,
-                pipeline_parallel_size=1,
-                server=None,
             )
         )
         for i in range(count)
