@@ -443,6 +443,26 @@ class AlgorithmConfig(_Strict):
         description="on_policy/gkd: weight of the distillation loss; 0 with reward_weight > 0 "
         "trains on the reward alone (the teacher still scores, for the reverse_kl metric)",
     )
+    # Position-weighted on-policy distillation (IW-OPD, "On the Position Bias of On-Policy
+    # Distillation", arXiv 2606.22600; TRL's trl.experimental.iw_opd): a student's later tokens
+    # sit on prefixes the teacher supervises worse, so each token's loss is multiplied by
+    #     w_t = 1 + gamma * (1 - P_t / max(Z, epsilon)),
+    # P_t the discrepancy of the completion's tokens before t, Z the whole completion's: the
+    # first token gets 1 + gamma, the weights fall towards 1 as the discrepancy accumulates.
+    # The discrepancy of a token is |teacher_lp - behaviour_lp| of its sampled token for
+    # on_policy_pg (TRL's definition); for the dense losses, its own per-token divergence
+    # (rayd's extension). docs/algorithms.md says more.
+    position_weighting: Literal["none", "iw_opd"] = Field(
+        "none",
+        description="on_policy/gkd: iw_opd weighs each token by the discrepancy still ahead of "
+        "it in its completion (IW-OPD); none: every token weighs 1",
+    )
+    iw_opd_gamma: float = Field(
+        0.5, ge=0, description="iw_opd: the amplification gamma (first token's weight 1 + gamma)"
+    )
+    iw_opd_epsilon: float = Field(
+        1e-8, gt=0, description="iw_opd: the floor of the completion's total discrepancy Z"
+    )
 
     @property
     def offline(self) -> bool:
@@ -585,6 +605,12 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"algorithm.step_weighting applies to on_policy and gkd, not {algo.name} "
                 "(set algorithm.step_weighting=none)"
+            )
+        if algo.offline and algo.position_weighting != "none":
+            raise ValueError(
+                f"algorithm.position_weighting weighs the tokens of the student's own samples: it "
+                f"applies to on_policy and gkd, not {algo.name} (set "
+                "algorithm.position_weighting=none)"
             )
         if algo.offline and algo.label_weight > 0:
             raise ValueError(

@@ -45,6 +45,7 @@ from rayd.metrics import (
     SamplesLog,
     StageTimer,
     per_own_tokens,
+    position_weight_means,
     start_trackers,
     step_metrics,
 )
@@ -514,6 +515,7 @@ class Run:
         if not self.teacher.has_signal:  # no teacher scores: meaningless
             metrics.pop("reverse_kl", None)
         per_own_tokens(metrics)
+        position_weight_means(metrics)
         metrics.update(done.stats)
         metrics.update(work.teacher_stats)
         seconds = {**work.seconds, **timer.seconds}

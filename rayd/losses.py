@@ -73,6 +73,11 @@ class LossSpec:
     # reward_weight * `sequence_reward_pg` of batch.advantage, on the rows that carry one.
     distill_weight: float = 1.0
     reward_weight: float = 0.0
+    # Position-weighted OPD (`position_weights`): iw_opd multiplies each token's distillation
+    # loss by 1 + iw_opd_gamma * (the share of its completion's discrepancy still ahead of it).
+    position_weighting: Literal["none", "iw_opd"] = "none"
+    iw_opd_gamma: float = 0.5
+    iw_opd_epsilon: float = 1e-8
 
     def __post_init__(self) -> None:
         entry = LOSSES.get(self.kind)
@@ -101,6 +106,22 @@ class LossSpec:
             raise ValueError("feature_kd needs feature_pairs and teacher_hidden_size")
         if self.feature_weight < 0.0:
             raise ValueError(f"feature_weight must be >= 0, got {self.feature_weight}")
+        if self.position_weighting not in ("none", "iw_opd"):
+            raise ValueError(f"unknown position weighting {self.position_weighting!r}")
+        if (
+            self.position_weighting != "none"
+            and not entry.divergence
+            and self.kind != "on_policy_pg"
+        ):
+            raise ValueError(
+                f"position weighting applies to the on-policy losses (on_policy_pg and the "
+                f"divergences), not {self.kind}"
+            )
+        if self.iw_opd_gamma < 0.0 or not self.iw_opd_epsilon > 0.0:
+            raise ValueError(
+                f"iw_opd needs gamma >= 0 and epsilon > 0, got {self.iw_opd_gamma} and "
+                f"{self.iw_opd_epsilon}"
+            )
         if self.distill_weight < 0.0 or self.reward_weight < 0.0:
             raise ValueError(
                 f"distill_weight and reward_weight must be >= 0, got {self.distill_weight} "
@@ -585,6 +606,40 @@ def feature_loss(
     return _per_token(per_token, mask)
 
 
+def position_weights(discrepancy: Tensor, mask: Tensor, gamma: float, epsilon: float) -> Tensor:
+    """IW-OPD's per-token weights (arXiv 2606.22600; TRL's `trl.experimental.iw_opd`), detached.
+
+    discrepancy [B, T] >= 0 (any value where `mask` is False), mask [B, T] -> [B, T] float:
+        w_t = 1 + gamma * (1 - P_t / max(Z, epsilon)),
+    P_t the discrepancy of the row's tokens before t (exclusive prefix sum), Z the row's total:
+    1 + gamma at a row's first token, falling towards 1 as its discrepancy accumulates, never
+    rising; 1 + gamma everywhere on a row without any. A row is one completion, so nothing
+    crosses from one sample to another. Not normalised (TRL neither): the weights' mean is
+    between 1 and 1 + gamma. 0 where masked.
+    """
+    d = torch.where(mask, discrepancy.detach().abs(), torch.zeros((), dtype=discrepancy.dtype))
+    before = d.cumsum(-1) - d
+    total = d.sum(-1, keepdim=True).clamp(min=epsilon)
+    weights = 1.0 + gamma * (1.0 - before / total)
+    return torch.where(mask, weights, torch.zeros((), dtype=weights.dtype))
+
+
+def position_weight_metrics(weights: Tensor, mask: Tensor, quarters: int = 4) -> dict[str, Tensor]:
+    """Where the position weights put the signal, as [B, T] tensors the learner sums over the
+    step: the weight itself and its square (mean and spread), and per quarter q of each
+    completion (by relative position) the weight and the token count there, whose ratio the
+    driver reports as that quarter's mean weight (`metrics.position_weight_means`)."""
+    index = mask.long().cumsum(-1) - 1  # each token's place in its completion
+    length = mask.sum(-1, keepdim=True).clamp(min=1)
+    quarter = torch.div(index * quarters, length, rounding_mode="floor")
+    out = {"iw_opd/weight": weights, "iw_opd/weight_sq": weights.square()}
+    for q in range(quarters):
+        where = mask & (quarter == q)
+        out[f"iw_opd/weight_q{q + 1}"] = torch.where(where, weights, 0.0)
+        out[f"iw_opd/tokens_q{q + 1}"] = where.to(weights.dtype)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The loss table: each loss by name, a function of batch_loss's shared preparation
 
@@ -944,7 +999,20 @@ def _finish(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The stale-row importance weight (divergences), the hard-target rows' CE, the
     reverse_kl and student_logprob metrics, the row and token weights, and the mask."""
-    mask, batch = ctx.mask, ctx.batch
+    mask, batch, spec = ctx.mask, ctx.batch, ctx.spec
+    if spec.position_weighting == "iw_opd":
+        # The sampled-token loss weighs by its own advantage's size (TRL's definition); a
+        # dense divergence by its own value at each position.
+        if spec.kind == "on_policy_pg":
+            discrepancy = ctx.teacher_lp - ctx.behavior
+        else:
+            discrepancy = loss.detach()
+        rows = mask
+        if batch.hard_target.numel() == mask.shape[0]:  # label-task rows take plain CE below
+            rows = mask & ~batch.hard_target.to(mask.device).unsqueeze(-1)
+        weights = position_weights(discrepancy, rows, spec.iw_opd_gamma, spec.iw_opd_epsilon)
+        loss = loss * weights.to(loss.dtype)
+        metrics.update(position_weight_metrics(weights.detach(), rows))
     if LOSSES[ctx.spec.kind].divergence and batch.stale.numel() == mask.shape[0]:
         # Rollouts from older weights (trainer.max_staleness >= 1): on_policy_pg has its ratio
         # in the loss already; the divergences get the truncated per-token weight.

@@ -204,6 +204,26 @@ def per_own_tokens(metrics: dict[str, float]) -> None:
         metrics["reverse_kl"] /= max(1.0 - share, 1e-12)
 
 
+def position_weight_means(metrics: dict[str, float], quarters: int = 4) -> None:
+    """algorithm.position_weighting: the learner sums the weights, their squares and their
+    token counts per quarter of each completion over the step (divided by all of its tokens);
+    turned here into the weights' mean and spread over the weighted tokens and each quarter's
+    mean (iw_opd/weight_q1: the first quarter of every completion)."""
+    counts = [metrics.pop(f"iw_opd/tokens_q{q + 1}", None) for q in range(quarters)]
+    if "iw_opd/weight" not in metrics or any(c is None for c in counts):
+        return
+    tokens = max(sum(counts), 1e-12)  # type: ignore[arg-type]
+    mean = metrics["iw_opd/weight"] / tokens
+    square = metrics.pop("iw_opd/weight_sq") / tokens
+    metrics["iw_opd/weight"] = mean
+    metrics["iw_opd/weight_std"] = max(square - mean * mean, 0.0) ** 0.5
+    for q, count in enumerate(counts):
+        key = f"iw_opd/weight_q{q + 1}"
+        value = metrics.pop(key)
+        if count:  # every completion shorter than four tokens leaves a quarter empty
+            metrics[key] = value / count
+
+
 def step_metrics(
     samples: list[Sample], tokens: int, seconds: dict[str, float], step_time: float, version: int
 ) -> dict[str, float]:

@@ -142,4 +142,7 @@ def loss_spec(
         full_vocab=cfg.teacher.support == "full",
         distill_weight=algo.distill_weight,
         reward_weight=algo.reward_weight,
+        position_weighting=algo.position_weighting,
+        iw_opd_gamma=algo.iw_opd_gamma,
+        iw_opd_epsilon=algo.iw_opd_epsilon,
     )
