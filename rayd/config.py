@@ -75,10 +75,16 @@ class TeacherSpec(ModelSpec):
     )
 
 
+SELF = "self"  # models.teacher: the student's own weights teach
+
+
 class ModelsConfig(_Strict):
     student: ModelSpec
     # Needed by every mode that asks a teacher for scores; sft and step_by_step train on a
     # dataset's completions (often teacher-written by `rayd generate`) and start no teacher.
+    # "self": the student's own weights teach (self-distillation: SDFT, SDPO), frozen at the
+    # start, live or an EMA (teacher.weights), usually shown privileged context the student
+    # does not see (teacher.privileged_context).
     teacher: ModelSpec | None = None
     # Several teachers instead of one (each its own actor pool, sharing the `teacher:` section's
     # settings), combined as `teacher.combine` says. Give `teacher` or `teachers`, not both.
@@ -91,11 +97,25 @@ class ModelsConfig(_Strict):
             return list(self.teachers)
         if self.teacher is None:
             return []
-        t = self.teacher
-        return [TeacherSpec(name="teacher", path=t.path, dtype=t.dtype, seed=t.seed)]
+        t = self.student if self.self_taught else self.teacher
+        name = "self" if self.self_taught else "teacher"
+        return [TeacherSpec(name=name, path=t.path, dtype=t.dtype, seed=t.seed)]
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _self_is_a_path(cls, value: Any) -> Any:
+        """`models.teacher: self` is short for `models.teacher: {path: self}`."""
+        return {"path": SELF} if value == SELF else value
+
+    @property
+    def self_taught(self) -> bool:
+        """Whether the student's own weights teach (models.teacher: self)."""
+        return self.teacher is not None and self.teacher.path == SELF
 
     def teacher_key(self, index: int) -> str:
         """The config key of a teacher's path, for error messages."""
+        if self.self_taught:
+            return "models.teacher"
         if self.teachers is None:
             return "models.teacher.path"
         return f"models.teachers[{index}].path"
@@ -240,6 +260,38 @@ class TeacherConfig(EngineSection):
         min_length=1,
         description="route: the JSONL / dataset column naming each row's teacher "
         "(rows without it are routed by hash)",
+    )
+    # Privileged context: the teacher scores the student's completion after a prompt that also
+    # shows it what the student does not see, written by prompt_template from the row:
+    # completion: the row's reference completion (a demonstration: SDFT); rationale / answer:
+    #      a task's gold rationale or answer;
+    # feedback: a correct sample of the same prompt from this step (another of its rollout.n;
+    #      the task's verifier decides: SDPO); a sample without one gets no teacher signal.
+    privileged_context: Literal["none", "completion", "rationale", "answer", "feedback"] = Field(
+        "none",
+        description="what the teacher is shown besides the prompt (prompt_template); none: the "
+        "student's own prompt",
+    )
+    prompt_template: str = Field(
+        "{prompt}\n\n{privileged_context}",
+        min_length=1,
+        description="the teacher's prompt text, from {prompt} (the row's prompt text) and "
+        "{privileged_context}; encoded as the student's prompts are (data.chat_template)",
+    )
+    # models.teacher: self. frozen: the initial student; live: the weights being trained;
+    # ema: theta_T <- (1 - ema_rate) theta_T + ema_rate theta_S after every optimizer step,
+    # kept by the learners (a full copy per rank; a LoRA student's merged weights).
+    weights: Literal["frozen", "live", "ema"] = Field(
+        "frozen", description="models.teacher: self: which of the student's weights teach"
+    )
+    ema_rate: float = Field(
+        0.05, gt=0, le=1, description="weights=ema: the EMA's rate, in (0, 1] (1 = live)"
+    )
+    sync_every: int = Field(
+        1,
+        ge=1,
+        description="weights=live/ema with teacher actors: optimizer steps between the "
+        "teacher engines' weight loads (the learners' teacher needs none)",
     )
 
 
@@ -425,12 +477,11 @@ class AlgorithmConfig(_Strict):
     label_prefix: str = Field(
         "answer: ", min_length=1, description="on_policy/gkd: the label task's input prefix"
     )
-    # Distillation plus a task reward (verl, tinker, NeMo-RL; a reward scaled above 1 in ExOPD,
-    # arXiv 2602.12125): the task's verifier gives each on-policy sample 1 (right final
-    # answer) or 0; its advantage, the reward minus the mean over the prompt's rollout.n
-    # samples (over the step's on-policy samples when n = 1), is a sequence-level policy
-    # gradient on every token of the completion, added to distill_weight times the
-    # distillation loss.
+    # Distillation plus a task reward (verl, tinker, NeMo-RL): the task's verifier gives each
+    # on-policy sample 1 (right final answer) or 0; its advantage, the reward minus the mean
+    # over the prompt's rollout.n samples (over the step's on-policy samples when n = 1), is a
+    # sequence-level policy gradient on every token of the completion, added to
+    # distill_weight times the distillation loss.
     reward_weight: float = Field(
         0.0,
         ge=0,
@@ -734,6 +785,7 @@ class RunConfig(_Strict):
             raise ValueError(
                 "teacher.backend=server serves one teacher: use models.teacher, not models.teachers"
             )
+        self._check_self_teacher()
         if t.backend == "server" and t.support == "full":
             raise ValueError(
                 "teacher.support=full runs the teacher inside the learners: it cannot be "
@@ -751,6 +803,67 @@ class RunConfig(_Strict):
             raise ValueError(
                 "algorithm.name=feature_kd matches one teacher's hidden states: use "
                 "models.teacher, not models.teachers"
+            )
+
+    def _check_self_teacher(self) -> None:
+        t, algo = self.teacher, self.algorithm
+        try:
+            t.prompt_template.format(prompt="", privileged_context="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"teacher.prompt_template: {exc.__class__.__name__} {exc}: it may name only "
+                "{prompt} and {privileged_context} (double other braces: {{ }})"
+            ) from None
+        if t.privileged_context != "none":
+            for field in ("{prompt}", "{privileged_context}"):
+                if field not in t.prompt_template:
+                    raise ValueError(
+                        f"teacher.prompt_template must contain {field} (teacher."
+                        f"privileged_context={t.privileged_context}); got {t.prompt_template!r}"
+                    )
+            if algo.name not in ("on_policy", "gkd"):
+                raise ValueError(
+                    "teacher.privileged_context shows the teacher more than the student while it "
+                    f"scores the student's samples: it needs algorithm.name=on_policy or gkd, "
+                    f"not {algo.name}"
+                )
+            if self.models.teachers is not None:
+                raise ValueError(
+                    "teacher.privileged_context applies to one teacher (models.teacher), not "
+                    "models.teachers"
+                )
+            if t.backend == "server":
+                raise ValueError(
+                    "teacher.privileged_context: a served teacher scores the student's own "
+                    "prompts; use teacher.backend vllm or hf"
+                )
+        if t.privileged_context == "feedback" and algo.lmbda < 1.0:
+            raise ValueError(
+                "teacher.privileged_context=feedback shows the teacher a correct sample of the "
+                "student's own: the dataset's completions (algorithm.lmbda < 1) have none; set "
+                "lmbda=1 or another privileged_context"
+            )
+        if t.privileged_context == "feedback" and self.rollout.n < 2:
+            raise ValueError(
+                "teacher.privileged_context=feedback shows the teacher a correct sample of the "
+                "same prompt: it needs rollout.n >= 2"
+            )
+        if not self.models.self_taught:
+            if t.weights != "frozen":
+                raise ValueError(
+                    f"teacher.weights={t.weights} chooses which of the student's own weights "
+                    "teach: it needs models.teacher: self"
+                )
+            return
+        if algo.name not in ("on_policy", "gkd"):
+            raise ValueError(
+                "models.teacher: self scores the student's samples with its own weights: it "
+                f"needs algorithm.name=on_policy or gkd, not {algo.name}"
+            )
+        if t.backend == "server":
+            raise ValueError(
+                "models.teacher: self is the student's own weights, in rayd's teacher actors or "
+                "the learners: not teacher.backend=server"
             )
 
     def _check_student_support(self) -> None:

@@ -65,6 +65,8 @@ from rayd.sampling import RolloutRequest, prompt_seeds, rollout_seed
 from rayd.state import DriverState
 from rayd.steps import weigh_steps
 from rayd.tasks.base import Task
+from rayd.teacher.group import Teachers
+from rayd.teacher.privileged import PrivilegedContext
 from rayd.teacher.signal import TeacherSignal, TeacherSource
 from rayd.types import Sample, TrainBatch, training_batch
 from rayd.workers import export_student, start_workers
@@ -280,13 +282,18 @@ class OneCall(Synchronous):
 def step_mode(cfg: RunConfig, teacher: TeacherSource) -> type[Synchronous]:
     """The run's step mode. One call a step needs the learners to sample and to hold the
     teacher, a synchronous loop, and nothing for the driver to add between the samples and
-    the update (a label task's rows, rewards, step weights)."""
+    the update (a label task's rows, rewards, step weights, privileged context)."""
     algo = cfg.algorithm
     if cfg.trainer.max_staleness > 0:
         return Pipelined
     if algo.offline:
         return Offline
-    driver_adds = algo.label_weight > 0 or algo.reward_weight > 0 or algo.step_weighting != "none"
+    driver_adds = (
+        algo.label_weight > 0
+        or algo.reward_weight > 0
+        or algo.step_weighting != "none"
+        or cfg.teacher.privileged_context != "none"  # each sample's teacher prompt
+    )
     if cfg.rollout.backend == "learner" and teacher == "learners" and not driver_adds:
         return OneCall
     return Synchronous
@@ -340,6 +347,22 @@ class Run:
             else None
         )
         self.served = 0  # the weight version the rollout engines hold
+        # models.teacher: self with teacher actors, weights live or ema: they get the
+        # learners' weights every teacher.sync_every versions (the version they hold here).
+        self.teacher_syncs = (
+            cfg.models.self_taught
+            and cfg.teacher.weights != "frozen"
+            and checked.teacher == "actors"
+        )
+        self.teacher_served = 0
+        # teacher.privileged_context: every sample's teacher prompt, set as it arrives.
+        self.privileged = PrivilegedContext.of(
+            cfg.teacher,
+            self.prompts,
+            self.tokenizer,
+            chat_template=cfg.data.chat_template == "auto",
+            completion_room=cfg.rollout.max_new_tokens,
+        )
         self.sampling = cfg.rollout.sampling(cfg.student_topk)  # teacher.support: student ids
         # Every teacher call of the run's streams, in order, on one thread (see TeacherStream).
         self.teacher_thread = ThreadPoolExecutor(1, thread_name_prefix="rayd-teacher")
@@ -358,6 +381,7 @@ class Run:
         # weights before they serve a single rollout.
         self.learners.load_checkpoint(self.resume_from.learner_dir, LEARNER_TAG)
         state.restore(self.saved)
+        self.sync_teacher(force=True)
         self.sync_weights()
         if isinstance(state.ahead, Prepared):  # rollouts from older weights: not redone
             restored = state.ahead
@@ -432,8 +456,12 @@ class Run:
                 expect_version=request.expect_version,
             )
             for key, chunk in arriving:  # none without on-policy prompts
+                if self.privileged is not None:
+                    self.privileged.attach(chunk)
                 stream.add(key, chunk)
         if work.extra:
+            if self.privileged is not None:
+                self.privileged.attach(work.extra)
             stream.add(len(self.rollout), work.extra)
         return Pending(work.step, stream, work.prompt_indices, timer)
 
@@ -490,6 +518,7 @@ class Run:
             self.tokenizer.pad_token_id,
             self.state.version,
             drop_truncated=cfg.rollout.truncated == "drop",
+            teacher_inputs=self.teacher.source == "learners",  # privileged prompts go along
         )
         step_stats: dict[str, float] = {}
         if algo.reward_weight > 0:  # the verifier's reward beside distillation
@@ -521,6 +550,9 @@ class Run:
         seconds = {**work.seconds, **timer.seconds}
         metrics.update(step_metrics(samples, tokens, seconds, step_time, self.state.version))
         metrics.update(staleness_metrics(samples, self.state.version - 1))
+        if self.cfg.teacher.privileged_context == "feedback":  # samples without a signal
+            unscored = sum(s.unscored for s in samples)
+            metrics["privileged/unscored_fraction"] = unscored / len(samples)
         # What this step trained on: with the step number, exactly-once is checkable from
         # metrics.jsonl (non-numbers stay out of TensorBoard and W&B).
         metrics["prompt_indices"] = work.prompt_indices
@@ -537,6 +569,7 @@ class Run:
         """New weights to every rollout engine (if they lag); the driver holds a reference.
         rollout.backend=learner: the learners sample with the weights they train, and a
         sample's version says so (their own step count), so nothing moves."""
+        self.sync_teacher()
         version = self.state.version
         if self.served == version:
             return
@@ -547,6 +580,28 @@ class Run:
         self.rollout.remember("load_weights", weights, version)  # for a restarted engine
         self.rollout.call_all("load_weights", weights, version)
         self.served = version
+
+    def sync_teacher(self, force: bool = False) -> None:
+        """models.teacher: self with teacher actors (weights live or ema): the learners' current
+        or EMA weights to the teacher engines at every teacher.sync_every-th version, and
+        whenever a checkpoint is saved or restored (`force`), so a resumed run's engines hold
+        what the unbroken run's do. On the teacher thread, after the calls already queued
+        there: the pools are that thread's."""
+        version = self.state.version
+        if not self.teacher_syncs or self.teacher_served == version:
+            return
+        if not force and version % self.cfg.teacher.sync_every:
+            return
+        weights = self.learners.publish_teacher_weights()
+        assert isinstance(self.teacher.handle, Teachers)
+        (pool,) = self.teacher.handle.pools
+
+        def load() -> None:
+            pool.remember("load_weights", weights, version)  # for a restarted engine
+            pool.call_all("load_weights", weights, version)
+
+        self.teacher_thread.submit(load).result()
+        self.teacher_served = version
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Held-out metrics of the current weights. The eval uses the teacher and the engines,
@@ -567,6 +622,7 @@ class Run:
 
     def save(self, step: int) -> None:
         self.steps.before_save()
+        self.sync_teacher(force=True)  # the resumed run's teacher engines get these weights
         staging = self.store.staging_dir(step)
         self.learners.save_checkpoint(str(staging / "learner"), LEARNER_TAG, {"step": step})
         self.store.commit(staging, step, self.state.to_json(self.cfg.learner))

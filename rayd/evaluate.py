@@ -51,7 +51,11 @@ def heldout_metrics(
     out = {"eval/completion_len": tokens / len(samples)}
     if teacher is not None:  # runs without a teacher (sft, step_by_step) report accuracy only
         routing = [prompts[s.prompt_index] for s in samples]
-        pairs = [(s.prompt_ids, s.completion_ids) for s in samples]
+        # The teacher shown privileged context scores after its own prompt (teacher_ids).
+        pairs = [
+            (p.teacher_ids or s.prompt_ids, s.completion_ids)
+            for s, p in zip(samples, routing, strict=True)
+        ]
         # Only the sampled tokens' log-probs are used: no exact pass over an ensemble's support.
         scored = teacher.score("score", pairs, prompts=routing, mix_support=False, top_k=1)
         gap = sum(

@@ -261,7 +261,7 @@ class SamplesLog:
         for i, sample in enumerate(samples):
             record: dict[str, Any] = {"step": step, **sample_record(sample)}
             if self.level == "signal":
-                scored = scores is not None and not sample.hard_target
+                scored = scores is not None and sample.asks_teacher
                 record["teacher"] = signal_record(scores[i]) if scored else None  # type: ignore[index]
             lines.append(json.dumps(record))
         self._file.write("".join(line + "\n" for line in lines))
@@ -286,6 +286,8 @@ def sample_record(sample: Sample) -> dict[str, Any]:
         "hard_target": sample.hard_target,
         "weight": sample.weight,
         "student_topk_ids": None if ids is None else ids.tolist(),
+        "teacher_prompt_ids": sample.teacher_prompt_ids,
+        "unscored": sample.unscored,
     }
 
 

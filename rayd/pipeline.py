@@ -52,7 +52,7 @@ class TeacherStream:
     def add(self, key: int, samples: list[Sample]) -> None:
         """Chunk `key` (the order `finish` returns chunks in) starts scoring now."""
         self._chunks[key] = samples
-        scored = [s for s in samples if not s.hard_target]
+        scored = [s for s in samples if s.asks_teacher]
         if self._score is not None and scored:
             self._futures[key] = self._thread.submit(self._score, scored)
 

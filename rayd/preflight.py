@@ -20,7 +20,7 @@ from typing import Any
 from transformers import AutoConfig, AutoTokenizer
 
 from rayd.config import ConfigError, RunConfig
-from rayd.data.prompts import PromptSet, load_prompts, read_rows
+from rayd.data.prompts import PromptSet, TeacherPrompts, load_prompts, read_rows
 from rayd.teacher.signal import TeacherSource, teacher_source
 from rayd.teacher.stored import StoredSignal, load_stored_signal, stored_signal_folder
 from rayd.zoo import PRESETS, resolve_model_path
@@ -64,6 +64,7 @@ def preflight(cfg: RunConfig) -> Preflight:
         cfg.trainer.seed,
         route_field=cfg.teacher.route_field,
         rows=rows,
+        teacher_prompts=teacher_prompts(cfg),
     )
     check_offline_data(cfg, prompts)  # again: long prompts may have been dropped
     check_routes(cfg, prompts)
@@ -78,6 +79,17 @@ def preflight(cfg: RunConfig) -> Preflight:
         stored=stored,
         teacher=source,
     )
+
+
+def teacher_prompts(cfg: RunConfig) -> TeacherPrompts | None:
+    """How each row's teacher prompt is written, when the teacher is shown a field of the row
+    (teacher.privileged_context completion, rationale or answer); None otherwise (feedback is
+    written per sample, from the step's own samples: rayd/teacher/privileged.py)."""
+    t = cfg.teacher
+    if t.privileged_context in ("none", "feedback"):
+        return None
+    room = t.max_model_len - cfg.rollout.max_new_tokens
+    return TeacherPrompts(t.privileged_context, t.prompt_template, room)
 
 
 def check_cluster(
@@ -218,6 +230,8 @@ def check_models(cfg: RunConfig) -> tuple[str, list[str], Any]:
         raise ConfigError(
             "config error: models.student.path: model vocab_size is smaller than its tokenizer"
         )
+    if cfg.models.self_taught:  # the student's own weights: the same model and tokenizer
+        return student, [student], s_tok
     teachers = []
     for i, spec in enumerate(cfg.models.teacher_list):
         seed = spec.build_seed(cfg.trainer.seed)
@@ -440,13 +454,18 @@ def check_offline_data(cfg: RunConfig, prompts: PromptSet) -> None:
     answer and the rationale apart; the label task and the task reward need the answer."""
     algo = cfg.algorithm
     where = cfg.data.train_dataset or cfg.data.source
-    for key, use in (
-        ("label_weight", "trains on gold answers"),
-        ("reward_weight", "rewards right answers"),
+    for key, use, needed in (
+        ("algorithm.label_weight > 0", "trains on gold answers", algo.label_weight > 0),
+        ("algorithm.reward_weight > 0", "rewards right answers", algo.reward_weight > 0),
+        (
+            "teacher.privileged_context=feedback",
+            "shows the teacher a correct sample",
+            cfg.teacher.privileged_context == "feedback",
+        ),
     ):
-        if getattr(algo, key) > 0 and any(p.answer is None for p in prompts.train):
+        if needed and any(p.answer is None for p in prompts.train):
             raise ConfigError(
-                f"data error: {where}: algorithm.{key} > 0 {use}, but some training rows "
+                f"data error: {where}: {key} {use}, but some training rows "
                 "have no 'answer' (a task, or a dataset with an answer column)"
             )
     if not (algo.offline or algo.lmbda < 1.0):

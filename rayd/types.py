@@ -38,6 +38,22 @@ class Sample:
     # [T, k] int64: the k most likely tokens of the sampling distribution at each completion
     # position, when the driver asked for them (teacher.support=student_topk or union).
     student_topk_ids: torch.Tensor | None = None
+    # The prompt the teacher scores the completion after, when it differs from the student's
+    # (teacher.privileged_context); None: prompt_ids.
+    teacher_prompt_ids: list[int] | None = None
+    # No teacher signal for this sample (privileged_context=feedback without a correct sample
+    # of its prompt to show): the teacher is not asked, and the row leaves the loss.
+    unscored: bool = False
+
+    @property
+    def teacher_prompt(self) -> list[int]:
+        """What the teacher scores the completion after."""
+        return self.prompt_ids if self.teacher_prompt_ids is None else self.teacher_prompt_ids
+
+    @property
+    def asks_teacher(self) -> bool:
+        """Whether the teacher scores this sample (a label-task row or an unscored one: no)."""
+        return not (self.hard_target or self.unscored)
 
 
 @dataclass
@@ -62,7 +78,9 @@ class TeacherScore:
         return cls(torch.zeros(length), ids, torch.zeros((length, k)))
 
 
-_PER_ROW = ("on_policy", "row_weight", "hard_target", "stale", "advantage")
+_PER_ROW = ("on_policy", "row_weight", "hard_target", "stale", "advantage", "teacher_offset")
+# The teacher's own input (privileged context): columns of its own length
+_TEACHER_INPUT = ("teacher_input_ids", "teacher_attention_mask")
 
 
 def _to_array(tensor: torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -112,6 +130,18 @@ class TrainBatch:
     # [B] float32, or empty: each row's task-reward advantage (algorithm.reward_weight > 0;
     # the driver sets it after collate, rayd/reward.py), 0 on rows without a reward.
     advantage: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    # A teacher in the learners shown privileged context scores each completion after its own
+    # prompt: [B, Lt] int64 ids and mask of (teacher prompt + completion), and [B] int64 where
+    # the completion starts there relative to the student's row (teacher prompt length -
+    # prompt length), so target column j of the student is column j + offset of the teacher.
+    # Empty otherwise.
+    teacher_input_ids: torch.Tensor = field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.long)
+    )
+    teacher_attention_mask: torch.Tensor = field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.long)
+    )
+    teacher_offset: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
     @property
     def num_tokens(self) -> int:
@@ -133,11 +163,15 @@ class TrainBatch:
         rows = {f.name: getattr(self, f.name)[start:stop] for f in fields(self)}
         length = int(rows["attention_mask"].sum(dim=1).max().clamp(min=2))
         for name, value in rows.items():
-            if name in _PER_ROW or value.dim() < 2:  # per row, or an absent optional field
-                continue
+            if name in _PER_ROW or name in _TEACHER_INPUT or value.dim() < 2:
+                continue  # per row, the teacher's own columns, or an absent optional field
             rows[name] = value[
                 :, : length if name in ("input_ids", "attention_mask") else length - 1
             ]
+        if rows["teacher_attention_mask"].dim() == 2:
+            own = int(rows["teacher_attention_mask"].sum(dim=1).max().clamp(min=2))
+            for name in _TEACHER_INPUT:
+                rows[name] = rows[name][:, :own]
         return TrainBatch(**rows)
 
     def take(self, rows: list[int]) -> TrainBatch:
@@ -257,16 +291,31 @@ def training_batch(
     pad_id: int,
     learner_version: int,
     drop_truncated: bool,
+    teacher_inputs: bool = False,
 ) -> TrainBatch:
     """A step's samples and their teacher signal as the learners train them, wherever the
-    batch is built (the driver, or each learner rank of a one-call step): `collate`, then,
-    with rollout.truncated=drop (`drop_truncated`), completions cut at max_new_tokens leave
-    the loss and its token count. Their rows stay: the learners expect a fixed row count."""
+    batch is built (the driver, or each learner rank of a one-call step): `collate`, then the
+    rows without a teacher signal (`Sample.unscored`) and, with rollout.truncated=drop
+    (`drop_truncated`), completions cut at max_new_tokens leave the loss and its token count.
+    Their rows stay: the learners expect a fixed row count. `teacher_inputs`: the learners
+    hold the teacher, which scores some completions after prompts of its own (privileged
+    context): the batch carries them (`TrainBatch.teacher_input_ids`)."""
     batch = collate(samples, scores, pad_id, learner_version=learner_version)
-    if drop_truncated:
-        for row, sample in enumerate(samples):
-            if sample.on_policy and sample.finish_reason == "length":
-                batch.loss_mask[row] = False
+    for row, sample in enumerate(samples):
+        cut = drop_truncated and sample.on_policy and sample.finish_reason == "length"
+        if sample.unscored or cut:
+            batch.loss_mask[row] = False
+    if teacher_inputs and any(s.teacher_prompt_ids is not None for s in samples):
+        rows = [s.teacher_prompt + s.completion_ids for s in samples]
+        width = max(map(len, rows))
+        batch.teacher_input_ids = torch.tensor(
+            [row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long
+        )
+        lengths = torch.tensor([len(row) for row in rows])
+        batch.teacher_attention_mask = (torch.arange(width) < lengths[:, None]).long()
+        batch.teacher_offset = torch.tensor(
+            [len(s.teacher_prompt) - len(s.prompt_ids) for s in samples], dtype=torch.long
+        )
     return batch
 
 

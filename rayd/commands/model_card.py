@@ -43,6 +43,8 @@ def model_card(record: dict[str, Any], cfg: RunConfig, path: str = ".") -> str:
     from rayd.commands.eval import EXPORT_RECORD
 
     teacher = cfg.models.teacher.path if cfg.models.teacher else "none (trained on a dataset)"
+    if cfg.models.self_taught:
+        teacher = f"self (the student's own {cfg.teacher.weights} weights)"
     if cfg.models.teachers:  # several: name=path (weight), combined per teacher.combine
         listed = ", ".join(f"{t.name}={t.path} ({t.weight:g})" for t in cfg.models.teachers)
         teacher = f"{cfg.teacher.combine} of {listed}"

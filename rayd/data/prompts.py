@@ -28,6 +28,36 @@ class Prompt:
     # The teacher this row names in teacher.route_field (several teachers, combine=route);
     # None: routed by hash
     route: str | None = None
+    # The teacher's prompt when it is shown privileged context (teacher.privileged_context:
+    # the row's completion, rationale or answer through teacher.prompt_template); None: the
+    # teacher scores after `ids`, as the student sampled.
+    teacher_ids: list[int] | None = None
+    text: str = ""  # the prompt as the data has it, before any chat template
+
+
+@dataclass(frozen=True)
+class TeacherPrompts:
+    """How a row's teacher prompt is written (teacher.privileged_context, prompt_template):
+    `context` is the row's field shown (completion, rationale or answer), `max_len` the tokens
+    a teacher prompt may have (the teacher's window less the completion's room)."""
+
+    context: str
+    template: str
+    max_len: int
+
+    def text(self, prompt: str, row: Row, task: Task | None) -> str:
+        _, completion, answer, rationale, _ = row
+        shown = {
+            "completion": completion,
+            "rationale": rationale,
+            "answer": None if answer is None else (task or Task.default()).answer_text(answer),
+        }[self.context]
+        if shown is None:
+            raise ConfigError(
+                f"data error: teacher.privileged_context={self.context}: a row has no "
+                f"{self.context} to show the teacher (prompt {prompt[:60]!r})"
+            )
+        return self.template.format(prompt=prompt, privileged_context=shown)
 
 
 @dataclass
@@ -69,21 +99,33 @@ def load_prompts(
     seed: int,
     route_field: str | None = None,
     rows: RowSet | None = None,
+    teacher_prompts: TeacherPrompts | None = None,
 ) -> PromptSet:
     """Train and eval prompts (with reference completions) from the configured sources:
-    `read_rows` (or the `rows` it returned before), each row tokenised."""
+    `read_rows` (or the `rows` it returned before), each row tokenised; with `teacher_prompts`
+    each also gets the teacher's prompt with its privileged context (`Prompt.teacher_ids`)."""
     rows = rows if rows is not None else read_rows(cfg, seed, route_field)
     dropped = 0
     out: dict[str, list[Prompt]] = {}
     for split, split_rows in (("train", rows.train), ("eval", rows.eval)):
         prompts = []
-        for prompt, completion, answer, rationale, route in split_rows:
+        for row in split_rows:
+            prompt, completion, answer, rationale, route = row
             encoded = encode_row(tokenizer, prompt, completion, max_prompt_len, cfg, split)
             if encoded is None:
                 dropped += 1
                 continue
             ids, completion_ids = encoded
-            prompts.append(Prompt(len(prompts), ids, completion_ids, answer, rationale, route))
+            teacher_ids = None
+            if teacher_prompts is not None:
+                teacher_ids = encode_teacher_prompt(
+                    tokenizer, teacher_prompts, teacher_prompts.text(prompt, row, rows.task), cfg
+                )
+            prompts.append(
+                Prompt(
+                    len(prompts), ids, completion_ids, answer, rationale, route, teacher_ids, prompt
+                )
+            )
         out[split] = prompts
     if not out["train"]:
         raise ConfigError(f"data error: {cfg.source}: no training prompts left")
@@ -162,6 +204,27 @@ def encode_prompt(tokenizer, text: str, chat_template: bool = True) -> list[int]
         )
     # The template already holds the model's special tokens: adding a BOS again would double it.
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def encode_teacher_prompt(tokenizer, how: TeacherPrompts, text: str, cfg: DataConfig) -> list[int]:
+    """A teacher prompt's ids, encoded as the student's prompts are; refused when it does not
+    fit the teacher's window or holds characters the tokenizer does not know (the template's
+    own text on a small vocabulary)."""
+    ids = encode_prompt(tokenizer, text, cfg.chat_template == "auto")
+    if len(ids) > how.max_len:
+        raise ConfigError(
+            f"data error: a teacher prompt (teacher.prompt_template with its "
+            f"{how.context}) has {len(ids)} tokens, more than {how.max_len} "
+            "(teacher.max_model_len - rollout.max_new_tokens); raise teacher.max_model_len or "
+            "shorten the template"
+        )
+    unknown = tokenizer.unk_token_id
+    if unknown is not None and unknown in ids:
+        raise ConfigError(
+            f"data error: teacher.prompt_template: the teacher prompt {text[:80]!r} has "
+            "characters the tokenizer does not know"
+        )
+    return ids
 
 
 def encode_row(

@@ -46,10 +46,11 @@ from rayd.learner.lora import adapter_state, lora_model, merged_state
 from rayd.learner.spec import LearnerSpec
 from rayd.losses import LossSpec, batch_loss, token_logprobs
 from rayd.types import TrainBatch
-from rayd.weight_sync import serialize_state_dict
+from rayd.weight_sync import deserialize_state_dict, load_whole_state_dict, serialize_state_dict
 
 LRSchedule = Literal["constant", "linear"]
 _CLIENT_KEY = "rayd_client_state"
+EMA_TEACHER = "teacher_ema.safetensors"  # beside the shards: the self-teacher's EMA (rank 0's)
 # feature_kd's learned projections live on the model as this submodule, so DeepSpeed trains,
 # partitions and checkpoints them with the student; they are never part of the exported student.
 FEATURE_PROJ = "rayd_feature_proj"
@@ -237,21 +238,25 @@ class DeepSpeedLearner:
         self.schedule: WarmupSchedule = self.engine.lr_scheduler
         self.engine.train()
         # teacher.support=full: a frozen copy of the teacher in this process, so the loss can
-        # take the whole vocabulary without [tokens, V] logits crossing the wire.
+        # take the whole vocabulary without [tokens, V] logits crossing the wire. models.teacher:
+        # self: the student's own weights teach; frozen (the copy is the initial student), live
+        # (the model being trained, no copy) or ema (the copy follows the student,
+        # `_update_ema`, after every applied step; teacher actors get it: publish_teacher_blob).
+        self.self_teacher, self.ema_rate = spec.self_teacher, spec.ema_rate
         self.teacher: torch.nn.Module | None = None
-        if loss.full_vocab:
-            if spec.teacher_path is None:
-                raise ValueError("a full-vocabulary loss needs the teacher in the learner")
+        if spec.teacher_path is not None:
             teacher = AutoModelForCausalLM.from_pretrained(
                 spec.teacher_path, dtype=devices.resolve_dtype(spec.teacher_dtype, self.device)
             )
             self.teacher = teacher.to(self.torch_device).eval().requires_grad_(False)
+        elif loss.full_vocab and spec.self_teacher != "live":
+            raise ValueError("a full-vocabulary loss needs the teacher in the learner")
         # Full-vocabulary losses need logits only at the loss positions: the output layer on
         # those rows alone skips prompt and padding columns and the [B, L, V] tensors around
         # them. Used where this model's logits are exactly its output layer on its last
         # hidden state (a probe checks: no soft-capping or scaling after it).
-        self.rows_only = self.teacher is not None and self._rows_match_logits()
-        if self.teacher is not None and not self.rows_only and self.rank == 0:
+        self.rows_only = loss.full_vocab and self.teacher is not None and self._rows_match_logits()
+        if loss.full_vocab and self.teacher is not None and not self.rows_only and self.rank == 0:
             print(
                 "rayd learner: a model's logits are not its output layer on its last hidden "
                 "state (probe); the full-vocabulary loss takes logits at every position",
@@ -311,6 +316,8 @@ class DeepSpeedLearner:
             norm = self.engine.get_global_grad_norm()
             grad_norm = math.nan if norm is None else float(norm)
             skipped = not self.engine.was_step_applied()  # ZeRO saw non-finite gradients
+        if self.self_teacher == "ema" and not skipped:
+            self._update_ema()
         return self._metrics(totals, global_tokens, lr, grad_norm=grad_norm, skipped=skipped)
 
     def _loss(self, mb: TrainBatch) -> tuple[Tensor, dict[str, Tensor]]:
@@ -320,7 +327,7 @@ class DeepSpeedLearner:
         if self.rows_only:
             # [N, V] each
             student_logits, teacher_logits = self._loss_rows(
-                mb.input_ids, mb.attention_mask, mb.loss_mask
+                mb.input_ids, mb.attention_mask, mb.loss_mask, _teacher_view(mb)
             )
         else:
             out = self.engine(
@@ -330,8 +337,14 @@ class DeepSpeedLearner:
                 output_hidden_states=bool(pairs),
             )
             student_logits = out.logits[:, :-1]
-            if self.teacher is not None:
-                teacher_logits = self._teacher_logits(mb.input_ids, mb.attention_mask)
+            if self.loss_spec.full_vocab:
+                view = _teacher_view(mb)
+                if view is None:
+                    teacher_logits = self._teacher_logits(mb.input_ids, mb.attention_mask)
+                else:  # its own prompts: both sides as [N, V] rows at the loss positions
+                    ids, attention, at = view
+                    teacher_logits = self._teacher_logits(ids, attention)[at]
+                    student_logits = student_logits[mb.loss_mask]
         per_token, metrics = batch_loss(
             student_logits,
             mb,
@@ -424,10 +437,16 @@ class DeepSpeedLearner:
         return torch.where(batch.attention_mask[:, 1:].bool(), picked, 0.0).float().cpu()
 
     def _loss_rows(
-        self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        loss_mask: Tensor,
+        teacher_view: tuple[Tensor, Tensor, tuple[Tensor, Tensor]] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Student and teacher logits [N, V] at the N positions of loss_mask [B, L-1]
-        (row-major, as batch_loss takes them), each output layer run on those rows only."""
+        (row-major, as batch_loss takes them), each output layer run on those rows only.
+        `teacher_view`: the teacher's own input ids and mask and where those positions are in
+        it (`_teacher_view`); None: it reads the student's."""
         out = self.engine(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -438,11 +457,12 @@ class DeepSpeedLearner:
         hidden = out.hidden_states[-1][:, :-1][loss_mask]
         student = self.engine.module.get_output_embeddings()(hidden)
         assert self.teacher is not None
+        ids, attention, at = teacher_view or (input_ids, attention_mask, loss_mask)
         with torch.no_grad():
             teacher_hidden = self.teacher.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                input_ids=ids, attention_mask=attention, use_cache=False
             ).last_hidden_state
-            teacher = self.teacher.get_output_embeddings()(teacher_hidden[:, :-1][loss_mask])
+            teacher = self.teacher.get_output_embeddings()(teacher_hidden[:, :-1][at])
         return student, teacher
 
     @torch.no_grad()
@@ -472,11 +492,56 @@ class DeepSpeedLearner:
 
     @torch.no_grad()
     def _teacher_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """The in-learner teacher's logits [B, L-1, V], aligned with the batch's targets."""
+        """The in-learner teacher's logits [B, L-1, V], aligned with the batch's targets. A live
+        self-teacher is the model being trained, in eval mode (no dropout) and without grad;
+        under ZeRO-3 its forward gathers weights: every rank must call."""
+        if self.self_teacher == "live":
+            module = self.engine.module
+            training = module.training
+            module.eval()
+            try:
+                out = module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            finally:
+                module.train(training)
+            return out.logits[:, :-1]
         if self.teacher is None:
             raise RuntimeError("this learner holds no teacher (teacher.support is not full)")
         out = self.teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.logits[:, :-1]
+
+    # ---------------------------------------------------------------------------------------
+    # A teacher of the student's own weights (models.teacher: self)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """theta_T <- (1 - ema_rate) theta_T + ema_rate theta_S, over every weight (a LoRA
+        student's merged ones), on every rank; under ZeRO-3 each rank gathers the student's
+        weights for it (the step's one extra gather)."""
+        assert self.teacher is not None
+        ema_update(self.teacher, self._state_on_every_rank(), self.ema_rate)
+
+    def _state_on_every_rank(self) -> dict[str, Tensor]:
+        """The student's weights, whole, on every rank (HF names; a LoRA student's merged)."""
+        module = self.engine.module
+        out: dict[str, Tensor] = {}
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            if name.startswith(FEATURE_PROJ + "."):
+                continue
+            if self.zero_stage == 3 and hasattr(tensor, "ds_id"):
+                with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                    out[name] = tensor.detach().clone()
+            else:
+                out[name] = tensor.detach()
+        return merged_state(out, self.lora) if self.lora is not None else out
+
+    def teacher_blob(self) -> bytes | None:
+        """The self-teacher's weights as safetensors bytes on rank 0 (None elsewhere; all ranks
+        call): the EMA copy, or the live weights, for teacher actors to load."""
+        if self.self_teacher == "live":
+            return self.state_dict_blob()
+        if self.self_teacher != "ema" or self.teacher is None:
+            raise RuntimeError("only a live or EMA self-teacher has weights to publish")
+        return serialize_state_dict(self.teacher.state_dict()) if self.rank == 0 else None
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
         """The model's full weights on CPU on rank 0 (None elsewhere); HF state_dict keys
@@ -537,6 +602,11 @@ class DeepSpeedLearner:
         # Each rank's own RNG streams (dropout, sampling in a loss): DeepSpeed keeps rank 0's
         # client state only, so every rank writes its file beside the shards.
         torch.save(rng_state(), self._rng_path(directory, tag))
+        if self.self_teacher == "ema" and self.rank == 0:  # the same on every rank
+            assert self.teacher is not None
+            blob = serialize_state_dict(self.teacher.state_dict())
+            with open(os.path.join(directory, tag, EMA_TEACHER), "wb") as fh:
+                fh.write(blob)
 
     def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any]:
         """Weights, optimizer, LR schedule and client_state; raises when nothing loads.
@@ -558,7 +628,21 @@ class DeepSpeedLearner:
         rng_file = self._rng_path(directory, tag)
         if os.path.isfile(rng_file):  # checkpoints written before rayd saved it have none
             set_rng_state(torch.load(rng_file, weights_only=False))
+        if self.self_teacher == "ema":
+            self._load_ema(os.path.join(directory, tag, EMA_TEACHER))
         return (client_state or {}).get(_CLIENT_KEY, {})
+
+    def _load_ema(self, path: str) -> None:
+        assert self.teacher is not None
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path}: the checkpoint holds no EMA teacher (saved by a run whose teacher was "
+                "not the student's EMA); resume it with teacher.weights as it was saved"
+            )
+        with open(path, "rb") as fh:
+            misfit = load_whole_state_dict(self.teacher, deserialize_state_dict(fh.read()))
+        if misfit:
+            raise RuntimeError(f"{path} does not fit the teacher: {misfit}")
 
     def _rng_path(self, directory: str, tag: str) -> str:
         os.makedirs(os.path.join(directory, tag), exist_ok=True)
@@ -575,6 +659,29 @@ class DeepSpeedLearner:
                 for name, value in vars(batch).items()
             }
         )
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: dict[str, Tensor], rate: float) -> None:
+    """theta_T <- (1 - rate) theta_T + rate theta_S for every weight of `teacher` named in
+    `student` (a state dict with the same names), in place; a tied weight once."""
+    done: set[int] = set()
+    for name, tensor in teacher.state_dict().items():
+        if tensor.data_ptr() in done or name not in student:
+            continue
+        done.add(tensor.data_ptr())
+        tensor.lerp_(student[name].to(tensor.device, tensor.dtype), rate)
+
+
+def _teacher_view(mb: TrainBatch) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]] | None:
+    """The teacher's own input when it is shown privileged context (TrainBatch.teacher_*):
+    (ids, mask, the index of the loss positions in its target columns, row-major like the
+    student's loss_mask), or None when it reads the student's."""
+    if mb.teacher_offset.numel() == 0:
+        return None
+    rows, columns = mb.loss_mask.nonzero(as_tuple=True)
+    at = (rows, columns + mb.teacher_offset[rows])
+    return mb.teacher_input_ids, mb.teacher_attention_mask, at
 
 
 def _close(got: Tensor, want: Tensor) -> bool:

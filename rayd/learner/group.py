@@ -147,6 +147,16 @@ class LearnerGroup:
         )
         return results[0][0]
 
+    def publish_teacher_weights(self) -> ray.ObjectRef:
+        """Reference to the self-teacher's weights (models.teacher: self, weights live or ema),
+        owned by rank 0, for the teacher actors; every rank joins (a live teacher's gather)."""
+        results = self._collect(
+            cluster.call_all(self._actors, "publish_teacher_weights"),
+            self.timeout_s,
+            "publish teacher weights",
+        )
+        return results[0][0]
+
     def adapter_blob(self) -> bytes:
         """A LoRA student's adapters (safetensors bytes, a few MB at most: they come here)."""
         results = self._collect(
@@ -167,9 +177,14 @@ class LearnerGroup:
 
     def teacher_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """The in-learner teacher's log-probs of the targets [B, L-1] (teacher.support=full),
-        from rank 0 alone: the teacher is a plain replicated model, no collective."""
-        ref = self._actors[0].teacher_logprobs.remote(batch)
-        return self._collect([ref], self.timeout_s, "teacher log-probs")[0]
+        from rank 0 alone: the teacher is a plain replicated model, no collective; a live
+        self-teacher under ZeRO-3 is the sharded student, so every rank joins its forward."""
+        spec = self.spec
+        if spec.self_teacher == "live" and spec.zero_stage == 3:
+            refs = cluster.call_all(self._actors, "teacher_logprobs", ray.put(batch))
+        else:
+            refs = [self._actors[0].teacher_logprobs.remote(batch)]
+        return self._collect(refs, self.timeout_s, "teacher log-probs")[0]
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
         self._collect(

@@ -48,8 +48,14 @@ class LearnerSpec:
     total_steps: int  # trainer.max_steps: where a linear lr schedule reaches 0
     dtype: str  # models.student.dtype
     seed: int  # trainer.seed
-    teacher_path: str | None  # teacher.support=full: the teacher each rank holds, else None
+    # The teacher each rank holds (teacher.support=full, or the student's own for an EMA
+    # teacher: models.teacher: self), else None
+    teacher_path: str | None
     teacher_dtype: str
+    # models.teacher: self: which of the student's weights teach (frozen, live, ema; the ranks
+    # keep the EMA and publish it to teacher actors); None: another model teaches, or none.
+    self_teacher: str | None
+    ema_rate: float  # teacher.ema_rate
     # rollout.backend=learner: each rank samples its share of the rollouts with its live
     # weights, as a rollout engine of this spec would; None: rollout actors sample.
     rollout: EngineSpec | None
@@ -94,6 +100,10 @@ class LearnerSpec:
         projections; `features`: feature_kd's layer pairs (`workers.feature_pairs`)."""
         ln = cfg.learner
         loss = loss_spec(cfg, features, teacher)
+        self_teacher = cfg.teacher.weights if cfg.models.self_taught else None
+        # A copy of the teacher in every rank: to score (full vocabulary), or to keep the EMA
+        # the teacher actors get; a live self-teacher is the rank's own model.
+        holds_teacher = self_teacher != "live" and (loss.full_vocab or self_teacher == "ema")
         return cls(
             model_path=student,
             loss=loss,
@@ -114,8 +124,10 @@ class LearnerSpec:
             total_steps=cfg.trainer.max_steps,
             dtype=cfg.models.student.dtype,
             seed=cfg.trainer.seed,
-            teacher_path=teacher if loss.full_vocab else None,
-            teacher_dtype=cfg.models.teacher_list[0].dtype if loss.full_vocab else "auto",
+            teacher_path=teacher if holds_teacher else None,
+            teacher_dtype=cfg.models.teacher_list[0].dtype if holds_teacher else "auto",
+            self_teacher=self_teacher,
+            ema_rate=cfg.teacher.ema_rate,
             rollout=EngineSpec.rollout(cfg, student) if cfg.rollout.backend == "learner" else None,
             ds_overrides=None,
         )

@@ -139,6 +139,14 @@ class LearnerWorker:
         blob = self.learner.state_dict_blob()
         return None if blob is None else [ray.put(blob)]
 
+    def publish_teacher_weights(self) -> list[Any] | None:
+        """`publish_weights` of the self-teacher's weights (models.teacher: self: its EMA, or
+        the live weights) for the teacher actors; rank 0 `[ObjectRef]`, the others None."""
+        import ray
+
+        blob = self.learner.teacher_blob()
+        return None if blob is None else [ray.put(blob)]
+
     def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
         self.learner.save_checkpoint(directory, tag, client_state)
 

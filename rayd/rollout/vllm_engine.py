@@ -132,13 +132,7 @@ class VLLMEngine:
         return result
 
     def load_weights(self, blob: bytes) -> None:
-        try:
-            self.llm.collective_rpc("rayd_load_weights", args=(blob,))
-        except Exception as exc:  # vLLM re-raises worker errors as a bare Exception
-            raise RuntimeError(f"vLLM weight load failed: {exc}") from exc
-        # KV blocks cached before the load were computed with the old weights (see module doc).
-        if not self.llm.reset_prefix_cache():
-            raise RuntimeError("vLLM refused to reset its prefix cache after a weight load")
+        load_weights(self.llm, blob)
 
     def logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         # prompt_logprobs=0: just the actual next token at each position (position 0 has none).
@@ -159,6 +153,18 @@ class VLLMEngine:
                 raise RuntimeError("vLLM returned non-finite prompt log-probs")
             result.append(torch.tensor(values, dtype=torch.float32))
         return result
+
+
+def load_weights(llm: LLM, blob: bytes) -> None:
+    """A `rayd.weight_sync` blob into an engine built with the EXTENSION (rollout engines, and
+    teacher engines that follow the student: models.teacher: self)."""
+    try:
+        llm.collective_rpc("rayd_load_weights", args=(blob,))
+    except Exception as exc:  # vLLM re-raises worker errors as a bare Exception
+        raise RuntimeError(f"vLLM weight load failed: {exc}") from exc
+    # KV blocks cached before the load were computed with the old weights (see module doc).
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM refused to reset its prefix cache after a weight load")
 
 
 def _topk_ids(steps: list, sampled: list[int], k: int) -> torch.Tensor:

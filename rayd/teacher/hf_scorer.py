@@ -18,6 +18,7 @@ from rayd.device import detect, resolve_dtype
 from rayd.rollout.spec import EngineSpec
 from rayd.teacher.scorer import Pair
 from rayd.types import TeacherScore
+from rayd.weight_sync import deserialize_state_dict, load_whole_state_dict
 
 
 class HFScorer:
@@ -33,6 +34,12 @@ class HFScorer:
         self.pad_id = 0 if pad is None else int(pad)  # masked out: any valid id will do
         # Logits of a micro-batch are [batch, length, vocab]: bounded by this, not by the request.
         self.batch_size = batch_size
+
+    def load_weights(self, blob: bytes) -> None:
+        """New weights for a teacher that follows the student (models.teacher: self)."""
+        misfit = load_whole_state_dict(self.model, deserialize_state_dict(blob))
+        if misfit:
+            raise RuntimeError(f"weight blob does not fit the teacher: {misfit}")
 
     def score(
         self,

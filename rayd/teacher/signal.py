@@ -39,10 +39,11 @@ def ask_teacher(
     features: Sequence[tuple[int, int]] = (),
     prompts: Sequence[Prompt] = (),
 ) -> Scored:
-    """The teacher actors' signal on `samples` (none a hard target): with hidden states of the
-    feature_kd layers; with several teachers their combination (`prompts`, indexed by the
-    samples' prompt_index, pick routed teachers)."""
-    pairs = [(s.prompt_ids, s.completion_ids) for s in samples]
+    """The teacher actors' signal on `samples` (each `asks_teacher`), each completion scored
+    after the teacher's prompt (`Sample.teacher_prompt`: privileged context shown or not): with
+    hidden states of the feature_kd layers; with several teachers their combination (`prompts`,
+    indexed by the samples' prompt_index, pick routed teachers)."""
+    pairs = [(s.teacher_prompt, s.completion_ids) for s in samples]
     routing = [prompts[s.prompt_index] for s in samples] if section.combine == "route" else []
     if section.support == "teacher_topk":
         extra = {"hidden_layers": [layer for _, layer in features]} if features else {}
@@ -122,13 +123,13 @@ class TeacherSignal:
         if self.source != "actors" or scored is None:
             return [TeacherScore.empty(len(s.completion_ids)) for s in samples], {}
         assert isinstance(self.handle, Teachers)
-        asked = [s for s in samples if not s.hard_target]
+        asked = [s for s in samples if s.asks_teacher]
         got, stats = scored.scores, self.handle.metrics(asked, scored, "teacher/")
         if len(asked) == len(samples):
             return got, stats
         width = got[0].topk_ids.shape[1] if got else self.section.top_k
         it = iter(got)
         return [
-            TeacherScore.empty(len(s.completion_ids), width) if s.hard_target else next(it)
+            next(it) if s.asks_teacher else TeacherScore.empty(len(s.completion_ids), width)
             for s in samples
         ], stats

@@ -19,7 +19,7 @@ from vllm import RequestOutput, SamplingParams
 from vllm.inputs import TokensPrompt
 
 from rayd.rollout.spec import EngineSpec
-from rayd.rollout.vllm_engine import build_llm
+from rayd.rollout.vllm_engine import EXTENSION, build_llm, load_weights
 from rayd.teacher.scorer import Pair, score_from_prompt_logprobs
 from rayd.types import TeacherScore
 
@@ -29,8 +29,12 @@ class VLLMScorer:
 
     def __init__(self, spec: EngineSpec) -> None:
         self.max_top_k = spec.max_logprobs
-        # max_logprobs caps prompt_logprobs as well; fixed at engine start.
-        self.llm = build_llm(spec)
+        # max_logprobs caps prompt_logprobs as well; fixed at engine start. The extension lets
+        # a teacher that follows the student (models.teacher: self) take new weights.
+        self.llm = build_llm(spec, worker_extension_cls=EXTENSION)
+
+    def load_weights(self, blob: bytes) -> None:
+        load_weights(self.llm, blob)
 
     def score(self, pairs: list[Pair], top_k: int) -> list[TeacherScore]:
         if not 0 <= top_k <= self.max_top_k:

@@ -32,6 +32,7 @@ class TeacherWorker:
         self.backend = spec.backend
         self.max_model_len = spec.max_model_len
         self.vocab_size = int(AutoConfig.from_pretrained(spec.model_path).vocab_size)
+        self.version = 0  # of the weights scored with (load_weights)
         if spec.backend == "vllm":
             from rayd.teacher.vllm_scorer import VLLMScorer
 
@@ -55,6 +56,16 @@ class TeacherWorker:
     def ready(self) -> bool:
         """Returns once the scorer is built: lets the driver wait for start-up with a deadline."""
         return True
+
+    def load_weights(self, blob: bytes, version: int) -> int:
+        """Score with the weights in `blob` (rayd.weight_sync format) from now on: a teacher
+        that follows the student (models.teacher: self, weights live or ema). Returns
+        `version`, the learners' version of those weights."""
+        if self.backend == "server":
+            raise ValueError("a served teacher's weights are its server's: nothing to load")
+        self.scorer.load_weights(blob)  # type: ignore[union-attr]
+        self.version = int(version)
+        return self.version
 
     def server_retries(self) -> int:
         """backend=server: how many requests this actor retried so far (0 for the others)."""

@@ -213,6 +213,41 @@ def test_teacher_scorers_agree_with_each_other_and_transformers(workers, tiny_te
         torch.testing.assert_close(a.topk_logprobs, v.topk_logprobs, **close)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_teacher_that_follows_the_student_scores_with_the_weights_it_loads(
+    backend, workers, tiny_teacher, tmp_path
+):
+    """models.teacher: self with teacher actors: the learners' EMA (or live) weights arrive
+    as a blob, and the scores that follow are those of the new weights, not the old."""
+    actor = workers.teacher[backend]
+    teacher = load_hf(tiny_teacher)
+    other = load_hf(
+        build_tiny_llama(tmp_path, layers=3, hidden=96, heads=3, max_positions=512, seed=9)
+    )
+    gen = torch.Generator().manual_seed(3)
+    vocab = teacher.config.vocab_size
+    pairs = [(random_ids(gen, 150, vocab), random_ids(gen, 20, vocab)), ([5, 6], [7, 8, 9])]
+
+    def token_logprobs_of(model):
+        return [forced_logprobs(model, p + c)[len(p) - 1 :] for p, c in pairs]
+
+    def scored():
+        return [s.token_logprobs for s in get(actor.score.remote(pairs, 3), TIMEOUT, "score")]
+
+    for got, want in zip(scored(), token_logprobs_of(teacher), strict=True):  # fills the cache
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    blob = serialize_state_dict(other.state_dict())
+    assert get(actor.load_weights.remote(blob, 7), TIMEOUT, "teacher load_weights") == 7
+    for got, want, before in zip(
+        scored(), token_logprobs_of(other), token_logprobs_of(teacher), strict=True
+    ):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        assert (got - before).abs().max() > 1e-2  # the old weights are really gone
+    # back to the module's own teacher for the other tests
+    blob = serialize_state_dict(teacher.state_dict())
+    assert get(actor.load_weights.remote(blob, 8), TIMEOUT, "teacher load_weights") == 8
+
+
 def test_teacher_rejects_bad_requests(workers):
     vllm_teacher, hf_teacher = workers.teacher["vllm"], workers.teacher["hf"]
     with pytest.raises(ValueError, match="empty prompt"):

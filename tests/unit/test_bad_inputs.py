@@ -211,6 +211,47 @@ CASES = {
         2,
         "rollout.pipeline_parallel_size=3 is more than the 1 layers of models.student.path",
     ),
+    "position weighting with an offline mode": (
+        lambda t: (None, ["algorithm.name=sft", "algorithm.position_weighting=iw_opd"]),
+        2,
+        "algorithm.position_weighting weighs the tokens of the student's own samples",
+    ),
+    "a teacher template without the privileged field": (
+        lambda t: (
+            None,
+            [
+                "teacher.privileged_context=completion",
+                "teacher.prompt_template='{prompt} again'",
+            ],
+        ),
+        2,
+        "teacher.prompt_template must contain {privileged_context}",
+    ),
+    "a teacher template naming another field": (
+        lambda t: (None, ["teacher.privileged_context=answer", "teacher.prompt_template='{x}'"]),
+        2,
+        "teacher.prompt_template: KeyError 'x'",
+    ),
+    "an EMA rate outside (0, 1]": (
+        lambda t: (None, ["models.teacher=self", "teacher.weights=ema", "teacher.ema_rate=1.5"]),
+        2,
+        "teacher.ema_rate: Input should be less than or equal to 1",
+    ),
+    "EMA weights of another model": (
+        lambda t: (None, ["teacher.weights=ema"]),
+        2,
+        "teacher.weights=ema chooses which of the student's own weights teach",
+    ),
+    "feedback with one sample per prompt": (
+        lambda t: (None, ["teacher.privileged_context=feedback"]),
+        2,
+        "teacher.privileged_context=feedback shows the teacher a correct sample",
+    ),
+    "a teacher prompt longer than the teacher's window": (
+        lambda t: (None, ["teacher.privileged_context=completion", "teacher.max_model_len=20"]),
+        2,
+        "teacher.max_model_len - rollout.max_new_tokens",
+    ),
     "tensor parallel with the transformers backend": (
         lambda t: (None, ["teacher.backend=hf", "teacher.tensor_parallel_size=2"]),
         2,

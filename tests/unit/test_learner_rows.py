@@ -52,6 +52,7 @@ def _learner(student: LlamaForCausalLM, teacher: LlamaForCausalLM) -> DeepSpeedL
     learner = DeepSpeedLearner.__new__(DeepSpeedLearner)  # no process group, no DeepSpeed
     learner.engine = _Engine(student)
     learner.teacher = teacher
+    learner.self_teacher = None  # another model teaches
     learner.torch_device = torch.device("cpu")
     return learner
 
@@ -76,3 +77,30 @@ def test_loss_rows_are_the_models_logits_at_the_loss_positions() -> None:
 def test_probe_refuses_soft_capped_logits() -> None:
     assert not _learner(_tiny(_SoftCapped), _tiny())._rows_match_logits()
     assert not _learner(_tiny(), _tiny(_SoftCapped))._rows_match_logits()
+
+
+def test_a_teacher_shown_its_own_prompts_gives_its_rows_at_the_same_completion_tokens() -> None:
+    """Privileged context: the teacher reads (its prompt + the completion); its rows at the
+    loss positions are its logits where it predicts the same completion tokens."""
+    from rayd.learner.deepspeed_backend import _teacher_view
+    from rayd.types import Sample, TeacherScore, training_batch
+
+    learner = _learner(_tiny(seed=1), _tiny(seed=2))
+    samples = [
+        Sample([3, 4], [5, 6, 7], [-1.0] * 3, prompt_index=0, teacher_prompt_ids=[3, 4, 9, 9]),
+        Sample([8], [5, 2], [-1.0] * 2, prompt_index=1, teacher_prompt_ids=[8, 11, 12, 13, 14]),
+    ]
+    empty = [TeacherScore.empty(len(s.completion_ids)) for s in samples]
+    batch = training_batch(samples, empty, 0, 0, drop_truncated=False, teacher_inputs=True)
+    view = _teacher_view(batch)
+    student, teacher = learner._loss_rows(
+        batch.input_ids, batch.attention_mask, batch.loss_mask, view
+    )
+    assert student.shape[0] == teacher.shape[0] == 5
+    rows = []
+    with torch.no_grad():
+        for s in samples:
+            logits = learner.teacher(input_ids=torch.tensor([s.teacher_prompt + s.completion_ids]))
+            start = len(s.teacher_prompt) - 1
+            rows.append(logits.logits[0, start : start + len(s.completion_ids)])
+    torch.testing.assert_close(teacher, torch.cat(rows), rtol=1e-4, atol=1e-4)

@@ -194,3 +194,94 @@ def test_position_weighting_is_refused_where_it_means_nothing() -> None:
     base = ["models.student.path=tiny:test-student", "models.teacher.path=tiny:test-teacher"]
     with pytest.raises(ConfigError, match=r"algorithm\.position_weighting weighs the tokens"):
         load_config(None, [*base, "algorithm.name=sft", "algorithm.position_weighting=iw_opd"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-distillation (SDFT): the loss given the same teacher logits, and the EMA update
+
+
+@pytest.fixture(scope="module")
+def sdft():
+    return pytest.importorskip("trl.experimental.sdft.loss_utils")
+
+
+def self_distillation_batch(seed: int = 2):
+    """Student and teacher logits at the completion positions [B, T, V] (the teacher's after
+    its own, privileged prompt: aligned by completion position), a mask, sampled tokens."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 1.5
+    teacher = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 1.5
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 3:] = False
+    return student, teacher, tokens, mask
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 0.3])
+def test_the_self_distillation_loss_equals_sdfts_full_logit_loss(sdft, alpha) -> None:
+    """rayd's jsd(beta) over the whole vocabulary is TRL's compute_divergence(alpha) with
+    alpha = beta (0: forward KL, 1: reverse KL), per token, values and gradients. The
+    reductions differ on purpose: TRL averages each sequence, then the sequences; rayd takes
+    the mean over every token of the step (a long completion weighs by its length)."""
+    student, teacher, tokens, mask = self_distillation_batch()
+    batch = rayd_batch(student, tokens, mask, torch.zeros(B, T, dtype=torch.float64))
+    ours_in = student.clone().requires_grad_(True)
+    kind = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(alpha, "jsd")
+    spec = LossSpec(kind, beta=alpha, full_vocab=True)  # type: ignore[arg-type]
+    ours, _ = batch_loss(ours_in, batch, spec, teacher_logits=teacher)
+    theirs_in = student.clone().requires_grad_(True)
+    theirs = sdft.compute_full_logit_self_distillation_loss(
+        theirs_in, teacher, distillation_alpha=alpha
+    )
+    torch.testing.assert_close(ours, torch.where(mask, theirs, 0.0), atol=1e-10, rtol=0)
+    (g_ours,) = torch.autograd.grad(ours.sum(), ours_in)
+    (g_theirs,) = torch.autograd.grad(torch.where(mask, theirs, 0.0).sum(), theirs_in)
+    torch.testing.assert_close(g_ours, g_theirs, atol=1e-10, rtol=0)
+    # TRL's reduction and rayd's, on the same per-token values
+    m, theirs = mask.double(), theirs.detach()
+    per_sequence = ((theirs * m).sum(-1) / m.sum(-1)).mean()
+    per_token = (theirs * m).sum() / m.sum()
+    assert float(per_sequence) != pytest.approx(float(per_token), abs=1e-6)  # rows differ
+
+
+@pytest.mark.parametrize("tail", [False, True])
+def test_the_top_k_self_distillation_loss_equals_sdfts(sdft, tail) -> None:
+    """SDFT's default mode compares the two over the student's top-k (renormalised within
+    them, or with a tail bin): rayd's teacher.support=student_topk with tail=false/true."""
+    student, teacher, tokens, mask = self_distillation_batch(3)
+    k = 4
+    ids = student.topk(k, dim=-1).indices  # the student's own top-k at each position
+    lp = teacher.log_softmax(-1).gather(-1, ids)  # the teacher's exact log-probs there
+    zeros = torch.zeros(B, T, dtype=torch.float64)
+    input_ids = torch.cat([torch.zeros(B, 1, dtype=torch.long), tokens], dim=1)
+    batch = TrainBatch(input_ids, torch.ones_like(input_ids), mask, zeros, zeros, ids, lp)
+    ours, _ = batch_loss(student, batch, LossSpec("jsd", beta=0.5, tail=tail))
+    theirs = sdft.compute_topk_self_distillation_loss(
+        student, teacher, distillation_topk=k, distillation_alpha=0.5, distillation_add_tail=tail
+    )
+    torch.testing.assert_close(ours, torch.where(mask, theirs, 0.0), atol=1e-8, rtol=0)
+
+
+def test_the_ema_update_equals_trls() -> None:
+    callbacks = pytest.importorskip("trl.trainer.callbacks")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rayd.learner.deepspeed_backend import ema_update
+
+    config = LlamaConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    student, ours, theirs = (LlamaForCausalLM(config).double() for _ in range(3))
+    theirs.load_state_dict(ours.state_dict())
+    for rate in (0.05, 0.5, 1.0):
+        ema_update(ours, student.state_dict(), rate)
+        callbacks.SyncRefModelCallback._sync_target_model(student, theirs, rate)
+        for (name, a), b in zip(
+            ours.state_dict().items(), theirs.state_dict().values(), strict=True
+        ):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=name)
+    # rate 1 is the live student itself
+    for a, b in zip(ours.state_dict().values(), student.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)

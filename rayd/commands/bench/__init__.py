@@ -44,6 +44,7 @@ SECTIONS: dict[str, str] = {
     "teacher_signal": "rayd.commands.bench.teacher_signal",
     "scaling": "rayd.commands.bench.scaling",
     "pipeline": "rayd.commands.bench.pipeline",
+    "methods": "rayd.commands.bench.methods",
     "overhead": "rayd.commands.bench.overhead",
     "learner": "rayd.commands.bench.learner",
     "memory": "rayd.commands.bench.memory",

@@ -1,0 +1,93 @@
+"""The 2026 on-policy methods' step time against plain on-policy distillation, in one run.
+
+Every method trains configs/demo/tiny.yaml's pair (tiny:test-student, tiny:test-teacher, vLLM
+rollouts, two DeepSpeed learners, dense top-k reverse KL) for the same steps, one after the
+other in this process and on the same local Ray, and reports its median step time (steps 2..,
+step 1's actors are cold) and that over plain OPD's:
+- `opd`: the tiny config as it is (a vLLM teacher actor);
+- `iw_opd`: the same with algorithm.position_weighting=iw_opd (the weights cost a cumsum per
+  row: the ratio should be about 1);
+- `sdft`: no teacher model: models.teacher=self, the student's EMA in the learners
+  (teacher.support=full) shown each prompt's gold completion (privileged_context=completion);
+- `sdpo`: the same with privileged_context=feedback (a correct sample of the prompt among its
+  rollout.n=2; a sample without one is left out), 8 prompts x 2 samples a step like the others'
+  16 x 1.
+The self-distillation rows differ from `opd` in more than the method: their teacher is the
+student's size and runs inside the learners (a teacher forward per micro-batch, over the whole
+vocabulary, and an EMA update per step), where `opd`'s is a vLLM actor that scores the rollouts.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from rayd.commands.bench import step_records, step_seconds
+
+CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo" / "tiny.yaml"
+SELF_TEACHER = [
+    "models.teacher=self",
+    "teacher.weights=ema",
+    "teacher.support=full",
+    "teacher.backend=hf",
+]
+METHODS: dict[str, list[str]] = {
+    "opd": [],
+    "iw_opd": ["algorithm.position_weighting=iw_opd"],
+    "sdft": [*SELF_TEACHER, "teacher.privileged_context=completion"],
+    "sdpo": [
+        *SELF_TEACHER,
+        "teacher.privileged_context=feedback",
+        "rollout.n=2",
+        "trainer.prompts_per_step=8",
+    ],
+}
+
+
+def run(quick: bool, workdir: Path) -> dict[str, Any]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False)
+    steps = 6 if quick else 20
+    rows = {name: _train(workdir, name, steps, extra) for name, extra in METHODS.items()}
+    base = rows["opd"]["seconds_per_step"]
+    for row in rows.values():
+        row["over_opd"] = row["seconds_per_step"] / base
+    return {
+        **rows,
+        "steps": steps,
+        "notes": f"{CONFIG.name}, {steps} steps each, median step of steps 2..{steps}; "
+        "sdft/sdpo: the student's EMA teaches inside the learners (no teacher model)",
+    }
+
+
+def _train(workdir: Path, name: str, steps: int, extra: list[str]) -> dict[str, Any]:
+    from rayd.config import load_config
+    from rayd.driver import train
+
+    cfg = load_config(
+        str(CONFIG),
+        [
+            f"name={name}",
+            f"output_dir={workdir}/{{name}}",
+            f"trainer.max_steps={steps}",
+            "trainer.eval_every=0",
+            "data.eval_size=8",
+            "logging.progress=false",
+            "logging.tensorboard=false",
+            *extra,
+        ],
+    )
+    train(cfg)
+    records = step_records(cfg.run_dir)[1:]
+    seconds = [step_seconds(r) for r in records]
+    return {
+        "seconds_per_step": statistics.median(seconds),
+        "tokens_per_s": sum(r["completion_tokens"] for r in records) / sum(seconds),
+        "loss_first": records[0]["loss"],
+        "loss_last": records[-1]["loss"],
+        "overrides": extra,
+    }
