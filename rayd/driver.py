@@ -356,13 +356,20 @@ class Run:
         )
         self.teacher_served = 0
         # teacher.privileged_context: every sample's teacher prompt, set as it arrives.
-        self.privileged = PrivilegedContext.of(
-            cfg.teacher,
-            self.prompts,
-            self.tokenizer,
+        shown = dict(
             chat_template=cfg.data.chat_template == "auto",
             completion_room=cfg.rollout.max_new_tokens,
         )
+        task = self.prompts.task
+        self.privileged = PrivilegedContext.of(
+            cfg.teacher, self.prompts.train, task, self.tokenizer, **shown
+        )
+        # feedback: the eval's samples are shown their own correct siblings too
+        self.eval_feedback = None
+        if cfg.teacher.privileged_context == "feedback":
+            self.eval_feedback = PrivilegedContext.of(
+                cfg.teacher, self.prompts.eval, task, self.tokenizer, **shown
+            )
         self.sampling = cfg.rollout.sampling(cfg.student_topk)  # teacher.support: student ids
         # Every teacher call of the run's streams, in order, on one thread (see TeacherStream).
         self.teacher_thread = ThreadPoolExecutor(1, thread_name_prefix="rayd-teacher")
@@ -616,6 +623,8 @@ class Run:
             max_new_tokens=self.cfg.rollout.max_new_tokens,
             seed=self.cfg.trainer.seed,
             version=self.state.version,
+            feedback=self.eval_feedback,
+            samples_per_prompt=self.cfg.rollout.n if self.eval_feedback is not None else 1,
         )
         self.log.log(step, metrics, advance=False)
         return metrics

@@ -23,6 +23,7 @@ from rayd.data.prompts import Prompt
 from rayd.sampling import Sampling
 from rayd.tasks.base import Task
 from rayd.teacher.group import LearnerTeacher, Teachers
+from rayd.teacher.privileged import PrivilegedContext
 
 
 def heldout_metrics(
@@ -34,36 +35,49 @@ def heldout_metrics(
     max_new_tokens: int,
     seed: int,
     version: int,
+    feedback: PrivilegedContext | None = None,
+    samples_per_prompt: int = 1,
 ) -> dict[str, float]:
     """The eval/ metrics of the weights the engines serve (`version`): reverse KL to the
     teacher on `seed`-drawn temperature-1 samples, greedy accuracy when the prompts have a
-    task, completion lengths. `teacher` None: accuracy only (sft, step_by_step)."""
+    task, completion lengths. `teacher` None: accuracy only (sft, step_by_step).
+
+    The teacher scores after each prompt's own teacher prompt where it is shown privileged
+    context (`Prompt.teacher_ids`); with `feedback` (teacher.privileged_context=feedback) each
+    prompt gets `samples_per_prompt` samples, the teacher is shown a correct one of them as in
+    training, and the KL covers the samples that had one (eval/unscored_fraction: the rest)."""
     ids, indices = [p.ids for p in prompts], [p.index for p in prompts]
     samples = rollout.map_chunks(
         "generate",
         ids,
         indices,
-        sampling=Sampling.plain(max_new_tokens),
+        sampling=Sampling(samples_per_prompt, 1.0, 1.0, max_new_tokens),
         seed=seed,
         expect_version=version,
     )
     tokens = sum(len(s.completion_ids) for s in samples)
     out = {"eval/completion_len": tokens / len(samples)}
     if teacher is not None:  # runs without a teacher (sft, step_by_step) report accuracy only
-        routing = [prompts[s.prompt_index] for s in samples]
-        # The teacher shown privileged context scores after its own prompt (teacher_ids).
-        pairs = [
-            (p.teacher_ids or s.prompt_ids, s.completion_ids)
-            for s, p in zip(samples, routing, strict=True)
-        ]
-        # Only the sampled tokens' log-probs are used: no exact pass over an ensemble's support.
-        scored = teacher.score("score", pairs, prompts=routing, mix_support=False, top_k=1)
-        gap = sum(
-            sum(s.logprobs) - float(sc.token_logprobs.sum())
-            for s, sc in zip(samples, scored.scores, strict=True)
-        )
-        out["eval/reverse_kl"] = gap / max(tokens, 1)
-        out.update(teacher.metrics(samples, scored, "eval/teacher/"))
+        if feedback is not None:
+            feedback.attach(samples)
+        asked = [s for s in samples if s.asks_teacher]
+        if feedback is not None:
+            out["eval/unscored_fraction"] = 1.0 - len(asked) / len(samples)
+        if asked:
+            routing = [prompts[s.prompt_index] for s in asked]
+            pairs = [
+                (s.teacher_prompt_ids or p.teacher_ids or s.prompt_ids, s.completion_ids)
+                for s, p in zip(asked, routing, strict=True)
+            ]
+            # Only the sampled tokens' log-probs are used: no exact pass over an ensemble's
+            # support.
+            scored = teacher.score("score", pairs, prompts=routing, mix_support=False, top_k=1)
+            gap = sum(
+                sum(s.logprobs) - float(sc.token_logprobs.sum())
+                for s, sc in zip(asked, scored.scores, strict=True)
+            )
+            out["eval/reverse_kl"] = gap / max(sum(len(s.completion_ids) for s in asked), 1)
+            out.update(teacher.metrics(asked, scored, "eval/teacher/"))
     if task is not None:
         greedy = rollout.map_chunks(
             "generate",

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rayd.config import TeacherConfig
-from rayd.data.prompts import Prompt, PromptSet, encode_prompt
+from rayd.data.prompts import Prompt, encode_prompt
 from rayd.tasks.base import Task
 from rayd.types import Sample
 
@@ -47,21 +47,23 @@ class PrivilegedContext:
     def of(
         cls,
         section: TeacherConfig,
-        prompts: PromptSet,
+        prompts: Sequence[Prompt],
+        task: Task | None,
         tokenizer: Any,
         *,
         chat_template: bool,
         completion_room: int,
     ) -> PrivilegedContext | None:
-        """A run's privileged context from its teacher: section (None without one);
-        `completion_room`: the tokens a teacher prompt leaves for the completion."""
+        """The privileged context of a teacher: section, over `prompts` (a run's training or
+        eval prompts); None without one. `completion_room`: the tokens a teacher prompt
+        leaves for the completion."""
         if section.privileged_context == "none":
             return None
         return cls(
             section.privileged_context,
             section.prompt_template,
-            prompts.train,
-            prompts.task,
+            prompts,
+            task,
             tokenizer,
             chat_template=chat_template,
             max_len=section.max_model_len - completion_room,

@@ -128,9 +128,12 @@ def test_sdpo_feedback_in_teacher_actors_that_follow_the_ema(ray_local, tmp_path
         "rollout.max_new_tokens=28",  # room for a whole rationale and its answer
         "logging.samples=signal",
     )
-    train(cfg)
+    summary = train(cfg)
     steps = step_records(cfg.run_dir)
     assert len(steps) == 4
+    # the eval shows each held-out sample a correct sibling too, and counts those without one
+    final = summary["final"]
+    assert 0 <= final["eval/unscored_fraction"] < 1 and "eval/reverse_kl" in final
     fractions = [r["privileged/unscored_fraction"] for r in steps]
     assert all(0 <= f <= 1 for f in fractions)
     assert steps[-1]["faults/teacher"] == 0

@@ -442,7 +442,11 @@ SHIPPED_SWEEPS = Path(__file__).resolve().parents[2] / "configs" / "sweeps"
 
 @pytest.mark.parametrize(
     ("name", "cells", "x_axis"),
-    [("step_by_step.yaml", 36, "data.train_fraction"), ("regimes_plateau.yaml", 15, "method")],
+    [
+        ("step_by_step.yaml", 36, "data.train_fraction"),
+        ("regimes_plateau.yaml", 15, "method"),
+        ("methods_2026.yaml", 8, "method"),
+    ],
 )
 def test_the_shipped_sweeps_are_valid(name, cells, x_axis):
     # Keeps configs/sweeps/ (the README's example, the published ablations) in step with the
