@@ -14,13 +14,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from rayd.progress import duration
+from rayd.staging import staged_folder
 
 # vLLM CPU attention supports head sizes 32, 64, 80, ... only: keep hidden / heads in that set.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -107,13 +107,9 @@ def cached_build(name: str, preset: dict[str, Any], seed: int = 0) -> str:
             file=sys.stderr,
             flush=True,
         )
-        work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-        try:
-            started = time.monotonic()
+        started = time.monotonic()
+        with staged_folder(target) as work:
             _build(name, preset, work, seed)
-            work.rename(target)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
         print(
             f"rayd: built tiny:{name} in {duration(time.monotonic() - started)}",
             file=sys.stderr,

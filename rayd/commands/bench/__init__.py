@@ -49,6 +49,8 @@ SECTIONS: dict[str, str] = {
     "learner": "rayd.commands.bench.learner",
     "memory": "rayd.commands.bench.memory",
 }
+REPO = Path(__file__).resolve().parents[3]  # the tree this rayd runs from
+TINY_CONFIG = REPO / "configs" / "demo" / "tiny.yaml"  # the tiny on-policy setting
 _META_KEYS = ("skipped", "error", "elapsed_s", "notes")
 
 
@@ -92,8 +94,7 @@ def _shutdown_ray() -> None:
 
 def ray_runtime_env() -> dict[str, Any]:
     """Actors import this tree's `rayd` (PYTHONPATH), whichever copy is installed."""
-    root = str(Path(__file__).resolve().parents[3])
-    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     return {"env_vars": {"PYTHONPATH": pythonpath, "VLLM_LOGGING_LEVEL": "WARNING"}}
 
 

@@ -31,9 +31,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from rayd.commands.bench import step_records, step_seconds
+from rayd.commands.bench import TINY_CONFIG, step_records, step_seconds
 
-CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo" / "tiny.yaml"
 SELF_TEACHER = [
     "models.teacher=self",
     "teacher.weights=ema",
@@ -78,7 +77,7 @@ def run(quick: bool, workdir: Path) -> dict[str, Any]:
         **rows,
         "steps": steps,
         "rounds": rounds,
-        "notes": f"{CONFIG.name} from tiny:test-reasoner at lr 1e-4, {steps} steps each, "
+        "notes": f"{TINY_CONFIG.name} from tiny:test-reasoner at lr 1e-4, {steps} steps each, "
         f"median step of steps 2..{steps}, {rounds} alternating round(s); sdft/sdpo: the "
         "student's EMA teaches inside the learners (no teacher model)",
     }
@@ -89,7 +88,7 @@ def _train(workdir: Path, name: str, steps: int, extra: list[str]) -> dict[str, 
     from rayd.driver import train
 
     cfg = load_config(
-        str(CONFIG),
+        str(TINY_CONFIG),
         [
             f"name={name}",
             f"output_dir={workdir}/{{name}}",

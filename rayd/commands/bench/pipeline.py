@@ -19,9 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rayd.commands.bench import step_records, step_seconds
+from rayd.commands.bench import TINY_CONFIG, step_records, step_seconds
 
-CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo" / "tiny.yaml"
 STAGES = ("rollout", "teacher", "learner", "sync")
 
 
@@ -44,7 +43,7 @@ def run(quick: bool, workdir: Path) -> dict[str, Any]:
         "sync_seconds_per_step": sync["seconds_per_step"],
         "async_seconds_per_step": pipelined["seconds_per_step"],
         "async_staleness_mean": pipelined["staleness_mean"],
-        "notes": f"{CONFIG.name}, {steps} steps each, step 1 left out (cold actors); "
+        "notes": f"{TINY_CONFIG.name}, {steps} steps each, step 1 left out (cold actors); "
         "max_staleness=0 then 1 in one process",
     }
 
@@ -56,7 +55,7 @@ def _train(
     from rayd.driver import train
 
     cfg = load_config(
-        str(CONFIG),
+        str(TINY_CONFIG),
         [
             f"name={name}",
             f"output_dir={workdir}/{{name}}",

@@ -51,9 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rayd.commands.bench import step_records, step_seconds
-
-REPO = Path(__file__).resolve().parents[3]
+from rayd.commands.bench import REPO, step_records, step_seconds
 
 
 @dataclass(frozen=True)
