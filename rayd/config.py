@@ -557,6 +557,11 @@ class DataConfig(_Strict):
         True, description="task data: completions with the gold rationale, or the answer alone"
     )
     eval_size: int = Field(32, ge=1)
+    eval_split: Literal["eval", "validation", "test"] = Field(
+        "eval",
+        description="task sources: the held-out split the eval prompts come from; validation "
+        "and test halve eval (choose settings on validation, report test)",
+    )
     split_seed: int | None = Field(
         None,
         ge=0,

@@ -23,7 +23,8 @@ from rayd.config import ConfigError, RunConfig
 from rayd.data.prompts import PromptSet, TeacherPrompts, load_prompts, read_rows
 from rayd.teacher.signal import TeacherSource, teacher_source
 from rayd.teacher.stored import StoredSignal, load_stored_signal, stored_signal_folder
-from rayd.zoo import PRESETS, resolve_model_path
+from rayd.zoo import names as tiny_names
+from rayd.zoo import resolve_model_path
 
 
 @dataclass(frozen=True)
@@ -195,10 +196,10 @@ def check_model_paths(cfg: RunConfig) -> None:
         ]
     for key, path in paths:
         if path.startswith("tiny:"):
-            if path.removeprefix("tiny:") not in PRESETS:
+            if path.removeprefix("tiny:") not in tiny_names():
                 raise ConfigError(
                     f"config error: {key}: unknown tiny model {path!r}; presets: "
-                    + ", ".join(sorted(PRESETS))
+                    + ", ".join(tiny_names())
                 )
         elif (Path(path).exists() or not _HUB_ID.match(path)) and not (
             Path(path) / "config.json"

@@ -66,7 +66,29 @@ PRESETS: dict[str, dict[str, Any]] = {
     # small for the teacher" regime). Randomly initialised. Rationale SFT on repair-teacher's
     # verified greedy traces: 13.8% / 33.0% / 42.6% at 1000 / 2000 / 4000 steps (teacher 67%).
     "regime-student": {"arch": {"layers": 1, "hidden": 64, "heads": 2}, "pretrain": None},
+    # The recipe of the portable world's teacher (rayd/world.py). Runs use the shipped build,
+    # tiny:world-teacher, whose bytes are the same on every machine; this is how it was made.
+    "world-teacher-recipe": {
+        "arch": {"layers": 3, "hidden": 128, "heads": 4},
+        "pretrain": {
+            "task": "addition",
+            "task_options": {"digits": 3, "slip": 0.3},
+            "examples": 20000,
+            "steps": 2000,
+            "batch_size": 64,
+            "lr": 3e-3,
+        },
+    },
 }
+
+# Models shipped as files (rayd/world.py): the same bytes on every machine, never rebuilt, so a
+# seed in the config does not change them.
+SHIPPED: dict[str, str] = {"world-teacher": "teacher", "world-student": "student"}
+
+
+def names() -> list[str]:
+    """Every name a config may give as tiny:<name>."""
+    return sorted([*PRESETS, *SHIPPED])
 
 
 def cache_root() -> Path:
@@ -78,8 +100,12 @@ def resolve_model_path(path: str, seed: int = 0) -> str:
     if not path.startswith("tiny:"):
         return path
     name = path.removeprefix("tiny:")
+    if name in SHIPPED:
+        from rayd.world import shipped
+
+        return shipped(SHIPPED[name])
     if name not in PRESETS:
-        raise ValueError(f"unknown tiny model {path!r}; presets: {', '.join(sorted(PRESETS))}")
+        raise ValueError(f"unknown tiny model {path!r}; presets: {', '.join(names())}")
     return cached_build(name, PRESETS[name], seed)
 
 
@@ -170,5 +196,5 @@ def _build(name: str, preset: dict[str, Any], out: Path, seed: int) -> None:
         if "digits" in recipe:
             options["digits"] = recipe.pop("digits")
         task = make_task(recipe.pop("task"), seed=seed, **options)
-        examples = task.examples("train", 4000)
+        examples = task.examples("train", recipe.pop("examples", 4000))
         train_on_examples(out, examples, seed=seed, progress=f"building tiny:{name}", **recipe)

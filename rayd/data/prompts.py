@@ -158,8 +158,17 @@ def read_rows(cfg: DataConfig, seed: int, route_field: str | None = None) -> Row
                 out.append((e.prompt, completion, e.answer, e.rationale, None))
             return out
 
-        train_rows, eval_rows = rows_of("train", cfg.train_size), rows_of("eval", cfg.eval_size)
+        try:
+            eval_rows = rows_of(cfg.eval_split, cfg.eval_size)
+        except ValueError as exc:
+            raise ConfigError(f"config error: data.eval_split: {exc}") from None
+        train_rows = rows_of("train", cfg.train_size)
     else:
+        if cfg.eval_split != "eval":
+            raise ConfigError(
+                f"config error: data.eval_split: {cfg.eval_split!r} needs a task source "
+                f"(task:<name>); {cfg.source} has one held-out split, 'eval'"
+            )
         task = None
         rows = (
             _read_hub(cfg, route_field)

@@ -23,6 +23,14 @@ byte (same prompts, splits, rationales and answers):
   repair < 0.5), so greedy traces hold no repair to imitate; a student that writes a wrong total
   on-policy gets the teacher's "!" and the right total as the target for its next tokens.
 
+- `slip` (the portable world of issue 37, docs/experiments/world.md): each column step, with
+  this probability, writes one of its digits wrong (an operand, the carry or a digit of the total,
+  one kind drawn uniformly), then the repair marker and the right digit, and goes on from there
+  ("7+9!8+0=15;", "7+8+1!0=15;", "7+8+0=16!5;"). The wrong digit is listed in the example's
+  `unlearned` spans: a model trained with those spans masked (rayd.pretrain does) learns to flag
+  and rewrite every kind of slip a student makes, and never learns to make one, so its greedy and
+  its sampled traces stay clean.
+
 The extra choices are drawn from a random stream of their own, seeded by the pair, so every
 variant has the same prompts and splits as the plain task and a pair always gets one rationale.
 """
@@ -34,6 +42,9 @@ import re
 
 from rayd.tasks.base import Example, Task
 
+# "validation" and "test" split the held-out pairs in two (for a sweep's learning-rate choice and
+# its reported figures); "eval" is both of them.
+SPLITS = ("train", "eval", "validation", "test")
 REPAIR_MARKER = "!"  # a character of the tiny models' tokenizer (rayd/models.py DEFAULT_CHARS)
 # One column step: two operand digits, the incoming carry, optionally a wrong total and the
 # repair marker, then the right total (checked against the column, not trusted).
@@ -48,30 +59,45 @@ class AdditionTask(Task):
         eval_fraction: float = 0.1,
         swap: float = 0.0,
         repair: float = 0.0,
+        slip: float = 0.0,
     ) -> None:
         if digits < 1:
             raise ValueError("task_options.digits must be >= 1")
-        for name, value in (("swap", swap), ("repair", repair)):
+        for name, value in (("swap", swap), ("repair", repair), ("slip", slip)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"task_options.{name} must lie in [0, 1], got {value}")
         if repair >= 0.5:
             # At >= 0.5 a wrong total would be as likely as the right one: a greedy teacher
             # would write errors and the "greedy traces have no repairs" property would fail.
             raise ValueError(f"task_options.repair must be below 0.5, got {repair}")
+        if repair and slip:
+            # Two encodings of a repaired total ("16!15" and "16!5") would make one text mean two
+            # things; each world uses one of them.
+            raise ValueError("task_options.repair and task_options.slip cannot both be set")
         self.digits = digits
         self.seed = seed
         self.eval_fraction = eval_fraction
         self.swap = swap
         self.repair = repair
+        self.slip = slip
 
     def _split_of(self, a: int, b: int) -> str:
         # A pair's split depends only on the pair, so train and eval stay disjoint at any size.
         h = random.Random(f"{self.seed}:{a}:{b}").random()
         return "eval" if h < self.eval_fraction else "train"
 
+    def _in_split(self, a: int, b: int, split: str) -> bool:
+        held_out = self._split_of(a, b) == "eval"
+        if split in ("train", "eval"):
+            return held_out == (split == "eval")
+        # validation and test halve the held-out pairs by a draw of their own, so "eval" and
+        # everything measured on it stay as they were.
+        half = random.Random(f"{self.seed}:{a}:{b}:test").random() < 0.5
+        return held_out and half == (split == "test")
+
     def examples(self, split: str, count: int) -> list[Example]:
-        if split not in ("train", "eval"):
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         rng = random.Random(f"{self.seed}:{split}")
         lo, hi = 10 ** (self.digits - 1), 10**self.digits - 1
         space = (hi - lo + 1) ** 2
@@ -80,7 +106,7 @@ class AdditionTask(Task):
         # Sample without replacement while the pool is large; allow repeats once exhausted.
         while len(out) < count:
             a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-            if self._split_of(a, b) != split:
+            if not self._in_split(a, b, split):
                 continue
             if (a, b) in seen and len(seen) < space * 0.5:
                 continue
@@ -90,11 +116,11 @@ class AdditionTask(Task):
 
     def example(self, a: int, b: int) -> Example:
         """The gold example of `a + b` under this task's options (`make` for the defaults)."""
-        if not self.swap and not self.repair:
+        if not self.swap and not self.repair and not self.slip:
             return self.make(a, b)
         # Not the split stream: drawing from it would change which pairs the variant samples.
         rng = random.Random(f"{self.seed}:{a}:{b}:rationale")
-        return self.make(a, b, swap=self.swap, repair=self.repair, rng=rng)
+        return self.make(a, b, swap=self.swap, repair=self.repair, slip=self.slip, rng=rng)
 
     @staticmethod
     def make(
@@ -103,11 +129,14 @@ class AdditionTask(Task):
         *,
         swap: float = 0.0,
         repair: float = 0.0,
+        slip: float = 0.0,
         rng: random.Random | None = None,
     ) -> Example:
         rng = rng or random.Random(f"{a}:{b}")
         da, db = str(a)[::-1], str(b)[::-1]
         carry, steps = 0, []
+        unlearned: list[tuple[int, int]] = []
+        written = 0  # characters of the rationale so far
         for i in range(max(len(da), len(db))):
             x = int(da[i]) if i < len(da) else 0
             y = int(db[i]) if i < len(db) else 0
@@ -121,30 +150,67 @@ class AdditionTask(Task):
                 # not one kind of slip, since a student's own errors can be any of them.
                 wrong = rng.choice([v for v in range(20) if v != total])
                 stated = f"{wrong}{REPAIR_MARKER}{total}"
-            steps.append(f"{x}+{y}+{carry}={stated};")
+            step = f"{x}+{y}+{carry}={stated};"
+            if slip and rng.random() < slip:
+                step, at = _slip(step, rng)
+                unlearned.append((written + at, written + at + 1))
+            steps.append(step)
+            written += len(step)
             carry = total // 10
-        return Example(prompt=f"{a}+{b}=", rationale="".join(steps), answer=str(a + b))
+        return Example(
+            prompt=f"{a}+{b}=",
+            rationale="".join(steps),
+            answer=str(a + b),
+            unlearned=tuple(unlearned),
+        )
 
     @staticmethod
     def check_rationale(a: int, b: int, rationale: str) -> bool:
         """Whether `rationale` is a valid rationale for `a + b` under any options: one step per
         column, right to left, each with the column's two digits in either order, the right
         incoming carry and the right final total (a wrong total is allowed only when followed
-        by the repair marker)."""
-        steps = _STEP.findall(rationale)
-        if "".join(m.group(0) for m in _STEP.finditer(rationale)) != rationale:
-            return False  # text outside the steps
-        da, db = str(a)[::-1], str(b)[::-1]
-        if len(steps) != max(len(da), len(db)):
+        by the repair marker and the right one, and a wrong digit only when followed by the
+        marker and the right digit: `repair`'s and `slip`'s repairs)."""
+        return _valid(a, b, rationale) or _valid(a, b, _SLIP.sub(r"\2", rationale))
+
+
+# A slip: a digit, the repair marker and a different digit that replaces it.
+_SLIP = re.compile(r"(\d)" + re.escape(REPAIR_MARKER) + r"(?!\1)(\d)")
+SLIP_KINDS = ("operand", "carry", "total")
+
+
+def _slip(step: str, rng: random.Random) -> tuple[str, int]:
+    """`step` ("x+y+c=t;") with one digit written wrong, the marker and the right digit; and
+    the wrong digit's index in the result. The kind (an operand, the carry, a digit of the
+    total) is drawn uniformly, then the place within it, then the wrong digit."""
+    kind = rng.choice(SLIP_KINDS)
+    total_at = step.index("=") + 1
+    if kind == "operand":
+        at = rng.choice((0, 2))
+    elif kind == "carry":
+        at = 4
+    else:
+        at = rng.randrange(total_at, len(step) - 1)
+    right = step[at]
+    wrong = rng.choice([d for d in "0123456789" if d != right])
+    return step[:at] + wrong + REPAIR_MARKER + step[at:], at
+
+
+def _valid(a: int, b: int, rationale: str) -> bool:
+    steps = _STEP.findall(rationale)
+    if "".join(m.group(0) for m in _STEP.finditer(rationale)) != rationale:
+        return False  # text outside the steps
+    da, db = str(a)[::-1], str(b)[::-1]
+    if len(steps) != max(len(da), len(db)):
+        return False
+    carry = 0
+    for i, (p, q, c, wrong, total) in enumerate(steps):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        right = x + y + carry
+        if sorted((int(p), int(q))) != sorted((x, y)) or int(c) != carry:
             return False
-        carry = 0
-        for i, (p, q, c, wrong, total) in enumerate(steps):
-            x = int(da[i]) if i < len(da) else 0
-            y = int(db[i]) if i < len(db) else 0
-            right = x + y + carry
-            if sorted((int(p), int(q))) != sorted((x, y)) or int(c) != carry:
-                return False
-            if total != str(right) or wrong == str(right):
-                return False  # a "repair" of a right total is not a repair
-            carry = right // 10
-        return True
+        if total != str(right) or wrong == str(right):
+            return False  # a "repair" of a right total is not a repair
+        carry = right // 10
+    return True

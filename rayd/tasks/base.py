@@ -14,6 +14,9 @@ class Example:
     rationale: str  # gold step-by-step reasoning, may be empty
     answer: str
     marker: str = ANSWER_MARKER  # the task's answer marker
+    # Character spans of `completion` that carry no training loss: errors written on purpose so
+    # that a model learns to repair them (addition's `slip`), never to make them.
+    unlearned: tuple[tuple[int, int], ...] = ()
 
     @property
     def completion(self) -> str:
