@@ -15,7 +15,14 @@ import yaml
 
 from rayd.commands import ablate
 from rayd.commands.ablate import plots
-from rayd.commands.ablate.report import aggregate, format_stat, mean_std
+from rayd.commands.ablate.report import (
+    aggregate,
+    format_stat,
+    mean_std,
+    paired_difference,
+    t_quantile_975,
+    write_markdown,
+)
 from rayd.commands.ablate.run import Outcome, outcome_from_files, plan_cell, prepare_cell_folder
 from rayd.commands.ablate.sweep import (
     SweepError,
@@ -181,6 +188,23 @@ def test_values_that_give_the_same_id_are_a_sweep_error(tmp_path):
         ("axes: {trainer.seed: [0]}\nreport: {x_axis: lr}\n", "report.x_axis: 'lr' is not"),
         ("axes: {trainer.seed: [0]}\nreport: {x_axis: trainer.seed}\n", "other than the seed"),
         ("axes: {trainer.seed: [0]}\nreport: {metrc: x}\n", "report.metrc: unknown key"),
+        (
+            "axes: {trainer.seed: [0]}\nbaseline: {method: sft}\n",
+            "baseline.method: not an axis of the sweep (axes: )",
+        ),
+        (
+            "axes: {m: {a: {}, b: {}}, trainer.seed: [0]}\nbaseline: {m: c}\n",
+            "baseline.m: 'c' is not one of its values (a, b)",
+        ),
+        (
+            "axes: {data.train_fraction: [0.5, 1.0]}\nbaseline: {data.train_fraction: 1}\n",
+            "baseline.data.train_fraction: '1' is not one of its values (0.5, 1.0)",
+        ),
+        (
+            "axes: {m: {a: {}}, trainer.seed: [0]}\nbaseline: {trainer.seed: 0}\n",
+            "baseline.trainer.seed: the seed axis pairs the cells; name a non-seed axis",
+        ),
+        ("axes: {m: {a: {}}}\nbaseline: {}\n", "baseline: name at least one axis"),
     ],
 )
 def test_a_bad_sweep_file_gives_one_line_naming_the_key(tmp_path, body, needle):
@@ -415,6 +439,149 @@ def test_only_report_writes_csv_markdown_and_plots(tmp_path, capsys):
     for name in plots:
         assert (sweep.out / "plots" / name).read_bytes()[:4] == b"\x89PNG"
         assert f"(plots/{name})" in md
+
+
+# results.md of fake_results' sweep as the code before `baseline` wrote it (no plots).
+RESULTS_MD_WITHOUT_BASELINE = """\
+# Sweep `sw`
+
+Base config `TMP/base.yaml`; 8 cells.
+Every cell: `trainer.max_steps=4`.
+
+Final held-out metrics, mean ± sample standard deviation over the seeds (trainer.seed); \
+n = finished runs; wall s = a run's mean wall time, start-up included.
+
+| algorithm.loss | training data | n | eval/accuracy | eval/completion_len | eval/reverse_kl \
+| wall s |
+|---|---|---|---|---|---|---|
+| reverse_kl | 0.25 | 2/2 | 35.0 ± 7.1 % | 20 ± 0 | 2.65 ± 0.071 | 12 |
+| reverse_kl | 1.0 | 2/2 | 65.0 ± 7.1 % | 20 ± 0 | 2.35 ± 0.071 | 12 |
+| forward_kl | 0.25 | 2/2 | 15.0 ± 7.1 % | 20 ± 0 | 2.85 ± 0.071 | 12 |
+| forward_kl | 1.0 | 1/2 | 40.0 % | 20 | 2.6 | 12 |
+
+eval/accuracy at each evaluation step, mean ± std over seeds:
+
+| algorithm.loss | training data | step 0 | step 4 |
+|---|---|---|---|
+| reverse_kl | 0.25 | 0.0 ± 0.0 % | 35.0 ± 7.1 % |
+| reverse_kl | 1.0 | 0.0 ± 0.0 % | 65.0 ± 7.1 % |
+| forward_kl | 0.25 | 0.0 ± 0.0 % | 15.0 ± 7.1 % |
+| forward_kl | 1.0 | 0.0 % | 40.0 % |
+
+Cells without results:
+
+- `forward_kl-train_fraction=1.0-seed=1`: failed (exit code 1): boom
+"""
+
+
+def test_without_a_baseline_results_md_is_byte_for_byte_as_before(tmp_path):
+    _, sweep = fake_results(tmp_path)
+    outcomes = [outcome_from_files(sweep, c) for c in expand(sweep)]
+    write_markdown(sweep, outcomes, tmp_path / "results.md", [])
+    text = (tmp_path / "results.md").read_text().replace(str(tmp_path), "TMP")
+    assert text == RESULTS_MD_WITHOUT_BASELINE
+
+
+def test_t_quantiles_are_student_ts():
+    # mpmath (pinned in the CPU lock, through sympy) as the oracle: t's CDF through the
+    # regularised incomplete beta function, inverted by root finding.
+    import mpmath
+
+    def cdf(t, df):
+        return 1 - mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True) / 2
+
+    for df in [*range(1, 31), 31, 40, 60, 120, 1000]:
+        # cdf is even in t (t * t): the root may come out negative
+        exact = abs(mpmath.findroot(lambda t, df=df: cdf(t, df) - 0.975, 2.0 if df > 2 else 6.0))
+        assert t_quantile_975(df) == pytest.approx(float(exact), abs=1e-7), df
+    with pytest.raises(ValueError, match="df >= 1"):
+        t_quantile_975(0)
+
+
+def test_paired_difference_by_hand():
+    # d = (0.06, 0.02, 0.08): mean 0.16 / 3; s^2 = (0.0067^2 + 0.0333^2 + 0.0267^2) / 2
+    # = 9.333e-4, s = 0.030551; half width = t(0.975, 2) * s / sqrt(3) = 4.302653 * 0.017638
+    # = 0.075891.
+    d = paired_difference({"0": 0.56, "1": 0.62, "2": 0.63}, {"0": 0.50, "1": 0.60, "2": 0.55})
+    assert (d.pairs, d.unpaired) == (3, 0)
+    assert d.mean == pytest.approx(0.0533333, abs=1e-6)
+    assert d.interval == pytest.approx((0.0533333 - 0.075891, 0.0533333 + 0.075891), abs=1e-6)
+    # Seed 9 has no partner, seed 5 none either: both left out; one pair has no interval.
+    d = paired_difference({"0": 0.7, "9": 0.1}, {"0": 0.6, "5": 0.3})
+    assert (d.mean, d.interval, d.pairs, d.unpaired) == (pytest.approx(0.1), None, 1, 2)
+    d = paired_difference({"1": 0.5}, {"0": 0.4})
+    assert (d.mean, d.interval, d.pairs, d.unpaired) == (None, None, 0, 2)
+
+
+BASELINE_SWEEP = """\
+axes:
+  method: {base: {}, alt: {}, other: {}}
+  trainer.seed: [0, 1, 2]
+baseline: {method: base}
+labels: {eval/reverse_kl: KL}
+"""
+
+
+def test_a_baseline_adds_paired_differences_with_t_intervals(tmp_path):
+    path = write_sweep(tmp_path, BASELINE_SWEEP)
+    sweep = load_sweep(path)
+    accuracy = {"base": [0.50, 0.60, 0.55], "alt": [0.56, 0.62, 0.63], "other": [None, 0.70, 0.40]}
+    kl = {"base": [2.0, 1.8, 1.9], "alt": [1.7, 1.6, 1.8], "other": [None, 1.0, 1.0]}
+    for cell in expand(sweep):
+        method, seed = cell.values["method"], cell.values["trainer.seed"]
+        if accuracy[method][seed] is None:  # other's seed 0 failed: base's seed 0 is left out
+            folder = cell_dir(sweep, cell)
+            save_config(cell_config(sweep, cell), folder / "cell.yaml")
+            failed = {"status": "failed", "exit_code": 1, "wall_s": 3.0, "error": "boom"}
+            (folder / "status.json").write_text(json.dumps(failed))
+            continue
+        final = {"eval/accuracy": accuracy[method][seed], "eval/reverse_kl": kl[method][seed]}
+        finish_cell(sweep, cell, final=final)
+    outcomes = [outcome_from_files(sweep, c) for c in expand(sweep)]
+    write_markdown(sweep, outcomes, tmp_path / "results.md", [])
+    md = (tmp_path / "results.md").read_text()
+    assert "Paired differences against the baseline (method = base): " in md
+    assert "runs with the same trainer.seed pair up" in md
+    # alt - base: accuracy as in test_paired_difference_by_hand; KL d = (-0.3, -0.2, -0.1):
+    # mean -0.2, s = 0.1, half width 4.302653 * 0.1 / sqrt(3) = 0.248414.
+    # other - base over seeds 1, 2: accuracy d = (0.10, -0.15): mean -0.025, s = 0.176777,
+    # half width 12.706205 * 0.176777 / sqrt(2) = 1.588276; KL d = (-0.8, -0.9): mean -0.85,
+    # s = 0.070711, half width 12.706205 * 0.05 = 0.635310.
+    table = (
+        "| method | pairs | left out | Δ eval/accuracy | Δ KL |\n"
+        "|---|---|---|---|---|\n"
+        "| alt | 3 | 0 | +5.3 [-2.3, +12.9] pp | -0.2 [-0.448, +0.0484] |\n"
+        "| other | 2 | 1 | -2.5 [-161.3, +156.3] pp | -0.85 [-1.49, -0.215] |\n"
+    )
+    assert table in md
+    # The mean ± std table before it is the same as without a baseline.
+    assert "| alt | 3/3 | 60.3 ± 3.8 % | 1.7 ± 0.1 | 12 |\n" in md
+
+
+def test_a_baseline_on_one_axis_pairs_within_the_others(tmp_path):
+    # fake_results: accuracy = 0.2 (reverse_kl) + 0.4 * fraction + 0.1 * seed, so forward_kl
+    # minus reverse_kl is -20 points at each fraction and seed.
+    path, _ = fake_results(tmp_path)
+    path.write_text(path.read_text() + "baseline: {algorithm.loss: reverse_kl}\n")
+    sweep = load_sweep(path)
+    outcomes = [outcome_from_files(sweep, c) for c in expand(sweep)]
+    write_markdown(sweep, outcomes, tmp_path / "results.md", [])
+    md = (tmp_path / "results.md").read_text()
+    assert "baseline (algorithm.loss = reverse_kl; training data as in the row)" in md
+    assert "| forward_kl | 0.25 | 2 | 0 | -20.0 [-20.0, -20.0] pp | +0 [+0, +0] | +0.2 " in md
+    # forward_kl 1.0's seed 1 failed: one pair, reverse_kl 1.0's seed 1 left out
+    assert "| forward_kl | 1.0 | 1 | 1 | -20.0 pp | +0 | +0.2 |\n" in md
+    assert "| reverse_kl | 0.25 | 2 | 0" not in md  # the baselines have no row of their own
+
+
+def test_a_bad_baseline_stops_the_sweep_before_any_cell(tmp_path, capsys):
+    path = write_sweep(tmp_path, BASELINE_SWEEP.replace("{method: base}", "{method: sft}"))
+    assert ablate.main([str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"sweep error: {path}: baseline.method: 'sft' is not one of its values " + (
+        "(base, alt, other)"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_report_falls_back_to_reverse_kl_without_accuracy(tmp_path):

@@ -9,7 +9,8 @@ Each cell is `python -m rayd train <cell>/cell.yaml` in its own process, so a ce
 or leaves Ray in a bad state cannot take the sweep down. A cell is finished when its
 summary.json says so and the config it ran with is the one the sweep asks for now; finished cells
 are skipped on the next run, a changed one is moved aside and run again. The results of all
-cells go to results.csv, a results.md table (mean ± std over seeds) and plots/.
+cells go to results.csv, a results.md table (mean ± std over seeds; with `baseline`, paired
+differences against the control with 95% t-intervals) and plots/.
 
 The package: sweep.py (the sweep file and its cells), run.py (running the cells), report.py
 (results.csv and results.md), plots.py; this module is the command.

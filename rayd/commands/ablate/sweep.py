@@ -67,6 +67,11 @@ class SweepSpec(_Strict):
     )
     concurrency: int = Field(1, ge=1)
     report: ReportSpec = Field(default_factory=ReportSpec)
+    baseline: dict[str, Any] | None = Field(
+        None,
+        description="the control: non-seed axis -> its value (axes left out are matched row by "
+        "row); results.md adds each other setting's paired differences against it",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SweepSpec:
@@ -115,7 +120,28 @@ class SweepSpec(_Strict):
         x_axis = self.report.x_axis
         if x_axis is not None and (x_axis not in self.axes or x_axis == self.seed_axis):
             raise ValueError(f"report.x_axis: {x_axis!r} is not an axis other than the seed")
+        self._check_baseline()
         return self
+
+    def _check_baseline(self) -> None:
+        if self.baseline is None:
+            return
+        if not self.baseline:
+            raise ValueError("baseline: name at least one axis and its value (e.g. {method: sft})")
+        for axis, value in self.baseline.items():
+            if axis == self.seed_axis:
+                raise ValueError(
+                    f"baseline.{axis}: the seed axis pairs the cells; name a non-seed axis"
+                )
+            if axis not in self.axes:
+                others = ", ".join(a for a in self.axes if a != self.seed_axis)
+                raise ValueError(f"baseline.{axis}: not an axis of the sweep (axes: {others})")
+            values = [value_text(v) for _, v, _ in _axis_points({axis: self.axes[axis]})]
+            if value_text(value) not in values:
+                raise ValueError(
+                    f"baseline.{axis}: {value_text(value)!r} is not one of its values "
+                    f"({', '.join(values)})"
+                )
 
     @property
     def seed_axis(self) -> str | None:
