@@ -588,6 +588,14 @@ class TrainerConfig(_Strict):
     max_steps: int = Field(20, ge=1)
     prompts_per_step: int = Field(8, ge=1)
     eval_every: int = Field(5, ge=0, description="0 = only before and after training")
+    eval_sample_temperature: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="also eval/sampled_accuracy: one draw per eval prompt at this temperature, "
+        "seeded by trainer.seed and the step (one more generation pass per eval); "
+        "None = greedy accuracy only",
+    )
     save_every: int = Field(
         0, ge=0, description="0 = no resumable checkpoints; the final student is always exported"
     )
@@ -738,6 +746,13 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"trainer.max_staleness > 0 overlaps rollouts with learner steps; {algo.name} "
                 "trains on dataset completions and has none (set trainer.max_staleness=0)"
+            )
+        sampled = self.trainer.eval_sample_temperature
+        if sampled is not None and not self.data.source.startswith("task:"):
+            # Greedy accuracy is silently absent without a verifier; an asked-for one is not.
+            raise ValueError(
+                "trainer.eval_sample_temperature: sampled accuracy needs a task's answer "
+                f"verifier (data.source: task:<name>), not {self.data.source!r}"
             )
         return self
 

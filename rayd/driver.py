@@ -38,7 +38,7 @@ from rayd.checkpoint import LEARNER_TAG, CheckpointStore
 from rayd.config import RunConfig, save_config
 from rayd.data.prompts import PromptSampler
 from rayd.data.samples import dataset_sample, label_sample, split_by_lambda, step_by_step_samples
-from rayd.evaluate import heldout_metrics
+from rayd.evaluate import eval_sample_seed, heldout_metrics
 from rayd.learner.group import LearnerFailure
 from rayd.metrics import (
     MetricsLogger,
@@ -625,6 +625,8 @@ class Run:
             version=self.state.version,
             feedback=self.eval_feedback,
             samples_per_prompt=self.cfg.rollout.n if self.eval_feedback is not None else 1,
+            sample_temperature=self.cfg.trainer.eval_sample_temperature,
+            sample_seed=eval_sample_seed(self.cfg.trainer.seed, step),
         )
         self.log.log(step, metrics, advance=False)
         return metrics

@@ -1,4 +1,5 @@
-"""`rayd eval PATH`: greedy accuracy and pass@k of a checkpoint on a task's eval split.
+"""`rayd eval PATH`: greedy accuracy, sampled accuracy and pass@k of a checkpoint on a task's
+eval split.
 
 What it takes (the same as `rayd export`):
 - a run folder (`config.yaml` + `student/`): the run's final student, evaluated the way the run
@@ -8,6 +9,8 @@ What it takes (the same as `rayd export`):
 - a model folder (`config.json`): `RUN/student` counts as its run; a `rayd export` folder carries
   the same settings in `rayd_export.json`; any other model needs `--task`.
 Flags override what the run says; the first line printed says where each setting came from.
+`--temperature T` adds the accuracy of one draw per prompt at T (with `--pass-k`: the draws'
+temperature, 1.0 when not given); draws are seeded by the split seed (`--seed`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ EXPORT_RECORD = "rayd_export.json"  # written by `rayd export`; its "eval" entry
 # What a setting is when neither the run nor a flag says (a plain model folder)
 DEFAULTS: dict[str, Any] = {
     "count": 200,
+    "split": "eval",
     "chat_template": "auto",
     "max_new_tokens": 64,
     "seed": 0,
@@ -58,6 +62,7 @@ def run_settings(cfg: Any) -> dict[str, Any]:
         "options": dict(cfg.data.task_options),
         "seed": cfg.data.split_seed_for(cfg.trainer.seed),
         "count": cfg.data.eval_size,
+        "split": cfg.data.eval_split,
         "chat_template": cfg.data.chat_template,
         "max_new_tokens": cfg.rollout.max_new_tokens,
         "max_model_len": cfg.rollout.max_model_len,
@@ -173,7 +178,7 @@ def settle(target: Target, args: argparse.Namespace) -> tuple[dict[str, Any], di
         options_from = "flag" if options_from == "default" else f"{options_from} + flag"
         options.update(flag_options)
     settings["options"], where["options"] = options, options_from
-    for key in ("count", "seed", "chat_template", "max_new_tokens", "backend"):
+    for key in ("count", "split", "seed", "chat_template", "max_new_tokens", "backend"):
         value = getattr(args, key)
         if value is not None:
             settings[key], where[key] = value, "flag"
@@ -199,6 +204,7 @@ def describe(settings: dict[str, Any], where: dict[str, str]) -> str:
         "task": settings["task"],
         "options": ",".join(f"{k}={v}" for k, v in settings["options"].items()) or "(none)",
         "count": settings["count"],
+        "split": settings["split"],
         "chat_template": settings["chat_template"],
         "max_new_tokens": settings["max_new_tokens"],
         "seed": settings["seed"],
@@ -219,10 +225,10 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = ArgumentParser(
         prog="rayd eval",
-        description="Greedy accuracy and pass@k of a run's student (or any model folder) on a "
-        "task's eval split. Given a run (or RUN/student, or a rayd export), the task, its "
-        "options, the prompt format, the eval split and max_new_tokens are the run's; flags "
-        "override them.",
+        description="Greedy accuracy, sampled accuracy (--temperature) and pass@k of a run's "
+        "student (or any model folder) on a task's eval split. Given a run (or RUN/student, "
+        "or a rayd export), the task, its options, the prompt format, the eval split and "
+        "max_new_tokens are the run's; flags override them.",
     )
     parser.add_argument(
         "target",
@@ -246,11 +252,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--samples", type=positive_int, default=0, help="draws per prompt for pass@k (>= max k)"
     )
-    parser.add_argument("--temperature", type=_positive_float, default=1.0)
+    parser.add_argument(
+        "--temperature",
+        type=_positive_float,
+        help="without --pass-k: also the accuracy of one draw per prompt at this temperature "
+        "(seeded by --seed); with --pass-k: the draws' temperature (default 1.0)",
+    )
     parser.add_argument(
         "--max-new-tokens", type=positive_int, help="default: the run's rollout.max_new_tokens"
     )
     parser.add_argument("--backend", choices=("vllm", "hf"), help="default: the run's")
+    parser.add_argument(
+        "--split",
+        choices=("eval", "validation", "test"),
+        help="the held-out split (default: the run's data.eval_split, else eval)",
+    )
     parser.add_argument("--seed", type=int, help="the task's split seed (default: the run's)")
     parser.add_argument(
         "--chat-template",
@@ -271,6 +287,7 @@ class _Request:
     settings: dict[str, Any]
     where: dict[str, str]
     task: Task
+    temperature: float | None  # None: greedy accuracy alone (no --pass-k, no --temperature)
 
 
 def _checked(args: argparse.Namespace) -> _Request:
@@ -294,7 +311,14 @@ def _checked(args: argparse.Namespace) -> _Request:
     settings, where = settle(target, args)
     if args.out is not None and args.out.is_dir():
         raise TargetError(f"rayd eval: --out {str(args.out)!r} is a folder; give a file")
-    return _Request(target, ks, settings, where, _make_task(settings))
+    # pass@k has always drawn at 1.0 when not told; plain `rayd eval` stays greedy alone.
+    temperature = 1.0 if ks and args.temperature is None else args.temperature
+    task = _make_task(settings)
+    try:
+        task.examples(settings["split"], 1)
+    except ValueError as exc:  # a task with no validation/test halves (jsonl)
+        raise TargetError(f"rayd eval: --split {settings['split']!r}: {exc}") from None
+    return _Request(target, ks, settings, where, task, temperature)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,9 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         model,
         request.task,
         count=settings["count"],
+        split=settings["split"],
         ks=request.ks,
         samples=args.samples,
-        temperature=args.temperature,
+        temperature=request.temperature,
         max_new_tokens=settings["max_new_tokens"],
         backend=settings["backend"],
         max_model_len=settings["max_model_len"],
@@ -335,18 +360,29 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or target.model / f"eval-{settings['task']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    _print_result(model, result, run_accuracy)
+    _print_result(model, result, run_accuracy, settings["seed"])
     print(f"rayd eval: written {out}")
     return 0
 
 
-def _print_result(model: str, result: dict[str, Any], run_accuracy: float | None) -> None:
+def _print_result(
+    model: str, result: dict[str, Any], run_accuracy: float | None, seed: int
+) -> None:
     metrics = [k for k in result if k == "accuracy" or k.startswith("pass@")]
-    print(f"{'model':<40} {'prompts':>8} " + " ".join(f"{m:>9}" for m in metrics))
+    metrics += ["sampled_accuracy"] if "sampled_accuracy" in result else []
+    names = {"accuracy": "accuracy", "sampled_accuracy": "sampled"}
+    print(f"{'model':<40} {'prompts':>8} " + " ".join(f"{names.get(m, m):>9}" for m in metrics))
     print(
         f"{model[-40:]:<40} {result['prompts']:>8} "
         + " ".join(f"{100 * result[m]:>8.1f}%" for m in metrics)
     )
+    if "temperature" in result:
+        what = "sampled" if "sampled_accuracy" in result else "pass@k"
+        draws = result.get("samples_per_prompt", 1)
+        print(
+            f"rayd eval: accuracy is greedy; {what}: {draws} draw{'s' * (draws > 1)} per prompt "
+            f"at temperature {result['temperature']:g}, seed {seed} (--seed)"
+        )
     if run_accuracy is not None:
         print(
             f"rayd eval: the run's own final held-out accuracy (summary.json): "
@@ -401,7 +437,7 @@ def _run_accuracy(target: Target, settings: dict[str, Any]) -> float | None:
 
     if target.run is None:
         return None
-    same = ("task", "options", "count", "seed", "chat_template", "max_new_tokens")
+    same = ("task", "options", "count", "split", "seed", "chat_template", "max_new_tokens")
     if any(settings[k] != target.settings.get(k) for k in same):
         return None
     try:

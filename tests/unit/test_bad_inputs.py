@@ -476,6 +476,17 @@ CASES = {
         2,
         "trainer.max_steps: Input should be greater than or equal to 1",
     ),
+    "sampled eval accuracy without a task": (
+        lambda t: (
+            None,
+            [
+                f"data.source={jsonl(t / 'p.jsonl', [{'prompt': 'x'}])}",
+                "trainer.eval_sample_temperature=1",
+            ],
+        ),
+        2,
+        "trainer.eval_sample_temperature: sampled accuracy needs a task's answer verifier",
+    ),
     # --- models ---
     "student path missing": (
         lambda t: (None, [f"models.student.path={t}/nowhere"]),
@@ -733,6 +744,19 @@ CASES = {
         2,
         "data.source / data.task_options",
     ),
+    "slips and repairs together": (
+        lambda t: (None, ["data.task_options={digits: 3, slip: 0.3, repair: 0.1}"]),
+        2,
+        "task_options.repair and task_options.slip cannot both be set",
+    ),
+    "a validation split of a file": (
+        lambda t: (
+            None,
+            [f"data.source={jsonl(t / 'p.jsonl', [{'prompt': 'x'}])}", "data.eval_split=test"],
+        ),
+        2,
+        "data.eval_split: 'test' needs a task source",
+    ),
     # --- offline (reasoning) modes ---
     "algorithm.loss with an offline mode": (
         lambda t: (None, ["algorithm.name=sft", "algorithm.loss=reverse_kl"]),
@@ -928,10 +952,11 @@ def generate_config(tmp: Path, *lines: str) -> str:
     return str(path)
 
 
-def sweep_file(tmp: Path) -> str:
+def sweep_file(tmp: Path, more: str = "") -> str:
     (tmp / "base.yaml").write_text("{}\n")
     path = tmp / "sweep.yaml"
-    path.write_text("name: s\nbase: base.yaml\naxes: {trainer.seed: [0, 1]}\n")
+    axes = "{trainer.max_steps: [1, 2], trainer.seed: [0, 1]}" if more else "{trainer.seed: [0, 1]}"
+    path.write_text(f"name: s\nbase: base.yaml\naxes: {axes}\n{more}")
     return str(path)
 
 
@@ -1094,6 +1119,11 @@ CLI_CASES = {
         lambda t: ["ablate", sweep_file(t), "--concurrency", "all"],
         2,
         "argument --concurrency: expected a positive integer, got 'all'",
+    ),
+    "rayd ablate: a baseline value the axis does not have": (
+        lambda t: ["ablate", sweep_file(t, "baseline: {trainer.max_steps: 3}\n")],
+        2,
+        "baseline.trainer.max_steps: '3' is not one of its values (1, 2)",
     ),
     # --- rayd convert SOURCE --out DIR [--layers N | --keep-layers I,J] [--dtype] [--force] ---
     "rayd convert: source file missing": (

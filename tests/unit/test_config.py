@@ -94,6 +94,18 @@ def test_demo_config_is_valid():
             ["rollout.backend=learner", "rollout.tensor_parallel_size=2"],
             "need rollout.backend=vllm (got learner)",
         ),
+        (
+            ["trainer.eval_sample_temperature=0"],
+            "trainer.eval_sample_temperature: Input should be greater than 0",
+        ),
+        (
+            ["trainer.eval_sample_temperature=.inf"],
+            "trainer.eval_sample_temperature: Input should be a finite number",
+        ),
+        (
+            ["trainer.eval_sample_temperature=1", "data.source=prompts.jsonl"],
+            "trainer.eval_sample_temperature: sampled accuracy needs a task's answer verifier",
+        ),
     ],
 )
 def test_bad_values_give_one_clear_line(overrides, needle):

@@ -28,7 +28,7 @@ GOOD = [
 
 
 def flags(**given):
-    keys = ("task", "count", "seed", "chat_template", "max_new_tokens", "backend")
+    keys = ("task", "count", "split", "seed", "chat_template", "max_new_tokens", "backend")
     return SimpleNamespace(option=given.pop("option", []), **{k: given.get(k) for k in keys})
 
 
@@ -98,3 +98,22 @@ def test_what_is_not_a_run_or_a_model_says_so(run, tmp_path):
     (unfinished / "config.yaml").write_text("models: {student: {path: x}}\ncolour: red\n")
     with pytest.raises(TargetError, match=r"config\.yaml no longer loads"):
         resolve_target(unfinished, "rayd eval: PATH")
+
+
+def test_the_split_is_the_runs_eval_split_unless_a_flag_says(tmp_path):
+    run = tmp_path / "run"
+    save_config(load_config(None, [*GOOD, "data.eval_split=test"]), run / "config.yaml")
+    (run / "student").mkdir()
+    (run / "student" / "config.json").write_text("{}")
+    target = resolve_target(run, "rayd eval: PATH")
+    settings, where = settle(target, flags())
+    assert settings["split"] == "test" and where["split"] == f"run {run}"
+    assert "split=test" in describe(settings, where)
+    settings, where = settle(target, flags(split="validation"))
+    assert settings["split"] == "validation" and where["split"] == "flag"
+    # A plain model folder (or an export that predates data.eval_split) says no split: "eval".
+    plain = tmp_path / "model"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    settings, where = settle(resolve_target(plain, "x"), flags(task="addition"))
+    assert settings["split"] == "eval" and where["split"] == "default"

@@ -4,6 +4,7 @@ script beside the benches, not a `rayd bench` section.
     python -m rayd.commands.bench.world plateau --arch 1,64,2 [--steps 8000 --every 1000]
     python -m rayd.commands.bench.world build --arch 1,64,2 --steps N
     python -m rayd.commands.bench.world measure [--count 2000] [--json out.json]
+    python -m rayd.commands.bench.world students RUN/student ... [--json out.json]
 
 One process, plain transformers, no Ray.
 - `plateau`: a student of the given shape (layers, hidden, heads) trained by rationale SFT on
@@ -15,6 +16,7 @@ One process, plain transformers, no Ray.
 - `measure`: the world's preconditions on the shipped files: teacher and student accuracy
   (greedy and temperature 1) on the test split, the teacher's greedy traces against the gold
   ones, and the teacher's repairs from the student's own first errors, by kind.
+- `students`: trained students' test accuracy and how often their samples repair (the marker).
 
 The student's SFT traces are the gold clean rationales of training prompts past the first
 20000 of the train stream: a run's `data.train_size` (at most 20000) draws its prompts from the
@@ -227,6 +229,26 @@ def check(folder: Path, prompts: int = CHECK_PROMPTS) -> dict[str, int]:
     return out
 
 
+def students(folders: Sequence[Path], count: int) -> dict[str, Any]:
+    """Each trained student's test accuracy (greedy, temperature 1) and how often its
+    temperature-1 samples repair (write the marker), and repair into a right answer."""
+    task = _task()
+    test = task.examples("test", count)
+    out: dict[str, Any] = {}
+    for folder in folders:
+        model, tokenizer = _load(str(folder))
+        greedy, _ = accuracy(model, tokenizer, test)
+        sampled, samples = accuracy(model, tokenizer, test, temperature=1.0)
+        marked = [(s, e) for s, e in zip(samples, test, strict=True) if REPAIR_MARKER in s]
+        out[str(folder)] = {
+            "greedy": greedy,
+            "temperature_1": sampled,
+            "samples_with_marker": len(marked) / count,
+            "marked_and_right": sum(task.is_correct(s, e.answer) for s, e in marked) / count,
+        }
+    return out
+
+
 def build(arch: dict[str, int], steps: int) -> None:
     started = time.monotonic()
     teacher = Path(resolve_model_path(f"tiny:{TEACHER_RECIPE}"))
@@ -273,6 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = sub.add_parser("measure")
     m.add_argument("--count", type=int, default=2000)
     m.add_argument("--json", type=Path)
+    t = sub.add_parser("students")
+    t.add_argument("folders", type=Path, nargs="+", help="trained students (a run's student/)")
+    t.add_argument("--count", type=int, default=2000)
+    t.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     if args.what == "plateau":
@@ -289,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.what == "build":
         build(args.arch, args.steps)
         return 0
+    elif args.what == "students":
+        result = students(args.folders, args.count)
     else:
         result = measure(args.count)
     text = json.dumps(result, indent=2)
