@@ -34,6 +34,8 @@ overrides:
   teacher.backend: hf
   learner.num_learners: 1
   learner.micro_batch_size: 16
+  trainer.eval_sample_temperature: 1.0
+baseline: {{algorithm.loss: reverse_kl}}
 axes:
   algorithm.loss: [reverse_kl, forward_kl]
   trainer.seed: [0, 1]
@@ -61,6 +63,7 @@ def test_sweep_runs_reports_and_skips_finished_cells(tmp_path, capsys):
     for r in rows:
         assert float(r["eval/reverse_kl"]) > 0
         assert 0 <= float(r["eval/accuracy"]) <= 1
+        assert 0 <= float(r["eval/sampled_accuracy"]) <= 1  # the training-side sampled eval
         assert float(r["wall_s"]) > 0
 
     summaries = {}
@@ -84,9 +87,14 @@ def test_sweep_runs_reports_and_skips_finished_cells(tmp_path, capsys):
     assert summaries["reverse_kl-seed=0"]["initial"] != summaries["reverse_kl-seed=1"]["initial"]
 
     md = (out / "results.md").read_text()
-    assert "| loss | n | eval/accuracy | eval/completion_len | eval/reverse_kl |" in md
-    assert re.search(r"\| reverse_kl \| 2/2 \| [\d.]+ (± [\d.]+ )?% \| [\d.]+ ± [\d.]+ \|", md)
+    columns = "eval/accuracy | eval/sampled_accuracy | eval/completion_len | eval/reverse_kl"
+    assert f"| loss | n | {columns} |" in md
+    percent = r"[\d.]+ (± [\d.]+ )?%"
+    assert re.search(rf"\| reverse_kl \| 2/2 \| {percent} \| {percent} \| [\d.]+ ± [\d.]+ \|", md)
     assert re.search(r"\| forward_kl \| 2/2 \| ", md)
+    # The baseline's paired table: forward_kl minus reverse_kl over the two shared seeds.
+    assert "Paired differences against the baseline (loss = reverse_kl): " in md
+    assert re.search(r"\| forward_kl \| 2 \| 0 \| [+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] pp \|", md)
     plots = sorted(p.name for p in (out / "plots").iterdir())
     assert plots == ["final_accuracy_vs_loss.png", "learning_curves.png"]
     assert all((out / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
