@@ -36,8 +36,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rayd.commands.bench import machine_info
 from rayd.commands.bench.regimes import _load, generate, next_token_probs
 from rayd.tasks import AdditionTask, make_task
@@ -300,7 +298,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--count", type=int, default=2000)
     t.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     if args.what == "plateau":
         import tempfile
 
