@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from rayd.commands.bench import machine_info
-from rayd.commands.bench.regimes import _load, generate, next_token_probs
+from rayd.commands.bench.regimes import _accuracy, _load, generate, next_token_probs
 from rayd.tasks import AdditionTask, make_task
 from rayd.tasks.arithmetic import REPAIR_MARKER
 from rayd.tasks.base import Example
@@ -62,12 +62,10 @@ def _arch(text: str) -> dict[str, int]:
 
 
 def accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], temperature: float = 0.0):
-    task = _task()
     completions = generate(
         model, tokenizer, [e.prompt for e in examples], temperature=temperature, seed=1
     )
-    good = sum(task.is_correct(c, e.answer) for e, c in zip(examples, completions, strict=True))
-    return good / len(examples), completions
+    return _accuracy(_task(), examples, completions), completions
 
 
 def train_student(out: Path, arch: dict[str, int], steps: int, every: int = 0, count: int = 500):
