@@ -15,7 +15,10 @@ The world:
   "!", the right digit, in three column steps of ten), the wrong digits masked out of its loss:
   it flags and rewrites every kind of slip and never makes one;
 - the start student (a smaller model): rationale SFT on fresh clean traces to its plateau, so it
-  is competent (the literature's on-policy regime) and still below the teacher.
+  is competent (the literature's on-policy regime) and still below the teacher;
+- the new task of the forgetting experiment, 3-digit subtraction by a borrow rationale
+  (`task:subtraction`), and its teacher (the teacher's shape, trained on it), added after the
+  rest and leaving their bytes as they were.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 
 WORLD_DIR = Path(__file__).parent / "worlds" / "addition"
 MANIFEST = WORLD_DIR / "MANIFEST.json"
-ROLES = ("teacher", "student")
+ROLES = ("teacher", "student", "subtraction-teacher")
 # Data options of the world's runs: the plain task, so gold completions are the clean traces.
 TASK_OPTIONS: dict[str, Any] = {"digits": 3}
 

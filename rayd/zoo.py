@@ -79,11 +79,29 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lr": 3e-3,
         },
     },
+    # The teacher of the world's new task, subtraction (the forgetting experiment of issue 37):
+    # the world teacher's shape and budget on the plain subtraction task. Shipped as
+    # tiny:world-subtraction-teacher.
+    "world-subtraction-teacher-recipe": {
+        "arch": {"layers": 3, "hidden": 128, "heads": 4},
+        "pretrain": {
+            "task": "subtraction",
+            "task_options": {"digits": 3},
+            "examples": 20000,
+            "steps": 2000,
+            "batch_size": 64,
+            "lr": 3e-3,
+        },
+    },
 }
 
 # Models shipped as files (rayd/world.py): the same bytes on every machine, never rebuilt, so a
 # seed in the config does not change them.
-SHIPPED: dict[str, str] = {"world-teacher": "teacher", "world-student": "student"}
+SHIPPED: dict[str, str] = {
+    "world-teacher": "teacher",
+    "world-student": "student",
+    "world-subtraction-teacher": "subtraction-teacher",
+}
 
 
 def names() -> list[str]:

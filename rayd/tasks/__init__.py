@@ -2,11 +2,15 @@
 
 import inspect
 
-from rayd.tasks.arithmetic import AdditionTask
+from rayd.tasks.arithmetic import AdditionTask, SubtractionTask
 from rayd.tasks.base import Example, Task
 from rayd.tasks.jsonl import JsonlTask
 
-TASKS: dict[str, type[Task]] = {"addition": AdditionTask, "jsonl": JsonlTask}
+TASKS: dict[str, type[Task]] = {
+    "addition": AdditionTask,
+    "jsonl": JsonlTask,
+    "subtraction": SubtractionTask,
+}
 
 
 def make_task(name: str, **options: object) -> Task:
@@ -22,4 +26,4 @@ def make_task(name: str, **options: object) -> Task:
     return TASKS[name](**options)  # type: ignore[arg-type]
 
 
-__all__ = ["TASKS", "AdditionTask", "Example", "JsonlTask", "Task", "make_task"]
+__all__ = ["TASKS", "AdditionTask", "Example", "JsonlTask", "SubtractionTask", "Task", "make_task"]

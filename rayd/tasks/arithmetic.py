@@ -105,7 +105,7 @@ class AdditionTask(Task):
         seen: set[tuple[int, int]] = set()
         # Sample without replacement while the pool is large; allow repeats once exhausted.
         while len(out) < count:
-            a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+            a, b = self._pair(rng.randint(lo, hi), rng.randint(lo, hi))
             if not self._in_split(a, b, split):
                 continue
             if (a, b) in seen and len(seen) < space * 0.5:
@@ -113,6 +113,10 @@ class AdditionTask(Task):
             seen.add((a, b))
             out.append(self.example(a, b))
         return out
+
+    def _pair(self, a: int, b: int) -> tuple[int, int]:
+        """The operands of a prompt drawn as (a, b)."""
+        return a, b
 
     def example(self, a: int, b: int) -> Example:
         """The gold example of `a + b` under this task's options (`make` for the defaults)."""
@@ -214,3 +218,42 @@ def _valid(a: int, b: int, rationale: str) -> bool:
             return False  # a "repair" of a right total is not a repair
         carry = right // 10
     return True
+
+
+class SubtractionTask(AdditionTask):
+    """Subtraction `a-b=` with a >= b, both of `digits` digits, by a borrow rationale: the new
+    task of the world's forgetting experiment (docs/experiments/world.md), written in addition's
+    shape so that the world's tokenizer and format carry over. Each column step right to left
+    states its two digits, the incoming borrow and the column's value: the new borrow times 10
+    plus the digit written ("7-3-0=4;", "2-8-0=14;": 12-8 is 4, borrowing 1), then the answer,
+    zero-padded to `digits` ("A=045"). It has the plain task only (no swap, repair or slip);
+    pairs and splits are drawn as addition's are."""
+
+    def __init__(self, digits: int = 3, seed: int = 0, eval_fraction: float = 0.1) -> None:
+        super().__init__(digits=digits, seed=seed, eval_fraction=eval_fraction)
+
+    def _pair(self, a: int, b: int) -> tuple[int, int]:
+        return (a, b) if a >= b else (b, a)
+
+    def example(self, a: int, b: int) -> Example:
+        return self.make_subtraction(a, b, self.digits)
+
+    @staticmethod
+    def make_subtraction(a: int, b: int, digits: int) -> Example:
+        if a < b:
+            raise ValueError(f"subtraction needs a >= b, got {a}-{b}")
+        da, db = str(a).zfill(digits)[::-1], str(b).zfill(digits)[::-1]
+        borrow, steps = 0, []
+        for x, y in zip(da, db, strict=True):
+            value = int(x) - int(y) - borrow
+            out = 1 if value < 0 else 0
+            steps.append(f"{x}-{y}-{borrow}={out * 10 + value + 10 * out};")
+            borrow = out
+        return Example(
+            prompt=f"{a}-{b}=", rationale="".join(steps), answer=str(a - b).zfill(digits)
+        )
+
+    @staticmethod
+    def check_rationale(a: int, b: int, rationale: str) -> bool:
+        digits = max(len(str(a)), len(str(b)))
+        return rationale == SubtractionTask.make_subtraction(a, b, digits).rationale

@@ -1221,7 +1221,7 @@ CLI_CASES = {
     "rayd eval --task unknown": (
         lambda t: ["eval", run_folder(t), "--task", "nope"],
         2,
-        "--task 'nope': known tasks: addition, jsonl",
+        "--task 'nope': known tasks: addition, jsonl, subtraction",
     ),
     "rayd eval --option without =": (
         lambda t: ["eval", run_folder(t), "--option", "digits"],

@@ -65,6 +65,17 @@ def test_the_shipped_models_score_as_recorded():
         assert abs(round(acc * CHECK_PROMPTS) - checks[f"{role}_greedy_right"]) <= slack, role
 
 
+def test_the_subtraction_teacher_scores_as_recorded():
+    check = world.manifest()["subtraction-teacher"]["check"]
+    task = make_task("subtraction", **world.TASK_OPTIONS)
+    model, tokenizer = _load(world.shipped("subtraction-teacher"))
+    acc, _ = accuracy(model, tokenizer, task.examples("test", check["prompts"]), task=task)
+    assert abs(round(acc * check["prompts"]) - check["greedy_right"]) <= 1
+    assert resolve_model_path("tiny:world-subtraction-teacher") == world.shipped(
+        "subtraction-teacher"
+    )
+
+
 def test_first_error_names_the_kind_of_character_missed():
     gold = "7+8+0=15;4+3+1=8;A=85"
     assert first_error("7+9+0=16;", gold) == (2, "operand")

@@ -5,6 +5,9 @@ script beside the benches, not a `rayd bench` section.
     python -m rayd.commands.bench.world build --arch 1,64,2 --steps N
     python -m rayd.commands.bench.world measure [--count 2000] [--json out.json]
     python -m rayd.commands.bench.world students RUN/student ... [--json out.json]
+    python -m rayd.commands.bench.world newtask --lr 1e-3 --steps 400 --every 100
+    python -m rayd.commands.bench.world build-subtraction
+    python -m rayd.commands.bench.world forgetting RUN/student ... [--json out.json]
 
 One process, plain transformers, no Ray.
 - `plateau`: a student of the given shape (layers, hidden, heads) trained by rationale SFT on
@@ -17,6 +20,11 @@ One process, plain transformers, no Ray.
   (greedy and temperature 1) on the test split, the teacher's greedy traces against the gold
   ones, and the teacher's repairs from the student's own first errors, by kind.
 - `students`: trained students' test accuracy and how often their samples repair (the marker).
+- `newtask`: the start student taught the new task (subtraction) by SFT on its gold traces, its
+  validation accuracy on both tasks every `--every` steps: how the forgetting sweep's budget was
+  chosen. `build-subtraction` adds the new task's teacher (tiny:world-subtraction-teacher-recipe)
+  to the world, leaving the other files as they were; `forgetting` measures trained students on
+  the test split of both tasks.
 
 The student's SFT traces are the gold clean rationales of training prompts past the first
 20000 of the train stream: a run's `data.train_size` (at most 20000) draws its prompts from the
@@ -38,7 +46,7 @@ from typing import Any
 
 from rayd.commands.bench import machine_info
 from rayd.commands.bench.regimes import _accuracy, _load, generate, next_token_probs
-from rayd.tasks import AdditionTask, make_task
+from rayd.tasks import AdditionTask, SubtractionTask, make_task
 from rayd.tasks.arithmetic import REPAIR_MARKER
 from rayd.tasks.base import Example
 from rayd.world import MANIFEST, TASK_OPTIONS, WORLD_DIR, digests, shipped
@@ -48,6 +56,12 @@ RESERVED = 20000  # the head of the train stream, left to the runs (see the modu
 TEACHER_RECIPE = "world-teacher-recipe"
 CHECK_PROMPTS = 200
 KINDS = ("operand", "carry", "total", "format", "answer", "stopped")
+
+
+def _subtraction() -> SubtractionTask:
+    task = make_task("subtraction", **TASK_OPTIONS)
+    assert isinstance(task, SubtractionTask)
+    return task
 
 
 def _task() -> AdditionTask:
@@ -61,11 +75,17 @@ def _arch(text: str) -> dict[str, int]:
     return {"layers": layers, "hidden": hidden, "heads": heads}
 
 
-def accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], temperature: float = 0.0):
+def accuracy(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    temperature: float = 0.0,
+    task: AdditionTask | None = None,
+):
     completions = generate(
         model, tokenizer, [e.prompt for e in examples], temperature=temperature, seed=1
     )
-    return _accuracy(_task(), examples, completions), completions
+    return _accuracy(task or _task(), examples, completions), completions
 
 
 def train_student(out: Path, arch: dict[str, int], steps: int, every: int = 0, count: int = 500):
@@ -245,6 +265,93 @@ def students(folders: Sequence[Path], count: int) -> dict[str, Any]:
     return out
 
 
+def newtask(out: Path, lr: float, steps: int, every: int, count: int = 500) -> list[dict]:
+    """The shipped student taught subtraction in `out` by SFT on fresh gold traces; its
+    validation greedy accuracy on subtraction (new) and addition (old) every `every` steps."""
+    from rayd.pretrain import train_on_examples
+
+    old, new = _task(), _subtraction()
+    shutil.copytree(shipped("student"), out)
+    tokenizer = _load(str(out))[1]
+    traces = new.examples("train", RESERVED + steps * 64)[RESERVED:]
+    checks = {"new": new.examples("validation", count), "old": old.examples("validation", count)}
+    tasks = {"new": new, "old": old}
+    curve: list[dict] = []
+
+    def record(step: int, model: Any) -> None:
+        row = {"step": step}
+        for name, examples in checks.items():
+            row[name] = accuracy(model, tokenizer, examples, task=tasks[name])[0]
+        curve.append(row)
+        print(f"  {row}", flush=True)
+
+    record(0, _load(str(out))[0])
+    # SDFT's teacher at the start: the student shown the gold completion (the config's default
+    # teacher.prompt_template), asked the same prompt.
+    shown = [Example(f"{e.prompt}\n\n{e.completion}", e.rationale, e.answer) for e in checks["new"]]
+    curve[0]["new_privileged_self"] = accuracy(_load(str(out))[0], tokenizer, shown, task=new)[0]
+    print(f"  {curve[0]}", flush=True)
+    train_on_examples(
+        out,
+        traces,
+        steps=steps,
+        batch_size=64,
+        lr=lr,
+        seed=0,
+        once=True,
+        every=every,
+        on_every=record,
+        progress="new-task SFT",
+    )
+    return curve
+
+
+def forgetting(folders: Sequence[Path], count: int) -> dict[str, Any]:
+    """Each trained student's test accuracy (greedy, temperature 1) on the new task
+    (subtraction) and the old one (addition)."""
+    tasks = {"new": _subtraction(), "old": _task()}
+    tests = {name: task.examples("test", count) for name, task in tasks.items()}
+    out: dict[str, Any] = {}
+    for folder in folders:
+        model, tokenizer = _load(str(folder))
+        row: dict[str, float] = {}
+        for name, task in tasks.items():
+            for label, temperature in (("greedy", 0.0), ("temperature_1", 1.0)):
+                row[f"{name}_{label}"] = accuracy(
+                    model, tokenizer, tests[name], temperature, task=task
+                )[0]
+        out[str(folder)] = row
+        print(f"  {folder}: {row}", flush=True)
+    return out
+
+
+def build_subtraction() -> None:
+    """Add the new task's teacher to the shipped world; the other files stay as they were."""
+    started = time.monotonic()
+    role = "subtraction-teacher"
+    built = Path(resolve_model_path(f"tiny:world-{role}-recipe"))
+    shutil.rmtree(WORLD_DIR / role, ignore_errors=True)
+    shutil.copytree(built, WORLD_DIR / role)
+    record = json.loads(MANIFEST.read_text())
+    model, tokenizer = _load(str(WORLD_DIR / role))
+    test = _subtraction().examples("test", CHECK_PROMPTS)
+    record[role] = {
+        "task": "subtraction",
+        "recipe": PRESETS[f"world-{role}-recipe"],
+        "files": digests(WORLD_DIR / role),
+        "check": {
+            "prompts": CHECK_PROMPTS,
+            "greedy_right": round(
+                accuracy(model, tokenizer, test, task=_subtraction())[0] * CHECK_PROMPTS
+            ),
+        },
+        "built_on": machine_info()["cpu"],
+        "built_s": round(time.monotonic() - started),
+    }
+    MANIFEST.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{role} written to {WORLD_DIR / role}", flush=True)
+
+
 def build(arch: dict[str, int], steps: int) -> None:
     started = time.monotonic()
     teacher = Path(resolve_model_path(f"tiny:{TEACHER_RECIPE}"))
@@ -295,6 +402,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("folders", type=Path, nargs="+", help="trained students (a run's student/)")
     t.add_argument("--count", type=int, default=2000)
     t.add_argument("--json", type=Path)
+    n = sub.add_parser("newtask")
+    n.add_argument("--lr", type=float, default=1e-3)
+    n.add_argument("--steps", type=int, default=400)
+    n.add_argument("--every", type=int, default=100)
+    n.add_argument("--json", type=Path)
+    sub.add_parser("build-subtraction")
+    f = sub.add_parser("forgetting")
+    f.add_argument("folders", type=Path, nargs="+", help="trained students (a run's student/)")
+    f.add_argument("--count", type=int, default=2000)
+    f.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.what == "plateau":
         import tempfile
@@ -310,6 +427,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.what == "build":
         build(args.arch, args.steps)
         return 0
+    elif args.what == "build-subtraction":
+        build_subtraction()
+        return 0
+    elif args.what == "newtask":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.monotonic()
+            curve = newtask(Path(tmp) / "student", args.lr, args.steps, args.every)
+        result = {"lr": args.lr, "curve": curve, "wall_s": round(time.monotonic() - started)}
+    elif args.what == "forgetting":
+        result = forgetting(args.folders, args.count)
     elif args.what == "students":
         result = students(args.folders, args.count)
     else:
