@@ -85,3 +85,18 @@ def test_first_error_names_the_kind_of_character_missed():
     assert first_error("7+8+0=15;4+3+1=8;A=86", gold) == (20, "answer")
     assert first_error("7+8+0=15;4+3+1=8+", gold) == (16, "format")
     assert first_error("7+8+0=15;", gold) == (9, "stopped")
+
+
+def test_the_forgetting_table_pairs_cells_by_seed():
+    from rayd.commands.bench.world import forgetting_table
+
+    def row(new: float) -> dict[str, float]:
+        return {"new_greedy": new, "new_temperature_1": 0.5, "old_greedy": 0.0,
+                "old_temperature_1": 0.0}  # fmt: skip
+
+    results = {f"s/cells/sft-seed={k}/student": row(0.6 + 0.01 * k) for k in range(3)}
+    results |= {f"s/cells/opd-seed={k}/student": row(0.5 + 0.02 * k) for k in range(3)}
+    table = forgetting_table(results, "sft").splitlines()
+    assert table[2].startswith("| sft | 3 | 61.0 ± 1.0 |")
+    # opd minus sft per seed: -10, -9, -8 -> mean -9, t(2) 4.303 x 1/sqrt(3)
+    assert table[3].startswith("| opd | 3 | 52.0 ± 2.0; Δ -9.0 [-11.5, -6.5] |")

@@ -325,6 +325,40 @@ def forgetting(folders: Sequence[Path], count: int) -> dict[str, Any]:
     return out
 
 
+def forgetting_table(results: dict[str, Any], baseline: str) -> str:
+    """A markdown table of `forgetting`'s results for sweep cells named METHOD-seed=N: each
+    method's mean ± std, and minus `baseline` paired by seed with its 95% t-interval."""
+    import re
+
+    from rayd.commands.ablate.report import mean_std, paired_difference
+
+    by_method: dict[str, dict[str, dict[str, float]]] = {}
+    for folder, row in results.items():
+        cell = Path(folder).parent.name if Path(folder).name == "student" else Path(folder).name
+        m = re.fullmatch(r"(.+)-seed=(\d+)", cell)
+        if m:
+            by_method.setdefault(m[1], {})[m[2]] = row
+    metrics = ["new_greedy", "new_temperature_1", "old_greedy", "old_temperature_1"]
+    lines = ["| method | n | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * 4]
+    for method, seeds in by_method.items():
+        cells = []
+        for metric in metrics:
+            mean, std = mean_std([100 * r[metric] for r in seeds.values()])
+            text = f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+            if method != baseline and baseline in by_method:
+                d = paired_difference(
+                    {k: 100 * r[metric] for k, r in seeds.items()},
+                    {k: 100 * r[metric] for k, r in by_method[baseline].items()},
+                )
+                if d.mean is not None:
+                    text += f"; Δ {d.mean:+.1f}"
+                    if d.interval:
+                        text += f" [{d.interval[0]:+.1f}, {d.interval[1]:+.1f}]"
+            cells.append(text)
+        lines.append(f"| {method} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def build_subtraction() -> None:
     """Add the new task's teacher to the shipped world; the other files stay as they were."""
     started = time.monotonic()
@@ -412,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     f.add_argument("folders", type=Path, nargs="+", help="trained students (a run's student/)")
     f.add_argument("--count", type=int, default=2000)
     f.add_argument("--json", type=Path)
+    f.add_argument("--baseline", help="sweep cells: the method the others are paired against")
     args = parser.parse_args(argv)
     if args.what == "plateau":
         import tempfile
@@ -439,6 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = {"lr": args.lr, "curve": curve, "wall_s": round(time.monotonic() - started)}
     elif args.what == "forgetting":
         result = forgetting(args.folders, args.count)
+        if args.baseline:
+            print(forgetting_table(result, args.baseline))
     elif args.what == "students":
         result = students(args.folders, args.count)
     else:
