@@ -246,8 +246,9 @@ class SubtractionTask(AdditionTask):
         borrow, steps = 0, []
         for x, y in zip(da, db, strict=True):
             value = int(x) - int(y) - borrow
-            out = 1 if value < 0 else 0
-            steps.append(f"{x}-{y}-{borrow}={out * 10 + value + 10 * out};")
+            out = 1 if value < 0 else 0  # the borrow from the next column
+            digit = value + 10 * out
+            steps.append(f"{x}-{y}-{borrow}={10 * out + digit};")
             borrow = out
         return Example(
             prompt=f"{a}-{b}=", rationale="".join(steps), answer=str(a - b).zfill(digits)
