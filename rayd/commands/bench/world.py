@@ -272,7 +272,7 @@ def newtask(out: Path, lr: float, steps: int, every: int, count: int = 500) -> l
 
     old, new = _task(), _subtraction()
     shutil.copytree(shipped("student"), out)
-    tokenizer = _load(str(out))[1]
+    start, tokenizer = _load(str(out))
     traces = new.examples("train", RESERVED + steps * 64)[RESERVED:]
     checks = {"new": new.examples("validation", count), "old": old.examples("validation", count)}
     tasks = {"new": new, "old": old}
@@ -285,12 +285,13 @@ def newtask(out: Path, lr: float, steps: int, every: int, count: int = 500) -> l
         curve.append(row)
         print(f"  {row}", flush=True)
 
-    record(0, _load(str(out))[0])
     # SDFT's teacher at the start: the student shown the gold completion (the config's default
     # teacher.prompt_template), asked the same prompt.
     shown = [Example(f"{e.prompt}\n\n{e.completion}", e.rationale, e.answer) for e in checks["new"]]
-    curve[0]["new_privileged_self"] = accuracy(_load(str(out))[0], tokenizer, shown, task=new)[0]
-    print(f"  {curve[0]}", flush=True)
+    privileged = accuracy(start, tokenizer, shown, task=new)[0]
+    record(0, start)
+    curve[0]["new_privileged_self"] = privileged
+    print(f"  start, shown the gold completion: {privileged:.3f} on the new task", flush=True)
     train_on_examples(
         out,
         traces,
@@ -368,16 +369,15 @@ def build_subtraction() -> None:
     shutil.copytree(built, WORLD_DIR / role)
     record = json.loads(MANIFEST.read_text())
     model, tokenizer = _load(str(WORLD_DIR / role))
-    test = _subtraction().examples("test", CHECK_PROMPTS)
+    task = _subtraction()
+    test = task.examples("test", CHECK_PROMPTS)
     record[role] = {
         "task": "subtraction",
         "recipe": PRESETS[f"world-{role}-recipe"],
         "files": digests(WORLD_DIR / role),
         "check": {
             "prompts": CHECK_PROMPTS,
-            "greedy_right": round(
-                accuracy(model, tokenizer, test, task=_subtraction())[0] * CHECK_PROMPTS
-            ),
+            "greedy_right": round(accuracy(model, tokenizer, test, task=task)[0] * CHECK_PROMPTS),
         },
         "built_on": machine_info()["cpu"],
         "built_s": round(time.monotonic() - started),
