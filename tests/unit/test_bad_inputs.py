@@ -1007,15 +1007,10 @@ CLI_CASES = {
         2,
         "argument --steps: expected a positive integer, got '0'",
     ),
-    "rayd demo --warmup-steps negative": (
-        lambda t: ["demo", "--warmup-steps", "-5"],
+    "rayd demo --world-steps a fraction": (
+        lambda t: ["demo", "--world-steps", "1.5"],
         2,
-        "argument --warmup-steps: expected a positive integer, got '-5'",
-    ),
-    "rayd demo --on-policy-steps a fraction": (
-        lambda t: ["demo", "--on-policy-steps", "1.5"],
-        2,
-        "argument --on-policy-steps: expected a positive integer, got '1.5'",
+        "argument --world-steps: expected a positive integer, got '1.5'",
     ),
     "rayd demo --eval-count zero": (
         lambda t: ["demo", "--eval-count", "0"],
