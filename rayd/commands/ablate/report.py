@@ -139,6 +139,45 @@ def paired_difference(values: dict[str, float], baseline: dict[str, float]) -> P
     return Paired(mean, interval, len(diffs), unpaired)
 
 
+def paired_by_seed(
+    results: dict[str, dict[str, float]], baseline: str, metrics: dict[str, float]
+) -> str:
+    """A markdown table of per-cell measurements made outside a sweep's runs (a student's other
+    tasks, its drift from the start), for cells named METHOD-seed=N (a run folder or its
+    `student/`): each method's mean ± std per metric (times its scale), and minus `baseline`
+    paired by seed with its 95% t-interval."""
+    import re
+
+    by_method: dict[str, dict[str, dict[str, float]]] = {}
+    for folder, row in results.items():
+        cell = Path(folder).parent.name if Path(folder).name == "student" else Path(folder).name
+        m = re.fullmatch(r"(.+)-seed=(\d+)", cell)
+        if m:
+            by_method.setdefault(m[1], {})[m[2]] = row
+    lines = [
+        "| method | n | " + " | ".join(metrics) + " |",
+        "|---|---:|" + "---:|" * len(metrics),
+    ]
+    for method, seeds in by_method.items():
+        cells = []
+        for metric, scale in metrics.items():
+            mean, std = mean_std([scale * r[metric] for r in seeds.values()])
+            digits = 1 if scale == 100.0 else 3
+            text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+            if method != baseline and baseline in by_method:
+                d = paired_difference(
+                    {k: scale * r[metric] for k, r in seeds.items()},
+                    {k: scale * r[metric] for k, r in by_method[baseline].items()},
+                )
+                if d.mean is not None:
+                    text += f"; Δ {d.mean:+.{digits}f}"
+                    if d.interval:
+                        text += f" [{d.interval[0]:+.{digits}f}, {d.interval[1]:+.{digits}f}]"
+            cells.append(text)
+        lines.append(f"| {method} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def aggregate(sweep: Sweep, outcomes: list[Outcome]) -> list[Group]:
     """Groups in product order; per final metric: (mean, std, n) over the group's seeds."""
     seed = sweep.spec.seed_axis

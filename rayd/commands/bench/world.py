@@ -328,36 +328,11 @@ def forgetting(folders: Sequence[Path], count: int) -> dict[str, Any]:
 
 def forgetting_table(results: dict[str, Any], baseline: str) -> str:
     """A markdown table of `forgetting`'s results for sweep cells named METHOD-seed=N: each
-    method's mean ± std, and minus `baseline` paired by seed with its 95% t-interval."""
-    import re
+    method's mean ± std, and minus `baseline` paired by seed with its 95% t-interval, in points."""
+    from rayd.commands.ablate.report import paired_by_seed
 
-    from rayd.commands.ablate.report import mean_std, paired_difference
-
-    by_method: dict[str, dict[str, dict[str, float]]] = {}
-    for folder, row in results.items():
-        cell = Path(folder).parent.name if Path(folder).name == "student" else Path(folder).name
-        m = re.fullmatch(r"(.+)-seed=(\d+)", cell)
-        if m:
-            by_method.setdefault(m[1], {})[m[2]] = row
     metrics = ["new_greedy", "new_temperature_1", "old_greedy", "old_temperature_1"]
-    lines = ["| method | n | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * 4]
-    for method, seeds in by_method.items():
-        cells = []
-        for metric in metrics:
-            mean, std = mean_std([100 * r[metric] for r in seeds.values()])
-            text = f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "")
-            if method != baseline and baseline in by_method:
-                d = paired_difference(
-                    {k: 100 * r[metric] for k, r in seeds.items()},
-                    {k: 100 * r[metric] for k, r in by_method[baseline].items()},
-                )
-                if d.mean is not None:
-                    text += f"; Δ {d.mean:+.1f}"
-                    if d.interval:
-                        text += f" [{d.interval[0]:+.1f}, {d.interval[1]:+.1f}]"
-            cells.append(text)
-        lines.append(f"| {method} | {len(seeds)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return paired_by_seed(results, baseline, {m: 100.0 for m in metrics})
 
 
 def build_subtraction() -> None:
