@@ -54,6 +54,13 @@ def build_llm(spec: EngineSpec, *, worker_extension_cls: str | None = None) -> L
         # the child: slower sampling and weight loads (docs/experiments/performance.md).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     extra: dict[str, Any] = {}
+    if not device.is_gpu:
+        # Whole prompts only: a prefill chunked over two steps makes vLLM rewind the request's
+        # generator, which a seeded request's CPU generator cannot do ("CPU Generator does not
+        # use offset": 114 chat prompts of 36 tokens against the 4096-token step). vLLM's own
+        # CPU path does the same for MLA models.
+        extra["enable_chunked_prefill"] = False
+        extra["max_num_batched_tokens"] = max(spec.max_model_len, 4096)
     if worker_extension_cls:
         extra["worker_extension_cls"] = worker_extension_cls
     if spec.devices > 1:

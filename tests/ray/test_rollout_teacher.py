@@ -157,6 +157,22 @@ def test_rollout_samples_are_well_formed_and_match_transformers(
         ]
 
 
+def test_seeded_prompts_beyond_one_steps_token_budget(workers, student):
+    """More seeded prompt tokens than one engine step schedules (vLLM's 4096 on CPU): chunked
+    prefill would split a prompt over two steps, and vLLM then rewinds that request's generator,
+    which a CPU generator cannot do ("CPU Generator does not use offset"; a 36-token chat prompt
+    x 114 requests of an eval hit it). The CPU engine schedules whole prompts instead, and a
+    prompt draws the same sample in a crowd as alone."""
+    actor = workers.rollout["vllm"]
+    gen = torch.Generator().manual_seed(1)
+    prompts = [random_ids(gen, 20, student.config.vocab_size) for _ in range(250)]
+    kwargs = dict(sampling=Sampling(1, 1.0, 1.0, 3), seed=5)
+    crowd = get(actor.generate.remote(prompts, list(range(250)), **kwargs), TIMEOUT, "generate")
+    assert len(crowd) == 250
+    alone = get(actor.generate.remote(prompts[-1:], [249], **kwargs), TIMEOUT, "generate")
+    assert alone[0].completion_ids == crowd[-1].completion_ids
+
+
 def test_teacher_scorers_agree_with_each_other_and_transformers(workers, tiny_teacher):
     teacher = load_hf(tiny_teacher)
     vocab = teacher.config.vocab_size
