@@ -46,7 +46,10 @@ def _load(path: str) -> tuple[Any, Any]:
 
 
 def _chat_text(tokenizer: Any, text: str) -> str:
-    """`text` as a user turn, as rayd encodes prompts (rayd.data.prompts.encode_prompt)."""
+    """`text` as a user turn, as rayd encodes prompts (rayd.data.prompts.encode_prompt); the
+    plain text for a tokenizer without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return text
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
     )
@@ -80,10 +83,13 @@ def check(config: Path, count: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def everyday_answers(start: Any, tokenizer: Any, seed: int = 0) -> list[tuple[int, list[int]]]:
-    """The start model's seeded temperature-1 answer to each everyday instruction: (the prompt's
-    length in tokens, the prompt's and the answer's ids)."""
-    prompts = [p for p in EVERYDAY.read_text(encoding="utf-8").splitlines() if p.strip()]
+def everyday_answers(
+    start: Any, tokenizer: Any, seed: int = 0, prompts: Sequence[str] | None = None
+) -> list[tuple[int, list[int]]]:
+    """The start model's seeded temperature-1 answer to each everyday instruction (or to each of
+    `prompts`): (the prompt's length in tokens, the prompt's and the answer's ids)."""
+    if prompts is None:
+        prompts = [p for p in EVERYDAY.read_text(encoding="utf-8").splitlines() if p.strip()]
     torch.manual_seed(seed)  # generate draws from the global stream
     out = []
     for prompt in prompts:
