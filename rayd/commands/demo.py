@@ -16,7 +16,7 @@ student at its SFT plateau, 73% right, and a shipped teacher that repairs its wr
    learning rate: seed 0 of sweep 1 in docs/experiments/onpolicy-regime.md, scored in the run on
    the world's 2000 test prompts, greedy and at temperature 1.
 
-5. the report is written: runs/demo/report.md, report.json and plots/.
+5. the held-out evaluations, and the report: runs/demo/report.md, report.json and plots/.
 Every run is a plain `rayd train` of configs/demo/student.yaml or configs/world/student.yaml
 with the overrides printed. A finished run is reused when the demo runs again (delete runs/demo
 to start over).
@@ -135,7 +135,10 @@ def run_demo(out: Path, steps: int, world_steps: int, eval_count: int) -> dict[s
     for method, overrides in WORLD_METHODS.items():
         run(f"world_{method}", WORLD_CONFIG, [*overrides, "trainer.seed=0"], world_steps)
 
-    _stage(f"5/5 held-out evaluation: {eval_count} eval prompts, greedy decoding (vLLM)")
+    _stage(
+        f"5/5 held-out evaluation (vLLM): SFT's regime on {eval_count} eval prompts, greedy; "
+        "the world's teacher on its test split (its students were scored in their runs)"
+    )
     split_seed = base_cfg.data.split_seed_for(base_cfg.trainer.seed)
     task = make_task("addition", seed=split_seed, **task_options)
     models = {"teacher": teacher, "baseline": runs["baseline"]["summary"]["student"]}
