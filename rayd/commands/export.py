@@ -33,7 +33,7 @@ from rayd.commands.eval import (
     run_settings,
 )
 from rayd.commands.model_card import adapter_card, model_card
-from rayd.staging import staged_folder
+from rayd.staging import refuse_to_replace, staged_folder
 
 if TYPE_CHECKING:
     from rayd.config import RunConfig
@@ -206,10 +206,12 @@ def check_out(run: Path, out: Path, force: bool) -> None:
     o, r = out.resolve(), run.resolve()
     if o == r or (r in o.parents and o.relative_to(r).parts[0] in ("student", "checkpoints")):
         raise _error(f"export error: --out {str(out)!r} would overwrite the run's own files")
-    if o in r.parents:
-        raise _error(f"export error: --out {str(out)!r} holds the run; give another folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise _error(f"export error: --out {str(out)!r} exists and is not empty (use --force)")
+    # --force replaces an earlier export, never a folder of the user's.
+    refused = refuse_to_replace(out, EXPORT_RECORD, "a rayd export", {"the run": run})
+    if refused:
+        raise _error(f"export error: --out {refused}")
 
 
 def export(

@@ -56,7 +56,8 @@ BLOCK = 512  # rows per round of teacher calls: bounds the scores held in flight
 def score_dataset(cfg: RunConfig, out: str | Path | None = None) -> dict[str, Any]:
     """Score every row of `cfg.data.train_dataset` with the teacher actors; returns a summary."""
     from rayd.preflight import check_model_paths, check_models
-    from rayd.teacher.stored import tokenizer_sha256, weights_sha256
+    from rayd.staging import refuse_to_replace
+    from rayd.teacher.stored import SIGNAL_FILE, tokenizer_sha256, weights_sha256
 
     if cfg.algorithm.name != "logit_kd":
         raise ConfigError(
@@ -79,6 +80,12 @@ def score_dataset(cfg: RunConfig, out: str | Path | None = None) -> dict[str, An
         raise ConfigError(f"config error: --out {target}: must differ from data.train_dataset")
     if target.exists() and not target.is_dir():
         raise ConfigError(f"config error: --out {target}: is a file; give a folder to write")
+    # A scored dataset is replaced by scoring again; nothing else is, nor what holds the data.
+    refused = refuse_to_replace(
+        target, SIGNAL_FILE, "a dataset scored by rayd score", {"data.train_dataset": source}
+    )
+    if refused:
+        raise ConfigError(f"config error: --out {refused}")
     check_model_paths(cfg)
     rows = read_dataset_dir(source, cfg.data)  # the data before the models: it is cheap
     _, (teacher_path,), tokenizer = check_models(cfg)  # logit_kd needs its one teacher

