@@ -29,20 +29,13 @@ from typing import Any
 
 import torch
 
+from rayd.commands.bench.regimes import _load
+
 ROOT = Path(__file__).resolve().parents[3]
 CONFIG = ROOT / "configs" / "smollm2" / "forgetting.yaml"
 EVERYDAY = ROOT / "configs" / "smollm2" / "everyday-prompts.txt"
 ANSWER_TOKENS = 64  # of each everyday answer, sampled from the start model
 METRICS = {"new_greedy": 100.0, "new_temperature_1": 100.0, "old_kl": 1.0}
-
-
-def _load(path: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    return model, tokenizer
 
 
 def _chat_text(tokenizer: Any, text: str) -> str:
