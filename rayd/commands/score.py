@@ -78,9 +78,7 @@ def score_dataset(cfg: RunConfig, out: str | Path | None = None) -> dict[str, An
     target = Path(out) if out is not None else source.with_name(source.name + "-scored")
     if target.resolve() == source.resolve():
         raise ConfigError(f"config error: --out {target}: must differ from data.train_dataset")
-    if target.exists() and not target.is_dir():
-        raise ConfigError(f"config error: --out {target}: is a file; give a folder to write")
-    # A scored dataset is replaced by scoring again; nothing else is, nor what holds the data.
+    # Refused: a file, a folder holding the data, and any folder but an earlier scored dataset.
     refused = refuse_to_replace(
         target, SIGNAL_FILE, "a dataset scored by rayd score", {"data.train_dataset": source}
     )

@@ -39,8 +39,9 @@ METRICS = {"new_greedy": 100.0, "new_temperature_1": 100.0, "old_kl": 1.0}
 
 
 def _chat_text(tokenizer: Any, text: str) -> str:
-    """`text` as a user turn, as rayd encodes prompts (rayd.data.prompts.encode_prompt); the
-    plain text for a tokenizer without a chat template."""
+    """`text` as a user turn, as text (the generate helper of bench.regimes takes text; rayd's
+    own encoding, rayd.data.prompts.encode_prompt, gives the same ids); the plain text for a
+    tokenizer without a chat template."""
     if not getattr(tokenizer, "chat_template", None):
         return text
     return tokenizer.apply_chat_template(
@@ -81,12 +82,14 @@ def everyday_answers(
 ) -> list[tuple[int, list[int]]]:
     """The start model's seeded temperature-1 answer to each everyday instruction (or to each of
     `prompts`): (the prompt's length in tokens, the prompt's and the answer's ids)."""
+    from rayd.data.prompts import encode_prompt
+
     if prompts is None:
         prompts = [p for p in EVERYDAY.read_text(encoding="utf-8").splitlines() if p.strip()]
     torch.manual_seed(seed)  # generate draws from the global stream
     out = []
     for prompt in prompts:
-        ids = tokenizer(_chat_text(tokenizer, prompt), add_special_tokens=False).input_ids
+        ids = encode_prompt(tokenizer, prompt)
         sequence = start.generate(
             torch.tensor([ids]),
             attention_mask=torch.ones(1, len(ids), dtype=torch.long),
