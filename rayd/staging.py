@@ -1,14 +1,108 @@
 """Folders written whole or not at all: each is written into a staging folder beside its
 destination and renamed into place when it is complete, so a crash or an error part-way never
-leaves a half-written model or export that a later command would take as finished."""
+leaves a half-written model or export that a later command would take as finished.
+
+SIGTERM is part of that promise: a command that writes (generate, score, export) runs under
+`terminate_as_exception`, which turns the signal into `Terminated` in the main thread, so the
+`finally:` blocks that remove staging folders run before the process ends with 143; the short
+step that swaps a staged folder into place runs with SIGTERM held (`sigterm_held`), so it is
+never cut in half."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
+
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what a shell reports for a process SIGTERM ended
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main thread where the program was when it came: `finally:` blocks
+    run on the way out (a SystemExit, so no `except Exception:` swallows it)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+_armed = 0  # how many terminate_as_exception blocks are open (nested commands: demo, tests)
+_held = 0  # how many sigterm_held blocks are open
+_pending: int | None = None  # a SIGTERM that came while held
+_fired = False
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    global _fired, _pending
+    if _fired:  # a second SIGTERM while the first one's clean-up runs: let it finish
+        return
+    if _held:  # inside sigterm_held: raised when the block ends
+        _pending = signum
+        return
+    _fired = True
+    raise Terminated(signum)
+
+
+@contextmanager
+def terminate_as_exception() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` (see the module doc). Outside the main
+    thread signals cannot be caught, and the block changes nothing."""
+    global _armed, _fired, _pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _armed += 1
+    if _armed == 1:
+        _fired, _pending = False, None
+    try:
+        yield
+    finally:
+        _armed -= 1
+        signal.signal(signal.SIGTERM, previous)
+
+
+def rearm_terminate() -> None:
+    """Install the handler again inside a `terminate_as_exception` block: `ray.init` replaces
+    the process's SIGTERM handler with its own (a bare sys.exit(15)); call this after it."""
+    if _armed and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+@contextmanager
+def sigterm_held() -> Iterator[None]:
+    """A SIGTERM that comes during the block raises `Terminated` only when the block ends: for
+    the few steps (remove the old folder, rename the new one) that must happen together or not
+    at all. (Without `terminate_as_exception`, SIGTERM ends the process as it always does.)"""
+    global _held, _pending, _fired
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
+        if not _held and _pending is not None:
+            signum, _pending = _pending, None
+            _fired = True
+            raise Terminated(signum)
+
+
+def output_parent_problem(out: Path) -> str | None:
+    """Why a folder cannot be written at `out`, found before any work: the nearest existing
+    folder on its path must be a folder (not a file) that this user may write in."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                return f"{str(p)!r} is a file, so {str(out)!r} cannot be a folder"
+            if not os.access(p, os.W_OK | os.X_OK):
+                return f"{str(p)!r} is not writable, so {str(out)!r} cannot be written"
+            return None
+    return None
 
 
 @contextmanager
@@ -20,9 +114,10 @@ def staged_folder(out: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         yield staging
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        with sigterm_held():  # the old folder removed and the new one renamed, or neither
+            if out.exists():
+                shutil.rmtree(out)
+            staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

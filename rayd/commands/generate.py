@@ -2,7 +2,11 @@
 
 Teacher engines (vLLM actors, several in parallel) write `n` rationale+answer samples per prompt.
 Prompts are cut into shards; each finished shard is written atomically to `shards/`, so an
-interrupted run redoes only unfinished shards and never duplicates a sample. When every shard is
+interrupted run redoes only unfinished shards and never duplicates a sample. `job.json` records
+the job (teacher, sampling, filters, prompts, seed, shard_size): a rerun that changes any of
+them is refused, since its shards would not line up with the ones there (another shard_size
+would write some prompts twice). SIGTERM stops the job with exit code 143 and one line, the
+finished shards kept and no temporary file left. When every shard is
 there, each sample gets one verdict, in this order:
     empty         nothing but whitespace
     over_long     hit max_new_tokens before the end-of-sequence
@@ -36,8 +40,17 @@ from pydantic import Field
 import rayd
 from rayd.cli import config_parser
 from rayd.config import ConfigError, EngineSection, ModelSpec, _Strict, load_tree, validate
+from rayd.data.files import DataFileError, read_text_lines
 from rayd.data.prompts import encode_prompt
 from rayd.sampling import Sampling
+from rayd.staging import (
+    EXIT_TERMINATED,
+    Terminated,
+    output_parent_problem,
+    rearm_terminate,
+    sigterm_held,
+    terminate_as_exception,
+)
 from rayd.tasks import make_task
 from rayd.tasks.base import Task
 
@@ -224,10 +237,14 @@ def load_questions(cfg: GenerateConfig) -> tuple[Task, list[tuple[str, str | Non
 
 
 def _jsonl_questions(path: Path, field: str, answer_field: str, key: str):
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config error: {key}: {str(path)!r} does not exist")
+    try:
+        lines = read_text_lines(path, key)
+    except DataFileError as exc:
+        raise ConfigError(f"data error: {exc}") from None
     out = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -245,11 +262,15 @@ def _jsonl_questions(path: Path, field: str, answer_field: str, key: str):
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # an error or SIGTERM (Terminated) part-way: no .tmp left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,9 +283,12 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     from rayd.zoo import resolve_model_path
 
     out = cfg.out
-    task, questions, eval_questions = load_questions(cfg)  # the prompts before the teacher
     if out.exists() and not out.is_dir():
         raise ConfigError(f"config error: output_dir: {str(out)!r} is a file, not a folder")
+    problem = output_parent_problem(out)
+    if problem:
+        raise ConfigError(f"config error: output_dir: {problem}")
+    task, questions, eval_questions = load_questions(cfg)  # the prompts before the teacher
     shards_dir = out / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -282,7 +306,7 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "rayd_version": rayd.__version__,
     }
-    _check_same_job(out, provenance)
+    _check_same_job(out, provenance, cfg.shard_size, len(questions))
 
     shards = [
         list(range(lo, min(lo + cfg.shard_size, len(questions))))
@@ -328,20 +352,45 @@ def _shard_path(shards_dir: Path, i: int) -> Path:
     return shards_dir / f"shard-{i:05d}.jsonl"
 
 
-def _check_same_job(out: Path, provenance: dict[str, Any]) -> None:
-    """Shards from another teacher or other sampling must not be mixed into this dataset."""
+def _check_same_job(out: Path, provenance: dict[str, Any], shard_size: int, prompts: int) -> None:
+    """Shards from another teacher or other sampling must not be mixed into this dataset, nor
+    shards cut at another size (shard i would hold other prompts: some would be written twice
+    and others never)."""
     job = out / "job.json"
     now = {k: v for k, v in provenance.items() if k != "teacher"}
     if job.is_file():
         before = json.loads(job.read_text())
+        old_size = before.pop("shard_size", None)
         if before != now:
             changed = sorted(k for k in now if before.get(k) != now.get(k))
             raise ConfigError(
                 f"config error: {out} holds shards of a different generate job "
                 f"({', '.join(changed)} changed); use another name or delete the folder"
             )
+        recorded = old_size is not None
+        if not recorded:  # a job.json written before shard_size was recorded
+            old_size = _shard_size_of(out / "shards", prompts)
+        # Sizes at or above the prompt count cut the same one shard.
+        if old_size is not None and min(old_size, prompts) != min(shard_size, prompts):
+            raise ConfigError(
+                f"config error: shard_size: {out} holds shards of {old_size} prompts and this "
+                f"run asks for shard_size={shard_size}; resuming would write some prompts twice: "
+                f"set shard_size={old_size} to finish it, or use another name"
+            )
+        if not recorded:
+            _write_atomic(job, json.dumps({**now, "shard_size": shard_size}, indent=2))
     else:
-        _write_atomic(job, json.dumps(now, indent=2))
+        _write_atomic(job, json.dumps({**now, "shard_size": shard_size}, indent=2))
+
+
+def _shard_size_of(shards_dir: Path, prompts: int) -> int | None:
+    """The shard size the shards in `shards_dir` were cut at, from the first one (None: no
+    shard yet). A first shard that holds every prompt stands for any size at or above it."""
+    first = _shard_path(shards_dir, 0)
+    if not first.is_file():
+        return None
+    held = {json.loads(line)["prompt_index"] for line in first.read_text().splitlines() if line}
+    return len(held) if len(held) < prompts else prompts
 
 
 def _write_shards(cfg, teacher_path, questions, shards, todo, shards_dir) -> None:
@@ -359,6 +408,7 @@ def _write_shards(cfg, teacher_path, questions, shards, todo, shards_dir) -> Non
         teacher_path, e, dtype=cfg.teacher.dtype, seed=cfg.seed, max_logprobs=20
     )
     cluster.connect()
+    rearm_terminate()  # ray.init replaced the SIGTERM handler
     options = {
         "num_cpus": e.cpus_per_worker,
         "num_gpus": e.gpus_per_worker,
@@ -441,19 +491,31 @@ def _save_dataset(path: Path, kept: list[dict[str, Any]], task: Task) -> None:
     }
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    Dataset.from_dict(rows).save_to_disk(str(tmp))
-    shutil.rmtree(path, ignore_errors=True)  # the dataset is rebuilt whole from the shards
-    os.replace(tmp, path)
+    try:
+        Dataset.from_dict(rows).save_to_disk(str(tmp))
+        with sigterm_held():  # the old dataset gone and the new one in place, or neither
+            shutil.rmtree(path, ignore_errors=True)  # the dataset is rebuilt whole from the shards
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = config_parser("rayd generate", __doc__.split("\n")[0]).parse_args(argv)
-    try:
-        cfg = load_generate_config(args.config, args.overrides)
-        summary = generate(cfg)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    with terminate_as_exception():
+        try:
+            cfg = load_generate_config(args.config, args.overrides)
+            summary = generate(cfg)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        except Terminated:
+            print(
+                "rayd generate: stopped by SIGTERM; the finished shards are kept: run the same "
+                "command again to finish",
+                file=sys.stderr,
+            )
+            return EXIT_TERMINATED
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -11,14 +11,17 @@ this command has the teacher actors of a logit_kd run config score every row of 
     teacher_topk_logprobs       [T][k]    their log-probs, descending, temperature 1
 (rows that training would drop, or without a completion, get empty lists) and
 `teacher_signal.json` in the same folder: teacher path and weight hash, tokenizer hash, k,
-backend, rayd version, date. The copy is written to a temporary folder and renamed into
+backend (for a served teacher, what each server said it serves: model name and max_model_len),
+rayd version, date. The copy is written to a temporary folder and renamed into
 place, so an interrupted job leaves no half-written dataset.
 
 Resuming: rows are scored in blocks of BLOCK, and each finished block is saved atomically to
 `.<out>.parts/` beside the output, with the job's description (`job.json`: everything in
 `teacher_signal.json` but the date). A rerun of the same job scores only the blocks not there;
 parts of a different job (another teacher, k, dataset or encoding) are discarded, with a line
-saying so. The parts are deleted once the dataset is written.
+saying so. The parts are deleted once the dataset is written. SIGTERM stops the job with exit
+code 143 and one line: the finished blocks are kept for the rerun, no half-written copy is left,
+and a scored dataset already at the output is as it was.
 
 A logit_kd run whose `data.train_dataset` is such a folder reads the columns and starts no
 teacher actor (rayd/teacher/stored.py reads them, and first checks the signal's k, tokenizer
@@ -40,6 +43,14 @@ import rayd
 from rayd.cli import config_parser, output_folder
 from rayd.config import ConfigError, RunConfig, load_config
 from rayd.data.prompts import encode_row, read_dataset_dir
+from rayd.staging import (
+    EXIT_TERMINATED,
+    Terminated,
+    output_parent_problem,
+    rearm_terminate,
+    sigterm_held,
+    terminate_as_exception,
+)
 
 # torch, the teacher's scorer and the stored-signal format load with the job, not with --help.
 if TYPE_CHECKING:
@@ -84,6 +95,9 @@ def score_dataset(cfg: RunConfig, out: str | Path | None = None) -> dict[str, An
     )
     if refused:
         raise ConfigError(f"config error: --out {refused}")
+    problem = output_parent_problem(target)
+    if problem:
+        raise ConfigError(f"config error: --out {problem}")
     check_model_paths(cfg)
     rows = read_dataset_dir(source, cfg.data)  # the data before the models: it is cheap
     _, (teacher_path,), tokenizer = check_models(cfg)  # logit_kd needs its one teacher
@@ -116,6 +130,7 @@ def score_dataset(cfg: RunConfig, out: str | Path | None = None) -> dict[str, An
             "resolved": teacher_path,
             "backend": cfg.teacher.backend,
             "dtype": cfg.models.teacher.dtype,
+            **_served_provenance(cfg),
         },
         "teacher_weights_sha256": weights_sha256(teacher_path),
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
@@ -141,6 +156,25 @@ def score_dataset(cfg: RunConfig, out: str | Path | None = None) -> dict[str, An
         "scored_rows": len(pairs),
         "top_k": info["top_k"],
     }
+
+
+def _served_provenance(cfg: RunConfig) -> dict[str, Any]:
+    """teacher.backend=server: what each server said it serves (/v1/models: its model name and
+    max_model_len), as {"served": [...]}. The local models.teacher.path of a served teacher may
+    hold only its tokenizer and config, so its weight hash says nothing of the weights that
+    scored; the served name does. {} for a teacher in rayd's own actors."""
+    t = cfg.teacher
+    if t.backend != "server":
+        return {}
+    from rayd.teacher.server_scorer import describe_servers
+
+    served = describe_servers(
+        t.urls or [],
+        timeout_s=t.request_timeout_s,
+        api_key_env=t.api_key_env,
+        ca_bundle=t.ca_bundle,
+    )
+    return {"served": served, "served_model": t.served_model}
 
 
 class _Parts:
@@ -206,11 +240,15 @@ class _Parts:
 
 def _save_atomic(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # an error or SIGTERM (Terminated) part-way: no .tmp left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _score_pairs(
@@ -243,6 +281,7 @@ def _score_pairs(
     if not todo:
         return out
     cluster.connect()
+    rearm_terminate()  # ray.init replaced the SIGTERM handler
     t, have = cfg.teacher, ray.cluster_resources()
     for res, want in (("CPU", t.cpus_per_worker), ("GPU", t.gpus_per_worker)):
         if t.num_workers * want > have.get(res, 0.0) + 1e-9:
@@ -311,15 +350,21 @@ def _write(
     for name in SIGNAL_COLUMNS:
         ds = ds.add_column(name, columns[name], feature=features[name])
     tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.save_to_disk(str(tmp))
-    (tmp / SIGNAL_FILE).write_text(json.dumps(info, indent=2))
     old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ds.save_to_disk(str(tmp))
+        (tmp / SIGNAL_FILE).write_text(json.dumps(info, indent=2))
+        shutil.rmtree(old, ignore_errors=True)
+        with sigterm_held():  # the earlier dataset moved aside and the new one in, or neither
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
+    finally:
+        if old.exists() and not target.exists():  # the swap failed half-way: put it back
+            os.replace(old, target)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,14 +384,22 @@ def main(argv: list[str] | None = None) -> int:
     from rayd import cluster
     from rayd.teacher.scorer import TeacherSignalError
 
-    try:
-        summary = score_dataset(cfg, args.out)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    except (cluster.WorkerLost, cluster.RemoteCallTimeout, TeacherSignalError) as exc:
-        print(f"rayd score: stopped: {exc}", file=sys.stderr)
-        return 1
+    with terminate_as_exception():
+        try:
+            summary = score_dataset(cfg, args.out)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        except (cluster.WorkerLost, cluster.RemoteCallTimeout, TeacherSignalError) as exc:
+            print(f"rayd score: stopped: {exc}", file=sys.stderr)
+            return 1
+        except Terminated:
+            print(
+                "rayd score: stopped by SIGTERM; the scored blocks are kept: run the same "
+                "command again to finish",
+                file=sys.stderr,
+            )
+            return EXIT_TERMINATED
     print(json.dumps(summary, indent=2))
     return 0
 

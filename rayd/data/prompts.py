@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rayd.config import ConfigError, DataConfig
+from rayd.data.files import DataFileError, read_text_lines
 from rayd.tasks import make_task
 from rayd.tasks.base import Task
 
@@ -263,7 +264,11 @@ def encode_row(
 def read_dataset_dir(path: Path, cfg: DataConfig, route_field: str | None = None) -> list[Row]:
     """Rows of a `datasets` folder saved with save_to_disk (what `rayd generate` writes)."""
     if not path.is_dir():
-        raise ConfigError(f"data error: data.train_dataset {str(path)!r} is not a folder")
+        why = "does not exist" if not path.exists() else "is a file"
+        raise ConfigError(
+            f"data error: data.train_dataset {str(path)!r} {why}; expected a datasets folder "
+            "(save_to_disk, e.g. rayd generate's dataset/)"
+        )
     from datasets import load_from_disk
 
     try:
@@ -357,14 +362,14 @@ def _read_jsonl(
     skip_bad: bool = False,
     route_field: str | None = None,
 ) -> list[Row]:
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"data error: data.source {str(path)!r} does not exist")
     rows, skipped = [], []
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"data error: {path}: unreadable ({exc.__class__.__name__})") from None
-    for line_no, line in enumerate(text.splitlines(), 1):
+        lines = read_text_lines(path, "data.source")
+    except DataFileError as exc:
+        raise ConfigError(f"data error: {exc}") from None
+    for line_no, line in enumerate(lines, 1):
         if not line.strip():
             continue
         problem = None

@@ -13,6 +13,7 @@ import random
 import re
 from pathlib import Path
 
+from rayd.data.files import read_text_lines
 from rayd.tasks.base import Example, Task
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -37,13 +38,15 @@ class JsonlTask(Task):
         seed: int = 0,
     ) -> None:
         file = Path(path)
-        if not file.is_file():
+        if not file.exists():
             raise ValueError(f"task_options.path: {path!r} does not exist")
         if not 0.0 < eval_fraction < 1.0:
             raise ValueError("task_options.eval_fraction must lie in (0, 1)")
         self.marker = f"{marker} "
         self.splits: dict[str, list[Example]] = {"train": [], "eval": []}
-        for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        # One line for a folder, a file too large, not UTF-8, control characters, long lines
+        lines = read_text_lines(file, "task_options.path")  # DataFileError is a ValueError
+        for line_no, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:

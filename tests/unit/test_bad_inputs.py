@@ -36,6 +36,31 @@ def jsonl(path: Path, rows: list) -> str:
     return str(path)
 
 
+def raw(path: Path, data: bytes) -> str:
+    """A file of exactly these bytes (not UTF-8, control characters)."""
+    path.write_bytes(data)
+    return str(path)
+
+
+GOOD_LINES = b"".join(
+    json.dumps(r).encode() + b"\n" for r in [{"prompt": "1+1=", "answer": "2"}] * 40
+)
+
+
+NOT_UTF8 = b'{"prompt": "\xff"}'
+WITH_NUL = b'{"prompt": "1\x00"}'
+WITH_ESC = b'{"prompt": "\x1b[2J"}'
+LATIN1 = b'{"prompt": "caf\xe9"}'
+ONLY_NUL = b'{"prompt": "\x00"}'
+BYTE_FE = b"\xfe"
+
+
+def small_data_bound(tmp: Path) -> list[str]:
+    """RAYD_MAX_DATA_FILE_BYTES=100 for this case (the test restores the environment)."""
+    os.environ["RAYD_MAX_DATA_FILE_BYTES"] = "100"
+    return []
+
+
 def other_tokenizer_model(tmp: Path) -> str:
     """The test student with two vocabulary entries swapped: same size, different tokenizer."""
     src = Path(resolve_model_path("tiny:test-student"))
@@ -314,6 +339,40 @@ CASES = {
         lambda t: (None, ["teacher.backend=server", "teacher.urls=[127.0.0.1:8000]"]),
         2,
         "is not an http:// or https:// base URL",
+    ),
+    "teacher URL with a password": (
+        lambda t: (None, ["teacher.backend=server", "teacher.urls=[http://u:pw@127.0.0.1:1]"]),
+        2,
+        "config error: teacher.urls: 'http://u:***@127.0.0.1:1' has credentials in the URL",
+    ),
+    "teacher API key given instead of its variable": (
+        lambda t: (
+            None,
+            [
+                "teacher.backend=server",
+                "teacher.urls=[http://127.0.0.1:1]",
+                "teacher.api_key_env=sk-abc",
+            ],
+        ),
+        2,
+        "teacher.api_key_env names the environment variable that holds the API key",
+    ),
+    "teacher CA bundle missing": (
+        lambda t: (
+            None,
+            [
+                "teacher.backend=server",
+                "teacher.urls=[https://127.0.0.1:1]",
+                f"teacher.ca_bundle={t}/missing.pem",
+            ],
+        ),
+        2,
+        "missing.pem' does not exist; give a PEM file of CAs",
+    ),
+    "served model name without a served teacher": (
+        lambda t: (None, ["teacher.served_model=X"]),
+        2,
+        "teacher.served_model applies to teacher.backend=server",
     ),
     # Port 1 on this machine: refused at once. A served teacher whose tokenizer differs needs a
     # server: tests/ray/test_served_teacher.py.
@@ -757,6 +816,77 @@ CASES = {
         2,
         "data.eval_split: 'test' needs a task source",
     ),
+    # --- data files read defensively: encoding, control characters, size, folder vs file ---
+    "data file not UTF-8": (
+        lambda t: (None, [f"data.source={raw(t / 'd.jsonl', GOOD_LINES + NOT_UTF8)}"]),
+        2,
+        "d.jsonl:41: not UTF-8 (byte 0xff at offset",
+    ),
+    "data file in UTF-16": (
+        lambda t: (
+            None,
+            [f"data.source={raw(t / 'd.jsonl', GOOD_LINES.decode().encode('utf-16'))}"],
+        ),
+        2,
+        "d.jsonl:1: not UTF-8 (byte 0xff at offset 0); save the file as UTF-8",
+    ),
+    "data line with a NUL character": (
+        lambda t: (
+            None,
+            [f"data.source={raw(t / 'd.jsonl', GOOD_LINES + WITH_NUL)}"],
+        ),
+        2,
+        "d.jsonl:41: control character U+0000 (NUL) at column 14; a data line holds text only",
+    ),
+    "data line with an escape character": (
+        lambda t: (
+            None,
+            [f"data.source={raw(t / 'd.jsonl', WITH_ESC + GOOD_LINES)}"],
+        ),
+        2,
+        "d.jsonl:1: control character U+001B (ESC) at column 13",
+    ),
+    "data line too long": (
+        lambda t: (None, [f"data.source={jsonl(t / 'd.jsonl', [{'prompt': '1' * (4 << 20)}])}"]),
+        2,
+        "d.jsonl:1: a line of 4194318 characters, more than the 4194304 a data line may have",
+    ),
+    "data file too large": (
+        lambda t: (None, [*small_data_bound(t), f"data.source={raw(t / 'd.jsonl', GOOD_LINES)}"]),
+        2,
+        "more than the 100 bytes a data file may have (RAYD_MAX_DATA_FILE_BYTES)",
+    ),
+    "data.source a folder": (
+        lambda t: (None, [f"data.source={t}"]),
+        2,
+        "data.source: '",
+    ),
+    "task file not UTF-8": (
+        lambda t: (
+            None,
+            [
+                "data.source=task:jsonl",
+                f"data.task_options={{path: {raw(t / 'q.jsonl', BYTE_FE)}}}",
+            ],
+        ),
+        2,
+        "q.jsonl:1: not UTF-8 (byte 0xfe at offset 0)",
+    ),
+    "task file a folder": (
+        lambda t: (None, ["data.source=task:jsonl", f"data.task_options={{path: {t}}}"]),
+        2,
+        "' is a folder; expected a JSONL file",
+    ),
+    "train_dataset a file": (
+        lambda t: (None, ["algorithm.name=sft", f"data.train_dataset={a_file(t)}"]),
+        2,
+        "' is a file; expected a datasets folder",
+    ),
+    "output_dir under a file": (
+        lambda t: (None, [f"output_dir={a_file(t)}/run"]),
+        2,
+        "config error: output_dir: ",
+    ),
     # --- offline (reasoning) modes ---
     "algorithm.loss with an offline mode": (
         lambda t: (None, ["algorithm.name=sft", "algorithm.loss=reverse_kl"]),
@@ -776,7 +906,7 @@ CASES = {
     "train_dataset not a folder": (
         lambda t: (None, ["algorithm.name=sft", f"data.train_dataset={t}/none"]),
         2,
-        "is not a folder",
+        "does not exist; expected a datasets folder",
     ),
     "train_dataset not a datasets folder": (
         lambda t: (None, ["algorithm.name=sft", f"data.train_dataset={t}"]),
@@ -1073,6 +1203,42 @@ CLI_CASES = {
         2,
         "output_dir: '",
     ),
+    "rayd generate: output_dir under a file": (
+        lambda t: ["generate", generate_config(t), f"output_dir={a_file(t)}/out"],
+        2,
+        "/a-file' is a file, so '",
+    ),
+    "rayd generate: output_dir not writable": (
+        lambda t: ["generate", generate_config(t), *empty_model_cache(t), "output_dir=/proc/1/out"],
+        2,
+        "output_dir: '/proc/1' is not writable, so '/proc/1/out' cannot be written",
+    ),
+    "rayd generate: prompts file not UTF-8": (
+        lambda t: [
+            "generate",
+            generate_config(t, f"output_dir: {t}/out"),
+            *empty_model_cache(t),
+            f"prompts.source={raw(t / 'p.jsonl', LATIN1)}",
+        ],
+        2,
+        "p.jsonl:1: not UTF-8 (byte 0xe9 at offset 15); save the file as UTF-8",
+    ),
+    "rayd generate: prompts file a folder": (
+        lambda t: ["generate", generate_config(t, f"output_dir: {t}/out"), f"prompts.source={t}"],
+        2,
+        "' is a folder; expected a JSONL file",
+    ),
+    "rayd generate: eval file with a NUL character": (
+        lambda t: [
+            "generate",
+            generate_config(t, f"output_dir: {t}/out"),
+            *empty_model_cache(t),
+            f"prompts.source={jsonl(t / 'p.jsonl', [{'prompt': '1+1='}])}",
+            f"prompts.eval_file={raw(t / 'e.jsonl', ONLY_NUL)}",
+        ],
+        2,
+        "e.jsonl:1: control character U+0000 (NUL)",
+    ),
     # --- rayd score CONFIG [key=value ...] [--out DIR] ---
     "rayd score: config missing": (
         lambda t: ["score", "nope.yaml"],
@@ -1104,6 +1270,16 @@ CLI_CASES = {
         2,
         "is not a dataset scored by rayd score (no teacher_signal.json in it)",
     ),
+    "rayd score --out not writable": (
+        lambda t: [*score_args(t, f"data.train_dataset={t}/ds"), "--out", "/proc/1/scored"],
+        2,
+        "--out '/proc/1' is not writable, so '/proc/1/scored' cannot be written",
+    ),
+    "rayd score: dataset a file": (
+        lambda t: [*score_args(t, f"data.train_dataset={a_file(t)}"), "--out", f"{t}/scored"],
+        2,
+        "' is a file; expected a datasets folder",
+    ),
     "rayd score: dataset missing, teacher not built yet": (
         lambda t: [*score_args(t, f"data.train_dataset={t}/none", *empty_model_cache(t))],
         2,
@@ -1114,6 +1290,21 @@ CLI_CASES = {
         lambda t: ["ablate", "nope.yaml"],
         2,
         "sweep error: sweep file 'nope.yaml' does not exist",
+    ),
+    "rayd ablate: sweep file a folder": (
+        lambda t: ["ablate", str(t)],
+        2,
+        "' is a folder; expected a YAML file",
+    ),
+    "rayd ablate: sweep file not UTF-8": (
+        lambda t: ["ablate", raw(t / "sweep.yaml", b"name: caf\xe9\n")],
+        2,
+        "sweep.yaml: not UTF-8 (byte 0xe9 at offset 9); save the file as UTF-8",
+    ),
+    "rayd ablate: output_dir under a file": (
+        lambda t: ["ablate", sweep_file(t, f"output_dir: {a_file(t)}/sweep\n")],
+        2,
+        "sweep error: output_dir: cannot create '",
     ),
     "rayd ablate --concurrency zero": (
         lambda t: ["ablate", sweep_file(t), "--concurrency", "0"],
@@ -1328,6 +1519,11 @@ CLI_CASES = {
         lambda t: ["export", run_folder(t), "--out", a_file(t)],
         2,
         "argument --out: expected a folder to write, but '",
+    ),
+    "rayd export --out not writable": (
+        lambda t: ["export", run_folder(t), "--out", "/proc/1/export"],
+        2,
+        "--out '/proc/1' is not writable, so '/proc/1/export' cannot be written",
     ),
     "rayd export --out not empty": (
         lambda t: ["export", run_folder(t), "--out", model_folder(t)],

@@ -25,6 +25,7 @@ Layout under the sweep folder (`output_dir`, default runs/sweeps/<name>):
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -38,8 +39,22 @@ from rayd.commands.ablate.report import (
     write_csv,
     write_markdown,
 )
-from rayd.commands.ablate.run import Outcome, Plan, outcome_from_files, plan_cell, run_sweep
-from rayd.commands.ablate.sweep import EXIT_PREEMPTED, Sweep, expand, load_sweep, value_text
+from rayd.commands.ablate.run import (
+    Outcome,
+    Plan,
+    lock_sweep,
+    outcome_from_files,
+    plan_cell,
+    run_sweep,
+)
+from rayd.commands.ablate.sweep import (
+    EXIT_PREEMPTED,
+    Cell,
+    Sweep,
+    expand,
+    load_sweep,
+    value_text,
+)
 from rayd.config import ConfigError
 
 
@@ -117,11 +132,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"cell {p.cell.id}: {p.reason}")
         return 1 if any(p.action == "invalid" for p in plans) else 0
 
-    if args.only_report:
+    try:
+        with lock_sweep(sweep.out) as lock:
+            return _run(sweep, cells, args.only_report, lock)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+
+def _run(sweep: Sweep, cells: list[Cell], only_report: bool, lock: int) -> int:
+    """The sweep (or its report alone), with its folder locked (`lock`: the descriptor)."""
+    if only_report:
         outcomes = [outcome_from_files(sweep, cell) for cell in cells]
-        stopped = False
+        stopped = None
     else:
-        sweep.out.mkdir(parents=True, exist_ok=True)
         snapshot = sweep.spec.model_dump(mode="json")
         (sweep.out / "sweep.yaml").write_text(yaml.safe_dump(snapshot, sort_keys=False))
         plans = [plan_cell(sweep, cell) for cell in cells]
@@ -131,16 +155,19 @@ def main(argv: list[str] | None = None) -> int:
             f"concurrency {sweep.spec.concurrency}; results in {sweep.out}",
             flush=True,
         )
-        outcomes, stopped = run_sweep(sweep, plans)
+        outcomes, stopped = run_sweep(sweep, plans, (lock,))
 
     written = write_report(sweep, outcomes)
     print(_outcome_table(sweep, outcomes))
     print("rayd ablate: wrote " + ", ".join(str(p) for p in written))
-    if stopped:
+    if stopped is not None:
+        name = signal.Signals(stopped).name
         print(
-            "rayd ablate: stopped by SIGTERM; run the same command again to finish", file=sys.stderr
+            f"rayd ablate: stopped by {name}; the running cells were stopped; run the same "
+            "command again to finish",
+            file=sys.stderr,
         )
-        return EXIT_PREEMPTED
+        return EXIT_PREEMPTED if stopped == signal.SIGTERM else 128 + stopped
     failed = [o for o in outcomes if o.status in ("failed", "invalid", "preempted")]
     if failed:
         print(

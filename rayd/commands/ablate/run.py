@@ -1,10 +1,21 @@
 """Running a sweep's cells: what each needs (`plan_cell`: run, rerun, skip), one `python -m
 rayd train` process per cell, at most `concurrency` at once on one shared Ray, and the
-`Outcome` of each."""
+`Outcome` of each.
+
+One sweep at a time per folder: `lock_sweep` holds an flock on the sweep folder, and every cell
+process inherits the locked descriptor, so the folder stays locked while any cell of a sweep
+runs, even one whose `rayd ablate` was SIGKILLed. Each cell runs in its own process group; SIGTERM
+or SIGINT to the sweep sends SIGTERM to every running cell's group (a cell checkpoints and stops,
+like a lone run), starts no more, and kills a group that has not ended `stop_timeout_s` later
+(at once on a second signal). A cell's status.json says "running" while it runs: a cell whose
+sweep died before recording its end is never taken as finished.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -74,9 +85,13 @@ def plan_cell(sweep: Sweep, cell: Cell) -> Plan:
     if changes:
         return Plan(cell, "rerun", "config changed: " + "; ".join(changes), cfg)
     summary = _read_json(folder / "summary.json")
-    if summary is None:
+    last = _read_json(folder / "status.json") or {}
+    if last.get("status") == "running":
+        # The sweep that started it ended (was killed) before the cell's end was recorded: a
+        # summary.json written since does not say the run the sweep asked for finished.
+        return Plan(cell, "run", "its last attempt was interrupted (status.json: running)", cfg)
+    if summary is None or last.get("status") == "failed":  # failed: even with a summary
         # Runs again in place: `trainer.resume=auto` picks up its last checkpoint, if any.
-        last = _read_json(folder / "status.json") or {}
         if last.get("status") in ("failed", "preempted"):
             why = f"its last attempt {last['status']} (exit code {last.get('exit_code')})"
         else:
@@ -85,6 +100,46 @@ def plan_cell(sweep: Sweep, cell: Cell) -> Plan:
     if summary.get("preempted"):
         return Plan(cell, "run", "preempted: resuming", cfg)
     return Plan(cell, "skip", "finished", cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# One sweep per folder
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def lock_sweep(out: Path) -> Iterator[int]:
+    """Hold the sweep folder `out` (created if missing) for the block; yields the locked
+    descriptor, which the cells inherit. Raises ConfigError (one line) when another sweep, or a
+    cell of one, holds it."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"sweep error: output_dir: {str(out)!r} is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise ConfigError(
+            f"sweep error: output_dir: cannot create {str(out)!r} ({exc.strerror})"
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise ConfigError(
+                f"sweep error: {out} is in use by another rayd ablate, or by cells it started "
+                "that still run (they hold the folder's lock); wait for them to end, or stop "
+                "that sweep (SIGTERM) first"
+            ) from None
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def cell_command(folder: Path) -> list[str]:
+    """The process a cell runs (tests put a cheap stand-in here)."""
+    return [sys.executable, "-m", "rayd", "train", str(folder / "cell.yaml")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,21 +162,45 @@ class Outcome:
 
 
 class _Runner:
-    """Runs cell subprocesses, at most `concurrency` at once; SIGTERM to the sweep is passed on
-    to the running cells (each checkpoints and stops, like a lone run) and starts no more."""
+    """Runs cell subprocesses, at most `concurrency` at once, each in its own process group;
+    SIGTERM or SIGINT to the sweep is passed on to the running cells' groups as SIGTERM (each
+    checkpoints and stops, like a lone run) and starts no more; a group still there
+    `stop_timeout_s` later, or at a second signal, is killed."""
 
-    def __init__(self, sweep: Sweep, env: dict[str, str]) -> None:
-        self.sweep, self.env = sweep, env
+    def __init__(self, sweep: Sweep, env: dict[str, str], keep_fds: tuple[int, ...] = ()) -> None:
+        self.sweep, self.env, self.keep_fds = sweep, env, keep_fds
         self.stop = threading.Event()
+        self.signum: int | None = None  # the signal that stopped the sweep
+        self.kill_at: float | None = None  # monotonic time to SIGKILL the groups left
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
 
-    def terminate(self) -> None:
+    def terminate(self, signum: int = signal.SIGTERM) -> None:
+        now = time.monotonic()
+        if self.stop.is_set():  # a second signal: no more waiting
+            self.kill_at = now
+        else:
+            self.signum = signum
+            self.kill_at = now + self.sweep.spec.stop_timeout_s
         self.stop.set()
         with self._lock:
             for proc in self._procs.values():
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
+                _signal_group(proc, signal.SIGTERM)
+
+    def _wait(self, proc: subprocess.Popen[bytes]) -> tuple[int, bool]:
+        """(exit code, whether the group was killed for outliving the stop)."""
+        killed = False
+        while True:
+            try:
+                code = proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if self.kill_at is not None and time.monotonic() >= self.kill_at and not killed:
+                    _signal_group(proc, signal.SIGKILL)
+                    killed = True
+        if self.stop.is_set():  # what the cell started must not outlive the stopped sweep
+            _signal_group(proc, signal.SIGKILL)
+        return code, killed
 
     def run(self, plan: Plan) -> Outcome:
         cell, cfg = plan.cell, plan.cfg
@@ -136,7 +215,7 @@ class _Runner:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             log.write(f"==== rayd ablate: cell {cell.id}, started {stamp} ====\n".encode())
             log.flush()
-            cmd = [sys.executable, "-m", "rayd", "train", str(folder / "cell.yaml")]
+            cmd = cell_command(folder)
             print(f"rayd ablate: cell {cell.id}: started (log: {log_path})", flush=True)
             with self._lock:
                 if self.stop.is_set():
@@ -147,16 +226,26 @@ class _Runner:
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     env=self.env,
+                    start_new_session=True,  # its own process group, ended with it
+                    pass_fds=self.keep_fds,  # the sweep's lock: held while the cell runs
                 )
                 self._procs[cell.id] = proc
+                running = {"status": "running", "pid": proc.pid, "started": started}
+                (folder / "status.json").write_text(json.dumps(running, indent=2))
             try:
-                code = proc.wait()
+                code, killed = self._wait(proc)
             finally:
                 with self._lock:
                     self._procs.pop(cell.id, None)
         wall = time.time() - started
         summary = _read_json(folder / "summary.json")
-        if code == 0 and summary is not None and not summary.get("preempted"):
+        if killed:
+            status = "failed"
+            error = (
+                f"killed: it had not stopped {self.sweep.spec.stop_timeout_s:g} s after the "
+                "sweep's stop (stop_timeout_s) or a second signal; run again to resume"
+            )
+        elif code == 0 and summary is not None and not summary.get("preempted"):
             status, error = "done", ""
         elif code == EXIT_PREEMPTED or (self.stop.is_set() and code == -signal.SIGTERM):
             # -SIGTERM: the sweep's SIGTERM came before the run had set up its handler.
@@ -178,6 +267,12 @@ class _Runner:
         }
         (folder / "status.json").write_text(json.dumps(status_record, indent=2))
         return Outcome(cell, status, code, wall, error, summary)
+
+
+def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
+    """`signum` to the cell's process group (its pid: it leads the session it started)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signum)
 
 
 def prepare_cell_folder(sweep: Sweep, plan: Plan) -> Path:
@@ -254,8 +349,11 @@ def _cluster_for_cells(concurrency: int) -> Iterator[dict[str, str]]:
             ray.shutdown()
 
 
-def run_sweep(sweep: Sweep, plans: list[Plan]) -> tuple[list[Outcome], bool]:
-    """Run what the plans say; returns every cell's outcome and whether SIGTERM stopped us."""
+def run_sweep(
+    sweep: Sweep, plans: list[Plan], keep_fds: tuple[int, ...] = ()
+) -> tuple[list[Outcome], int | None]:
+    """Run what the plans say; returns every cell's outcome and the signal (SIGTERM, SIGINT)
+    that stopped the sweep, or None. `keep_fds`: descriptors every cell inherits (the lock)."""
     outcomes: dict[str, Outcome] = {}
     todo: list[Plan] = []
     for plan in plans:
@@ -272,13 +370,14 @@ def run_sweep(sweep: Sweep, plans: list[Plan]) -> tuple[list[Outcome], bool]:
             todo.append(plan)
 
     concurrency = min(sweep.spec.concurrency, len(todo))
-    stopped = False
+    stopped: int | None = None
     if todo:
         with _cluster_for_cells(concurrency) as env:
-            runner = _Runner(sweep, env)
-            previous = None
+            runner = _Runner(sweep, env, keep_fds)
+            previous: dict[int, Any] = {}
             if threading.current_thread() is threading.main_thread():
-                previous = signal.signal(signal.SIGTERM, lambda *_: runner.terminate())
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    previous[signum] = signal.signal(signum, lambda n, _: runner.terminate(n))
             try:
                 with ThreadPoolExecutor(max_workers=concurrency) as pool:
                     futures = {pool.submit(runner.run, plan): plan for plan in todo}
@@ -287,9 +386,9 @@ def run_sweep(sweep: Sweep, plans: list[Plan]) -> tuple[list[Outcome], bool]:
                         outcomes[outcome.cell.id] = outcome
                         _print_progress(i, len(todo), outcome)
             finally:
-                if previous is not None:
-                    signal.signal(signal.SIGTERM, previous)
-            stopped = runner.stop.is_set()
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
+            stopped = runner.signum if runner.stop.is_set() else None
     return [outcomes[plan.cell.id] for plan in plans], stopped
 
 

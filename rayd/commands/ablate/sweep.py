@@ -66,6 +66,12 @@ class SweepSpec(_Strict):
         default_factory=dict, description="display names of axes and values (tables, plots)"
     )
     concurrency: int = Field(1, ge=1)
+    stop_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="after SIGTERM or SIGINT to the sweep, how long a running cell may take to "
+        "checkpoint and stop before its process group is killed",
+    )
     report: ReportSpec = Field(default_factory=ReportSpec)
     baseline: dict[str, Any] | None = Field(
         None,
@@ -218,9 +224,17 @@ class Sweep:
 def load_sweep(path: str | Path, concurrency: int | None = None) -> Sweep:
     p = Path(path)
     if not p.is_file():
-        raise SweepError(f"sweep error: sweep file {str(p)!r} does not exist")
+        why = "is a folder; expected a YAML file" if p.is_dir() else "does not exist"
+        raise SweepError(f"sweep error: sweep file {str(p)!r} {why}")
     try:
-        tree = yaml.safe_load(p.read_text())
+        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SweepError(
+            f"sweep error: {p}: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}); save the file as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise SweepError(f"sweep error: {p}: cannot read it ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""
