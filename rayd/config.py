@@ -7,6 +7,7 @@ naming the key and what is allowed. Nothing here silently changes a value the us
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -227,6 +228,30 @@ class TeacherConfig(EngineSection):
     )
     max_concurrency: int = Field(
         8, ge=1, le=256, description="server: requests in flight at once per teacher actor"
+    )
+    served_model: str | None = Field(
+        None,
+        min_length=1,
+        description="server: the model name every server must list at /v1/models (vllm serve "
+        "--served-model-name); None: the name(s) recorded in the run folder at the first start "
+        "(served_teacher.json) are checked on resume",
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="server: the NAME of an environment variable holding the servers' API key "
+        "(vllm serve --api-key), sent as 'Authorization: Bearer'; read on the driver, never "
+        "printed or saved",
+    )
+    ca_bundle: str | None = Field(
+        None,
+        description="server: a PEM file of the CA(s) that sign the https:// servers' "
+        "certificates (a private CA); None: the system's CAs",
+    )
+    max_response_mb: float | None = Field(
+        None,
+        gt=0,
+        description="server: the largest answer body accepted, in MiB (a larger one fails the "
+        "step); None: 1 MiB + 256 bytes per (top_k + 1) entry of teacher.max_model_len positions",
     )
     top_k: int = Field(
         8,
@@ -622,6 +647,11 @@ class TrainerConfig(_Strict):
     )
     seed: int = 0
     call_timeout_s: float = Field(600.0, gt=0)
+    allow_changes: list[str] = Field(
+        default_factory=list,
+        description="resume a checkpoint although these keys (or sections, or 'data') differ "
+        "from what it was trained with; docs/reliability.md lists the keys that may always change",
+    )
 
 
 class WandbConfig(_Strict):
@@ -797,9 +827,7 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"teacher.urls applies to teacher.backend=server (got backend={t.backend})"
             )
-        for url in t.urls or []:
-            if not url.startswith(("http://", "https://")) or not url.split("://")[1].strip("/"):
-                raise ValueError(f"teacher.urls: {url!r} is not an http:// or https:// base URL")
+        _check_served_teacher(t)
         if t.backend == "server" and self.models.teachers is not None:
             # teacher.urls serve one model; several served teachers would need URLs per teacher.
             raise ValueError(
@@ -1002,6 +1030,61 @@ class RunConfig(_Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name))
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its userinfo replaced by *** (http://user:***@host): for
+    every line that names a URL someone may have written a password into."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    netloc, slash, path = rest.partition("/")
+    if "@" not in netloc:
+        return url
+    user, _, host = netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    return f"{scheme}{sep}{name}:***@{host}{slash}{path}"
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _check_served_teacher(t: TeacherConfig) -> None:
+    """teacher.urls, api_key_env and ca_bundle. No line echoes a credential: a URL is shown
+    redacted, an api_key_env that is not a variable name (the key itself?) not at all."""
+    for url in t.urls or []:
+        shown = redact_url(url)
+        if not url.startswith(("http://", "https://")) or not url.split("://")[1].strip("/"):
+            raise ValueError(f"teacher.urls: {shown!r} is not an http:// or https:// base URL")
+        netloc = url.split("://", 1)[1].split("/", 1)[0]
+        if "@" in netloc:
+            raise ValueError(
+                f"teacher.urls: {shown!r} has credentials in the URL, which would be printed "
+                "and saved in config.yaml; give the key with teacher.api_key_env (the name of "
+                "an environment variable) instead"
+            )
+        if any(c in url for c in "?#") or any(c.isspace() or ord(c) < 32 for c in url):
+            raise ValueError(
+                f"teacher.urls: {shown!r} is not a base URL (no query, fragment, spaces or "
+                "control characters)"
+            )
+    served = {
+        "served_model": t.served_model,
+        "api_key_env": t.api_key_env,
+        "ca_bundle": t.ca_bundle,
+        "max_response_mb": t.max_response_mb,
+    }
+    for key, value in served.items():
+        if value is not None and t.backend != "server":
+            raise ValueError(f"teacher.{key} applies to teacher.backend=server")
+    if t.api_key_env is not None and not _ENV_NAME.fullmatch(t.api_key_env):
+        raise ValueError(
+            "teacher.api_key_env names the environment variable that holds the API key "
+            "(letters, digits and _, e.g. TEACHER_API_KEY), not the key itself"
+        )
+    if t.ca_bundle is not None and not Path(t.ca_bundle).is_file():
+        why = "is a folder" if Path(t.ca_bundle).is_dir() else "does not exist"
+        raise ValueError(f"teacher.ca_bundle: {t.ca_bundle!r} {why}; give a PEM file of CAs")
 
 
 def format_validation_error(err: ValidationError, prefix: str = "config error: ") -> str:

@@ -240,16 +240,22 @@ def check_models(cfg: RunConfig) -> tuple[str, list[str], Any]:
             check_teacher(cfg, cfg.models.teacher_key(i), spec.path, student, s_tok, seed)
         )
     if cfg.teacher.backend == "server":  # a served teacher answers, and tokenizes as the student
-        from rayd.teacher.server_scorer import check_servers
+        from rayd.teacher.server_scorer import check_servers, record_or_check_served_model
 
         t = cfg.teacher
-        check_servers(
+        served = check_servers(
             t.urls or [],
             s_tok,
             top_k=t.top_k,
             max_model_len=t.max_model_len,
             timeout_s=t.request_timeout_s,
+            served_model=t.served_model,
+            api_key_env=t.api_key_env,
+            ca_bundle=t.ca_bundle,
+            vocab_size=AutoConfig.from_pretrained(teachers[0]).vocab_size,
         )
+        # The served name(s): recorded at the first start, checked on every resume.
+        record_or_check_served_model(cfg.run_dir, served, t.served_model)
     return student, teachers, s_tok
 
 

@@ -12,10 +12,11 @@ How many actors a pool has, their Ray resources and deadlines are the pool's bus
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from rayd.config import RunConfig
+from rayd.config import ConfigError, RunConfig, TeacherConfig
 
 # server: teachers only (teacher.backend); learner: rollouts only, sampled inside the learner
 # ranks (LearnerSpec.rollout), never an engine actor of its own
@@ -24,12 +25,47 @@ Backend = Literal["vllm", "hf", "server", "learner"]
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """A teacher served elsewhere (teacher.backend=server): where, and how hard to try."""
+    """A teacher served elsewhere (teacher.backend=server): where, how hard to try, and what its
+    answers must be. The fields after max_concurrency have defaults (a spec built by hand, in a
+    test); `EngineSpec.teacher` sets every one from the config."""
 
     urls: tuple[str, ...]  # base URLs of OpenAI-compatible `vllm serve` servers
-    timeout_s: float  # deadline of one request
+    timeout_s: float  # deadline of one whole request: connect, send and the full answer
     retries: int  # retries of a request on a connection error, timeout or 5xx
     max_concurrency: int  # requests in flight at once per actor
+    max_response_bytes: int = 64 << 20  # the largest answer body accepted
+    served_model: str | None = None  # the name /v1/models must list (teacher.served_model)
+    # The Bearer token (read from teacher.api_key_env on the driver): never in a repr, a line
+    # or a file. It travels to the teacher actors inside this spec (Ray's object store).
+    api_key: str | None = field(default=None, repr=False)
+    ca_bundle: str | None = None  # PEM CAs for https:// (None: the system's)
+    # Token ids an answer may hold are in [0, vocab_size); None: the teacher's config.json
+    # (model_path) is read, as the teacher actor's own vocabulary check does.
+    vocab_size: int | None = None
+
+
+def read_api_key(env_name: str | None) -> str | None:
+    """The value of the environment variable `env_name` (teacher.api_key_env), or None when no
+    variable is named; a missing or empty one is one ConfigError line (naming the variable,
+    never a value)."""
+    if env_name is None:
+        return None
+    value = os.environ.get(env_name, "").strip()
+    if not value:
+        raise ConfigError(
+            f"config error: teacher.api_key_env: the environment variable {env_name} is not set "
+            "(or empty) on the driver; export it with the teacher servers' API key"
+        )
+    return value
+
+
+def response_limit_bytes(teacher: TeacherConfig) -> int:
+    """teacher.max_response_mb in bytes; by default 1 MiB plus 256 bytes for each of the
+    (top_k + 1) entries of the max_model_len positions a /v1/completions answer may list (an
+    entry of vLLM's is about 60 bytes: id, log-prob, rank and decoded token)."""
+    if teacher.max_response_mb is not None:
+        return int(teacher.max_response_mb * (1 << 20))
+    return (1 << 20) + 256 * (teacher.top_k + 1) * teacher.max_model_len
 
 
 @dataclass(frozen=True)
@@ -102,6 +138,10 @@ class EngineSpec:
             timeout_s=t.request_timeout_s,
             retries=t.request_retries,
             max_concurrency=t.max_concurrency,
+            max_response_bytes=response_limit_bytes(t),
+            served_model=t.served_model,
+            api_key=read_api_key(t.api_key_env),
+            ca_bundle=t.ca_bundle,
         )
         return replace(spec, server=server)
 
