@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import sys
 import time
@@ -34,11 +35,12 @@ from typing import Any
 import ray
 
 from rayd import cluster
-from rayd.checkpoint import LEARNER_TAG, CheckpointStore
+from rayd.checkpoint import LEARNER_TAG, CheckpointStore, learner_rank_files
 from rayd.config import RunConfig, save_config
 from rayd.data.prompts import PromptSampler
 from rayd.data.samples import dataset_sample, label_sample, split_by_lambda, step_by_step_samples
 from rayd.evaluate import eval_sample_seed, heldout_metrics
+from rayd.fingerprint import check_resume, fingerprint
 from rayd.learner.group import LearnerFailure
 from rayd.metrics import (
     MetricsLogger,
@@ -61,7 +63,9 @@ from rayd.pipeline import (
 from rayd.preflight import check_cluster, preflight
 from rayd.progress import stage
 from rayd.reward import advantages, rewards
+from rayd.run_folder import locked_folder
 from rayd.sampling import RolloutRequest, prompt_seeds, rollout_seed
+from rayd.staging import staged_folder
 from rayd.state import DriverState
 from rayd.steps import weigh_steps
 from rayd.tasks.base import Task
@@ -79,6 +83,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     every actor is then rebuilt and the run resumes from its last checkpoint, at most
     `trainer.learner_restarts` times. Rollout and teacher actors recover in place (WorkerPool).
     """
+    with locked_folder(cfg.run_dir):  # one process in a run folder: a second is refused
+        return _train(cfg)
+
+
+def _train(cfg: RunConfig) -> dict[str, Any]:
     restarts = 0
     while True:
         try:
@@ -129,9 +138,9 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                     "the weights are those of the last finite step"
                 )
 
-            # 6. Periodic held-out eval and checkpoint; SIGTERM checkpoints and stops here,
-            #    unless it came during the last step: then the run finishes (the export costs
-            #    about what a stop would, and the checkpoint covers a kill during it).
+            # 6. Periodic held-out eval and checkpoint; SIGTERM or Ctrl-C checkpoints and stops
+            #    here, unless it came during the last step: then the run finishes (the export
+            #    costs about what a stop would, and the checkpoint covers a kill during it).
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
                 state.last_eval = run.evaluate(step)
             if run.preemption.requested or (
@@ -140,8 +149,8 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
                 run.save(step)
             if run.preemption.requested and step < last_step:
                 print(
-                    f"rayd: SIGTERM: checkpoint of step {step} saved in {run.store.root}; "
-                    "run the same command again to resume",
+                    f"rayd: {run.preemption.requested}: checkpoint of step {step} saved in "
+                    f"{run.store.root}; run the same command again to resume",
                     file=sys.stderr,
                 )
                 preempted = True
@@ -156,6 +165,7 @@ def run_once(cfg: RunConfig, learner_restarts: int = 0) -> dict[str, Any]:
     summary = {
         "steps": step if preempted else last_step,
         "preempted": preempted,
+        "stopped_by": run.preemption.requested if preempted else None,  # SIGTERM or SIGINT
         "initial": state.first_eval,
         "final": state.last_eval,
         "student": str(cfg.run_dir / "student"),
@@ -315,16 +325,26 @@ class Run:
         self.resume_from = self.store.select(cfg.trainer.resume)
         self.saved = self.resume_from.driver_state() if self.resume_from else {}
         DriverState.check_resumable(cfg.learner, self.saved)
-        save_config(cfg, run_dir / "config.yaml")
         checked = preflight(cfg)
         self.student_path, self.tokenizer = checked.student_path, checked.tokenizer
         self.prompts = checked.prompts
+        # What the checkpoints record; a resume must be of the same config and data.
+        self.fingerprint = fingerprint(cfg, self.prompts.train, self.prompts.eval)
+        if self.resume_from is not None:
+            unchecked = check_resume(
+                self.saved, self.fingerprint, cfg.trainer.allow_changes, str(self.resume_from.path)
+            )
+            if unchecked:
+                print(unchecked, file=sys.stderr)
         trackers = start_trackers(run_dir, cfg)  # W&B when enabled: after the checks
         cluster.connect()
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
         check_cluster(cfg, checked, ray.cluster_resources(), nodes)
         with stage("starting the rollout, teacher and learner actors"):
             self.rollout, teacher, self.learners = start_workers(cfg, checked)
+        # Only now, every check passed: a rerun that fails them leaves the folder as it was
+        # (`rayd eval` and `rayd export` rebuild the model from this file).
+        save_config(cfg, run_dir / "config.yaml")
         self.teacher = TeacherSignal(
             checked.teacher,
             cfg.teacher,
@@ -635,13 +655,23 @@ class Run:
         self.steps.before_save()
         self.sync_teacher(force=True)  # the resumed run's teacher engines get these weights
         staging = self.store.staging_dir(step)
-        self.learners.save_checkpoint(str(staging / "learner"), LEARNER_TAG, {"step": step})
-        self.store.commit(staging, step, self.state.to_json(self.cfg.learner))
+        try:
+            self.learners.save_checkpoint(str(staging / "learner"), LEARNER_TAG, {"step": step})
+        except OSError as exc:  # a rank's write failed (disk full): the older ones survive
+            shutil.rmtree(staging, ignore_errors=True)
+            raise self.store.write_failed(step, exc) from None
+        learner = self.cfg.learner
+        self.store.commit(
+            staging,
+            step,
+            {**self.state.to_json(learner), "fingerprint": self.fingerprint},
+            rank_files=learner_rank_files(learner.num_learners, learner.zero_stage),
+        )
 
     def export(self) -> None:
-        export_student(
-            self.learners, self.student_path, self.tokenizer, self.cfg.run_dir / "student"
-        )
+        # Staged and renamed: a kill part-way never leaves a student/ that looks finished.
+        with staged_folder(self.cfg.run_dir / "student") as out:
+            export_student(self.learners, self.student_path, self.tokenizer, out)
 
     # --- Plumbing -----------------------------------------------------------------------------
 
@@ -671,19 +701,31 @@ class Run:
 
 
 class Preemption:
-    """SIGTERM (a scheduler, `ray job stop`) asks the loop to checkpoint and stop after the
-    current step; the handler only sets a flag, so no step is cut in half."""
+    """SIGTERM (a scheduler, `ray job stop`) or SIGINT (Ctrl-C) asks the loop to checkpoint and
+    stop after the current step; the handler only sets a flag, so no step is cut in half. A
+    second Ctrl-C stops at once, without a checkpoint (the previous one resumes)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested: str | None = None  # the signal's name once one came
+        self._previous: dict[int, Any] = {}
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # not the main thread: signals cannot be caught there
-            self._previous = None
+            self._previous = {}
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
+        self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print(
+                "\nrayd: Ctrl-C: the current step finishes and is checkpointed, then the run "
+                "stops; Ctrl-C again stops at once, without that checkpoint",
+                file=sys.stderr,
+            )
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)

@@ -79,21 +79,26 @@ def checkpoint_state(run: Path) -> tuple[dict[str, Any], int, dict[str, Any] | N
 
 def learner_state_dict(learner: Path) -> dict[str, Any]:
     """The student's fp32 state dict from one checkpoint's learner folder (any ZeRO stage),
-    without feature_kd's projections."""
-    from rayd.checkpoint import LEARNER_TAG
+    without feature_kd's projections. Every file is loaded with weights_only=True: a run
+    folder from someone else runs no code here."""
+    from rayd.checkpoint import LEARNER_TAG, CheckpointError, safe_torch_load, weights_only_loads
 
     tag_dir = learner / LEARNER_TAG
-    if any(tag_dir.glob("*optim_states.pt")) and any("zero" in p.name for p in tag_dir.iterdir()):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    try:
+        if any(tag_dir.glob("*optim_states.pt")) and any(
+            "zero" in p.name for p in tag_dir.iterdir()
+        ):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(learner), tag=LEARNER_TAG)
-    else:  # ZeRO stage 0: the module's state dict is stored whole
-        import torch
-
-        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise _error(f"export error: {tag_dir}: no DeepSpeed model states in it")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+            with weights_only_loads():  # it unpickles with weights_only=False otherwise
+                state = get_fp32_state_dict_from_zero_checkpoint(str(learner), tag=LEARNER_TAG)
+        else:  # ZeRO stage 0: the module's state dict is stored whole
+            files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+            if not files:
+                raise _error(f"export error: {tag_dir}: no DeepSpeed model states in it")
+            state = safe_torch_load(files[0])["module"]
+    except CheckpointError as exc:
+        raise _error(f"export error: {exc}") from None
     return {k: v for k, v in state.items() if not k.startswith(_FEATURE_PROJ)}
 
 
@@ -430,46 +435,61 @@ def main(argv: list[str] | None = None) -> int:
     if args.adapter and (args.quantize or args.eval):
         parser.error("--adapter writes the adapter alone: no --quantize or --eval with it")
     from rayd.config import ConfigError
+    from rayd.staging import EXIT_TERMINATED, Terminated, terminate_as_exception
 
-    try:
-        target = resolve_target(args.target, "rayd export: RUN")
-        if target.run is None:
-            raise TargetError(
-                f"rayd export: RUN: {str(args.target)!r} is a model folder outside a run (no "
-                "config.yaml beside it); give the run folder it was trained in"
-            )
-        if args.source == "final" and target.model is None:
-            raise TargetError(
-                f"rayd export: --from final: the run {str(target.run)!r} has no student/ (it did "
-                "not finish); use --from auto or checkpoint"
-            )
-        if target.model is None and not any((target.run / "checkpoints").glob("step-*")):
-            raise TargetError(
-                f"rayd export: RUN: {str(target.run)!r} has neither a final student/ (the run did "
-                "not finish) nor checkpoints (trainer.save_every) to export from"
-            )
-        check_out(target.run, args.out, args.force)
-        if args.adapter:
-            record = export_adapter(target.run, args.out, source=args.source, force=args.force)
-            weights = record["weights"]
+    with terminate_as_exception():  # SIGTERM: the staging folder removed, exit 143
+        try:
+            return _export_main(args)
+        except Terminated:
             print(
-                f"rayd export: {args.out} (LoRA adapter, {weights['from']} step {weights['step']})"
+                f"rayd export: stopped by SIGTERM; nothing was written to {args.out}",
+                file=sys.stderr,
             )
-            return 0
-        record = export(
-            target.run,
-            args.out,
-            source=args.source,
-            quantize=args.quantize,
-            eval_count=args.eval,
-            force=args.force,
+            return EXIT_TERMINATED
+        except TargetError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        except ConfigError as exc:
+            print(f"rayd export: {str(exc).removeprefix('export error: ')}", file=sys.stderr)
+            return 2
+
+
+def _export_main(args: Any) -> int:
+    from rayd.staging import output_parent_problem
+
+    target = resolve_target(args.target, "rayd export: RUN")
+    if target.run is None:
+        raise TargetError(
+            f"rayd export: RUN: {str(args.target)!r} is a model folder outside a run (no "
+            "config.yaml beside it); give the run folder it was trained in"
         )
-    except TargetError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    except ConfigError as exc:
-        print(f"rayd export: {str(exc).removeprefix('export error: ')}", file=sys.stderr)
-        return 2
+    if args.source == "final" and target.model is None:
+        raise TargetError(
+            f"rayd export: --from final: the run {str(target.run)!r} has no student/ (it did "
+            "not finish); use --from auto or checkpoint"
+        )
+    if target.model is None and not any((target.run / "checkpoints").glob("step-*")):
+        raise TargetError(
+            f"rayd export: RUN: {str(target.run)!r} has neither a final student/ (the run did "
+            "not finish) nor checkpoints (trainer.save_every) to export from"
+        )
+    check_out(target.run, args.out, args.force)
+    problem = output_parent_problem(args.out)
+    if problem:
+        raise TargetError(f"rayd export: --out {problem}")
+    if args.adapter:
+        record = export_adapter(target.run, args.out, source=args.source, force=args.force)
+        weights = record["weights"]
+        print(f"rayd export: {args.out} (LoRA adapter, {weights['from']} step {weights['step']})")
+        return 0
+    record = export(
+        target.run,
+        args.out,
+        source=args.source,
+        quantize=args.quantize,
+        eval_count=args.eval,
+        force=args.force,
+    )
     weights = record["weights"]
     print(f"rayd export: {args.out} ({weights['from']} weights, step {weights.get('step')})")
     if record.get("accuracy"):

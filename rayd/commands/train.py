@@ -26,6 +26,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = train(cfg)
+    except KeyboardInterrupt:  # Ctrl-C during set-up, or a second one: no checkpoint taken
+        print(
+            "rayd: interrupted; the run folder holds what the last checkpoint saved "
+            "(run the same command again to resume from it)",
+            file=sys.stderr,
+        )
+        return 130
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -42,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rayd: stopped: {exc}", file=sys.stderr)
         return 1
 
-    if summary["preempted"]:
-        return 143  # 128 + SIGTERM: not finished; the same command resumes
+    if summary["preempted"]:  # not finished; the same command resumes
+        return 130 if summary["stopped_by"] == "SIGINT" else 143  # 128 + the signal's number
     print(json.dumps({"initial": summary["initial"], "final": summary["final"]}, indent=2))
     print(f"rayd: student saved to {summary['student']}; metrics in {summary['metrics']}")
     return 0

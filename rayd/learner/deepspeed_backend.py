@@ -42,6 +42,7 @@ os.environ.setdefault("DS_ACCELERATOR", devices.detect().ds_accelerator)
 import deepspeed
 from transformers import AutoModelForCausalLM
 
+from rayd.checkpoint import safe_torch_load
 from rayd.learner.lora import adapter_state, lora_model, merged_state
 from rayd.learner.spec import LearnerSpec
 from rayd.losses import LossSpec, batch_loss, token_logprobs
@@ -236,6 +237,9 @@ class DeepSpeedLearner:
             ),
         )
         self.schedule: WarmupSchedule = self.engine.lr_scheduler
+        # DeepSpeed 0.19's torch checkpoint engine unpickles (weights_only=False): a run folder
+        # from someone else could run code on resume. Its loads go through rayd's instead.
+        self.engine.checkpoint_engine.load = safe_torch_load
         self.engine.train()
         # teacher.support=full: a frozen copy of the teacher in this process, so the loss can
         # take the whole vocabulary without [tokens, V] logits crossing the wire. models.teacher:
@@ -627,7 +631,7 @@ class DeepSpeedLearner:
         self.schedule.apply()
         rng_file = self._rng_path(directory, tag)
         if os.path.isfile(rng_file):  # checkpoints written before rayd saved it have none
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(safe_torch_load(rng_file))
         if self.self_teacher == "ema":
             self._load_ema(os.path.join(directory, tag, EMA_TEACHER))
         return (client_state or {}).get(_CLIENT_KEY, {})

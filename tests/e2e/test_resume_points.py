@@ -14,9 +14,10 @@ exactly at the end of epoch 1. The first two points are forced:
   second micro-batch of step 2 (grad_accum=2; the learners' test-only hold,
   RAYD_TEST_HOLD_MID_ACCUMULATION in tests/support/sitecustomize.py, says when), so step 2's
   rollouts are lost untrained and must be rolled out again;
-- epoch boundary: SIGTERM during step 3: the checkpoint's cursor sits exactly at the end of an
-  epoch and the resume must start the next one (verl resumed there ran zero steps and exited
-  successfully: verl#7401, #5725).
+- epoch boundary: Ctrl-C (SIGINT to the driver's process group, as a terminal sends it) during
+  step 3: it is handled like SIGTERM (the step finishes, is checkpointed, exit code 130), the
+  checkpoint's cursor sits exactly at the end of an epoch and the resume must start the next
+  one (verl resumed there ran zero steps and exited successfully: verl#7401, #5725).
 The others are SIGTERM or SIGKILL at a seeded random moment of a seeded random step.
 
 RAYD_RESUME_POINTS sets the number of points (default 2, for `make test`); the README's figure
@@ -55,7 +56,7 @@ START_TIMEOUT_S = 300  # a driver start (Ray, engines, learners) plus a step, on
 
 
 # The forced points, sent while the learners hold between two micro-batches of their step.
-HELD = {"mid-accumulation": signal.SIGKILL, "epoch-boundary": signal.SIGTERM}
+HELD = {"mid-accumulation": signal.SIGKILL, "epoch-boundary": signal.SIGINT}
 
 
 @dataclass
@@ -158,9 +159,12 @@ def interrupt(point: Point, driver: Driver, run_dir, resumed: int, step_s: float
     if point.kind in HELD:
         held = run_dir.parent / "held"
         wait_for(held.exists, driver, f"the learners' hold in step {point.step}")
-        driver.proc.send_signal(HELD[point.kind])
+        if HELD[point.kind] == signal.SIGINT:  # Ctrl-C reaches the terminal's process group
+            os.killpg(driver.proc.pid, signal.SIGINT)
+        else:
+            driver.proc.send_signal(HELD[point.kind])
         point.landed_after = max(logged_steps(run_dir), default=0)
-        held.unlink()  # SIGTERM: the step goes on, is saved, and the driver stops
+        held.unlink()  # SIGINT: the step goes on, is saved, and the driver stops
         return
     # The point's step has begun: the step before it logged by this start, or resumed from.
     if point.step - 1 == resumed:
@@ -232,7 +236,9 @@ def test_interrupted_driver_resumes_bit_identical_at_every_point(tmp_path):
         else:
             interrupt(point, driver, run_dir, resumed, step_s, rng)
             rc = driver.finish(timeout=START_TIMEOUT_S)
-            assert rc in (-signal.SIGKILL, 143), f"exit code {rc}:\n{driver.log()[-3000:]}"
+            assert rc in (-signal.SIGKILL, 143, 130), f"exit code {rc}:\n{driver.log()[-3000:]}"
+            if HELD.get(point.kind) == signal.SIGINT:  # a checkpoint, not a KeyboardInterrupt
+                assert rc == 130 and "KeyboardInterrupt" not in driver.log(), driver.log()[-3000:]
         # The steps this start trained: each the unbroken run's, prompts included.
         got = [r for r in step_records(run_dir) if r["step"] > resumed]
         same = all(
