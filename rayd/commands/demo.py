@@ -120,6 +120,14 @@ def run_demo(out: Path, steps: int, world_steps: int, eval_count: int) -> dict[s
             summary = train(cfg)
             summary["seconds"] = time.perf_counter() - t0
             summary_file.write_text(json.dumps(summary, indent=2))
+            if summary["preempted"]:  # Ctrl-C or SIGTERM: the whole demo stops, not one run
+                signame = summary["stopped_by"] or "SIGTERM"
+                print(
+                    f"rayd demo: {name}: stopped by {signame} (checkpointed); run the demo "
+                    "again to resume it",
+                    file=sys.stderr,
+                )
+                raise SystemExit(130 if signame == "SIGINT" else 143)
             print(f"rayd demo: {name}: trained in {duration(summary['seconds'])}", flush=True)
         runs[name] = {"summary": summary, "steps": run_steps, "command": command}
 
