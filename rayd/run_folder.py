@@ -26,34 +26,44 @@ class FolderBusy(ConfigError):
 
 
 @contextmanager
-def locked_folder(folder: Path, what: str = "run") -> Iterator[Path]:
-    """Hold `folder` (created if missing) for the block, or raise `FolderBusy` at once."""
+def locked_folder(
+    folder: Path, error: str = "config error", holder: str = "rayd run"
+) -> Iterator[int]:
+    """Hold `folder` (created if missing) for the block, or raise `FolderBusy` at once. Yields
+    the locked descriptor: a child process given it (`pass_fds`) holds the lock with this one,
+    until both have ended. `error` and `holder` word the refusals ("sweep error", "rayd
+    ablate")."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"config error: output_dir: {str(folder)!r} is a file; give a folder")
+        raise ConfigError(f"{error}: output_dir: {str(folder)!r} is a file; give a folder")
     problem = output_parent_problem(folder)
     if problem:
-        raise ConfigError(f"config error: output_dir: {problem}")
+        raise ConfigError(f"{error}: output_dir: {problem}")
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         raise ConfigError(
-            f"config error: output_dir: cannot create {str(folder)!r} ({exc.strerror})"
+            f"{error}: output_dir: cannot create {str(folder)!r} ({exc.strerror})"
         ) from None
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FolderBusy(
-                f"config error: {folder} is in use by another rayd {what} (it holds the folder's "
+                f"{error}: {folder} is in use by another {holder} (it holds the folder's "
                 "lock); wait for it to end, or give another name/output_dir"
             ) from None
+        except OSError as exc:  # ENOLCK: a file system without flock
+            raise ConfigError(
+                f"{error}: output_dir: cannot lock {str(folder)!r} ({exc.strerror}); this file "
+                "system does not support flock (docs/reliability.md, 'Run folders')"
+            ) from None
         try:
-            yield folder
+            yield fd
         finally:
             if created and not any(folder.iterdir()):
                 folder.rmdir()
     finally:
-        os.close(fd)  # releases the lock
+        os.close(fd)  # releases the lock (unless a child still holds it)

@@ -14,8 +14,6 @@ sweep died before recording its end is never taken as finished.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import shutil
@@ -45,6 +43,7 @@ from rayd.config import (
     load_config,
     save_config,
 )
+from rayd.run_folder import locked_folder
 
 
 @dataclass
@@ -107,34 +106,13 @@ def plan_cell(sweep: Sweep, cell: Cell) -> Plan:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def lock_sweep(out: Path) -> Iterator[int]:
+def lock_sweep(out: Path) -> contextlib.AbstractContextManager[int]:
     """Hold the sweep folder `out` (created if missing) for the block; yields the locked
-    descriptor, which the cells inherit. Raises ConfigError (one line) when another sweep, or a
-    cell of one, holds it."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"sweep error: output_dir: {str(out)!r} is a file; give a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as exc:
-        raise ConfigError(
-            f"sweep error: output_dir: cannot create {str(out)!r} ({exc.strerror})"
-        ) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            raise ConfigError(
-                f"sweep error: {out} is in use by another rayd ablate, or by cells it started "
-                "that still run (they hold the folder's lock); wait for them to end, or stop "
-                "that sweep (SIGTERM) first"
-            ) from None
-        yield fd
-    finally:
-        os.close(fd)
+    descriptor, which the cells inherit. One ConfigError line when another sweep, or a cell of
+    one, holds it."""
+    return locked_folder(
+        out, error="sweep error", holder="rayd ablate, or by cells it started that still run"
+    )
 
 
 def cell_command(folder: Path) -> list[str]:
