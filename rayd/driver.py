@@ -71,6 +71,7 @@ from rayd.steps import weigh_steps
 from rayd.tasks.base import Task
 from rayd.teacher.group import Teachers
 from rayd.teacher.privileged import PrivilegedContext
+from rayd.teacher.server_scorer import record_or_check_served_model
 from rayd.teacher.signal import TeacherSignal, TeacherSource
 from rayd.types import Sample, TrainBatch, training_batch
 from rayd.workers import export_student, start_workers
@@ -345,6 +346,8 @@ class Run:
         # Only now, every check passed: a rerun that fails them leaves the folder as it was
         # (`rayd eval` and `rayd export` rebuild the model from this file).
         save_config(cfg, run_dir / "config.yaml")
+        if checked.served:  # the served model's name, checked on every later start
+            record_or_check_served_model(run_dir, checked.served, cfg.teacher.served_model)
         self.teacher = TeacherSignal(
             checked.teacher,
             cfg.teacher,

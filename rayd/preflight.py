@@ -40,6 +40,7 @@ class Preflight:
     prompts: PromptSet
     stored: StoredSignal | None  # a `rayd score` dataset's teacher signal, else None
     teacher: TeacherSource  # where the teacher signal comes from, chosen here once
+    served: list[Any]  # a served teacher's servers, what each serves (ServedTeacher); else []
 
     @property
     def teacher_actors(self) -> bool:
@@ -53,7 +54,7 @@ def preflight(cfg: RunConfig) -> Preflight:
     rows = read_rows(cfg.data, cfg.trainer.seed, route_field=cfg.teacher.route_field)
     check_offline_data(cfg, rows.unencoded())
     check_routes(cfg, rows.unencoded())
-    student, teachers, tokenizer = check_models(cfg)
+    student, teachers, tokenizer, served = check_models(cfg)
     check_engine_parallel(cfg, student, teachers)
     # feature_kd and stored signal take one teacher (the config refuses several for them)
     first_teacher = teachers[0] if teachers else None
@@ -79,6 +80,7 @@ def preflight(cfg: RunConfig) -> Preflight:
         prompts=prompts,
         stored=stored,
         teacher=source,
+        served=served,
     )
 
 
@@ -210,7 +212,7 @@ def check_model_paths(cfg: RunConfig) -> None:
             )
 
 
-def check_models(cfg: RunConfig) -> tuple[str, list[str], Any]:
+def check_models(cfg: RunConfig) -> tuple[str, list[str], Any, list[Any]]:
     """Resolve the student's and every teacher's path and refuse token-level distillation
     across different tokenizers; returns (student path, teacher paths, student tokenizer).
     The teacher paths are empty when no teacher actor will start.
@@ -226,13 +228,13 @@ def check_models(cfg: RunConfig) -> tuple[str, list[str], Any]:
     if s_tok.pad_token_id is None:
         raise ConfigError("config error: models.student.path: the tokenizer has no pad token")
     if not cfg.algorithm.needs_teacher:
-        return student, [], s_tok  # no teacher actor starts, so none is loaded or checked
+        return student, [], s_tok, []  # no teacher actor starts, so none is loaded or checked
     if AutoConfig.from_pretrained(student).vocab_size < len(s_tok):
         raise ConfigError(
             "config error: models.student.path: model vocab_size is smaller than its tokenizer"
         )
     if cfg.models.self_taught:  # the student's own weights: the same model and tokenizer
-        return student, [student], s_tok
+        return student, [student], s_tok, []
     teachers = []
     for i, spec in enumerate(cfg.models.teacher_list):
         seed = spec.build_seed(cfg.trainer.seed)
@@ -254,9 +256,11 @@ def check_models(cfg: RunConfig) -> tuple[str, list[str], Any]:
             ca_bundle=t.ca_bundle,
             vocab_size=AutoConfig.from_pretrained(teachers[0]).vocab_size,
         )
-        # The served name(s): recorded at the first start, checked on every resume.
-        record_or_check_served_model(cfg.run_dir, served, t.served_model)
-    return student, teachers, s_tok
+        # The served name(s): checked against what the first start recorded (the driver
+        # records them once every check has passed: `record_or_check_served_model`).
+        record_or_check_served_model(cfg.run_dir, served, t.served_model, write=False)
+        return student, teachers, s_tok, served
+    return student, teachers, s_tok, []
 
 
 def check_teacher(cfg: RunConfig, key: str, path: str, student: str, s_tok: Any, seed: int) -> str:

@@ -100,7 +100,7 @@ def score_dataset(cfg: RunConfig, out: str | Path | None = None) -> dict[str, An
         raise ConfigError(f"config error: --out {problem}")
     check_model_paths(cfg)
     rows = read_dataset_dir(source, cfg.data)  # the data before the models: it is cheap
-    _, (teacher_path,), tokenizer = check_models(cfg)  # logit_kd needs its one teacher
+    _, (teacher_path,), tokenizer, _ = check_models(cfg)  # logit_kd needs its one teacher
     assert cfg.models.teacher is not None
     max_prompt_len = cfg.rollout.max_model_len - cfg.rollout.max_new_tokens
     encoded = [

@@ -637,11 +637,11 @@ def _served(url: str, listing: Any) -> str:
 
 
 def record_or_check_served_model(
-    run_dir: str | Path, served: Sequence[ServedTeacher], setting: str | None
+    run_dir: str | Path, served: Sequence[ServedTeacher], setting: str | None, write: bool = True
 ) -> None:
-    """The run's record of the served model names (`<run_dir>/served_teacher.json`): written at
-    the first start into an existing run folder (the driver's, held under its lock; a `rayd
-    score` of a config whose run folder does not exist writes nothing), and on every later start
+    """The run's record of the served model names (`<run_dir>/served_teacher.json`): written
+    (`write`) by the driver at the first start, once every check has passed, into its run folder
+    (held under its lock; preflight and `rayd score` only check), and on every later start
     with teacher.served_model unset, each server's name must be one recorded there; one
     ConfigError line otherwise. An explicit teacher.served_model (checked by `check_servers`)
     replaces the record."""
@@ -667,7 +667,7 @@ def record_or_check_served_model(
                     "the change"
                 )
         return
-    if not folder.is_dir():
+    if not write or not folder.is_dir():  # write=False: the check only (preflight's)
         return
     try:
         current = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None

@@ -132,7 +132,7 @@ def test_routed_teachers(ray_local, tmp_path):
     )
 
     # The rule, from the same prompts the run loaded: the named teacher, else the hash.
-    _, _, tokenizer = check_models(cfg)
+    _, _, tokenizer, _ = check_models(cfg)
     prompts = load_prompts(
         cfg.data,
         tokenizer,
