@@ -34,9 +34,7 @@ def locked_folder(
     until both have ended. `error` and `holder` word the refusals ("sweep error", "rayd
     ablate")."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{error}: output_dir: {str(folder)!r} is a file; give a folder")
-    problem = output_parent_problem(folder)
+    problem = output_parent_problem(folder)  # a file there, or under a file, or not writable
     if problem:
         raise ConfigError(f"{error}: output_dir: {problem}")
     created = not folder.exists()

@@ -15,10 +15,11 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import BinaryIO
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what a shell reports for a process SIGTERM ended
 
@@ -92,11 +93,32 @@ def sigterm_held() -> Iterator[None]:
             raise Terminated(signum)
 
 
+def write_atomic(path: Path, content: str | Callable[[BinaryIO], object]) -> None:
+    """`path` written whole or not at all: `content` (text, or a function that writes to the
+    binary file) goes to a temporary file beside it, fsynced and renamed over it. An error or a
+    SIGTERM (`Terminated`) part-way leaves `path` as it was and no temporary file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            if isinstance(content, str):
+                fh.write(content.encode("utf-8"))
+            else:
+                content(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def output_parent_problem(out: Path) -> str | None:
     """Why a folder cannot be written at `out`, found before any work: the nearest existing
     folder on its path must be a folder (not a file) that this user may write in."""
     for p in (out, *out.parents):
         if p.exists():
+            if p == out and not p.is_dir():
+                return f"{str(out)!r} is a file, not a folder"
             if not p.is_dir():
                 return f"{str(p)!r} is a file, so {str(out)!r} cannot be a folder"
             if not os.access(p, os.W_OK | os.X_OK):

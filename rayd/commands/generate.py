@@ -50,6 +50,7 @@ from rayd.staging import (
     rearm_terminate,
     sigterm_held,
     terminate_as_exception,
+    write_atomic,
 )
 from rayd.tasks import make_task
 from rayd.tasks.base import Task
@@ -260,19 +261,6 @@ def _jsonl_questions(path: Path, field: str, answer_field: str, key: str):
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tmp.open("w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # an error or SIGTERM (Terminated) part-way: no .tmp left behind
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------
 # The job
 
@@ -283,9 +271,7 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     from rayd.zoo import resolve_model_path
 
     out = cfg.out
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"config error: output_dir: {str(out)!r} is a file, not a folder")
-    problem = output_parent_problem(out)
+    problem = output_parent_problem(out)  # a file there, or under a file, or not writable
     if problem:
         raise ConfigError(f"config error: output_dir: {problem}")
     task, questions, eval_questions = load_questions(cfg)  # the prompts before the teacher
@@ -332,7 +318,7 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     kept = [s for s, v in zip(samples, verdicts, strict=True) if v == "kept"]
     rejected = [{**s, "verdict": v} for s, v in zip(samples, verdicts, strict=True) if v != "kept"]
     _save_dataset(out / "dataset", kept, task)
-    _write_atomic(out / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected))
+    write_atomic(out / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected))
     counts = Counter(verdicts)
     summary = {
         "prompts": len(questions),
@@ -343,8 +329,8 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         "dataset": str(out / "dataset"),
     }
     provenance["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    _write_atomic(out / "provenance.json", json.dumps(provenance, indent=2))
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    write_atomic(out / "provenance.json", json.dumps(provenance, indent=2))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -378,9 +364,9 @@ def _check_same_job(out: Path, provenance: dict[str, Any], shard_size: int, prom
                 f"set shard_size={old_size} to finish it, or use another name"
             )
         if not recorded:
-            _write_atomic(job, json.dumps({**now, "shard_size": shard_size}, indent=2))
+            write_atomic(job, json.dumps({**now, "shard_size": shard_size}, indent=2))
     else:
-        _write_atomic(job, json.dumps({**now, "shard_size": shard_size}, indent=2))
+        write_atomic(job, json.dumps({**now, "shard_size": shard_size}, indent=2))
 
 
 def _shard_size_of(shards_dir: Path, prompts: int) -> int | None:
@@ -469,7 +455,7 @@ def _write_shards(cfg, teacher_path, questions, shards, todo, shards_dir) -> Non
                         "tokens": len(sample.completion_ids),
                     }
                 )
-            _write_atomic(_shard_path(shards_dir, i), "".join(json.dumps(r) + "\n" for r in rows))
+            write_atomic(_shard_path(shards_dir, i), "".join(json.dumps(r) + "\n" for r in rows))
             bar.update(len(indices))  # a shard written is kept if the job stops
     finally:
         if bar is not None:

@@ -50,6 +50,7 @@ from rayd.staging import (
     rearm_terminate,
     sigterm_held,
     terminate_as_exception,
+    write_atomic,
 )
 
 # torch, the teacher's scorer and the stored-signal format load with the job, not with --help.
@@ -195,7 +196,7 @@ class _Parts:
             shutil.rmtree(folder)
         if not same:
             folder.mkdir(parents=True)
-            _save_atomic(job, lambda fh: fh.write(text.encode()))
+            write_atomic(job, text)
 
     def path(self, block: int) -> Path:
         return self.folder / f"block-{block:05d}.pt"
@@ -232,23 +233,10 @@ class _Parts:
             "ids": [s.topk_ids for s in scores.values()],
             "logprobs": [s.topk_logprobs for s in scores.values()],
         }
-        _save_atomic(self.path(block), lambda fh: torch.save(saved, fh))
+        write_atomic(self.path(block), lambda fh: torch.save(saved, fh))
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _save_atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # an error or SIGTERM (Terminated) part-way: no .tmp left behind
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _score_pairs(

@@ -38,7 +38,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 import re
 import ssl
 import sys
@@ -56,6 +55,7 @@ import httpx
 
 from rayd.config import ConfigError
 from rayd.rollout.spec import EngineSpec, ServerSpec, read_api_key
+from rayd.staging import write_atomic
 from rayd.teacher.scorer import Pair, TeacherSignalError, score_from_prompt_logprobs
 from rayd.types import TeacherScore
 
@@ -683,9 +683,7 @@ def record_or_check_served_model(
         },
         indent=2,
     )
-    tmp = record.with_name(f".{record.name}.tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, record)
+    write_atomic(record, text + "\n")
 
 
 def describe_servers(
