@@ -6,13 +6,16 @@ __init__.py). Nothing here starts an actor or Ray; fixtures live in tests/confte
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rayd.cli import main as rayd_main
 from rayd.rollout.spec import EngineSpec
 from rayd.types import Sample, TeacherScore
 
@@ -71,3 +74,44 @@ def logged_samples(
         )
     ordered = [by_step[s] for s in sorted(by_step)]
     return ordered if steps is None else ordered[:steps]
+
+
+def run_cli(argv: list[str]) -> int:
+    """`rayd ARGV...` in this process: its exit code (argparse's SystemExit included)."""
+    try:
+        return rayd_main(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with its sha256: the user's files, compared byte for byte."""
+    return {
+        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    }
+
+
+def tiny_run_folder(tmp: Path) -> Path:
+    """`tmp/run` as a finished run of the tiny pair leaves it: its config.yaml and student/."""
+    from rayd.config import load_config, save_config
+    from rayd.zoo import resolve_model_path
+
+    run = tmp / "run"
+    cfg = load_config(
+        None, ["models.student.path=tiny:test-student", "models.teacher.path=tiny:test-teacher"]
+    )
+    save_config(cfg, run / "config.yaml")
+    shutil.copytree(resolve_model_path("tiny:test-student"), run / "student")
+    return run
+
+
+# A sweep's base config for the ablate tests (its models are never loaded there).
+SWEEP_BASE = """\
+models:
+  student: {path: s}
+  teacher: {path: t}
+algorithm: {name: on_policy, loss: reverse_kl}
+trainer: {max_steps: 3}
+"""

@@ -39,23 +39,28 @@ def hold(marker: Path) -> None:
     time.sleep(300)
 
 
+def shard_text(questions, indices) -> str:
+    """A shard as the teacher engines would write it: one correct sample per prompt."""
+    rows = [
+        {
+            "sample_id": f"{j}-0",
+            "prompt_index": j,
+            "prompt": questions[j][0],
+            "answer": questions[j][1],
+            "completion": f"A={questions[j][1]}",
+            "finish_reason": "stop",
+            "tokens": 3,
+        }
+        for j in indices
+    ]
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
 def fake_shards(cfg, teacher_path, questions, shards, todo, shards_dir) -> None:
     from rayd.commands import generate as g
 
     for i in todo:
-        rows = [
-            {
-                "sample_id": f"{j}-0",
-                "prompt_index": j,
-                "prompt": questions[j][0],
-                "answer": questions[j][1],
-                "completion": f"A={questions[j][1]}",
-                "finish_reason": "stop",
-                "tokens": 3,
-            }
-            for j in shards[i]
-        ]
-        g._write_atomic(g._shard_path(shards_dir, i), "".join(json.dumps(r) + "\n" for r in rows))
+        g.write_atomic(g._shard_path(shards_dir, i), shard_text(questions, shards[i]))
 
 
 def hold_in_save_to_disk(marker: Path) -> None:

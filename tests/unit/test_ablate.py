@@ -36,16 +36,10 @@ from rayd.commands.ablate.sweep import (
 )
 from rayd.config import save_config
 
-BASE = """\
-models:
-  student: {path: s}
-  teacher: {path: t}
-algorithm: {name: on_policy, loss: reverse_kl}
-trainer: {max_steps: 3}
-"""
+from helpers import SWEEP_BASE
 
 
-def write_sweep(tmp_path: Path, body: str, base: str = BASE) -> Path:
+def write_sweep(tmp_path: Path, body: str, base: str = SWEEP_BASE) -> Path:
     (tmp_path / "base.yaml").write_text(base)
     path = tmp_path / "sweep.yaml"
     text = f"name: sw\nbase: base.yaml\noutput_dir: {tmp_path}/out/{{name}}\n"

@@ -2,25 +2,17 @@
 --out` leave a folder of the user's, and any folder holding their input, byte for byte as it
 was; an earlier export or scored dataset is still replaced."""
 
-import hashlib
-import shutil
 from pathlib import Path
 
 import pytest
 
-from rayd.cli import main as rayd_main
 from rayd.commands.eval import EXPORT_RECORD
 from rayd.commands.export import check_out
 from rayd.teacher.stored import SIGNAL_FILE
-from rayd.zoo import resolve_model_path
 
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {
-        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for f in sorted(folder.rglob("*"))
-        if f.is_file()
-    }
+from helpers import run_cli as rayd
+from helpers import snapshot
+from helpers import tiny_run_folder as run_folder
 
 
 def users_folder(tmp: Path) -> Path:
@@ -29,27 +21,6 @@ def users_folder(tmp: Path) -> Path:
     (folder / "notes" / "thesis.txt").write_bytes(b"three years of work\n\x00\xff")
     (folder / "config.json").write_text("{}")
     return folder
-
-
-def run_folder(tmp: Path) -> Path:
-    from rayd.config import load_config, save_config
-
-    (tmp / "base.yaml").write_text("{}\n")
-    run = tmp / "run"
-    cfg = load_config(
-        tmp / "base.yaml",
-        ["models.student.path=tiny:test-student", "models.teacher.path=tiny:test-teacher"],
-    )
-    save_config(cfg, run / "config.yaml")
-    shutil.copytree(resolve_model_path("tiny:test-student"), run / "student")
-    return run
-
-
-def rayd(argv: list[str]) -> int:
-    try:
-        return rayd_main(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
 
 
 def test_export_force_leaves_a_folder_rayd_did_not_write(tmp_path, capsys) -> None:

@@ -5,7 +5,6 @@ untrusted checkpoint files run no code, and a resume notices a changed config or
 Nothing here starts an actor: each case fails before one would, or calls the part directly."""
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -21,26 +20,12 @@ from rayd.checkpoint import (
     learner_rank_files,
     safe_torch_load,
 )
-from rayd.cli import main as rayd_main
-from rayd.config import ConfigError, load_config, save_config
+from rayd.config import ConfigError, load_config
 from rayd.fingerprint import check_resume, differences, fingerprint
 from rayd.run_folder import locked_folder
-from rayd.zoo import resolve_model_path
 
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {
-        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for f in sorted(folder.rglob("*"))
-        if f.is_file()
-    }
-
-
-def rayd(argv: list[str]) -> int:
-    try:
-        return rayd_main(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
+from helpers import run_cli as rayd
+from helpers import snapshot, tiny_run_folder
 
 
 def broken_jsonl(tmp: Path) -> Path:
@@ -52,14 +37,9 @@ def broken_jsonl(tmp: Path) -> Path:
 
 def finished_run(tmp: Path) -> Path:
     """A run folder as a finished run leaves it: its config, metrics and student."""
-    run = tmp / "run"
-    cfg = load_config(
-        None, ["models.student.path=tiny:test-student", "models.teacher.path=tiny:test-teacher"]
-    )
-    save_config(cfg, run / "config.yaml")
+    run = tiny_run_folder(tmp)
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
     (run / "summary.json").write_text('{"steps": 1}\n')
-    shutil.copytree(resolve_model_path("tiny:test-student"), run / "student")
     return run
 
 

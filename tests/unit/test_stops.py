@@ -10,10 +10,8 @@ that ignores SIGTERM and has a child of its own, so the sweep must kill the proc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,19 +20,14 @@ import time
 from pathlib import Path
 
 import pytest
+from support.stop_child import shard_text
 
 from rayd.config import ConfigError
 
+from helpers import SWEEP_BASE, snapshot, tiny_run_folder
+
 REPO = Path(__file__).resolve().parents[2]
 CHILD = REPO / "tests" / "support" / "stop_child.py"
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {
-        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for f in sorted(folder.rglob("*"))
-        if f.is_file()
-    }
 
 
 def hidden(folder: Path) -> list[str]:
@@ -126,21 +119,7 @@ def fake_shards(calls: list[int], stop_after: int | None = None):
             if stop_after is not None and n == stop_after:
                 raise KeyboardInterrupt  # the job stops part-way
             calls.extend(shards[i])
-            rows = [
-                {
-                    "sample_id": f"{j}-0",
-                    "prompt_index": j,
-                    "prompt": questions[j][0],
-                    "answer": questions[j][1],
-                    "completion": f"A={questions[j][1]}",
-                    "finish_reason": "stop",
-                    "tokens": 3,
-                }
-                for j in shards[i]
-            ]
-            g._write_atomic(
-                g._shard_path(shards_dir, i), "".join(json.dumps(r) + "\n" for r in rows)
-            )
+            g.write_atomic(g._shard_path(shards_dir, i), shard_text(questions, shards[i]))
 
     return write
 
@@ -223,17 +202,8 @@ def test_sigterm_in_score_keeps_the_earlier_scored_dataset(tmp_path) -> None:
 
 def test_sigterm_in_export_removes_its_staging_folder(tmp_path) -> None:
     from rayd.commands.eval import EXPORT_RECORD
-    from rayd.config import load_config, save_config
-    from rayd.zoo import resolve_model_path
 
-    (tmp_path / "base.yaml").write_text("{}\n")
-    run = tmp_path / "run"
-    cfg = load_config(
-        tmp_path / "base.yaml",
-        ["models.student.path=tiny:test-student", "models.teacher.path=tiny:test-teacher"],
-    )
-    save_config(cfg, run / "config.yaml")
-    shutil.copytree(resolve_model_path("tiny:test-student"), run / "student")
+    run = tiny_run_folder(tmp_path)
     (run / "summary.json").write_text(json.dumps({"steps": 1, "final": {}}))
     out = tmp_path / "export"  # an earlier export: --force replaces it, or nothing
     out.mkdir()
@@ -251,17 +221,9 @@ def test_sigterm_in_export_removes_its_staging_folder(tmp_path) -> None:
 
 # --- rayd ablate --------------------------------------------------------------------------------
 
-BASE = """\
-models:
-  student: {path: s}
-  teacher: {path: t}
-algorithm: {name: on_policy, loss: reverse_kl}
-trainer: {max_steps: 3}
-"""
-
 
 def sweep_file(tmp: Path, stop_timeout: str = "stop_timeout_s: 2\n") -> Path:
-    (tmp / "base.yaml").write_text(BASE)
+    (tmp / "base.yaml").write_text(SWEEP_BASE)
     path = tmp / "sweep.yaml"
     path.write_text(
         f"name: sw\nbase: base.yaml\noutput_dir: {tmp}/out\nconcurrency: 2\n"
