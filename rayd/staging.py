@@ -129,18 +129,24 @@ def output_parent_problem(out: Path) -> str | None:
 
 @contextmanager
 def staged_folder(out: Path) -> Iterator[Path]:
-    """A fresh folder to write `out` in: on leaving the block it replaces `out` (a folder
-    already there is removed first), unless the block raised; the staging folder is removed
-    either way. It sits beside `out` (same file system, so the rename is one step)."""
+    """A fresh folder to write `out` in: on leaving the block it replaces `out`, unless the
+    block raised; the staging folder is removed either way. It sits beside `out` (same file
+    system, so the rename is one step). A folder already at `out` is moved aside first and
+    deleted only once the new one is in place; a swap that fails half-way puts it back."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    old = out.with_name(f".{out.name}.old")
     try:
         yield staging
-        with sigterm_held():  # the old folder removed and the new one renamed, or neither
+        shutil.rmtree(old, ignore_errors=True)
+        with sigterm_held():  # the earlier folder moved aside and the new one in, or neither
             if out.exists():
-                shutil.rmtree(out)
-            staging.rename(out)
+                os.replace(out, old)
+            os.replace(staging, out)
     finally:
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -48,7 +47,7 @@ from rayd.staging import (
     Terminated,
     output_parent_problem,
     rearm_terminate,
-    sigterm_held,
+    staged_folder,
     terminate_as_exception,
     write_atomic,
 )
@@ -337,22 +336,9 @@ def _write(
     ds = ds.remove_columns([c for c in SIGNAL_COLUMNS if c in ds.column_names])
     for name in SIGNAL_COLUMNS:
         ds = ds.add_column(name, columns[name], feature=features[name])
-    tmp = target.with_name(f".{target.name}.tmp")
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        ds.save_to_disk(str(tmp))
-        (tmp / SIGNAL_FILE).write_text(json.dumps(info, indent=2))
-        shutil.rmtree(old, ignore_errors=True)
-        with sigterm_held():  # the earlier dataset moved aside and the new one in, or neither
-            if target.exists():
-                os.replace(target, old)
-            os.replace(tmp, target)
-    finally:
-        if old.exists() and not target.exists():  # the swap failed half-way: put it back
-            os.replace(old, target)
-        shutil.rmtree(old, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged_folder(target) as staging:
+        ds.save_to_disk(str(staging))
+        (staging / SIGNAL_FILE).write_text(json.dumps(info, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

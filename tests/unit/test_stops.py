@@ -193,7 +193,7 @@ def test_sigterm_in_score_keeps_the_earlier_scored_dataset(tmp_path) -> None:
     assert code == 143
     assert_one_line(lines, "score")
     assert snapshot(out) == before
-    # The scored blocks stay for the rerun; no half-written copy (.scored.tmp, .scored.old).
+    # The scored blocks stay for the rerun; no half-written copy (no staging or .scored.old).
     assert [p for p in hidden(tmp_path) if not p.startswith(".scored.parts")] == []
 
 
