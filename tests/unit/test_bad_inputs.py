@@ -369,6 +369,23 @@ CASES = {
         2,
         "missing.pem' does not exist; give a PEM file of CAs",
     ),
+    "teacher response bound not positive": (
+        lambda t: (
+            None,
+            [
+                "teacher.backend=server",
+                "teacher.urls=[http://127.0.0.1:1]",
+                "teacher.max_response_mb=0",
+            ],
+        ),
+        2,
+        "config error: teacher.max_response_mb: Input should be greater than 0",
+    ),
+    "allowed resume changes not a list": (
+        lambda t: (None, ["trainer.allow_changes=lr"]),
+        2,
+        "config error: trainer.allow_changes: Input should be a valid list",
+    ),
     "served model name without a served teacher": (
         lambda t: (None, ["teacher.served_model=X"]),
         2,
