@@ -36,7 +36,9 @@ class RolloutEngine(Protocol):
         ...
 
     def load_weights(self, blob: bytes) -> None:
-        """Replace the weights with a `rayd.weight_sync.serialize_state_dict` blob."""
+        """Replace the weights with a `rayd.weight_sync.serialize_state_dict` blob. (A vLLM
+        engine can also join a weight stream: `join_weight_stream`, `receive_weights`,
+        `leave_weight_stream`, used with sync.method=stream.)"""
         ...
 
     def logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:

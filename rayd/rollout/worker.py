@@ -12,6 +12,8 @@ Inputs are checked here, before the engine sees them: over-long prompts have hun
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
@@ -131,6 +133,23 @@ class RolloutWorker:
             raise
         self._version = int(version)
         return self._version
+
+    def join_weight_stream(self, init: dict[str, Any]) -> None:
+        self.engine.join_weight_stream(init)  # type: ignore[attr-defined]
+
+    def receive_weights(self, update: dict[str, Any], version: int) -> list[dict[str, Any]]:
+        """Serve the streamed weights (rayd.rollout.weight_stream) from now on, as `version`;
+        the same rule as `load_weights` when it fails. Each engine rank's report."""
+        try:
+            reports = self.engine.receive_weights(update, version)  # type: ignore[attr-defined]
+        except Exception:
+            self._version = FAILED_LOAD
+            raise
+        self._version = int(version)
+        return reports
+
+    def leave_weight_stream(self) -> None:
+        self.engine.leave_weight_stream()  # type: ignore[attr-defined]
 
     def weights_changed(self, version: int) -> None:
         """An injected engine's weights were changed in place by their owner (a learner's
