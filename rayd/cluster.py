@@ -154,14 +154,19 @@ class WorkerPool:
         self.placement_groups = list(placement_groups)
         self.max_reissues = max_reissues
         self.faults = 0
-        self._replay: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self._replay: dict[str, Callable[[], tuple[tuple[Any, ...], dict[str, Any]]]] = {}
 
     def __len__(self) -> int:
         return len(self.actors)
 
     def remember(self, method: str, *args: Any, **kwargs: Any) -> None:
         """A call that sets state a restarted actor must get again before it serves."""
-        self._replay[method] = (args, kwargs)
+        self._replay[method] = lambda: (args, kwargs)
+
+    def remember_lazy(self, method: str, make_args: Callable[[], tuple[Any, ...]]) -> None:
+        """As `remember`, with arguments made only when an actor is restored (weights built
+        from the learners then, instead of a copy held between syncs)."""
+        self._replay[method] = lambda: (make_args(), {})
 
     def map_chunks(self, method: str, *inputs: list[Any], **kwargs: Any) -> list[Any]:
         """Call `method(chunk_of_each_input..., **kwargs)` on each actor; concatenate in order."""
@@ -224,14 +229,14 @@ class WorkerPool:
                 )
                 # If it died again (or cannot restart), the re-issued call will say so.
                 with contextlib.suppress(ray.exceptions.RayActorError):
-                    self._restore(jobs[i][0])
+                    self.restore(jobs[i][0])
                 pending[i] = submit(jobs[i])
                 deadlines[i] = time.monotonic() + self.timeout_s
                 continue
             del pending[i]
             yield i, result
 
-    def _restore(self, actor: Any) -> None:
+    def restore(self, actor: Any) -> None:
         """Waits for Ray to restart `actor`, then replays the remembered state-setting calls."""
         deadline = time.monotonic() + self.timeout_s
         while True:  # calls fail fast with ActorUnavailableError while Ray restarts the actor
@@ -245,7 +250,8 @@ class WorkerPool:
                         f"{self.name} actor did not come back within {self.timeout_s:.0f}s"
                     ) from None
                 time.sleep(0.2)
-        for method, (args, kwargs) in self._replay.items():
+        for method, make in self._replay.items():
+            args, kwargs = make()
             get(
                 getattr(actor, method).remote(*args, **kwargs),
                 self.timeout_s,

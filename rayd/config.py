@@ -654,6 +654,40 @@ class TrainerConfig(_Strict):
     )
 
 
+class SyncConfig(_Strict):
+    """How the student's weights reach the rollout engines after each update."""
+
+    method: Literal["auto", "stream", "blob"] = Field(
+        "auto",
+        description="stream: in buckets over a process group, through vLLM's weight-transfer "
+        "API (vLLM engines only); blob: one safetensors blob through the Ray object store "
+        "(any engine); auto: blob for now (the stream is opt-in)",
+    )
+    bucket_mib: float = Field(
+        512,
+        ge=0.001,
+        le=4096,
+        allow_inf_nan=False,
+        description="stream: bytes per broadcast, in MiB (larger tensors travel in pieces); "
+        "the sender holds about two buckets beyond the model",
+    )
+    timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="stream: a sync (or the group's start-up) that takes longer "
+        "ends the run, naming the engine that did not finish",
+    )
+
+    @property
+    def bucket_bytes(self) -> int:
+        return max(16, int(self.bucket_mib * 2**20))
+
+    def streams(self, rollout_backend: str, max_staleness: int) -> bool:
+        """Whether this run's rollout engines get their weights streamed."""
+        # auto is the blob until the stream has run in every mode's fault tests (issue 39).
+        return self.method == "stream" and rollout_backend == "vllm" and max_staleness == 0
+
+
 class WandbConfig(_Strict):
     project: str = Field(min_length=1)
     entity: str | None = None
@@ -688,6 +722,7 @@ class RunConfig(_Strict):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
@@ -754,6 +789,7 @@ class RunConfig(_Strict):
         if self.algorithm.lmbda < 1.0 and self.algorithm.name != "gkd":
             raise ValueError("algorithm.lmbda < 1 (off-policy mixing) needs algorithm.name=gkd")
         self._check_reward()
+        self._check_sync()
         if full:
             self._check_full_support()
         elif self.teacher.support != "teacher_topk":
@@ -785,6 +821,23 @@ class RunConfig(_Strict):
                 f"verifier (data.source: task:<name>), not {self.data.source!r}"
             )
         return self
+
+    def _check_sync(self) -> None:
+        if self.sync.method != "stream":
+            return
+        if self.rollout.backend != "vllm":
+            raise ValueError(
+                f"sync.method=stream needs rollout.backend=vllm (a {self.rollout.backend} engine "
+                "cannot join a weight stream; use sync.method=blob or auto)"
+            )
+        if self.trainer.max_staleness > 0:
+            # A rollout engine lost while the rollouts made ahead run must get the weights it
+            # served, which the learners, already training past them, no longer hold.
+            raise ValueError(
+                "sync.method=stream does not yet work with trainer.max_staleness > 0 (a lost "
+                "engine could not be given the weights the step ahead was rolled out from); "
+                "use sync.method=blob or auto"
+            )
 
     def _check_reward(self) -> None:
         algo = self.algorithm

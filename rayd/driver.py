@@ -74,6 +74,7 @@ from rayd.teacher.privileged import PrivilegedContext
 from rayd.teacher.server_scorer import record_or_check_served_model
 from rayd.teacher.signal import TeacherSignal, TeacherSource
 from rayd.types import Sample, TrainBatch, training_batch
+from rayd.weight_sync import WeightStream
 from rayd.workers import export_student, start_workers
 
 
@@ -370,6 +371,19 @@ class Run:
             else None
         )
         self.served = 0  # the weight version the rollout engines hold
+        # sync.method=stream: the weights go from learner rank 0 to the engines in buckets; an
+        # engine Ray restarts gets them from a blob built then (none is kept between syncs).
+        self.weight_stream: WeightStream | None = None
+        if cfg.rollout.backend != "learner" and cfg.sync.streams(
+            cfg.rollout.backend, cfg.trainer.max_staleness
+        ):
+            ranks = cfg.rollout.tensor_parallel_size * cfg.rollout.pipeline_parallel_size
+            self.weight_stream = WeightStream(
+                self.learners, self.rollout, cfg.sync, [ranks] * len(self.rollout)
+            )
+            self.rollout.remember_lazy(
+                "load_weights", lambda: (self.learners.publish_weights(), self.state.version)
+            )
         # models.teacher: self with teacher actors, weights live or ema: they get the
         # learners' weights every teacher.sync_every versions (the version they hold here).
         self.teacher_syncs = (
@@ -587,6 +601,9 @@ class Run:
         # metrics.jsonl (non-numbers stay out of TensorBoard and W&B).
         metrics["prompt_indices"] = work.prompt_indices
         metrics["faults/rollout"] = self.rollout.faults
+        if self.weight_stream is not None:  # this step's streamed sync: bytes, buckets, seconds
+            metrics.update(self.weight_stream.last)
+            self.weight_stream.last = {}
         metrics["faults/teacher"] = self.teacher.faults
         metrics["faults/learner_restarts"] = self.learner_restarts
         self.log.log(step, metrics)
@@ -604,6 +621,10 @@ class Run:
         if self.served == version:
             return
         if self.cfg.rollout.backend == "learner":
+            self.served = version
+            return
+        if self.weight_stream is not None:
+            self.weight_stream.sync(version)
             self.served = version
             return
         weights = self.learners.publish_weights()

@@ -34,6 +34,7 @@ MAY_CHANGE = (
     "trainer.learner_restarts",
     "trainer.call_timeout_s",
     "logging",
+    "sync",  # both methods give the engines the same weights (tests/ray/test_weight_stream.py)
     # how a served teacher is reached, not which model it is (teacher.served_model is checked)
     "teacher.urls",
     "teacher.request_timeout_s",

@@ -27,7 +27,7 @@ import math
 import os
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -43,7 +43,7 @@ import deepspeed
 from transformers import AutoModelForCausalLM
 
 from rayd.checkpoint import safe_torch_load
-from rayd.learner.lora import adapter_state, lora_model, merged_state
+from rayd.learner.lora import adapter_state, lora_model, merge_one, merge_plan, merged_state
 from rayd.learner.spec import LearnerSpec
 from rayd.losses import LossSpec, batch_loss, token_logprobs
 from rayd.types import TrainBatch
@@ -590,6 +590,52 @@ class DeepSpeedLearner:
             if copy is not None:
                 copies[id(tensor)] = out[name] = copy
         return out if self.rank == 0 else None
+
+    def _stream_plan(self) -> list[tuple[str, list[Tensor]]]:
+        """What a weight stream sends, in order: (engine name, the module tensors it is made
+        of). The student's weights as `full_state_dict` has them (tied weights once, a LoRA
+        student's merged, no feature_kd projections), without gathering anything."""
+        state = {
+            name: tensor
+            for name, tensor in self.engine.module.state_dict(keep_vars=True).items()
+            if not name.startswith(FEATURE_PROJ + ".")
+        }
+        seen: set[int] = set()
+        plan: list[tuple[str, list[Tensor]]] = []
+        entries = merge_plan(list(state)) if self.lora is not None else [(k, [k]) for k in state]
+        for name, keys in entries:
+            if id(state[keys[0]]) in seen:  # a tied weight: the engine re-ties it on load
+                continue
+            seen.add(id(state[keys[0]]))
+            plan.append((name, [state[k] for k in keys]))
+        return plan
+
+    def weight_metadata(self) -> tuple[list[str], list[str], list[list[int]]]:
+        """Names, dtypes and shapes of what `streamed_weights` yields (no gather: ZeRO-3's
+        partitioned parameters know their full shape)."""
+        names, dtypes, shapes = [], [], []
+        for name, sources in self._stream_plan():
+            first = sources[0]
+            shape = first.ds_shape if hasattr(first, "ds_id") else first.shape
+            names.append(name)
+            dtypes.append(str(first.dtype).removeprefix("torch."))
+            shapes.append([int(d) for d in shape])
+        return names, dtypes, shapes
+
+    def streamed_weights(self) -> Iterator[Tensor]:
+        """The tensors of `weight_metadata`, whole, one at a time, on every rank (all ranks
+        must consume it: under ZeRO-3 each tensor is one gather); rank 0 sends them. At most
+        one gathered or merged tensor exists at a time beyond the shards."""
+        for _, sources in self._stream_plan():
+            partitioned = [t for t in sources if self.zero_stage == 3 and hasattr(t, "ds_id")]
+            with deepspeed.zero.GatheredParameters(
+                partitioned, modifier_rank=None, enabled=bool(partitioned)
+            ):
+                if len(sources) == 3:
+                    assert self.lora is not None
+                    yield merge_one(*(t.detach() for t in sources), self.lora)
+                else:
+                    yield sources[0].detach()
 
     def state_dict_blob(self) -> bytes | None:
         """Full weights as safetensors bytes on rank 0, None on the others (all must call)."""

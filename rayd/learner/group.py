@@ -157,6 +157,39 @@ class LearnerGroup:
         )
         return results[0][0]
 
+    # --- The weight stream (sync.method=stream; rayd.weight_sync.WeightStream drives it) ---
+
+    def weight_stream_address(self) -> tuple[str, int]:
+        """Where the stream group meets: rank 0's node address and a port free there."""
+        ref = self._actors[0].weight_stream_address.remote()
+        return self._collect(ref, self.timeout_s, "weight stream address")
+
+    def weight_metadata(self) -> tuple[list[str], list[str], list[list[int]]]:
+        ref = self._actors[0].weight_metadata.remote()
+        return self._collect(ref, self.timeout_s, "weight metadata")
+
+    def open_weight_stream(
+        self, address: str, port: int, world: int, timeout_s: float
+    ) -> list[Any]:
+        """Started, not waited for: rank 0 blocks until every engine has joined too."""
+        return cluster.call_all(
+            self._actors[:1], "open_weight_stream", address, port, world, timeout_s
+        )
+
+    def stream_weights(self, bucket_bytes: int, timeout_s: float) -> list[Any]:
+        """Started, not waited for (the engines receive meanwhile); `wait_stream` collects."""
+        return cluster.call_all(self._actors, "stream_weights", bucket_bytes, timeout_s)
+
+    def wait_stream(self, refs: list[Any], timeout_s: float, what: str) -> dict[str, float]:
+        return self._collect(refs, timeout_s, what)[0]
+
+    def close_weight_stream(self) -> None:
+        self._collect(
+            cluster.call_all(self._actors[:1], "close_weight_stream"),
+            self.timeout_s,
+            "close weight stream",
+        )
+
     def adapter_blob(self) -> bytes:
         """A LoRA student's adapters (safetensors bytes, a few MB at most: they come here)."""
         results = self._collect(

@@ -51,7 +51,6 @@ def peft_config(lora: LoraConfig, base_model: str | None = None) -> Any:
 
 def merged_state(state: dict[str, Tensor], lora: LoraConfig) -> dict[str, Tensor]:
     """The plain model's state dict from a LoRA student's: base keys, adapters merged in."""
-    scaling = lora.alpha / lora.r
     out: dict[str, Tensor] = {}
     for key, tensor in state.items():
         if ".lora_" in key:
@@ -64,10 +63,33 @@ def merged_state(state: dict[str, Tensor], lora: LoraConfig) -> dict[str, Tensor
         layer = key[: -len(suffix_a)]
         b = state[f"{layer}.lora_B.{ADAPTER}.weight"]
         target = _base_key(f"{layer}.base_layer.weight")
-        weight = out[target]
-        delta = (b.float() @ a.float()) * scaling
-        out[target] = (weight.float() + delta).to(weight.dtype)
+        out[target] = merge_one(out[target], a, b, lora)
     return out
+
+
+def merge_plan(keys: list[str]) -> list[tuple[str, list[str]]]:
+    """`merged_state`'s output, one entry at a time, without the tensors: (plain name, the
+    LoRA state keys it is made of), in state-dict order. A merged weight is made of its base
+    weight and the layer's A and B (`merge_one`); every other entry of one key, as it is."""
+    present = set(keys)
+    suffix = ".base_layer.weight"
+    plan = []
+    for key in keys:
+        if ".lora_" in key:
+            continue
+        layer = key[: -len(suffix)] if key.endswith(suffix) else None
+        a = f"{layer}.lora_A.{ADAPTER}.weight"
+        if layer is not None and a in present:
+            plan.append((_base_key(key), [key, a, f"{layer}.lora_B.{ADAPTER}.weight"]))
+        else:
+            plan.append((_base_key(key), [key]))
+    return plan
+
+
+def merge_one(weight: Tensor, a: Tensor, b: Tensor, lora: LoraConfig) -> Tensor:
+    """One merged weight, as `merged_state` makes it."""
+    delta = (b.float() @ a.float()) * (lora.alpha / lora.r)
+    return (weight.float() + delta).to(weight.dtype)
 
 
 def adapter_state(state: dict[str, Tensor]) -> dict[str, Tensor]:

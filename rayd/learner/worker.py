@@ -61,6 +61,7 @@ class LearnerWorker:
         if spec.rollout is not None:
             engine = HFEngine(spec.rollout, model=self.learner.engine.module)
             self.sampler = RolloutWorker(spec.rollout, engine=engine)
+        self._stream: Any = None  # rank 0's weight-stream group (sync.method=stream)
 
     def ready(self) -> dict[str, Any]:
         """Returns once the constructor (and so the process group) is complete."""
@@ -146,6 +147,60 @@ class LearnerWorker:
 
         blob = self.learner.teacher_blob()
         return None if blob is None else [ray.put(blob)]
+
+    # --- The weight stream (sync.method=stream): rank 0 sends, every rank joins the gathers ---
+
+    def weight_stream_address(self) -> tuple[str, int]:
+        """Rank 0's node address and a port free there: the stream group's rendezvous."""
+        import ray
+
+        from rayd.cluster import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def weight_metadata(self) -> tuple[list[str], list[str], list[list[int]]]:
+        return self.learner.weight_metadata()
+
+    def open_weight_stream(
+        self, address: str, port: int, world_size: int, timeout_s: float
+    ) -> None:
+        """Rank 0 joins the group as its rank 0 (blocks until the engines have joined)."""
+        from rayd.rollout import weight_stream
+
+        self.close_weight_stream()
+        if self.rank == 0:
+            self._stream = weight_stream.join_group(address, port, 0, world_size, timeout_s)
+
+    def stream_weights(self, bucket_bytes: int, timeout_s: float) -> dict[str, float]:
+        """One sync: every rank walks the weights (ZeRO-3 gathers), rank 0 broadcasts them in
+        buckets. A failure drops the group at once, so no engine waits for the deadline."""
+        from rayd.rollout import weight_stream
+
+        start = time.perf_counter()
+        tensors = self.learner.streamed_weights()
+        if self.rank != 0:
+            for _ in tensors:
+                pass
+            return {}
+        if self._stream is None:
+            raise RuntimeError("no weight-stream group: open_weight_stream first")
+        _, dtypes, shapes = self.learner.weight_metadata()
+        try:
+            sent, buckets = weight_stream.send_buckets(
+                self._stream, tensors, dtypes, shapes, bucket_bytes, timeout_s
+            )
+        except Exception:
+            self.close_weight_stream()
+            for _ in tensors:  # the other ranks' gathers still need this rank
+                pass
+            raise
+        return {"bytes": sent, "buckets": buckets, "seconds": time.perf_counter() - start}
+
+    def close_weight_stream(self) -> None:
+        from rayd.rollout import weight_stream
+
+        weight_stream.drop_group(self._stream)
+        self._stream = None
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
         self.learner.save_checkpoint(directory, tag, client_state)
