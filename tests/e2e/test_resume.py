@@ -143,6 +143,16 @@ def expected_colocated(ray_local, tmp_path_factory):
     return [{k: r[k] for k in KEYS} for r in records]
 
 
+def test_streamed_weights_give_the_blob_runs_losses(expected, tmp_path):
+    """sync.method=stream (learner rank 0 to the engine in buckets) puts in the engine the same
+    weights as the object-store blob of the unbroken run: the same losses, bit for bit."""
+    cfg = config(tmp_path, "stream", "sync.method=stream")
+    train(cfg)
+    records = step_records(cfg.run_dir)
+    assert all(r["sync/bytes"] > 0 for r in records[1:])  # step 1 trains the initial weights
+    assert [{k: r[k] for k in KEYS} for r in records] == expected
+
+
 @pytest.mark.faults
 def test_preempted_and_corrupted_pipelined_runs_resume_to_the_same_losses(
     expected_pipelined, tmp_path
