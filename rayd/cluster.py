@@ -155,6 +155,11 @@ class WorkerPool:
         self.max_reissues = max_reissues
         self.faults = 0
         self._replay: dict[str, Callable[[], tuple[tuple[Any, ...], dict[str, Any]]]] = {}
+        # reroute: a lost actor is not given its state back mid-call; it is `unserved` (its
+        # index here), and its calls go to a serving actor until the owner serves it again
+        # (a streamed weight sync: the learners may be busy, or past the engines' version).
+        self.reroute = False
+        self.unserved: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -181,10 +186,22 @@ class WorkerPool:
         always the same contiguous slice of the inputs: sorting by index restores the order."""
         bounds = chunk_bounds(len(inputs[0]), len(self.actors))
         jobs = []
-        for actor, lo, hi in zip(self.actors, bounds, bounds[1:], strict=False):
+        for index, lo, hi in zip(range(len(self.actors)), bounds, bounds[1:], strict=False):
             if hi > lo:
+                # An unserved actor's chunk, the same slice, goes to a serving one.
+                actor = self.actors[self._serving() if index in self.unserved else index]
                 jobs.append((actor, method, tuple(items[lo:hi] for items in inputs), kwargs))
         return self._as_completed(jobs)
+
+    def _serving(self) -> int:
+        """The first actor that serves (reroute); `lost` when none is left."""
+        for index in range(len(self.actors)):
+            if index not in self.unserved:
+                return index
+        raise self.lost(
+            f"every {self.name} actor was lost and none can be given its state now "
+            "(sync.method=stream: use sync.method=blob, or more than one engine)"
+        )
 
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         jobs = [(actor, method, args, kwargs) for actor in self.actors]
@@ -227,17 +244,24 @@ class WorkerPool:
                     f"restoring it and re-issuing the call (fault {self.faults})",
                     file=sys.stderr,
                 )
-                # If it died again (or cannot restart), the re-issued call will say so.
-                with contextlib.suppress(ray.exceptions.RayActorError):
-                    self.restore(jobs[i][0])
+                actor = jobs[i][0]
+                if self.reroute and actor in self.actors:
+                    # Ray restarts it meanwhile; the owner gives it its state (`restore`).
+                    self.unserved.add(self.actors.index(actor))
+                    jobs[i] = (self.actors[self._serving()], *jobs[i][1:])
+                else:
+                    # If it died again (or cannot restart), the re-issued call will say so.
+                    with contextlib.suppress(ray.exceptions.RayActorError):
+                        self.restore(actor)
                 pending[i] = submit(jobs[i])
                 deadlines[i] = time.monotonic() + self.timeout_s
                 continue
             del pending[i]
             yield i, result
 
-    def restore(self, actor: Any) -> None:
-        """Waits for Ray to restart `actor`, then replays the remembered state-setting calls."""
+    def restore(self, actor: Any, replay: bool = True) -> None:
+        """Waits for Ray to restart `actor`, then replays the remembered state-setting calls
+        (`replay`; otherwise its owner gives it its state)."""
         deadline = time.monotonic() + self.timeout_s
         while True:  # calls fail fast with ActorUnavailableError while Ray restarts the actor
             try:
@@ -250,7 +274,7 @@ class WorkerPool:
                         f"{self.name} actor did not come back within {self.timeout_s:.0f}s"
                     ) from None
                 time.sleep(0.2)
-        for method, make in self._replay.items():
+        for method, make in self._replay.items() if replay else ():
             args, kwargs = make()
             get(
                 getattr(actor, method).remote(*args, **kwargs),

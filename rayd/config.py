@@ -661,7 +661,8 @@ class SyncConfig(_Strict):
         "auto",
         description="stream: in buckets over a process group, through vLLM's weight-transfer "
         "API (vLLM engines only); blob: one safetensors blob through the Ray object store "
-        "(any engine); auto: blob for now (the stream is opt-in)",
+        "(any engine); auto: stream where it can (vLLM engines; two or more of them when "
+        "trainer.max_staleness > 0), else blob",
     )
     bucket_mib: float = Field(
         512,
@@ -682,10 +683,11 @@ class SyncConfig(_Strict):
     def bucket_bytes(self) -> int:
         return max(16, int(self.bucket_mib * 2**20))
 
-    def streams(self, rollout_backend: str, max_staleness: int) -> bool:
-        """Whether this run's rollout engines get their weights streamed."""
-        # auto is the blob until the stream has run in every mode's fault tests (issue 39).
-        return self.method == "stream" and rollout_backend == "vllm" and max_staleness == 0
+    def streams(self, rollout_backend: str, max_staleness: int, engines: int) -> bool:
+        """Whether this run's rollout engines get their weights streamed: vLLM engines, and,
+        when rollouts run ahead, another engine to take a lost one's calls."""
+        possible = rollout_backend == "vllm" and (max_staleness == 0 or engines >= 2)
+        return possible and self.method in ("stream", "auto")
 
 
 class WandbConfig(_Strict):
@@ -830,13 +832,13 @@ class RunConfig(_Strict):
                 f"sync.method=stream needs rollout.backend=vllm (a {self.rollout.backend} engine "
                 "cannot join a weight stream; use sync.method=blob or auto)"
             )
-        if self.trainer.max_staleness > 0:
-            # A rollout engine lost while the rollouts made ahead run must get the weights it
-            # served, which the learners, already training past them, no longer hold.
+        if self.trainer.max_staleness > 0 and self.rollout.num_workers < 2:
+            # An engine lost while the rollouts made ahead run cannot be given the weights it
+            # served (the learners train past them); its calls go to another engine instead.
             raise ValueError(
-                "sync.method=stream does not yet work with trainer.max_staleness > 0 (a lost "
-                "engine could not be given the weights the step ahead was rolled out from); "
-                "use sync.method=blob or auto"
+                "sync.method=stream with trainer.max_staleness > 0 needs rollout.num_workers "
+                ">= 2 (a lost engine's rollouts go to another until the next sync); use "
+                "sync.method=blob or auto"
             )
 
     def _check_reward(self) -> None:

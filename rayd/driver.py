@@ -371,19 +371,24 @@ class Run:
             else None
         )
         self.served = 0  # the weight version the rollout engines hold
-        # sync.method=stream: the weights go from learner rank 0 to the engines in buckets; an
-        # engine Ray restarts gets them from a blob built then (none is kept between syncs).
+        # sync.method=stream: the weights go from learner rank 0 to the engines in buckets, and
+        # no copy is kept between syncs. An engine Ray restarts mid-rollout hands its calls to
+        # another until the next sync streams to it too; a lone one gets a blob built then (the
+        # learners are idle and at its version: synchronous runs only, see _check_sync).
         self.weight_stream: WeightStream | None = None
         if cfg.rollout.backend != "learner" and cfg.sync.streams(
-            cfg.rollout.backend, cfg.trainer.max_staleness
+            cfg.rollout.backend, cfg.trainer.max_staleness, len(self.rollout)
         ):
             ranks = cfg.rollout.tensor_parallel_size * cfg.rollout.pipeline_parallel_size
             self.weight_stream = WeightStream(
                 self.learners, self.rollout, cfg.sync, [ranks] * len(self.rollout)
             )
-            self.rollout.remember_lazy(
-                "load_weights", lambda: (self.learners.publish_weights(), self.state.version)
-            )
+            if len(self.rollout) > 1:
+                self.rollout.reroute = True
+            else:
+                self.rollout.remember_lazy(
+                    "load_weights", lambda: (self.learners.publish_weights(), self.state.version)
+                )
         # models.teacher: self with teacher actors, weights live or ema: they get the
         # learners' weights every teacher.sync_every versions (the version they hold here).
         self.teacher_syncs = (
@@ -618,7 +623,7 @@ class Run:
         sample's version says so (their own step count), so nothing moves."""
         self.sync_teacher()
         version = self.state.version
-        if self.served == version:
+        if self.served == version and not self.rollout.unserved:
             return
         if self.cfg.rollout.backend == "learner":
             self.served = version

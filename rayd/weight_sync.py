@@ -92,18 +92,24 @@ class WeightStream:
         start = time.perf_counter()
         sender = self.learners.stream_weights(update["bucket_bytes"], self.cfg.timeout_s)
         receivers = [a.receive_weights.remote(update, version) for a in self.rollout.actors]
-        failed = self._wait(sender, receivers, "streamed weight sync")
+        failed, sent = self._wait(sender, receivers, "streamed weight sync")
         if failed:
             self._recover(version, failed)
             return
-        sent = self.learners.wait_stream(sender, self.cfg.timeout_s, "weight stream")
+        self.rollout.unserved.clear()  # engines restored mid-rollout hold `version` now too
+        seconds = time.perf_counter() - start
+        reports = cluster_get(receivers, self.cfg.timeout_s, "engine reports")  # all in by now
         self.last = {
             "sync/bytes": float(sent["bytes"]),
             "sync/buckets": float(sent["buckets"]),
-            "sync/seconds": time.perf_counter() - start,
+            "sync/seconds": seconds,
+            # The slowest engine rank, from its first receive to its last layer loaded.
+            "sync/engine_seconds": max(float(r["seconds"]) for e in reports for r in e),
         }
 
     def _form_group(self) -> None:
+        for i in sorted(self.rollout.unserved):  # lost mid-rollout: back before they can join
+            self.rollout.restore(self.rollout.actors[i], replay=False)
         address, port = self.learners.weight_stream_address()
         offsets = [1 + sum(self.engine_ranks[:i]) for i in range(len(self.engine_ranks))]
         world = 1 + sum(self.engine_ranks)
@@ -120,7 +126,7 @@ class WeightStream:
             )
             for i, actor in enumerate(self.rollout.actors)
         ]
-        failed = self._wait(sender, receivers, "weight stream start-up")
+        failed, _ = self._wait(sender, receivers, "weight stream start-up")
         if failed:  # an engine died before it joined: restore it; the next sync tries again
             self.learners.close_weight_stream()
             self._restore(failed)
@@ -129,7 +135,6 @@ class WeightStream:
                 f"the weight stream could not start: rollout engine(s) {failed} died while "
                 "joining it"
             )
-        self.learners.wait_stream(sender, self.cfg.timeout_s, "weight stream start-up")
         self.formed_at_faults = self.rollout.faults
         print(
             f"rayd: weights stream from learner rank 0 ({address}:{port}) to "
@@ -138,10 +143,13 @@ class WeightStream:
             file=sys.stderr,
         )
 
-    def _wait(self, sender: list[Any], receivers: list[Any], what: str) -> list[int]:
-        """Waits for every call; returns the engines that died. A learner that died is a
-        LearnerFailure (the run is rebuilt from its checkpoint); a call still running at the
-        deadline, or an engine that failed without dying, ends the run in one line."""
+    def _wait(
+        self, sender: list[Any], receivers: list[Any], what: str
+    ) -> tuple[list[int], dict[str, float]]:
+        """Waits for every call; returns the engines that died and the sender's answer. A
+        learner that died is a LearnerFailure (the run is rebuilt from its checkpoint); a call
+        still running at the deadline, or an engine that failed without dying, ends the run in
+        one line."""
         import ray
 
         # The group's own timeout (the same) fires first, and names the broken peer.
@@ -162,8 +170,9 @@ class WeightStream:
                 failed.append(i)
             except ray.exceptions.RayTaskError as exc:
                 errors.append((i, exc))
+        sent: dict[str, float] = {}
         try:
-            self.learners.wait_stream(sender, 1.0, what)
+            sent = self.learners.wait_stream(sender, 1.0, what) or {}
         except Exception:
             if not failed:  # a learner's own failure (or a lost one: LearnerFailure)
                 raise
@@ -171,36 +180,39 @@ class WeightStream:
             i, exc = errors[0]
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
             raise RuntimeError(f"{what}: rollout engine {i}: {cause}") from None
-        return failed
+        return failed, sent
 
     def _recover(self, version: int, dead: list[int]) -> None:
-        """Engines died mid-sync. Single-rank survivors leave the group (their weights are a
-        mix) and load `version` from one blob built now from the learners. A multi-rank
-        survivor is restarted instead: after one rank's call failed, vLLM's multiprocess
-        executor hands later calls the answers of earlier ones (measured, TP=2). The restarted
-        get a blob of their own (`Run`'s remember_lazy). The group forms anew at the next sync."""
+        """Engines died mid-sync. Ray restarts them; single-rank survivors leave the group
+        (their weights are a mix); both load `version` from one blob built now from the
+        learners. A multi-rank survivor is restarted too: after one rank's call failed, vLLM's
+        multiprocess executor hands later calls the answers of earlier ones (measured, TP=2).
+        The group forms anew at the next sync."""
         import ray
 
         self.learners.close_weight_stream()
         actors = self.rollout.actors
         restart = [i for i in range(len(actors)) if i not in dead and self.engine_ranks[i] > 1]
-        alive = [a for i, a in enumerate(actors) if i not in dead and i not in restart]
-        cluster_get([a.leave_weight_stream.remote() for a in alive], self.cfg.timeout_s, "leave")
+        alive = [i for i in range(len(actors)) if i not in dead and i not in restart]
+        cluster_get(
+            [actors[i].leave_weight_stream.remote() for i in alive], self.cfg.timeout_s, "leave"
+        )
         for i in restart:
             ray.kill(actors[i], no_restart=False)
-        self._restore(sorted(dead + restart))  # the pool's replay gives each the current weights
-        if alive:
-            blob = self.learners.publish_weights()
-            cluster_get(
-                [a.load_weights.remote(blob, version) for a in alive],
-                self.cfg.timeout_s,
-                "weights to the engines that survived a broken stream",
-            )
-            del blob
+        self._restore(sorted(dead + restart))
+        blob = self.learners.publish_weights()
+        cluster_get(
+            [actors[i].load_weights.remote(blob, version) for i in range(len(actors))],
+            self.cfg.timeout_s,
+            "weights to the engines of a broken stream",
+        )
+        del blob
+        self.rollout.unserved.clear()
         self.formed_at_faults = None
         self.last = {}
 
     def _restore(self, dead: list[int]) -> None:
+        """Waits for Ray to restart each; the caller gives them their weights."""
         for i in dead:
             self.rollout.faults += 1
             print(
@@ -208,7 +220,8 @@ class WeightStream:
                 f"(fault {self.rollout.faults})",
                 file=sys.stderr,
             )
-            self.rollout.restore(self.rollout.actors[i])
+            self.rollout.restore(self.rollout.actors[i], replay=False)
+            self.rollout.unserved.add(i)
 
     def close(self) -> None:
         """Drop rank 0's group (the engines' go with their actors)."""

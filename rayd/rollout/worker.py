@@ -12,6 +12,8 @@ Inputs are checked here, before the engine sees them: over-long prompts have hun
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any
 
 import torch
@@ -41,6 +43,7 @@ class RolloutWorker:
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
         self.engine: RolloutEngine = engine if engine is not None else _make_engine(spec)
         self._version = 0
+        self._weights_by: str | None = None  # how the last weights came: "blob" or "stream"
 
     def ready(self) -> bool:
         """Returns once the engine is built: lets the driver wait for start-up with a deadline."""
@@ -124,6 +127,7 @@ class RolloutWorker:
 
     def load_weights(self, blob: bytes, version: int) -> int:
         """Serve the weights in `blob` (rayd.weight_sync format) from now on, as `version`."""
+        start = time.perf_counter()
         try:
             self.engine.load_weights(blob)
         except Exception:
@@ -132,6 +136,7 @@ class RolloutWorker:
             self._version = FAILED_LOAD
             raise
         self._version = int(version)
+        self._say_path("blob", len(blob), time.perf_counter() - start)
         return self._version
 
     def join_weight_stream(self, init: dict[str, Any]) -> None:
@@ -146,7 +151,21 @@ class RolloutWorker:
             self._version = FAILED_LOAD
             raise
         self._version = int(version)
+        seconds = max(float(r["seconds"]) for r in reports)
+        self._say_path("stream", int(reports[0]["bytes"]), seconds)
         return reports
+
+    def _say_path(self, method: str, nbytes: int, seconds: float) -> None:
+        """One line in the engine's log when its weights start coming another way (the first
+        sync, a fallback blob, a restart); every sync's figures are in the run's metrics."""
+        if method != self._weights_by:
+            self._weights_by = method
+            print(
+                f"rayd: rollout engine: weights version {self._version} by {method}, "
+                f"{nbytes / 2**20:.1f} MiB in {seconds:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def leave_weight_stream(self) -> None:
         self.engine.leave_weight_stream()  # type: ignore[attr-defined]

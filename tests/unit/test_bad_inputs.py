@@ -386,6 +386,21 @@ CASES = {
         2,
         "config error: trainer.allow_changes: Input should be a valid list",
     ),
+    "weight-sync bucket too small": (
+        lambda t: (None, ["sync.bucket_mib=0"]),
+        2,
+        "config error: sync.bucket_mib: Input should be greater than or equal to 0.001",
+    ),
+    "weight-sync method unknown": (
+        lambda t: (None, ["sync.method=nccl"]),
+        2,
+        "config error: sync.method: Input should be 'auto', 'stream' or 'blob'",
+    ),
+    "streamed weights to transformers engines": (
+        lambda t: (None, ["sync.method=stream", "rollout.backend=hf"]),
+        2,
+        "sync.method=stream needs rollout.backend=vllm",
+    ),
     "served model name without a served teacher": (
         lambda t: (None, ["teacher.served_model=X"]),
         2,

@@ -88,11 +88,12 @@ def test_sent_bytes_reassemble_into_the_tensors():
 
 
 def test_the_sync_section():
-    assert not SyncConfig().streams("vllm", 0)  # auto: the blob, for now
-    assert SyncConfig(method="stream").streams("vllm", 0)
-    assert not SyncConfig().streams("hf", 0)
-    assert not SyncConfig().streams("vllm", 1)  # pipelined: blob, for now
-    assert not SyncConfig(method="blob").streams("vllm", 0)
+    assert SyncConfig().streams("vllm", 0, 1)  # auto: the stream where it can
+    assert SyncConfig(method="stream").streams("vllm", 0, 1)
+    assert not SyncConfig().streams("hf", 0, 2)  # transformers engines cannot join a group
+    assert not SyncConfig().streams("vllm", 1, 1)  # a lost lone engine has no one to stand in
+    assert SyncConfig().streams("vllm", 1, 2)
+    assert not SyncConfig(method="blob").streams("vllm", 0, 2)
     assert SyncConfig(bucket_mib=4 / 1024).bucket_bytes == 4096
 
 
@@ -102,7 +103,7 @@ def test_the_sync_section():
         ("sync.bucket_mib=0", "sync.bucket_mib"),
         ("sync.bucket_mib=8192", "sync.bucket_mib"),
         ("sync.method=stream rollout.backend=hf", "needs rollout.backend=vllm"),
-        ("sync.method=stream trainer.max_staleness=1", "max_staleness"),
+        ("sync.method=stream trainer.max_staleness=1", "rollout.num_workers >= 2"),
     ],
 )
 def test_bad_sync_settings_are_one_line(tmp_path, override, message):
