@@ -13,6 +13,8 @@ Each section is a module here with `run(quick, workdir) -> dict` (its part of th
     learner         one optimizer step: DeepSpeed ZeRO-0/2/3 vs plain torch AdamW
     memory          one learner's peak memory and step time with and without each of the
                     student's memory levers (checkpointing, offload, LoRA) (memory.py)
+    sync            a weight sync's seconds and extra memory, the object-store blob against
+                    the streamed path, 0.1B-0.8B fp32, against the memcpy limit (sync.py)
 The runner times each section and writes `results.json` and `results.md` under `--out`. A
 section that fails records its error and the others still run; the exit status is then 1.
 Compared systems always run in the same invocation, so the ratios are the figures to read: on a
@@ -48,6 +50,7 @@ SECTIONS: dict[str, str] = {
     "overhead": "rayd.commands.bench.overhead",
     "learner": "rayd.commands.bench.learner",
     "memory": "rayd.commands.bench.memory",
+    "sync": "rayd.commands.bench.sync",
 }
 REPO = Path(__file__).resolve().parents[3]  # the tree this rayd runs from
 TINY_CONFIG = REPO / "configs" / "demo" / "tiny.yaml"  # the tiny on-policy setting
