@@ -35,12 +35,13 @@ import ray
 import torch
 
 from rayd.cluster import WorkerPool, get
+from rayd.commands.bench.scaling import Publisher
 
 TIMEOUT_S = 900
 BUCKET_MIB = 512.0  # sync.bucket_mib's default
 # name -> (layers, hidden, heads, engines): head_dim 64; 16 * hidden^2 parameters per layer.
-# The one-engine size is the largest at which both paths fit in this machine's 23.5 GiB
-# (the blob path's engine holds three copies of the model at its peak: measured, see the notes).
+# The one-engine size is the largest at which both paths fit in this machine's 23.5 GiB: the
+# blob path holds about six copies of the model at its peak (docs/experiments/performance.md).
 SIZES: dict[str, tuple[int, int, int, int]] = {
     "0.1b": (12, 768, 12, 2),
     "0.5b": (19, 1280, 20, 2),
@@ -49,26 +50,17 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
 QUICK_SIZES: dict[str, tuple[int, int, int, int]] = {"10m": (8, 256, 4, 2)}
 
 
-class Sender:
-    """Learner rank 0's side of both paths, holding the whole fp32 model; the same calls as
-    `rayd.learner.worker.LearnerWorker`'s, over `rayd.rollout.weight_stream`'s sender."""
+class Sender(Publisher):
+    """Learner rank 0's side of both paths, holding the whole fp32 model: the blob as the
+    scaling section's publisher, the stream as `rayd.learner.worker.LearnerWorker`'s calls, over
+    `rayd.rollout.weight_stream`'s sender."""
 
     def __init__(self, model_path: str) -> None:
-        from transformers import AutoModelForCausalLM
-
-        torch.set_num_threads(1)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        super().__init__(model_path)
         self.group: Any = None
 
     def pid(self) -> int:
         return os.getpid()
-
-    def publish(self) -> tuple[list[Any], int]:
-        """([ref], bytes): the reference inside a list, as LearnerWorker.publish_weights."""
-        from rayd.weight_sync import serialize_state_dict
-
-        blob = serialize_state_dict(self.model.state_dict())
-        return [ray.put(blob)], len(blob)
 
     def _tensors(self) -> list[tuple[str, torch.Tensor]]:
         seen: set[int] = set()
