@@ -9,9 +9,9 @@ A and B are pipelined (trainer.max_staleness=1): B's checkpoints hold the rollou
 from older weights, which a resume cannot redo. (The synchronous loop's preemption and
 corruption are in test_random_faults.py, against its own unbroken run.)
 
-Run A streams its weights to the engine (sync.method=auto); a run with the object-store blob
-has A's losses. A pipelined run of two engines, weights streamed, loses one: its calls go to
-the other until the next sync, and the losses are the pipelined run's.
+Run A streams its weights to the engine (sync.method=auto). A pipelined run of two engines,
+weights streamed, loses one: its calls go to the other until the next sync, and the losses are
+those of the pipelined runs of one engine, which get their weights as object-store blobs.
 A third run has its rollout engine killed (SIGKILL) and later its teacher: Ray restarts each,
 the pool re-sends the current weights and re-issues the call, and the losses are A's again. A
 fourth loses a learner rank: the whole group is rebuilt from the last checkpoint, and the losses
@@ -146,23 +146,15 @@ def expected_colocated(ray_local, tmp_path_factory):
     return [{k: r[k] for k in KEYS} for r in records]
 
 
-def test_the_blob_path_gives_the_streamed_runs_losses(expected, tmp_path):
-    """sync.method=auto streams (learner rank 0 to the engine in buckets); the object-store
-    blob puts the very same weights in the engine: the same losses, bit for bit."""
-    cfg = config(tmp_path, "blob", "sync.method=blob")
-    train(cfg)
-    records = step_records(cfg.run_dir)
-    assert not any("sync/bytes" in r for r in records)
-    assert [{k: r[k] for k in KEYS} for r in records] == expected
-
-
 @pytest.mark.faults
 def test_a_pipelined_streamed_run_hands_a_lost_engines_rollouts_to_another(
     expected_pipelined, tmp_path
 ):
     """Two engines, rollouts made ahead, weights streamed (auto), one engine killed mid-run (in
     practice during the sync that follows a logged step; tests/ray/test_weight_stream.py loses
-    one mid-rollout). The losses are the one-engine blob run's, bit for bit."""
+    one mid-rollout). The losses are those of the pipelined run, whose one engine gets its
+    weights as object-store blobs (auto, below two engines), bit for bit: either method puts
+    the same weights in the engines."""
     cfg = config(tmp_path, "pipelined-stream", PIPELINED, "rollout.num_workers=2")
     killer = when_step_logged(cfg.run_dir / "metrics.jsonl", 2, kill_actor("RolloutWorker", 2))
     train(cfg)

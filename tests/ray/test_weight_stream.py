@@ -210,7 +210,7 @@ def test_a_lost_engine_is_restored_and_a_stalled_one_named(engines, learners, tr
     from the learners, and the group forms anew at the sync after. An engine that stops
     answering (SIGSTOP) ends the sync at its deadline, in one line naming it."""
     new = load_hf(trained)
-    stream = WeightStream(learners, engines, SyncConfig(bucket_mib=1, timeout_s=20), RANKS)
+    stream = WeightStream(learners, engines, SyncConfig(bucket_mib=1, timeout_s=10), RANKS)
     stream.sync(6)
     faults = engines.faults
     kill(engines.actors[0])
