@@ -188,8 +188,7 @@ class Peer:
         self.group = join_group(address, port, rank, world, TIMEOUT_S)
 
     def broadcast(self, nbytes: int, times: int) -> float:
-        """Seconds for `times` broadcasts of `nbytes` from rank 0 (the last one's fresh buffer
-        is what a stream receiver allocates too)."""
+        """Seconds for `times` broadcasts of `nbytes` from rank 0, into one buffer."""
         from datetime import timedelta
 
         buffer = torch.ones(nbytes, dtype=torch.uint8)
@@ -306,12 +305,10 @@ def run(quick: bool, workdir: Path) -> dict[str, Any]:
     for name, (layers, hidden, heads, engines) in sizes.items():
         path = workdir / name
         build_tiny_llama(path, layers=layers, hidden=hidden, heads=heads)
-        config = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        params, model_bytes = (
-            count_params(config),
-            sum(t.numel() * t.element_size() for t in config.state_dict().values()),
-        )
-        del config
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        params = count_params(model)
+        model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        del model
         with local_ray():
             figures = one_size(str(path), engines, reps)
             if engines not in gloo:
