@@ -2,7 +2,8 @@
 engines and a tensor-parallel one in buckets (rayd.weight_sync.WeightStream and
 rayd.rollout.weight_stream), and each engine's teacher-forced log-probs must then be those of the
 learners' model. Tiny buckets (every weight in pieces) must give exactly what the blob path gives;
-a withheld tensor, a skipped finalize step, a lost engine and a stalled one must each be caught.
+a withheld tensor, a skipped finalize step, an engine lost mid-rollout or mid-sync and a stalled
+one must each be caught.
 
 The engines start once for the module (three vLLM engines, about a minute on 2 cores).
 """
